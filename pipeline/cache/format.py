@@ -1,0 +1,62 @@
+"""On-disk layout of one cache (one dataset x teacher x split directory).
+
+    <dir>/shard-00000-of-00004.h5           complete shard (written as .tmp, then renamed)
+    <dir>/shard-00000-of-00004.rejects.parquet   images that failed to decode in that shard
+    <dir>/summary.json                      written when every shard of the split exists
+
+A shard holds a contiguous run of the split's unique images (sorted by image_id) and every
+caption of those images. Datasets (all contiguous, uncompressed, so they can be memory-mapped):
+    image          (n_images, D)  float16|float32   L2-normalised teacher image embeddings
+    image_id       (n_images,)    int64
+    text           (n_texts, D)   float16|float32   L2-normalised teacher text embeddings
+    sample_id      (n_texts,)     int64             manifest row of each caption
+    text_image_id  (n_texts,)     int64             image of each caption
+Attributes: see CacheMeta.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+FORMAT_VERSION = 1
+SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.h5$")
+EMBEDDINGS = ("image", "text")
+ID_ARRAYS = ("image_id", "sample_id", "text_image_id")
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"shard-{index:05d}-of-{total:05d}.h5"
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """Attributes stored on every shard; a reader checks they agree across shards."""
+
+    teacher_fingerprint: str
+    teacher_name: str
+    width: int
+    dtype: str  # "float16" or "float32"
+    manifest_hash: str
+    dataset: str
+    split: str
+    shard_size: int  # unique images per shard
+    total_shards: int
+    normalised: bool = True
+    format_version: int = FORMAT_VERSION
+    package_version: str = ""
+
+    def to_attrs(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "CacheMeta":
+        fields = cls.__dataclass_fields__
+        values = {k: attrs[k] for k in fields if k in attrs}
+        for k, v in values.items():  # h5py returns numpy scalars
+            values[k] = v.item() if hasattr(v, "item") else v
+        return cls(**values)
+
+    def same_cache(self, other: "CacheMeta") -> bool:
+        """True when two shards belong to one cache (everything but nothing shard-specific differs)."""
+        return self == other

@@ -1,0 +1,38 @@
+"""Write one cache shard atomically (temporary name, then rename) with contiguous datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.cache.format import CacheMeta
+
+
+def write_shard(
+    path: str | Path,
+    meta: CacheMeta,
+    image: np.ndarray,
+    image_id: np.ndarray,
+    text: np.ndarray,
+    sample_id: np.ndarray,
+    text_image_id: np.ndarray,
+) -> Path:
+    """Write a complete shard. A crash leaves only ``*.h5.tmp``, which a rerun overwrites."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    dtype = np.dtype(meta.dtype)
+    with h5py.File(tmp, "w") as f:
+        # No chunks/compression: contiguous storage is what makes np.memmap reads possible.
+        f.create_dataset("image", data=np.ascontiguousarray(image, dtype=dtype).reshape(-1, meta.width))
+        f.create_dataset("text", data=np.ascontiguousarray(text, dtype=dtype).reshape(-1, meta.width))
+        f.create_dataset("image_id", data=np.asarray(image_id, dtype=np.int64))
+        f.create_dataset("sample_id", data=np.asarray(sample_id, dtype=np.int64))
+        f.create_dataset("text_image_id", data=np.asarray(text_image_id, dtype=np.int64))
+        f.attrs.update(meta.to_attrs())
+    with open(tmp, "rb") as fh:  # make the data durable before the rename publishes it
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    return path

@@ -1,0 +1,88 @@
+"""The one small interface every teacher (and every exported student) implements.
+
+A teacher maps PIL images and caption strings to L2-normalised embeddings of one width.
+Preprocessing (``image_transform``) runs in DataLoader workers; ``encode_*`` run on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+class Teacher(ABC):
+    """Frozen image-text encoder pair used to produce cached targets."""
+
+    #: short name used in cache paths, e.g. ``lit`` or ``openclip-ViT-L-14``
+    name: str
+    #: embedding width D shared by both modalities
+    width: int
+
+    @abstractmethod
+    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL RGB image -> CHW float tensor; picklable so DataLoader workers can run it."""
+
+    @abstractmethod
+    def tokenize(self, texts: list[str]) -> Any:
+        """Captions -> model inputs (a tensor or a dict of tensors), batched."""
+
+    @abstractmethod
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embeddings (B, D)."""
+
+    @abstractmethod
+    def _encode_texts(self, tokens: Any) -> torch.Tensor:
+        """Unnormalised text embeddings (B, D)."""
+
+    @abstractmethod
+    def fingerprint_parts(self) -> dict:
+        """Everything that determines the embeddings (weights digest, preprocessing, ...)."""
+
+    device: torch.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> "Teacher":
+        self.device = torch.device(device)
+        for m in self.modules():
+            m.to(self.device)
+        return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The torch modules that must move with ``to``; subclasses list theirs."""
+        return []
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self._encode_images(pixels.to(self.device, non_blocking=True)).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, tokens: Any) -> torch.Tensor:
+        return F.normalize(self._encode_texts(_to_device(tokens, self.device)).float(), dim=-1)
+
+    def fingerprint(self) -> str:
+        """Short digest that changes whenever weights or preprocessing change."""
+        blob = json.dumps({"name": self.name, "width": self.width, **self.fingerprint_parts()}, sort_keys=True)
+        return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _to_device(tokens: Any, device: torch.device) -> Any:
+    if isinstance(tokens, torch.Tensor):
+        return tokens.to(device, non_blocking=True)
+    if isinstance(tokens, dict):
+        return {k: _to_device(v, device) for k, v in tokens.items()}
+    return tokens
+
+
+def state_dict_digest(*modules: torch.nn.Module) -> str:
+    """sha256 over parameters and buffers in key order: identifies weights regardless of file path."""
+    h = hashlib.sha256()
+    for m in modules:
+        for key, t in sorted(m.state_dict().items()):
+            h.update(key.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

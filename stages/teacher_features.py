@@ -1,0 +1,57 @@
+"""Stage 1: run the teacher once over every split and cache L2-normalised embeddings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.errors import PipelineError
+from pipeline.features import FeatureJob, run_feature_job
+from pipeline.manifest import Manifest
+from pipeline.teachers import load_teacher
+from stages.common import human_bytes, resolve_device
+
+
+def teacher_features(
+    manifest_dir: Path = typer.Option(..., help="Directory holding <split>.parquet manifests."),
+    out: Path = typer.Option(..., help="Cache directory for this dataset x teacher; one subfolder per split."),
+    teacher: str = typer.Option("lit", help="Teacher spec: lit[:CKPT], openclip:ARCH[/TAG|/PATH], hf:NAME|DIR."),
+    splits: str = typer.Option("train,val,test", help="Comma-separated splits to cache (missing ones are skipped)."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset name recorded in the cache (default: folder name)."),
+    shard_size: int = typer.Option(4096, help="Unique images per shard file (the unit of resume)."),
+    shard_index: Optional[int] = typer.Option(None, help="This process's index among --num-shards (default: $RANK or 0)."),
+    num_shards: Optional[int] = typer.Option(None, help="Number of parallel processes (default: $WORLD_SIZE or 1)."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    workers: int = typer.Option(2, help="DataLoader workers decoding images."),
+    dtype: str = typer.Option("float16", help="Stored embedding dtype: float16 or float32."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Encode manifest splits with the teacher and write HDF5 cache shards (resumable, shardable)."""
+    shard_index = int(os.environ.get("RANK", 0)) if shard_index is None else shard_index
+    num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
+    wanted = [s.strip() for s in splits.split(",") if s.strip()]
+    present = [s for s in wanted if (manifest_dir / f"{s}.parquet").exists()]
+    if not present:
+        raise PipelineError(f"no manifests for splits {wanted} in {manifest_dir}")
+    model = load_teacher(teacher, device=resolve_device(device))
+    typer.echo(f"teacher {model.fingerprint()} (width {model.width}) on {model.device}")
+    for split in present:
+        manifest = Manifest.read(manifest_dir / f"{split}.parquet")
+        job = FeatureJob(
+            manifest=manifest, dataset=dataset or manifest_dir.name, split=split, out_dir=out / split,
+            shard_size=shard_size, shard_index=shard_index, num_shards=num_shards,
+            batch_size=batch_size, num_workers=workers, dtype=dtype,
+        )
+        s = run_feature_job(job, model, progress=progress)
+        size = sum(p.stat().st_size for p in job.out_dir.glob("shard-*.h5"))
+        typer.echo(
+            f"{split}: {s.images} images + {s.texts} captions encoded in {s.seconds:.1f}s "
+            f"({s.items_per_second:.1f} items/s), {s.rejects} rejects, "
+            f"{len(s.shards_written)} shards written, {len(s.shards_skipped)} already complete; "
+            f"{'complete' if s.complete else 'partial (other shard processes pending)'} -> {job.out_dir} "
+            f"({human_bytes(size)})"
+        )
