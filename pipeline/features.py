@@ -22,7 +22,7 @@ import pipeline
 from pipeline.cache.format import SHARD_RE, CacheMeta, shard_name
 from pipeline.cache.writer import write_shard
 from pipeline.errors import PipelineError
-from pipeline.loader import iter_image_batches
+from pipeline.embed import encode_captions, encode_image_locations
 from pipeline.manifest import Manifest, Reject, write_rejects
 from pipeline.teachers.base import Teacher
 
@@ -136,31 +136,19 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
     work = sum(len(shard_range(s)) + sum(len(captions.get(int(image_ids[i]), ())) for i in shard_range(s))
                for s in pending)
     bar = tqdm(total=work, unit="item", desc=f"{job.dataset}/{job.split}", disable=not progress, smoothing=0.1)
-    pin = teacher.device.type == "cuda"
-    transform = teacher.image_transform()
     for s in pending:
         idx = shard_range(s)
         locations = [job.manifest.resolve(paths[i]) for i in idx]
-        emb = np.zeros((len(idx), teacher.width), dtype=job.dtype)
-        ok = np.zeros(len(idx), dtype=bool)
-        rejects: list[Reject] = [r for r in caption_rejects if s == 0]  # recorded once, with shard 0
-        for batch in iter_image_batches(locations, transform, job.batch_size, job.num_workers, pin):
-            if batch.pixels is not None:
-                emb[batch.positions] = teacher.encode_images(batch.pixels).cpu().numpy()
-                ok[batch.positions] = True
-            for pos, reason in batch.failures:
-                iid = int(image_ids[idx[pos]])
-                rows = captions.get(iid, [])
-                rejects += [Reject(f"sample_id={sid}", reason, paths[idx[pos]], cap) for sid, cap in rows]
-                bar.update(len(rows))  # their captions are skipped, not encoded
-            bar.update(len(batch.positions) + len(batch.failures))
+        rejects: list[Reject] = list(caption_rejects) if s == 0 else []  # recorded once, with shard 0
+        emb, ok, failures = encode_image_locations(teacher, locations, job.batch_size, job.num_workers,
+                                                   dtype=job.dtype, on_progress=bar.update)
+        for pos, reason in failures:
+            rows = captions.get(int(image_ids[idx[pos]]), [])
+            rejects += [Reject(f"sample_id={sid}", reason, paths[idx[pos]], cap) for sid, cap in rows]
+            bar.update(len(rows))  # their captions are skipped, not encoded
         kept_ids = image_ids[list(idx)][ok]
         text_rows = [(sid, cap, int(iid)) for iid in kept_ids.tolist() for sid, cap in captions.get(iid, [])]
-        text = np.zeros((len(text_rows), teacher.width), dtype=job.dtype)
-        for b0 in range(0, len(text_rows), job.text_batch_size):
-            chunk = text_rows[b0 : b0 + job.text_batch_size]
-            text[b0 : b0 + len(chunk)] = teacher.encode_texts(teacher.tokenize([c for _, c, _ in chunk])).cpu().numpy()
-            bar.update(len(chunk))
+        text = encode_captions(teacher, [c for _, c, _ in text_rows], job.text_batch_size, job.dtype, bar.update)
         path = job.out_dir / shard_name(s, total)
         write_rejects(rejects, path.with_name(path.name.replace(".h5", ".rejects.parquet")))
         write_shard(

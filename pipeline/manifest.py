@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
@@ -111,7 +112,7 @@ class Manifest:
         return sorted(set(self.table.column("split").to_pylist()))
 
     def split(self, name: str) -> "Manifest":
-        mask = pa.compute.equal(self.table.column("split"), name)
+        mask = pc.equal(self.table.column("split"), name)
         return Manifest(self.table.filter(mask), self.source, self.image_root)
 
     def column(self, name: str) -> np.ndarray:
