@@ -25,6 +25,7 @@ def _register() -> None:
         ("stages.build_manifest", "build-manifest", "build_manifest"),
         ("stages.build_openmoji", "build-openmoji", "build_openmoji"),
         ("stages.build_lit", "build-lit", "build_lit"),
+        ("stages.distill", "distill", "distill"),
     ):
         try:
             mod = __import__(module, fromlist=[func])

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import os
+from pipeline.distributed import resolve_device
 
-import torch
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> cuda when a GPU is visible (this rank's GPU under torchrun), else cpu."""
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
+__all__ = ["resolve_device", "human_bytes"]
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"

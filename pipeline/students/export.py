@@ -1,0 +1,190 @@
+"""Exported students: one self-contained file, loadable as a ``Teacher`` for stage-3 evaluation.
+
+The file holds the state dict, the *resolved* config (no references to weight files or pretrained
+directories), the tokenizer's own files and the transform settings, so loading needs only the
+architecture code (timm / transformers / open_clip), not the training code or the original assets.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.students.config import StudentConfig
+from pipeline.students.model import StudentModel, build_student
+from pipeline.students.preprocess import TransformSettings, tokenizer_from_settings, tokenizer_settings
+from pipeline.students.towers import first_line, quiet_transformers
+from pipeline.teachers.base import Teacher, state_dict_digest
+
+EXPORT_FORMAT = "clipdistill-student/1"
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "timm", "transformers", "open_clip_torch"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def export_student(model: StudentModel, config: StudentConfig | None, path: str | Path, meta: dict | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically; ``meta`` (e.g. teacher fingerprint, metrics) is stored as is.
+
+    ``config`` defaults to ``model.config`` and must describe the model (the projections' width is checked).
+    """
+    config = config or model.config
+    if config.embed_dim != model.embed_dim:
+        raise PipelineError(f"export config width {config.embed_dim} != model width {model.embed_dim}")
+    resolved = StudentConfig.from_dict({**model.resolved_config.to_dict(), "name": config.name})
+    payload = {
+        "format": EXPORT_FORMAT,
+        "config": resolved.to_dict(),
+        "source_config": config.to_dict(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "tokenizer": tokenizer_settings(model.tokenizer),
+        "transform": model.transform_settings.to_dict(),
+        "meta": meta or {},
+        "versions": _versions(),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _read(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"student export not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise PipelineError(f"cannot read student export {path}: {first_line(exc)}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise PipelineError(f"{path} is not a student export (expected format {EXPORT_FORMAT})")
+    return payload
+
+
+def load_student_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[StudentModel, dict]:
+    """The exported ``StudentModel`` (eval mode) and the export's ``meta`` dict."""
+    payload = _read(path)
+    config = StudentConfig.from_dict(payload["config"])
+    tokenizer = tokenizer_from_settings(payload["tokenizer"])
+    model = build_student(config, tokenizer=tokenizer, load_weights=False)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise PipelineError(f"{path}: weights do not fit the stored config: {first_line(exc)}") from exc
+    # Stored settings win over the rebuilt ones: normalisation constants may differ between timm versions.
+    model.transform_settings = TransformSettings.from_dict(payload["transform"])
+    return model.to(device).eval(), payload.get("meta", {})
+
+
+class StudentEncoder(Teacher):
+    """A trained student behind the ``Teacher`` interface, so stage 3 evaluates both the same way."""
+
+    def __init__(self, model: StudentModel, name: str | None = None, meta: dict | None = None):
+        self.model = model.eval().requires_grad_(False)
+        self.name = name or f"student-{model.config.name}"
+        self.width = model.embed_dim
+        self.meta = meta or {}
+        self.device = next(model.parameters()).device
+
+    def modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return self.model.image_transform(train=False)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.model.tokenizer(texts)
+
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.image_features(pixels)
+
+    def _encode_texts(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.text_features(tokens)
+
+    def fingerprint_parts(self) -> dict:
+        return {
+            "weights": state_dict_digest(self.model),
+            "config": self.model.resolved_config.to_dict(),
+            "transform": self.model.transform_settings.to_dict(),
+            "tokenizer": self.model.tokenizer.settings(),
+        }
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> StudentEncoder:
+    """Load an export written by ``export_student`` as a ``Teacher``-compatible encoder."""
+    model, meta = load_student_model(path, device)
+    return StudentEncoder(model, meta=meta)
+
+
+# ---- TorchScript -------------------------------------------------------------------------------------
+
+
+class _ImageEncoder(nn.Module):
+    def __init__(self, model: StudentModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, model: StudentModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text({"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+def export_torchscript(model: StudentModel, out_dir: str | Path) -> tuple[Path, Path]:
+    """Trace both encoders to ``image_encoder.pt`` and ``text_encoder.pt`` in ``out_dir``.
+
+    Limits: the image encoder takes (B, 3, S, S) pixels already run through the eval transform (S =
+    ``config.image_size``); the text encoder takes ``input_ids``/``attention_mask`` padded to exactly
+    ``config.max_text_len`` (``model.tokenizer(texts, pad_to_max=True)``), because tracing records one
+    sequence length and one masking branch. Tokenisation and image preprocessing are not included.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    device = next(model.parameters()).device
+    size = model.config.image_size
+    pixels = torch.zeros(2, 3, size, size, device=device)
+    # Trace with a padded caption so the masked attention path is the one recorded.
+    tokens = model.tokenizer(["a", "an example caption"], pad_to_max=True)
+    tokens = {k: v.to(device) for k, v in tokens.items()}
+    paths = out_dir / "image_encoder.pt", out_dir / "text_encoder.pt"
+    try:
+        # torch.jit is deprecated in recent torch (FutureWarning) and tracing warns about every Python
+        # branch on tensor values; both are expected here (see the limits above).
+        with torch.no_grad(), warnings.catch_warnings(), quiet_transformers():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            image = torch.jit.trace(_ImageEncoder(model), (pixels,), check_trace=False)
+            text = torch.jit.trace(_TextEncoder(model), (tokens["input_ids"], tokens["attention_mask"]),
+                                   check_trace=False, strict=False)
+    except Exception as exc:  # tracing fails in many ways for unsupported tower code
+        raise PipelineError(f"TorchScript tracing failed for this student: {first_line(exc)}") from exc
+    for module, path in zip((image, text), paths):
+        tmp = path.with_name(path.name + ".tmp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(module, str(tmp))
+        tmp.replace(path)
+    return paths

@@ -1,0 +1,273 @@
+"""Tower builders: timm / open_clip image towers, Hugging Face / open_clip text towers.
+
+Each builder returns the tower module, its output width and a *resolved* spec: the same architecture
+with every external reference (weights file, pretrained directory, named config) replaced by inline
+settings, so an exported student can be rebuilt from the export file alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.students.config import ImageTowerSpec, TextTowerSpec
+from pipeline.students.preprocess import TransformSettings, resolve_tokenizer_dir
+
+# Errors that timm / transformers / open_clip raise for a bad name, bad kwargs or mismatched weights.
+_BUILD_ERRORS = (RuntimeError, TypeError, ValueError, KeyError, OSError)
+
+
+def first_line(exc: BaseException) -> str:
+    """One-line message for wrapping library exceptions in a PipelineError (some have empty messages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---- image towers -----------------------------------------------------------------------------------
+
+
+def build_image_tower(
+    spec: ImageTowerSpec, image_size: int, *, load_weights: bool = True, train_scale=(0.7, 1.0), hflip: float = 0.5
+) -> tuple[nn.Module, int, TransformSettings, ImageTowerSpec]:
+    """-> (tower: pixels (B, 3, S, S) -> (B, width), width, eval/train transform settings, resolved spec)."""
+    if spec.kind == "timm":
+        tower, width, norm = _timm_tower(spec, image_size, load_weights)
+        resolved = dataclasses.replace(spec, weights=None)
+    else:
+        tower, width, norm, cfg = _open_clip_vision_tower(spec, image_size, load_weights)
+        resolved = ImageTowerSpec(kind="open_clip", name="", kwargs=cfg, weights=None)
+    settings = TransformSettings(size=image_size, train_scale=tuple(train_scale), hflip=hflip, **norm)
+    return tower, width, settings, resolved
+
+
+def _timm_tower(spec: ImageTowerSpec, image_size: int, load_weights: bool) -> tuple[nn.Module, int, dict]:
+    import timm
+    from timm.data import resolve_data_config
+
+    kwargs = dict(spec.kwargs)
+    if spec.weights and load_weights:
+        if not Path(spec.weights).is_file():
+            raise PipelineError(f"image tower weights file not found: {spec.weights}")
+        # timm's own file path: handles .pth/.safetensors and drops the classifier for num_classes=0
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(spec.weights)})
+    try:
+        model = timm.create_model(spec.name, num_classes=0, **kwargs)
+    except _BUILD_ERRORS as exc:
+        raise PipelineError(f"cannot build timm image tower {spec.name!r}: {first_line(exc)}") from exc
+    patch_embed = getattr(model, "patch_embed", None)
+    grid_size = getattr(patch_embed, "img_size", None)
+    if grid_size is not None and not getattr(patch_embed, "dynamic_img_size", False):
+        if tuple(grid_size) != (image_size, image_size):
+            raise PipelineError(
+                f"timm tower {spec.name} expects {tuple(grid_size)} px images but image_size is {image_size}; "
+                f"add img_size: {image_size} to the image tower kwargs"
+            )
+    data_cfg = resolve_data_config({}, model=model)
+    norm = {
+        "mean": tuple(float(x) for x in data_cfg["mean"]),
+        "std": tuple(float(x) for x in data_cfg["std"]),
+        "interpolation": data_cfg.get("interpolation", "bicubic") or "bicubic",
+        "crop_pct": float(data_cfg.get("crop_pct", 0.875)),
+    }
+    # With num_classes=0 the output is the pre-logits width (e.g. MobileNetV3's 1024-d conv_head),
+    # which timm exposes as head_hidden_size; older models only have num_features.
+    width = getattr(model, "head_hidden_size", None) or model.num_features
+    return model, int(width), norm
+
+
+def _open_clip_config(name: str, overrides: dict, part: str) -> dict:
+    import open_clip
+
+    cfg: dict = {}
+    if name:
+        cfg = open_clip.get_model_config(name)
+        if cfg is None:
+            raise PipelineError(f"unknown open_clip model config {name!r}; see open_clip.list_models()")
+        cfg = copy.deepcopy(cfg)
+    _merge(cfg, copy.deepcopy(overrides))
+    if "embed_dim" not in cfg or part not in cfg:
+        raise PipelineError(f"open_clip tower config needs 'embed_dim' and '{part}' (or a model config name)")
+    return cfg
+
+
+def _merge(base: dict, update: dict) -> None:
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def _open_clip_vision_tower(spec: ImageTowerSpec, image_size: int, load_weights: bool):
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip.model import _build_vision_tower
+
+    cfg = _open_clip_config(spec.name, spec.kwargs, "vision_cfg")
+    cfg["vision_cfg"]["image_size"] = image_size
+    keep = {k: cfg[k] for k in ("embed_dim", "vision_cfg", "quick_gelu", "preprocess_cfg") if k in cfg}
+    try:
+        tower = _build_vision_tower(cfg["embed_dim"], dict(cfg["vision_cfg"]), quick_gelu=cfg.get("quick_gelu", False))
+    except _BUILD_ERRORS as exc:
+        raise PipelineError(f"cannot build open_clip vision tower: {first_line(exc)}") from exc
+    if spec.weights and load_weights:
+        _load_tower_state(tower, spec.weights, prefixes=("visual.",))
+    pre = cfg.get("preprocess_cfg", {})
+    norm = {
+        "mean": tuple(float(x) for x in pre.get("mean", OPENAI_DATASET_MEAN)),
+        "std": tuple(float(x) for x in pre.get("std", OPENAI_DATASET_STD)),
+        "interpolation": pre.get("interpolation", "bicubic"),
+        "crop_pct": 1.0,  # open_clip resizes the shorter side to the crop size
+    }
+    return tower, int(cfg["embed_dim"]), norm, keep
+
+
+def _load_tower_state(tower: nn.Module, path: str, prefixes: tuple[str, ...], exclude: tuple[str, ...] = ()) -> None:
+    """Load a tower state dict, or the tower's part of a full checkpoint (keys under one of ``prefixes``)."""
+    if not Path(path).is_file():
+        raise PipelineError(f"tower weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or foreign files
+        raise PipelineError(f"cannot read tower weights {path}: {first_line(exc)}") from exc
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    else:
+        state = {k: v for k, v in state.items() if not k.startswith(exclude)} if exclude else state
+    try:
+        tower.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise PipelineError(f"weights in {path} do not fit the tower: {first_line(exc)}") from exc
+
+
+# ---- text towers ------------------------------------------------------------------------------------
+
+
+class HFTextTower(nn.Module):
+    """BERT-style encoder; sentence embedding = attention-masked mean of the last hidden state."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if attention_mask is None:
+            return hidden.mean(1)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class OpenClipTextTower(nn.Module):
+    """open_clip text transformer (pools at the end-of-text token itself; the mask is not needed)."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.tower(input_ids)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' per-load progress bar and key report (dropped layers are intended)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def build_text_tower(
+    spec: TextTowerSpec, max_text_len: int, vocab_size: int, *, load_weights: bool = True
+) -> tuple[nn.Module, int, TextTowerSpec]:
+    """-> (tower: (input_ids, attention_mask) -> (B, width), width, resolved spec)."""
+    if spec.kind == "hf":
+        return _hf_text_tower(spec, max_text_len, vocab_size, load_weights)
+    return _open_clip_text_tower(spec, max_text_len, load_weights)
+
+
+# Keys of a transformers config that describe the file, not the architecture.
+_CONFIG_NOISE = ("transformers_version", "architectures", "dtype", "torch_dtype")
+
+
+def _hf_text_tower(spec: TextTowerSpec, max_text_len: int, vocab_size: int, load_weights: bool):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only; never a hub lookup here
+    from transformers import AutoConfig, AutoModel
+
+    overrides = dict(spec.config)
+    try:
+        if spec.pretrained:
+            path = resolve_tokenizer_dir(spec.pretrained)
+            full = AutoConfig.from_pretrained(path)
+            if spec.num_layers is not None:
+                if spec.num_layers > full.num_hidden_layers:
+                    raise PipelineError(
+                        f"num_layers={spec.num_layers} but {spec.pretrained} has only {full.num_hidden_layers} layers"
+                    )
+                # Layer i of the truncated model is layer i of the pretrained one; later layers are dropped.
+                overrides["num_hidden_layers"] = spec.num_layers
+            if load_weights:
+                with quiet_transformers():
+                    model = AutoModel.from_pretrained(path, dtype=torch.float32, **overrides)
+            else:
+                model = AutoModel.from_config(AutoConfig.from_pretrained(path, **overrides))
+        else:
+            model_type = overrides.pop("model_type", "bert")
+            overrides.setdefault("vocab_size", vocab_size)
+            if spec.num_layers is not None:
+                overrides["num_hidden_layers"] = spec.num_layers
+            model = AutoModel.from_config(AutoConfig.for_model(model_type, **overrides))
+    except PipelineError:
+        raise
+    except _BUILD_ERRORS as exc:
+        raise PipelineError(f"cannot build hf text tower ({spec.pretrained or 'config'}): {first_line(exc)}") from exc
+    if model.config.vocab_size < vocab_size:
+        raise PipelineError(f"text tower vocab ({model.config.vocab_size}) is smaller than the tokenizer's ({vocab_size})")
+    if max_text_len > getattr(model.config, "max_position_embeddings", max_text_len):
+        raise PipelineError(f"max_text_len {max_text_len} exceeds the text tower's {model.config.max_position_embeddings}"
+                            " positions")
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # the [CLS] pooler is unused by mean pooling: no dead parameters
+    config = {k: v for k, v in model.config.to_diff_dict().items() if k not in _CONFIG_NOISE and not k.startswith("_")}
+    resolved = TextTowerSpec(kind="hf", pretrained=None, num_layers=None, config=config, name="", tokenizer=None)
+    return HFTextTower(model), int(model.config.hidden_size), resolved
+
+
+def _open_clip_text_tower(spec: TextTowerSpec, max_text_len: int, load_weights: bool):
+    from open_clip.model import _build_text_tower
+
+    cfg = _open_clip_config(spec.name, spec.config, "text_cfg")
+    text_cfg = cfg["text_cfg"]
+    if text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name"):
+        raise PipelineError("open_clip text towers with Hugging Face models: use text kind 'hf' instead")
+    # The BPE tokenizer pads to max_text_len, so the tower's context is exactly that long.
+    text_cfg["context_length"] = max_text_len
+    keep = {k: cfg[k] for k in ("embed_dim", "text_cfg", "quick_gelu") if k in cfg}
+    try:
+        tower = _build_text_tower(cfg["embed_dim"], dict(text_cfg), quick_gelu=cfg.get("quick_gelu", False))
+    except _BUILD_ERRORS as exc:
+        raise PipelineError(f"cannot build open_clip text tower: {first_line(exc)}") from exc
+    if spec.pretrained and load_weights:
+        # A full CLIP checkpoint keeps the text tower at top level (or under "text." for custom-text models).
+        _load_tower_state(tower, spec.pretrained, prefixes=("text.",), exclude=("visual.", "logit_scale", "logit_bias"))
+    resolved = TextTowerSpec(kind="open_clip", pretrained=None, num_layers=None, config=keep, name="", tokenizer=None)
+    return OpenClipTextTower(tower), int(cfg["embed_dim"]), resolved
