@@ -33,10 +33,31 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         hint = hints[key]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = from_dict(hint, value, f"{where}{key}.")
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            value = tuple(value)
+        else:
+            value = _coerce(hint, value, where + key)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _coerce(hint, value, name: str):
+    """Parse scalars to the field's type: YAML reads ``1e-3`` as a string, CLI values arrive as text."""
+    if value is None:
+        return None
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:  # Optional[X]
+        hint = args[0]
+    if typing.get_origin(hint) is tuple or hint is tuple:
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    try:
+        if hint is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise PipelineError(f"config {name}: expected {hint.__name__}, got {value!r}") from None
+    if hint in (int, float, bool, str) and not isinstance(value, hint if hint is not float else (int, float)):
+        raise PipelineError(f"config {name}: expected {hint.__name__}, got {value!r}")
+    return value
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:

@@ -326,7 +326,7 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
                                captions_hash=hashes)
             total, info = balancer(losses)
             if not torch.isfinite(total):
-                bad = {k: float(v) for k, v in losses.items()}
+                bad = {k: float(v.detach()) for k, v in losses.items()}
                 raise NonFiniteLoss(
                     f"loss became non-finite at step {state['global_step']} (epoch {epoch + 1}): {bad}; stopped. "
                     f"Last good checkpoint: {last_path if last_path.exists() else 'none yet'}. "
@@ -348,7 +348,7 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
                 elapsed = time.perf_counter() - window_t0
                 record = {"epoch": epoch, "loss": float(total.detach()), "lr": scheduler.get_last_lr()[0],
                           "grad_norm": float(grad_norm), "samples_per_s": window_samples / max(elapsed, 1e-9),
-                          **{k: float(v) for k, v in losses.items()}, **info}
+                          **{k: float(v.detach()) for k, v in losses.items()}, **info}
                 log.log("train", state["global_step"], record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
                 window_t0, window_samples = time.perf_counter(), 0
@@ -368,7 +368,7 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
             log.log("val", state["global_step"], {"epoch": epoch, **val})
             print(f"epoch {epoch + 1}: val RSUM {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 {val['t2i_r1']:.1f})")
         # Without a val split the latest epoch counts as best; with one, the highest val RSUM.
-        improved = broadcast_object(val_manifest is None or val["rsum"] > state["best_rsum"], env)
+        improved = broadcast_object(val_manifest is None or (env.is_main and val["rsum"] > state["best_rsum"]), env)
         if improved:
             state["best_rsum"], state["best_epoch"] = broadcast_object(val.get("rsum", -1.0), env), epoch
         state["epoch"] += 1

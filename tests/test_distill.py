@@ -1,0 +1,133 @@
+"""Stage 2 through the real CLI: exact resume after a kill, DDP on CPU, NaN stop, config errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import config as cfgio
+from pipeline.errors import PipelineError
+from pipeline.trainer import DistillConfig, train
+from tests.gen_cache import make_cache, make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    manifests = make_dataset(root)
+    return manifests, make_cache(manifests, root / "cache")
+
+
+def settings(shapes, runs: Path, *extra: str) -> list[str]:
+    manifests, cache = shapes
+    return [f"data.manifest_dir={manifests}", f"data.cache_dir={cache}", f"runs_dir={runs}", "student=tiny",
+            "optim.batch_size=8", "optim.epochs=3", "optim.lr=1e-3", "optim.decay_epochs=[2]", "queue.size=24",
+            "data.workers=0", "log_every=1", "checkpoint_every=2", *extra]
+
+
+def cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "stages.cli", *args], cwd=ROOT, env=env, **kw)
+
+
+def distill_args(shapes, runs, name, *extra):
+    out = ["distill", "--name", name, "--no-progress"]
+    for s in settings(shapes, runs, *extra):
+        out += ["--set", s]
+    return out
+
+
+def final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+
+
+def test_killed_run_resumes_to_identical_weights(shapes, tmp_path):
+    runs = tmp_path / "runs"
+    ref = cli(distill_args(shapes, runs, "straight"))
+    assert ref.wait(timeout=300) == 0
+    killed = cli(distill_args(shapes, runs, "killed"))
+    ckpt = runs / "killed" / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (runs / "killed" / "export" / "student.pt").exists(), "the kill should land before the run ends"
+    stopped_at = final_weights(runs / "killed")["state"]["global_step"]
+    resumed = cli(distill_args(shapes, runs, "killed") + ["--resume"])
+    assert resumed.wait(timeout=300) == 0
+    a, b = final_weights(runs / "straight"), final_weights(runs / "killed")
+    assert a["state"] == b["state"] and stopped_at < a["state"]["global_step"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), f"{key} differs after resume"
+    assert repr(a["balancer"]) == repr(b["balancer"])
+    for m in ("img", "txt"):
+        assert a["queue"][0][m]["ptr"] == b["queue"][0][m]["ptr"]
+        assert torch.equal(a["queue"][0][m]["emb"], b["queue"][0][m]["emb"])
+    # the resumed run's metrics have no duplicated steps from the killed attempt
+    from pipeline.runlog import read_metrics
+
+    steps = [r["step"] for r in read_metrics(runs / "killed", "train")]
+    assert steps == sorted(set(steps))
+    assert (runs / "killed" / "export" / "student.pt").exists()
+
+
+def test_two_process_ddp_on_cpu(shapes, tmp_path):
+    runs = tmp_path / "runs"
+    args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "stages.cli",
+            *distill_args(shapes, runs, "ddp", "max_steps=3", "device=cpu", "queue.size=64")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = final_weights(runs / "ddp")
+    assert ckpt["state"]["global_step"] == 3
+    assert len(ckpt["queue"]) == 2  # one queue state per rank
+    q0, q1 = ckpt["queue"]
+    assert q0["img"]["fill"] == 3 * 2 * 8  # 3 steps x 2 ranks x batch 8: rows gathered across ranks
+    assert torch.equal(q0["img"]["emb"], q1["img"]["emb"])  # every rank holds the same queue
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(shapes, tmp_path, monkeypatch):
+    from pipeline import losses
+
+    real = losses.MultiscaleDistillLoss.forward
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            out["fd"] = out["fd"] * float("nan")
+        return out
+
+    monkeypatch.setattr(losses.MultiscaleDistillLoss, "forward", flaky)
+    cfg = cfgio.load(DistillConfig, None, settings(shapes, tmp_path / "runs"))
+    with pytest.raises(PipelineError, match="non-finite at step 4"):
+        train(cfg, progress=False)
+    assert final_weights(tmp_path / "runs" / "default")["state"]["global_step"] == 4
+
+
+def test_config_errors_are_one_line(shapes, tmp_path):
+    with pytest.raises(PipelineError, match="unknown key"):
+        cfgio.load(DistillConfig, None, ["optim.nope=1"])
+    with pytest.raises(PipelineError, match="unknown config key"):
+        p = tmp_path / "c.yaml"
+        p.write_text("optim:\n  lrr: 1\n")
+        cfgio.load(DistillConfig, p)
+    cfg = cfgio.load(DistillConfig, None, settings(shapes, tmp_path / "runs", "max_steps=2"))
+    train(cfg, progress=False)
+    with pytest.raises(PipelineError, match="already has checkpoints"):
+        train(cfg, progress=False)
+    other = cfgio.load(DistillConfig, None, settings(shapes, tmp_path / "runs", "max_steps=2", "optim.lr=0.5"))
+    with pytest.raises(PipelineError, match="optim.lr"):
+        train(other, resume=True, progress=False)
