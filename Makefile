@@ -32,7 +32,7 @@ test: $(STAMP)  ## run the test suite
 	$(PY) -m pytest -q
 
 # ---- stage 0: built-in dataset and offline teacher ---------------------------------------
-$(DATA_DIR)/test.parquet: $(STAMP)
+$(DATA_DIR)/test.parquet: | $(STAMP)
 	$(CLI) build-openmoji --out $(DATA_DIR)
 
 dataset: $(DATA_DIR)/test.parquet  ## build the built-in openmoji dataset (manifests + rendered images)
@@ -52,5 +52,34 @@ $(FEATURES_STAMP): $(DATA_DIR)/test.parquet $(if $(filter lit,$(TEACHER)),$(ARTI
 
 teacher-features: $(FEATURES_STAMP)  ## cache L2-normalised teacher embeddings (HDF5 shards)
 
+# ---- stage 2: distillation -----------------------------------------------------------------
+CONFIG      ?= configs/openmoji-small.yaml
+RUN         ?= $(notdir $(basename $(CONFIG)))
+RUNS_DIR    ?= runs
+STUDENT_EXPORT := $(RUNS_DIR)/$(RUN)/export/student.pt
+
+$(STUDENT_EXPORT): $(FEATURES_STAMP) $(CONFIG)
+	$(CLI) distill --config $(CONFIG) --name $(RUN) --set runs_dir=$(RUNS_DIR) \
+		$(if $(wildcard $(RUNS_DIR)/$(RUN)/checkpoints/last.pt),--resume)
+
+distill: $(STUDENT_EXPORT)  ## train the default student from the cache (resumes an interrupted run)
+
+# ---- stage 3: evaluation --------------------------------------------------------------------
+EVAL_DIR    ?= $(ARTIFACTS)/eval/$(DATASET)
+
+eval: $(FEATURES_STAMP)  ## evaluate every finished run + the teacher; writes report.md and figures
+	$(CLI) eval --cache-dir $(CACHE_DIR)/$(DATASET)/$(TEACHER) --manifest-dir $(DATA_DIR) \
+		--runs-dir $(RUNS_DIR) --out $(EVAL_DIR) $(if $(filter lit,$(TEACHER)),--teacher $(TEACHER_SPEC))
+
+demo: $(STUDENT_EXPORT)  ## everything: install, dataset, teacher, cache, default student, evaluation
+	$(MAKE) --no-print-directory eval
+	@echo; cat $(EVAL_DIR)/report.md
+
+bench: $(STAMP)  ## run the benchmarks (cache read, feature stage, distill step, evaluation)
+	$(PY) bench/bench_cache.py
+	$(PY) bench/bench_features.py
+	$(PY) bench/bench_distill.py
+	$(PY) bench/bench_eval.py
+
 clean:  ## remove generated data and artifacts (keeps .venv)
-	rm -rf $(ARTIFACTS) data/openmoji/images data/openmoji/*.parquet
+	rm -rf $(ARTIFACTS) $(RUNS_DIR) data/openmoji/images data/openmoji/*.parquet
