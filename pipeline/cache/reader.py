@@ -68,6 +68,13 @@ def _memmap(path: Path, dset: h5py.Dataset) -> np.ndarray:
     return np.memmap(path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape)
 
 
+def _sort_order(keys: np.ndarray) -> np.ndarray | None:
+    """None when keys are already ascending (image ids always are): lookups then skip a random gather."""
+    if len(keys) < 2 or np.all(keys[1:] > keys[:-1]):
+        return None
+    return np.argsort(keys, kind="stable")
+
+
 class FeatureCache:
     """A complete cache directory (one dataset x teacher x split).
 
@@ -120,8 +127,8 @@ class FeatureCache:
         self.image_ids = np.concatenate(ids["image_id"])
         self.sample_ids = np.concatenate(ids["sample_id"])
         self.text_image_ids = np.concatenate(ids["text_image_id"])
-        self._image_order = np.argsort(self.image_ids, kind="stable")
-        self._sample_order = np.argsort(self.sample_ids, kind="stable")
+        self._image_order = _sort_order(self.image_ids)
+        self._sample_order = _sort_order(self.sample_ids)
         self.shard_paths = shard_paths
 
     @property
@@ -130,14 +137,14 @@ class FeatureCache:
 
     # ---- id lookups -------------------------------------------------------------
     @staticmethod
-    def _rows(keys: np.ndarray, order: np.ndarray, wanted, what: str) -> np.ndarray:
+    def _rows(keys: np.ndarray, order: np.ndarray | None, wanted, what: str) -> np.ndarray:
         wanted = np.asarray(wanted, dtype=np.int64)
         if len(keys) == 0:
             missing = np.ones(len(wanted), dtype=bool)
             rows = np.zeros(len(wanted), dtype=np.int64)
         else:
             pos = np.searchsorted(keys, wanted, sorter=order).clip(max=len(keys) - 1)
-            rows = order[pos]
+            rows = pos if order is None else order[pos]
             missing = keys[rows] != wanted
         if np.any(missing):
             bad = wanted[missing][:5].tolist()
