@@ -31,7 +31,9 @@ from pipeline.manifest import Manifest
 from pipeline.metrics import recall_at_k
 from pipeline.queue import NegativeQueue, QueueBatch
 from pipeline.runlog import RunLogger, truncate_after
-from pipeline.students import StudentConfig, StudentEncoder, build_student, export_student, get_preset
+from pipeline.students import (
+    StudentConfig, StudentEncoder, build_student, export_student, export_torchscript, get_preset,
+)
 from pipeline.train_data import EpochOrder, PairDataset, align, make_loader, teacher_targets
 
 
@@ -386,6 +388,10 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
             "teacher_fingerprint": cache.meta.teacher_fingerprint, "dataset": cache.meta.dataset,
             "best_epoch": state["best_epoch"], "best_val_rsum": state["best_rsum"], "run": cfg.name,
         })
+        try:  # TorchScript encoders for deployment without this package; optional (tracing limits)
+            export_torchscript(model, run_dir / "export")
+        except PipelineError as exc:
+            print(f"note: no TorchScript export: {exc}")
         log.close()
     barrier(env)
     return TrainResult(run_dir, state["best_rsum"], state["best_epoch"], state["global_step"],
