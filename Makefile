@@ -69,7 +69,7 @@ EVAL_DIR    ?= $(ARTIFACTS)/eval/$(DATASET)
 
 eval: $(FEATURES_STAMP)  ## evaluate every finished run + the teacher; writes report.md and figures
 	$(CLI) eval --cache-dir $(CACHE_DIR)/$(DATASET)/$(TEACHER) --manifest-dir $(DATA_DIR) \
-		--runs-dir $(RUNS_DIR) --out $(EVAL_DIR) $(if $(filter lit,$(TEACHER)),--teacher $(TEACHER_SPEC))
+		--runs-dir $(RUNS_DIR) --out $(EVAL_DIR) $(if $(filter lit,$(TEACHER)),--teacher-spec $(TEACHER_SPEC))
 
 demo: $(STUDENT_EXPORT)  ## everything: install, dataset, teacher, cache, default student, evaluation
 	$(MAKE) --no-print-directory eval

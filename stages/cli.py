@@ -7,6 +7,13 @@ import sys
 import typer
 
 from pipeline.errors import PipelineError
+from stages.build_lit import build_lit
+from stages.build_manifest import build_manifest
+from stages.build_openmoji import build_openmoji
+from stages.distill import distill
+from stages.evaluate import evaluate
+from stages.search import search
+from stages.teacher_features import teacher_features
 
 app = typer.Typer(
     help="Distil large image-text teachers into small dual-encoder students from an offline feature cache.",
@@ -14,29 +21,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def _register() -> None:
-    # Imported here so `clipdistill --help` stays fast and a missing optional piece names itself.
-    from stages.teacher_features import teacher_features
-
-    app.command("teacher-features")(teacher_features)
-    for module, name, func in (
-        ("stages.build_manifest", "build-manifest", "build_manifest"),
-        ("stages.build_openmoji", "build-openmoji", "build_openmoji"),
-        ("stages.build_lit", "build-lit", "build_lit"),
-        ("stages.distill", "distill", "distill"),
-    ):
-        try:
-            mod = __import__(module, fromlist=[func])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        app.command(name)(getattr(mod, func))
-
-
-_register()
+app.command("build-manifest")(build_manifest)
+app.command("build-openmoji")(build_openmoji)
+app.command("build-lit")(build_lit)
+app.command("teacher-features")(teacher_features)
+app.command("distill")(distill)
+app.command("eval")(evaluate)
+app.command("search")(search)
 
 
 def main() -> None:
