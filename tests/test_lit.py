@@ -1,0 +1,212 @@
+"""The offline LiT teacher: real packaged towers, heads trained for a few epochs on generated shapes."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import typer
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from pipeline.errors import PipelineError
+from pipeline.lit_training import feature_cache_path, retrieval_recall, train_lit_heads
+from pipeline.manifest import Manifest
+from pipeline.teachers import load_teacher
+from pipeline.teachers.lit import LitImageTransform, LitTeacher, LitTowers
+from stages.build_lit import build_lit
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 220, 30),
+           "purple": (140, 50, 170), "black": (15, 15, 15)}
+SHAPES = ("circle", "square", "triangle")
+EPOCHS = 40
+
+
+def _draw(colour: str, shape: str, size: int = 96) -> Image.Image:
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    d, m, fill = ImageDraw.Draw(img), size // 6, COLOURS[colour]
+    if shape == "circle":
+        d.ellipse([m, m, size - m, size - m], fill=fill)
+    elif shape == "square":
+        d.rectangle([m, m, size - m, size - m], fill=fill)
+    else:
+        d.polygon([(size // 2, m), (size - m, size - m), (m, size - m)], fill=fill)
+    return img
+
+
+def _write_split(root, split: str, combos, first_id: int, corrupt: bool = False) -> Manifest:
+    rows, sid = [], first_id * 10
+    for i, (colour, shape) in enumerate(combos):
+        iid = first_id + i
+        _draw(colour, shape).save(root / f"{iid}.png")
+        for cap in (f"a {colour} {shape}", f"{shape} painted {colour} on a white background"):
+            rows.append({"sample_id": sid, "image_id": iid, "image_path": f"{iid}.png", "caption": cap,
+                         "split": split})
+            sid += 1
+    if corrupt:  # a truncated file: must be skipped and counted, its neighbours kept
+        (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+        rows.append({"sample_id": sid, "image_id": first_id + len(combos), "image_path": "broken.png",
+                     "caption": "a broken picture", "split": split})
+    return Manifest.from_rows(rows, source="generated shapes", image_root=root)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Train once for the module: 12 train images (+1 corrupt), 4 val images."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("lit")
+    (root / "images").mkdir()
+    train_combos = [(c, s) for c in ("red", "green", "blue", "yellow") for s in SHAPES]
+    val_combos = [("purple", "circle"), ("purple", "square"), ("black", "triangle"), ("black", "circle")]
+    _write_split(root / "images", "train", train_combos, 0, corrupt=True).write(root / "train.parquet")
+    _write_split(root / "images", "val", val_combos, 100).write(root / "val.parquet")
+    ckpt = root / "lit.pt"
+    summary = train_lit_heads(root / "train.parquet", ckpt, val_manifest=root / "val.parquet", epochs=EPOCHS,
+                              lr=3e-3, batch_size=8, num_workers=0, progress=False)
+    return {"root": root, "ckpt": ckpt, "summary": summary, "teacher": LitTeacher.load(ckpt),
+            "combos": train_combos}
+
+
+def _naive_recall(sim: np.ndarray, txt_image: np.ndarray, k: int) -> tuple[float, float]:
+    """Reference: explicit top-K lists (stable sort, ground truth first among ties)."""
+    n_img, n_txt = sim.shape
+    i2t = [any(txt_image[j] == i
+               for j in sorted(range(n_txt), key=lambda j: (-sim[i, j], txt_image[j] != i))[:k])
+           for i in range(n_img) if i in set(txt_image.tolist())]
+    t2i = [txt_image[j] in sorted(range(n_img), key=lambda i: (-sim[i, j], i != txt_image[j]))[:k]
+           for j in range(n_txt)]
+    return 100.0 * np.mean(i2t), 100.0 * np.mean(t2i)
+
+
+def test_retrieval_recall_matches_naive_reference():
+    g = torch.Generator().manual_seed(3)
+    img = F.normalize(torch.randn(30, 8, generator=g), dim=-1)
+    txt_image = torch.randint(0, 29, (70,), generator=g)  # image 29 has no caption; some have several
+    txt = F.normalize(img[txt_image] + 1.2 * torch.randn(70, 8, generator=g), dim=-1)
+    got = retrieval_recall(img, txt, txt_image)
+    sim = (img @ txt.T).numpy()
+    for k in (1, 5, 10):
+        i2t, t2i = _naive_recall(sim, txt_image.numpy(), k)
+        assert got[f"i2t_r{k}"] == pytest.approx(i2t)
+        assert got[f"t2i_r{k}"] == pytest.approx(t2i)
+    assert 0 < got["i2t_r1"] < 100 and 0 < got["t2i_r1"] < 100  # the case is neither trivial nor hopeless
+    assert got["rsum"] == pytest.approx(sum(v for k, v in got.items() if k != "rsum"))
+
+
+def test_image_transform_is_picklable_and_scales_like_the_tf_weights():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 300, 3), dtype=np.uint8))
+    t = LitImageTransform()
+    x = t(img)
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    resized = img.resize((round(300 * 224 / 90), 224), Image.BICUBIC)
+    left = (resized.width - 224) // 2
+    ref = (np.asarray(resized.crop((left, 0, left + 224, 224)), dtype=np.float32) - 127) / 128
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), ref, atol=1e-6)
+    assert torch.equal(pickle.loads(pickle.dumps(t))(img), x)
+
+
+def test_checkpoint_roundtrip_width_and_unit_norm(trained):
+    teacher, s = trained["teacher"], trained["summary"]
+    assert teacher.width == 512 and s["width"] == 512 and 1 <= s["best_epoch"] <= EPOCHS
+    assert teacher.summary == s
+    t = LitImageTransform()
+    pixels = torch.stack([t(_draw("red", "circle")), t(_draw("blue", "square"))])
+    img = teacher.encode_images(pixels)
+    txt = teacher.encode_texts(teacher.tokenize(["a red circle", "a blue square", "x"]))
+    assert img.shape == (2, 512) and txt.shape == (3, 512)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(3))
+    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"):
+        assert key in s["val"]
+
+
+def test_decode_failure_is_counted_and_neighbours_kept(trained):
+    s = trained["summary"]
+    assert s["image_failures"] == 1 and "broken.png" in s["image_failure_examples"][0]
+    assert s["train_images"] == 12 and s["train_pairs"] == 24
+    assert s["val_images"] == 4 and s["val_pairs"] == 8
+
+
+def test_trained_heads_retrieve_training_pairs_better_than_chance(trained):
+    teacher, combos = trained["teacher"], trained["combos"]
+    t = LitImageTransform()
+    pixels = torch.stack([t(_draw(c, s)) for c, s in combos])
+    captions = [f"a {c} {s}" for c, s in combos]
+    txt_image = torch.arange(len(combos))
+    r = retrieval_recall(teacher.encode_images(pixels), teacher.encode_texts(teacher.tokenize(captions)),
+                         txt_image)
+    chance_r1 = 100.0 / len(combos)  # 8.3%
+    assert r["i2t_r1"] >= 50.0 and r["t2i_r1"] >= 50.0, (r, chance_r1)
+    # and clearly better than the same towers with untrained heads
+    untrained = LitTeacher(type(teacher.heads)(512), towers=teacher.towers)
+    r0 = retrieval_recall(untrained.encode_images(pixels),
+                          untrained.encode_texts(untrained.tokenize(captions)), txt_image)
+    assert r["rsum"] > r0["rsum"] + 100
+
+
+def test_teacher_matches_cached_tower_features(trained):
+    teacher = trained["teacher"]
+    with np.load(feature_cache_path(trained["ckpt"], "train")) as z:
+        ids, feats = z["image_ids"], z["image_feats"]
+    pos = int(np.flatnonzero(ids == 4)[0])  # image 4 is combos[4]
+    pixels = LitImageTransform()(_draw(*trained["combos"][4]))[None]
+    torch.testing.assert_close(teacher.towers.image_features(pixels)[0], torch.from_numpy(feats[pos]),
+                               atol=1e-4, rtol=1e-4)
+    expected = F.normalize(teacher.heads.image(torch.from_numpy(feats[pos : pos + 1])), dim=-1)
+    torch.testing.assert_close(teacher.encode_images(pixels), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fingerprint_tracks_heads(trained):
+    teacher = trained["teacher"]
+    fp = teacher.fingerprint()
+    assert fp.startswith("lit-") and LitTeacher(teacher.heads, towers=teacher.towers).fingerprint() == fp
+    saved = copy.deepcopy(teacher.heads.state_dict())
+    with torch.no_grad():
+        teacher.heads.logit_scale.add_(1.0)  # temperature does not change embeddings: same fingerprint
+        assert teacher.fingerprint() == fp
+        teacher.heads.text.proj.weight[0, 0] += 1e-3
+        assert teacher.fingerprint() != fp
+    teacher.heads.load_state_dict(saved)
+    assert teacher.fingerprint() == fp
+
+
+def test_load_teacher_spec_and_missing_checkpoint(trained):
+    teacher = load_teacher(f"lit:{trained['ckpt']}")
+    assert isinstance(teacher, LitTeacher) and teacher.fingerprint() == trained["teacher"].fingerprint()
+    with pytest.raises(PipelineError, match="make teacher"):
+        load_teacher(f"lit:{trained['root'] / 'nope.pt'}")
+    (trained["root"] / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(PipelineError, match="cannot read"):
+        LitTeacher.load(trained["root"] / "junk.pt")
+
+
+def test_cli_rerun_reuses_tower_features(trained, monkeypatch):
+    root, ckpt = trained["root"], trained["ckpt"]
+    caches = [feature_cache_path(ckpt, "train"), feature_cache_path(ckpt, "val")]
+    mtimes = [os.stat(p).st_mtime_ns for p in caches]
+
+    def no_towers(*args, **kwargs):
+        raise AssertionError("towers loaded although the feature cache matches")
+
+    monkeypatch.setattr(LitTowers, "__init__", no_towers)
+    app = typer.Typer()
+    app.command()(build_lit)
+    # no --val-manifest: the sibling val.parquet is picked up, so the cached val features match too
+    args = ["--manifest", str(root / "train.parquet"), "--out", str(ckpt), "--epochs", str(EPOCHS),
+            "--lr", "3e-3", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "tower features reused" in result.output and "RSUM" in result.output
+    assert [os.stat(p).st_mtime_ns for p in caches] == mtimes
+    monkeypatch.undo()
+    again = LitTeacher.load(ckpt)
+    assert again.summary["feature_cache"] == "reused"
+    # same seed and cached features -> the same heads as the first run
+    assert again.fingerprint() == trained["teacher"].fingerprint()
+    assert math.isclose(again.summary["val"]["rsum"], trained["summary"]["val"]["rsum"])
