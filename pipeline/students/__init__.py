@@ -9,7 +9,7 @@ from pipeline.students.config import (
     DEFAULT_PRESET, MINILM, PRESETS, ImageTowerSpec, StudentConfig, TextTowerSpec, get_preset,
 )
 from pipeline.students.export import (
-    StudentEncoder, export_student, export_torchscript, load_student, load_student_model,
+    StudentEncoder, export_student, export_torchscript, load_student, load_student_model, unwrap,
 )
 from pipeline.students.measure import TEXT_LEN, count_params, describe, flops_per_item, lit_teacher_cost
 from pipeline.students.model import StudentModel, build_student
@@ -19,5 +19,5 @@ __all__ = [
     "DEFAULT_PRESET", "MINILM", "PRESETS", "ImageTowerSpec", "TextTowerSpec", "StudentConfig", "get_preset",
     "StudentModel", "build_student", "ImageTransform", "TextTokenizer", "TransformSettings",
     "count_params", "flops_per_item", "describe", "lit_teacher_cost", "TEXT_LEN",
-    "StudentEncoder", "export_student", "load_student", "load_student_model", "export_torchscript",
+    "StudentEncoder", "export_student", "load_student", "load_student_model", "export_torchscript", "unwrap",
 ]

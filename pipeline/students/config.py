@@ -34,7 +34,7 @@ class ImageTowerSpec:
     """
 
     kind: str = "timm"
-    name: str = "mobilenetv3_small_100"
+    name: str = ""
     kwargs: dict = field(default_factory=dict)
     weights: Optional[str] = None
 
@@ -74,12 +74,19 @@ class StudentConfig:
 
     name: str = "custom"
     # Defaults = the ``small`` preset's towers (see ``_small``).
-    image: ImageTowerSpec = field(default_factory=ImageTowerSpec)
+    image: ImageTowerSpec = field(default_factory=lambda: ImageTowerSpec(name="mobilenetv3_small_100"))
     text: TextTowerSpec = field(default_factory=lambda: TextTowerSpec(pretrained=MINILM, num_layers=2))
     embed_dim: int = 512
-    image_size: int = 160
+    image_size: int = 128
     max_text_len: int = 32
     proj_bias: bool = False
+    # NHWC activations: about 2x faster conv training on CPU (measured on MobileNetV3), and what
+    # tensor-core convolutions prefer on GPU; no effect on results.
+    channels_last: bool = True
+    # Keep the text tower's token embedding table fixed. For a pretrained text tower trained on a few
+    # thousand captions this keeps tokens seen in training consistent with unseen ones, and skips the
+    # optimizer update of the largest tensor (11.7M of MiniLM's 22.7M params).
+    freeze_text_embeddings: bool = False
     # Light training augmentation: the teacher target was computed on the un-augmented image, so
     # strong crops would ask the student to map different content to one target.
     train_crop_scale: tuple[float, float] = (0.7, 1.0)
@@ -87,18 +94,22 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         if self.image.kind not in IMAGE_KINDS:
-            raise PipelineError(f"student image tower kind {self.image.kind!r}: expected one of {IMAGE_KINDS}")
+            raise PipelineError(f"student image kind {self.image.kind!r}: expected one of {IMAGE_KINDS}")
         if self.text.kind not in TEXT_KINDS:
-            raise PipelineError(f"student text tower kind {self.text.kind!r}: expected one of {TEXT_KINDS}")
+            raise PipelineError(f"student text kind {self.text.kind!r}: expected one of {TEXT_KINDS}")
         for key in ("embed_dim", "image_size", "max_text_len"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise PipelineError(f"student config {key} must be a positive integer, got {value!r}")
+        if self.image.kind == "timm" and not self.image.name:
+            raise PipelineError("a timm image tower needs a model name (image.name), e.g. resnet18")
         if self.text.num_layers is not None and self.text.num_layers < 1:
             raise PipelineError(f"student text num_layers must be >= 1, got {self.text.num_layers}")
+        if not 0 <= self.train_hflip <= 1:
+            raise PipelineError(f"student train_hflip is a probability, got {self.train_hflip}")
         lo, hi = self.train_crop_scale
         if not 0 < lo <= hi <= 1:
-            raise PipelineError(f"student train_crop_scale must satisfy 0 < lo <= hi <= 1, got {self.train_crop_scale}")
+            raise PipelineError(f"student train_crop_scale needs 0 < lo <= hi <= 1, got {(lo, hi)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,7 +135,8 @@ def _known(cls: type, data: dict, where: str) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise PipelineError(f"unknown student config key(s) {[where + k for k in unknown]}; valid: {sorted(names)}")
+        keys = [where + k for k in unknown]
+        raise PipelineError(f"unknown student config key(s) {keys}; valid: {sorted(names)}")
     return data
 
 
@@ -146,14 +158,15 @@ def _tiny(embed_dim: int) -> StudentConfig:
 
 
 def _small(embed_dim: int) -> StudentConfig:
-    # Default: MobileNetV3-Small (random init: no ImageNet weights are installable offline) at 160 px and
-    # the first 2 of MiniLM's 6 layers with their pretrained weights. About 1/5 of the LiT teacher's
-    # FLOPs per item (numbers: ``describe("small")``); params are dominated by MiniLM's word embeddings.
+    # Default: MobileNetV3-Small (random init: no ImageNet weights are installable offline) at 128 px and
+    # the first 2 of MiniLM's 6 layers with their pretrained weights (token table frozen). ~18% of the LiT
+    # teacher's FLOPs per item (``describe("small")``); params are dominated by MiniLM's token table.
+    # 128 px: in a 4-epoch CPU check on openmoji it matched 160 px in held-out image cosine, 20% faster.
     return StudentConfig(
         name="small",
         image=ImageTowerSpec(kind="timm", name="mobilenetv3_small_100"),
         text=TextTowerSpec(kind="hf", pretrained=MINILM, num_layers=2, tokenizer=MINILM),
-        embed_dim=embed_dim, image_size=160, max_text_len=32,
+        embed_dim=embed_dim, image_size=128, max_text_len=32, freeze_text_embeddings=True,
     )
 
 
@@ -166,8 +179,8 @@ def _dsmd_base(embed_dim: int) -> StudentConfig:
         image=ImageTowerSpec(kind="timm", name="vit_base_patch16_224"),
         text=TextTowerSpec(
             kind="hf", pretrained=None, tokenizer=MINILM,
-            config={"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                    "intermediate_size": 3072},
+            config={"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12,
+                    "num_attention_heads": 12, "intermediate_size": 3072},
         ),
         embed_dim=embed_dim, image_size=224, max_text_len=32,
     )

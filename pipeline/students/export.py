@@ -36,11 +36,24 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def export_student(model: StudentModel, config: StudentConfig | None, path: str | Path, meta: dict | None = None) -> Path:
+def unwrap(model: nn.Module) -> StudentModel:
+    """The ``StudentModel`` inside DistributedDataParallel and/or ``torch.compile`` wrappers."""
+    for _ in range(3):
+        model = getattr(model, "_orig_mod", model)  # torch.compile
+        model = getattr(model, "module", model)  # (Distributed)DataParallel
+    if not isinstance(model, StudentModel):
+        raise PipelineError(f"expected a StudentModel, got {type(model).__name__}")
+    return model
+
+
+def export_student(
+    model: StudentModel, config: StudentConfig | None, path: str | Path, meta: dict | None = None
+) -> Path:
     """Write ``model`` to ``path`` atomically; ``meta`` (e.g. teacher fingerprint, metrics) is stored as is.
 
     ``config`` defaults to ``model.config`` and must describe the model (the projections' width is checked).
     """
+    model = unwrap(model)
     config = config or model.config
     if config.embed_dim != model.embed_dim:
         raise PipelineError(f"export config width {config.embed_dim} != model width {model.embed_dim}")
@@ -92,10 +105,14 @@ def load_student_model(path: str | Path, device: str | torch.device = "cpu") -> 
 
 
 class StudentEncoder(Teacher):
-    """A trained student behind the ``Teacher`` interface, so stage 3 evaluates both the same way."""
+    """A trained student behind the ``Teacher`` interface, so stage 3 evaluates both the same way.
+
+    Wrapping puts ``model`` in eval mode (a trainer evaluating mid-run calls ``model.train()`` after);
+    gradients are off inside ``encode_*`` already, so ``requires_grad`` flags are left alone.
+    """
 
     def __init__(self, model: StudentModel, name: str | None = None, meta: dict | None = None):
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.eval()
         self.name = name or f"student-{model.config.name}"
         self.width = model.embed_dim
         self.meta = meta or {}
@@ -162,7 +179,7 @@ def export_torchscript(model: StudentModel, out_dir: str | Path) -> tuple[Path, 
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
+    model = unwrap(model).eval()
     device = next(model.parameters()).device
     size = model.config.image_size
     pixels = torch.zeros(2, 3, size, size, device=device)

@@ -25,9 +25,10 @@ def _numel(*modules: nn.Module) -> int:
 
 
 def count_params(model: StudentModel) -> dict[str, int]:
-    """Parameters per tower (projection included) and in total."""
+    """Parameters per tower (projection included), in total, and how many of them are trainable."""
     image, text = _numel(model.image_tower, model.image_proj), _numel(model.text_tower, model.text_proj)
-    return {"image": image, "text": text, "total": image + text}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"image": image, "text": text, "total": image + text, "trainable": trainable}
 
 
 def _flops(fn, *args, **kwargs) -> int:
@@ -52,7 +53,8 @@ def flops_per_item(model: StudentModel, text_len: int = TEXT_LEN) -> dict[str, i
     # No attention mask: an all-ones mask costs the same, and transformers' mask logic reads tensor
     # values, which a meta-device model cannot.
     ids = torch.ones(1, min(text_len, model.config.max_text_len), dtype=torch.long, device=device)
-    out = {"image": _flops(model.image_features, pixels), "text": _flops(model.text_features, {"input_ids": ids})}
+    out = {"image": _flops(model.image_features, pixels),
+           "text": _flops(model.text_features, {"input_ids": ids})}
     model.train(was_training)
     out["total"] = out["image"] + out["text"]
     return out

@@ -52,6 +52,8 @@ class StudentModel(nn.Module):
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Projected, unnormalised image embeddings (B, D)."""
+        if self.config.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         return self.image_proj(self.image_tower(pixels))
 
     def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -64,7 +66,9 @@ class StudentModel(nn.Module):
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.normalize(self.text_features(tokens), dim=-1)
 
-    def forward(self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(pixels), self.encode_text(tokens)
 
 
@@ -90,7 +94,7 @@ def build_student(
     if tokenizer is None:
         tokenizer = _make_tokenizer(config)
     if tokenizer.max_len != config.max_text_len:
-        raise PipelineError(f"tokenizer max_len {tokenizer.max_len} != config max_text_len {config.max_text_len}")
+        raise PipelineError(f"tokenizer max_len {tokenizer.max_len} != max_text_len {config.max_text_len}")
     with torch.device(device) if device is not None else contextlib.nullcontext():
         image_tower, image_width, transform, image_spec = build_image_tower(
             config.image, config.image_size, load_weights=load_weights,
@@ -99,8 +103,14 @@ def build_student(
         text_tower, text_width, text_spec = build_text_tower(
             config.text, config.max_text_len, tokenizer.vocab_size, load_weights=load_weights
         )
+        if config.channels_last:
+            image_tower.to(memory_format=torch.channels_last)  # 4-d conv weights only
+        if config.freeze_text_embeddings:
+            text_tower.token_embedding().requires_grad_(False)
         resolved = dataclasses.replace(config, image=image_spec, text=text_spec)
-        return StudentModel(config, image_tower, image_width, text_tower, text_width, transform, tokenizer, resolved)
+        return StudentModel(
+            config, image_tower, image_width, text_tower, text_width, transform, tokenizer, resolved
+        )
 
 
 def _make_tokenizer(config: StudentConfig) -> TextTokenizer:

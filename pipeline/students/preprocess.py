@@ -60,7 +60,9 @@ class ImageTransform:
 
     def __init__(self, settings: TransformSettings, train: bool = False):
         if settings.interpolation not in _INTERPOLATION:
-            raise PipelineError(f"unknown interpolation {settings.interpolation!r}; use one of {sorted(_INTERPOLATION)}")
+            raise PipelineError(
+                f"unknown interpolation {settings.interpolation!r}; use one of {sorted(_INTERPOLATION)}"
+            )
         self.settings, self.train = settings, train
         self._pipeline = self._build()
 
@@ -188,5 +190,7 @@ def tokenizer_from_settings(settings: dict) -> TextTokenizer:
     return TextTokenizer(settings["kind"], int(settings["max_len"]))
 
 
-__all__ = ["TransformSettings", "ImageTransform", "TextTokenizer", "resolve_tokenizer_dir", "tokenizer_settings",
-           "tokenizer_from_settings"]
+__all__ = [
+    "TransformSettings", "ImageTransform", "TextTokenizer", "resolve_tokenizer_dir", "tokenizer_settings",
+    "tokenizer_from_settings",
+]

@@ -35,7 +35,12 @@ def first_line(exc: BaseException) -> str:
 
 
 def build_image_tower(
-    spec: ImageTowerSpec, image_size: int, *, load_weights: bool = True, train_scale=(0.7, 1.0), hflip: float = 0.5
+    spec: ImageTowerSpec,
+    image_size: int,
+    *,
+    load_weights: bool = True,
+    train_scale: tuple[float, float] = (0.7, 1.0),
+    hflip: float = 0.5,
 ) -> tuple[nn.Module, int, TransformSettings, ImageTowerSpec]:
     """-> (tower: pixels (B, 3, S, S) -> (B, width), width, eval/train transform settings, resolved spec)."""
     if spec.kind == "timm":
@@ -67,7 +72,7 @@ def _timm_tower(spec: ImageTowerSpec, image_size: int, load_weights: bool) -> tu
     if grid_size is not None and not getattr(patch_embed, "dynamic_img_size", False):
         if tuple(grid_size) != (image_size, image_size):
             raise PipelineError(
-                f"timm tower {spec.name} expects {tuple(grid_size)} px images but image_size is {image_size}; "
+                f"timm tower {spec.name} expects {tuple(grid_size)} px images, image_size is {image_size}; "
                 f"add img_size: {image_size} to the image tower kwargs"
             )
     data_cfg = resolve_data_config({}, model=model)
@@ -114,7 +119,9 @@ def _open_clip_vision_tower(spec: ImageTowerSpec, image_size: int, load_weights:
     cfg["vision_cfg"]["image_size"] = image_size
     keep = {k: cfg[k] for k in ("embed_dim", "vision_cfg", "quick_gelu", "preprocess_cfg") if k in cfg}
     try:
-        tower = _build_vision_tower(cfg["embed_dim"], dict(cfg["vision_cfg"]), quick_gelu=cfg.get("quick_gelu", False))
+        tower = _build_vision_tower(
+            cfg["embed_dim"], dict(cfg["vision_cfg"]), quick_gelu=cfg.get("quick_gelu", False)
+        )
     except _BUILD_ERRORS as exc:
         raise PipelineError(f"cannot build open_clip vision tower: {first_line(exc)}") from exc
     if spec.weights and load_weights:
@@ -129,7 +136,9 @@ def _open_clip_vision_tower(spec: ImageTowerSpec, image_size: int, load_weights:
     return tower, int(cfg["embed_dim"]), norm, keep
 
 
-def _load_tower_state(tower: nn.Module, path: str, prefixes: tuple[str, ...], exclude: tuple[str, ...] = ()) -> None:
+def _load_tower_state(
+    tower: nn.Module, path: str, prefixes: tuple[str, ...], exclude: tuple[str, ...] = ()
+) -> None:
     """Load a tower state dict, or the tower's part of a full checkpoint (keys under one of ``prefixes``)."""
     if not Path(path).is_file():
         raise PipelineError(f"tower weights file not found: {path}")
@@ -161,6 +170,9 @@ class HFTextTower(nn.Module):
         super().__init__()
         self.model = model
 
+    def token_embedding(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if attention_mask is None:
@@ -175,6 +187,9 @@ class OpenClipTextTower(nn.Module):
     def __init__(self, tower: nn.Module):
         super().__init__()
         self.tower = tower
+
+    def token_embedding(self) -> nn.Module:
+        return self.tower.token_embedding
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.tower(input_ids)
@@ -221,7 +236,8 @@ def _hf_text_tower(spec: TextTowerSpec, max_text_len: int, vocab_size: int, load
             if spec.num_layers is not None:
                 if spec.num_layers > full.num_hidden_layers:
                     raise PipelineError(
-                        f"num_layers={spec.num_layers} but {spec.pretrained} has only {full.num_hidden_layers} layers"
+                        f"num_layers={spec.num_layers} but {spec.pretrained} has only "
+                        f"{full.num_hidden_layers} layers"
                     )
                 # Layer i of the truncated model is layer i of the pretrained one; later layers are dropped.
                 overrides["num_hidden_layers"] = spec.num_layers
@@ -239,16 +255,21 @@ def _hf_text_tower(spec: TextTowerSpec, max_text_len: int, vocab_size: int, load
     except PipelineError:
         raise
     except _BUILD_ERRORS as exc:
-        raise PipelineError(f"cannot build hf text tower ({spec.pretrained or 'config'}): {first_line(exc)}") from exc
+        source = spec.pretrained or "config"
+        raise PipelineError(f"cannot build hf text tower ({source}): {first_line(exc)}") from exc
     if model.config.vocab_size < vocab_size:
-        raise PipelineError(f"text tower vocab ({model.config.vocab_size}) is smaller than the tokenizer's ({vocab_size})")
+        raise PipelineError(
+            f"text tower vocab ({model.config.vocab_size}) is smaller than the tokenizer's ({vocab_size})"
+        )
     if max_text_len > getattr(model.config, "max_position_embeddings", max_text_len):
-        raise PipelineError(f"max_text_len {max_text_len} exceeds the text tower's {model.config.max_position_embeddings}"
-                            " positions")
+        raise PipelineError(
+            f"max_text_len {max_text_len} > the tower's {model.config.max_position_embeddings} positions"
+        )
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # the [CLS] pooler is unused by mean pooling: no dead parameters
-    config = {k: v for k, v in model.config.to_diff_dict().items() if k not in _CONFIG_NOISE and not k.startswith("_")}
-    resolved = TextTowerSpec(kind="hf", pretrained=None, num_layers=None, config=config, name="", tokenizer=None)
+    config = {k: v for k, v in model.config.to_diff_dict().items()
+              if k not in _CONFIG_NOISE and not k.startswith("_")}
+    resolved = TextTowerSpec(kind="hf", config=config, tokenizer=None)
     return HFTextTower(model), int(model.config.hidden_size), resolved
 
 
@@ -268,6 +289,8 @@ def _open_clip_text_tower(spec: TextTowerSpec, max_text_len: int, load_weights: 
         raise PipelineError(f"cannot build open_clip text tower: {first_line(exc)}") from exc
     if spec.pretrained and load_weights:
         # A full CLIP checkpoint keeps the text tower at top level (or under "text." for custom-text models).
-        _load_tower_state(tower, spec.pretrained, prefixes=("text.",), exclude=("visual.", "logit_scale", "logit_bias"))
-    resolved = TextTowerSpec(kind="open_clip", pretrained=None, num_layers=None, config=keep, name="", tokenizer=None)
+        _load_tower_state(
+            tower, spec.pretrained, prefixes=("text.",), exclude=("visual.", "logit_scale", "logit_bias")
+        )
+    resolved = TextTowerSpec(kind="open_clip", config=keep, tokenizer=None)
     return OpenClipTextTower(tower), int(cfg["embed_dim"]), resolved
