@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## create .venv and install the project (+ test extras)
 
 test: $(STAMP)  ## run the test suite
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --durations=15
 
 # ---- stage 0: built-in dataset and offline teacher ---------------------------------------
 $(DATA_DIR)/test.parquet: | $(STAMP)

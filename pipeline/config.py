@@ -71,7 +71,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise PipelineError(f"cannot parse {path}: {exc}".splitlines()[0]) from exc
-        _merge(data, loaded)
+        deep_merge(data, loaded)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -88,10 +88,11 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
     return from_dict(cls, data)
 
 
-def _merge(base: dict, update: dict) -> None:
+def deep_merge(base: dict, update: dict) -> None:
+    """Merge ``update`` into ``base`` in place; nested dicts merge, everything else replaces."""
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
+            deep_merge(base[k], v)
         else:
             base[k] = v
 

@@ -102,7 +102,7 @@ class NonFiniteLoss(PipelineError):
 
 def student_config(cfg: DistillConfig, width: int) -> StudentConfig:
     base = get_preset(cfg.student, embed_dim=width).to_dict()
-    cfgio._merge(base, dict(cfg.student_overrides))
+    cfgio.deep_merge(base, dict(cfg.student_overrides))
     base["embed_dim"] = width  # the student always projects to the teacher's width
     return StudentConfig.from_dict(base)
 

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from pipeline.config import deep_merge
 from pipeline.errors import PipelineError
 from pipeline.students.config import ImageTowerSpec, TextTowerSpec
 from pipeline.students.preprocess import TransformSettings, resolve_tokenizer_dir
@@ -97,18 +98,10 @@ def _open_clip_config(name: str, overrides: dict, part: str) -> dict:
         if cfg is None:
             raise PipelineError(f"unknown open_clip model config {name!r}; see open_clip.list_models()")
         cfg = copy.deepcopy(cfg)
-    _merge(cfg, copy.deepcopy(overrides))
+    deep_merge(cfg, copy.deepcopy(overrides))
     if "embed_dim" not in cfg or part not in cfg:
         raise PipelineError(f"open_clip tower config needs 'embed_dim' and '{part}' (or a model config name)")
     return cfg
-
-
-def _merge(base: dict, update: dict) -> None:
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
 
 
 def _open_clip_vision_tower(spec: ImageTowerSpec, image_size: int, load_weights: bool):
