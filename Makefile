@@ -14,6 +14,7 @@ STAMP       := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: help install test demo dataset teacher teacher-features distill eval bench clean
 

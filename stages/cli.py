@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import sys
 
-import typer
+from pipeline.runtime import tune_cpu_runtime
 
-from pipeline.errors import PipelineError
-from stages.build_lit import build_lit
-from stages.build_manifest import build_manifest
-from stages.build_openmoji import build_openmoji
-from stages.distill import distill
-from stages.evaluate import evaluate
-from stages.search import search
-from stages.teacher_features import teacher_features
+tune_cpu_runtime()  # before torch is imported by the stage modules below
+
+import typer  # noqa: E402
+
+from pipeline.errors import PipelineError  # noqa: E402
+from stages.build_lit import build_lit  # noqa: E402
+from stages.build_manifest import build_manifest  # noqa: E402
+from stages.build_openmoji import build_openmoji  # noqa: E402
+from stages.distill import distill  # noqa: E402
+from stages.evaluate import evaluate  # noqa: E402
+from stages.search import search  # noqa: E402
+from stages.teacher_features import teacher_features  # noqa: E402
 
 app = typer.Typer(
     help="Distil large image-text teachers into small dual-encoder students from an offline feature cache.",

@@ -1,0 +1,313 @@
+"""Stage-1 throughput: ``run_feature_job`` end to end vs the same teacher's model-only forward.
+
+End to end: ``pipeline.features.run_feature_job`` on one split - PNG decode + preprocessing in DataLoader
+workers, ``encode_images``, tokenisation + ``encode_texts``, HDF5 shard write, rejects and summary files.
+Baseline (model only): the same teacher's ``encode_images`` / ``encode_texts`` over the same images and
+captions in the same batches, with the preprocessed pixels and the tokens already in memory.
+Ratio = end-to-end items/s / model-only items/s (items = images + captions); target >= 0.9.
+
+The two sides alternate (``--repeats`` rounds) and the fastest round of each is kept, since the machine
+is shared. The end-to-end run is also split into phases (time inside the model calls, waiting for the
+DataLoader, tokenisation, HDF5 write, the rest) to show where time goes beyond the model.
+
+Teacher (``--teacher``): default ``lit`` when artifacts/teachers/lit-openmoji.pt exists, else
+``tiny-openclip`` (a random 2-layer open_clip model built offline, width 512). ``lit-untrained`` is the
+LiT towers with random heads: the same cost as the trained teacher, without its checkpoint. Any
+``load_teacher`` spec (``openclip:...``, ``hf:...``) works too.
+
+    .venv/bin/python bench/bench_features.py [--teacher SPEC] [--limit 256] [--workers 2] [--batch-size 64]
+
+Absolute CPU numbers depend heavily on the environment, which the header line prints: on a busy machine
+OpenMP's default spin-waiting (OMP_WAIT_POLICY unset) and glibc returning the large activation buffers
+to the OS after every layer (MALLOC_MMAP_MAX_ unset) each slowed the LiT teacher several-fold here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import torch  # noqa: E402
+
+import pipeline.features as features  # noqa: E402
+from pipeline.features import FeatureJob, run_feature_job  # noqa: E402
+from pipeline.loader import iter_image_batches  # noqa: E402
+from pipeline.manifest import Manifest  # noqa: E402
+from pipeline.teachers import DEFAULT_LIT_CHECKPOINT, load_teacher  # noqa: E402
+from pipeline.teachers.base import Teacher  # noqa: E402
+
+OPENMOJI_TEST = Path("data/openmoji/test.parquet")
+TINY_ARCH = "clipdistill-bench-tiny"
+# Small towers, but the LiT teacher's width, so cache rows (and the HDF5 write) have the usual size.
+TINY_CFG = {
+    "embed_dim": 512,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def build_teacher(spec: str | None) -> tuple[str, Teacher]:
+    """(resolved spec, teacher) on CPU; see the module docstring for the bench-only specs."""
+    if spec is None:
+        spec = "lit" if Path(DEFAULT_LIT_CHECKPOINT).exists() else "tiny-openclip"
+    if spec == "tiny-openclip":
+        from pipeline.teachers.openclip import OpenClipTeacher
+
+        torch.manual_seed(0)
+        return spec, OpenClipTeacher(TINY_ARCH, None, model_cfg=TINY_CFG)
+    if spec == "lit-untrained":
+        from pipeline.teachers.lit import LitHeads, LitTeacher
+
+        torch.manual_seed(0)
+        return spec, LitTeacher(LitHeads(512))
+    return spec, load_teacher(spec)
+
+
+def load_manifest(path: str | None, limit: int | None, tmp: Path) -> tuple[str, Manifest]:
+    """The split to encode: --manifest, else openmoji's test split, else generated shapes; --limit images."""
+    if path:
+        source, manifest = path, Manifest.read(path)
+    elif OPENMOJI_TEST.exists():
+        source, manifest = str(OPENMOJI_TEST), Manifest.read(OPENMOJI_TEST)
+    else:
+        from tests.gen_cache import make_dataset
+
+        source = "generated shapes (tests/gen_cache.py), test split"
+        manifest = Manifest.read(make_dataset(tmp / "shapes", n_images=1500) / "test.parquet")
+    if limit:
+        keep = manifest.unique_images()[0][:limit]
+        table = manifest.table.filter(pc.is_in(manifest.table.column("image_id"), pa.array(keep, pa.int64())))
+        manifest = Manifest(table, manifest.source, manifest.image_root)
+        source += f" (first {len(keep)} images)"
+    return source, manifest
+
+
+def caption_batches(manifest: Manifest, size: int) -> list[list[str]]:
+    """Captions in the order run_feature_job encodes them: by image_id, then sample_id; empty ones skipped."""
+    t = manifest.table
+    rows = sorted((iid, sid, cap) for iid, sid, cap in zip(t.column("image_id").to_pylist(),
+                                                          t.column("sample_id").to_pylist(),
+                                                          t.column("caption").to_pylist())
+                  if cap and cap.strip())
+    caps = [c for _, _, c in rows]
+    return [caps[i:i + size] for i in range(0, len(caps), size)]
+
+
+# ---------------------------------------------------------------------------------------------- timing
+@dataclass
+class Clock:
+    """Accumulated seconds per named phase."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def wrap(self, name: str, fn):
+        def timed(*a, **kw):
+            with self(name):
+                return fn(*a, **kw)
+        return timed
+
+
+class TimedTeacher(Teacher):
+    """Delegates to a teacher and times its public calls (a few perf_counter calls per batch)."""
+
+    def __init__(self, inner: Teacher, clock: Clock):
+        self.inner, self.clock = inner, clock
+        self.name, self.width, self.device = inner.name, inner.width, inner.device
+
+    def image_transform(self):
+        return self.inner.image_transform()
+
+    def tokenize(self, texts):
+        with self.clock("tokenize"):
+            return self.inner.tokenize(texts)
+
+    def encode_images(self, pixels):
+        with self.clock("encode_images"):
+            return self.inner.encode_images(pixels)
+
+    def encode_texts(self, tokens):
+        with self.clock("encode_texts"):
+            return self.inner.encode_texts(tokens)
+
+    def _encode_images(self, pixels):  # unused: encode_images is delegated whole
+        return self.inner._encode_images(pixels)
+
+    def _encode_texts(self, tokens):
+        return self.inner._encode_texts(tokens)
+
+    def fingerprint_parts(self) -> dict:
+        return self.inner.fingerprint_parts()
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+
+@contextlib.contextmanager
+def timed_stage(clock: Clock):
+    """Time run_feature_job's phases by wrapping the functions it looks up in its module."""
+    names = {"image_phase": "encode_image_locations", "text_phase": "encode_captions",
+             "hdf5_write": "write_shard", "rejects_write": "write_rejects", "summary": "_write_summary"}
+    saved = {attr: getattr(features, attr) for attr in names.values()}
+    for phase, attr in names.items():
+        setattr(features, attr, clock.wrap(phase, saved[attr]))
+    try:
+        yield
+    finally:
+        for attr, fn in saved.items():
+            setattr(features, attr, fn)
+
+
+def run_end_to_end(teacher: Teacher, manifest: Manifest, args, out: Path) -> tuple[float, int, int, Clock]:
+    clock = Clock()
+    job = FeatureJob(manifest, "bench", "bench", out, batch_size=args.batch_size,
+                     text_batch_size=args.text_batch_size, num_workers=args.workers)
+    with timed_stage(clock):
+        summary = run_feature_job(job, TimedTeacher(teacher, clock), progress=False)
+    if summary.rejects:
+        print(f"  note: {summary.rejects} rejects (not encoded, not counted as items)")
+    return summary.seconds, summary.images, summary.texts, clock
+
+
+def run_model_only(teacher: Teacher, pixels: list[torch.Tensor], tokens: list) -> tuple[float, Clock]:
+    clock = Clock()
+    t0 = time.perf_counter()
+    for px in pixels:  # .cpu().numpy() as in pipeline.embed
+        with clock("encode_images"):
+            teacher.encode_images(px).cpu().numpy()
+    for tok in tokens:
+        with clock("encode_texts"):
+            teacher.encode_texts(tok).cpu().numpy()
+    return time.perf_counter() - t0, clock
+
+
+# ---------------------------------------------------------------------------------------------- report
+def environment() -> str:
+    """The environment variables that changed CPU throughput several-fold in these benchmarks."""
+    names = ("OMP_WAIT_POLICY", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")
+    return " ".join(f"{n}={os.environ.get(n, 'unset')}" for n in names)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default=None, help="lit | lit-untrained | tiny-openclip | any load_teacher "
+                    "spec (default: lit if its checkpoint exists, else tiny-openclip)")
+    ap.add_argument("--manifest", default=None, help="split manifest to encode (default: "
+                    "data/openmoji/test.parquet if present, else a generated shapes dataset)")
+    ap.add_argument("--limit", type=int, default=None, help="first N unique images (+ their captions) only")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader decode workers (FeatureJob default)")
+    ap.add_argument("--batch-size", type=int, default=64, help="image batch size (FeatureJob default: 64)")
+    ap.add_argument("--text-batch-size", type=int, default=256, help="caption batch (FeatureJob default)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads, both sides")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating rounds per side; the fastest is kept")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        spec, teacher = build_teacher(args.teacher)
+        source, manifest = load_manifest(args.manifest, args.limit, tmp)
+        teacher.fingerprint()  # one-off weight digest (lazy for open_clip), not per-item work
+        print(f"teacher {spec} ({teacher.name}, width {teacher.width}); data {source}; "
+              f"{args.workers} workers, batch {args.batch_size}/{args.text_batch_size}, "
+              f"{args.threads} torch threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus;"
+              f" {environment()}")
+
+        # Baseline inputs, prepared untimed: the same image batches (same loader, same order) and captions.
+        _, paths = manifest.unique_images()
+        locations = [manifest.resolve(p) for p in paths]
+        pixels = [b.pixels for b in iter_image_batches(locations, teacher.image_transform(), args.batch_size,
+                                                        args.workers) if b.pixels is not None]
+        captions = caption_batches(manifest, args.text_batch_size)
+        tokens = [teacher.tokenize(c) for c in captions]
+        n_img, n_txt = sum(len(p) for p in pixels), sum(len(c) for c in captions)
+        teacher.encode_images(pixels[0][:8])  # warm-up: first-call allocator and kernel set-up
+        teacher.encode_texts(teacher.tokenize(["warm up"]))
+
+        model_runs, e2e_runs = [], []
+        for r in range(args.repeats):
+            model_runs.append(run_model_only(teacher, pixels, tokens))
+            e2e_runs.append(run_end_to_end(teacher, manifest, args, tmp / f"cache{r}"))
+            print(f"  round {r + 1}: model only {model_runs[-1][0]:.2f}s, end to end {e2e_runs[-1][0]:.2f}s")
+
+    m_sec, m_clock = min(model_runs, key=lambda x: x[0])
+    e_sec, e_img, e_txt, e_clock = min(e2e_runs, key=lambda x: x[0])
+    if (e_img, e_txt) != (n_img, n_txt):
+        print(f"  WARNING: end to end encoded {e_img}+{e_txt} items, model only {n_img}+{n_txt}")
+    m_img_s = m_clock.seconds["encode_images"]
+    m_txt_s = m_clock.seconds.get("encode_texts", 0.0)
+    rows = [
+        ["model only (baseline)", f"{n_img / m_img_s:.1f}", f"{n_txt / max(m_txt_s, 1e-9):.1f}",
+         f"{(n_img + n_txt) / m_sec:.1f}", f"{m_sec:.2f}"],
+        ["run_feature_job (end to end)", f"{e_img / e_clock.seconds['image_phase']:.1f}",
+         f"{e_txt / max(e_clock.seconds['text_phase'], 1e-9):.1f}", f"{(e_img + e_txt) / e_sec:.1f}",
+         f"{e_sec:.2f}"],
+    ]
+    print(f"\n{n_img} images + {n_txt} captions; fastest of {args.repeats} rounds per side")
+    print(table(rows, ["side", "images/s", "captions/s", "items/s", "seconds"]))
+    ratio = ((e_img + e_txt) / e_sec) / ((n_img + n_txt) / m_sec)
+    print(f"ratio end to end / model only (items/s): {ratio:.3f}; "
+          f"target >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'}")
+    print("  (end to end: images/s over the image phase incl. decode waits, captions/s incl. tokenising)")
+
+    s = e_clock.seconds
+    wait = s["image_phase"] - s["encode_images"]
+    text_other = s["text_phase"] - s.get("encode_texts", 0.0) - s.get("tokenize", 0.0)
+    timed_phases = ("image_phase", "text_phase", "hdf5_write", "rejects_write", "summary")
+    rest = e_sec - sum(s.get(k, 0.0) for k in timed_phases)
+    parts = [
+        ("encode_images (model)", s["encode_images"], m_img_s),
+        ("waiting for decode workers", wait, 0.0),
+        ("tokenize", s.get("tokenize", 0.0), 0.0),
+        ("encode_texts (model)", s.get("encode_texts", 0.0), m_txt_s),
+        ("text loop other", text_other, 0.0),
+        ("HDF5 shard write (+fsync)", s["hdf5_write"], 0.0),
+        ("rejects parquet", s.get("rejects_write", 0.0), 0.0),
+        ("summary.json (cache reopen)", s.get("summary", 0.0), 0.0),
+        ("setup (grouping, meta)", rest, 0.0),
+    ]
+    print(f"\nwhere the end-to-end time goes (fastest round, {e_sec:.2f}s; model only {m_sec:.2f}s):")
+    print(table([[name, f"{sec:.3f}", f"{100 * sec / e_sec:.1f}%", f"{base:.3f}" if base else "-"]
+                 for name, sec, base in parts], ["phase", "seconds", "share", "model only"]))
+    slow = s["encode_images"] / m_img_s
+    print(f"model calls inside the job are {slow:.2f}x (images) / "
+          f"{s.get('encode_texts', 0.0) / max(m_txt_s, 1e-9):.2f}x (texts) their model-only time: "
+          "above 1 means the decode workers compete with the model for the cpus")
+    if len(model_runs) > 1:
+        spread = [statistics.pstdev([x[0] for x in runs]) / statistics.mean([x[0] for x in runs])
+                  for runs in (model_runs, e2e_runs)]
+        print(f"round-to-round spread (std/mean): model only {spread[0]:.1%}, end to end {spread[1]:.1%}")
+
+
+if __name__ == "__main__":
+    main()
