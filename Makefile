@@ -45,10 +45,12 @@ teacher: $(ARTIFACTS)/teachers/lit-$(DATASET).pt  ## train the offline LiT teach
 
 # ---- stage 1: teacher features ---------------------------------------------------------
 TEACHER_SPEC := $(if $(filter lit,$(TEACHER)),lit:$(ARTIFACTS)/teachers/lit-$(DATASET).pt,$(TEACHER))
-FEATURES_STAMP := $(CACHE_DIR)/$(DATASET)/$(TEACHER)/.complete
+# Path-safe folder name for a teacher spec (make targets cannot contain ':'): openclip:A/B -> openclip-A-B
+TEACHER_NAME := $(subst /,-,$(subst :,-,$(TEACHER)))
+FEATURES_STAMP := $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME)/.complete
 
 $(FEATURES_STAMP): $(DATA_DIR)/test.parquet $(if $(filter lit,$(TEACHER)),$(ARTIFACTS)/teachers/lit-$(DATASET).pt)
-	$(CLI) teacher-features --teacher $(TEACHER_SPEC) --manifest-dir $(DATA_DIR) --out $(CACHE_DIR)/$(DATASET)/$(TEACHER)
+	$(CLI) teacher-features --teacher $(TEACHER_SPEC) --manifest-dir $(DATA_DIR) --out $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME)
 	touch $@
 
 teacher-features: $(FEATURES_STAMP)  ## cache L2-normalised teacher embeddings (HDF5 shards)
@@ -69,8 +71,8 @@ distill: $(STUDENT_EXPORT)  ## train the default student from the cache (resumes
 EVAL_DIR    ?= $(ARTIFACTS)/eval/$(DATASET)
 
 eval: $(FEATURES_STAMP)  ## evaluate every finished run + the teacher; writes report.md and figures
-	$(CLI) eval --cache-dir $(CACHE_DIR)/$(DATASET)/$(TEACHER) --manifest-dir $(DATA_DIR) \
-		--runs-dir $(RUNS_DIR) --out $(EVAL_DIR) $(if $(filter lit,$(TEACHER)),--teacher-spec $(TEACHER_SPEC))
+	$(CLI) eval --cache-dir $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME) --manifest-dir $(DATA_DIR) \
+		--runs-dir $(RUNS_DIR) --out $(EVAL_DIR) --teacher-spec $(TEACHER_SPEC)
 
 demo: $(STUDENT_EXPORT)  ## everything: install, dataset, teacher, cache, default student, evaluation
 	$(MAKE) --no-print-directory eval
