@@ -34,7 +34,11 @@ test: $(STAMP)  ## run the test suite
 
 # ---- stage 0: built-in dataset and offline teacher ---------------------------------------
 $(DATA_DIR)/test.parquet: | $(STAMP)
+ifeq ($(DATASET),openmoji)
 	$(CLI) build-openmoji --out $(DATA_DIR)
+else
+	@echo "error: no manifests in $(DATA_DIR); build them with 'clipdistill build-manifest ... --out $(DATA_DIR)' (README)" >&2; exit 2
+endif
 
 dataset: $(DATA_DIR)/test.parquet  ## build the built-in openmoji dataset (manifests + rendered images)
 
