@@ -21,8 +21,6 @@ from dataclasses import asdict, dataclass
 
 FORMAT_VERSION = 1
 SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.h5$")
-EMBEDDINGS = ("image", "text")
-ID_ARRAYS = ("image_id", "sample_id", "text_image_id")
 
 
 def shard_name(index: int, total: int) -> str:
@@ -56,7 +54,3 @@ class CacheMeta:
         for k, v in values.items():  # h5py returns numpy scalars
             values[k] = v.item() if hasattr(v, "item") else v
         return cls(**values)
-
-    def same_cache(self, other: "CacheMeta") -> bool:
-        """True when two shards belong to one cache (everything but nothing shard-specific differs)."""
-        return self == other

@@ -8,7 +8,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from pipeline.cache.format import EMBEDDINGS, SHARD_RE, CacheMeta
+from pipeline.cache.format import SHARD_RE, CacheMeta
 from pipeline.errors import PipelineError
 from pipeline.manifest import Reject, read_rejects
 
@@ -104,7 +104,7 @@ class FeatureCache:
                     ids[key].append(f[key][()])
         self.meta = metas[0]
         for path, m in zip(shard_paths, metas):
-            if not m.same_cache(self.meta):
+            if m != self.meta:  # every shard of one cache carries identical attributes
                 raise PipelineError(f"{path.name} belongs to a different cache than {shard_paths[0].name}")
         if len(shard_paths) != self.meta.total_shards:
             raise PipelineError(
@@ -182,4 +182,4 @@ class FeatureCache:
         )
 
 
-__all__ = ["FeatureCache", "ShardedRows", "EMBEDDINGS"]
+__all__ = ["FeatureCache", "ShardedRows"]
