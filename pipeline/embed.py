@@ -19,15 +19,22 @@ Progress = Callable[[int], None]
 
 
 def encode_image_locations(encoder: Teacher, locations: Sequence[str], batch_size: int = 64, workers: int = 2,
-                           dtype=np.float32, on_progress: Progress | None = None):
-    """Returns (embeddings (N, D) with zero rows for failures, ok mask (N,), [(position, reason)])."""
+                           dtype=np.float32, on_progress: Progress | None = None,
+                           norms_out: np.ndarray | None = None):
+    """Returns (embeddings (N, D) with zero rows for failures, ok mask (N,), [(position, reason)]).
+
+    ``norms_out`` (N,), if given, receives each embedding's norm before L2 normalisation.
+    """
     emb = np.zeros((len(locations), encoder.width), dtype=dtype)
     ok = np.zeros(len(locations), dtype=bool)
     failures: list[tuple[int, str]] = []
     pin = encoder.device.type == "cuda"
     for batch in iter_image_batches(locations, encoder.image_transform(), batch_size, workers, pin):
         if batch.pixels is not None:
-            emb[batch.positions] = encoder.encode_images(batch.pixels).cpu().numpy()
+            unit, norm = encoder.encode_images_with_norms(batch.pixels)
+            emb[batch.positions] = unit.cpu().numpy()
+            if norms_out is not None:
+                norms_out[batch.positions] = norm.cpu().numpy()
             ok[batch.positions] = True
         failures += batch.failures
         if on_progress:
@@ -36,11 +43,14 @@ def encode_image_locations(encoder: Teacher, locations: Sequence[str], batch_siz
 
 
 def encode_captions(encoder: Teacher, captions: Sequence[str], batch_size: int = 256, dtype=np.float32,
-                    on_progress: Progress | None = None) -> np.ndarray:
+                    on_progress: Progress | None = None, norms_out: np.ndarray | None = None) -> np.ndarray:
     out = np.zeros((len(captions), encoder.width), dtype=dtype)
     for start in range(0, len(captions), batch_size):
         chunk = list(captions[start : start + batch_size])
-        out[start : start + len(chunk)] = encoder.encode_texts(encoder.tokenize(chunk)).cpu().numpy()
+        unit, norm = encoder.encode_texts_with_norms(encoder.tokenize(chunk))
+        out[start : start + len(chunk)] = unit.cpu().numpy()
+        if norms_out is not None:
+            norms_out[start : start + len(chunk)] = norm.cpu().numpy()
         if on_progress:
             on_progress(len(chunk))
     return out

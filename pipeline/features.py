@@ -140,20 +140,24 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
         idx = shard_range(s)
         locations = [job.manifest.resolve(paths[i]) for i in idx]
         rejects: list[Reject] = list(caption_rejects) if s == 0 else []  # recorded once, with shard 0
+        image_norm = np.zeros(len(locations), np.float32)
         emb, ok, failures = encode_image_locations(teacher, locations, job.batch_size, job.num_workers,
-                                                   dtype=job.dtype, on_progress=bar.update)
+                                                   dtype=job.dtype, on_progress=bar.update, norms_out=image_norm)
         for pos, reason in failures:
             rows = captions.get(int(image_ids[idx[pos]]), [])
             rejects += [Reject(f"sample_id={sid}", reason, paths[idx[pos]], cap) for sid, cap in rows]
             bar.update(len(rows))  # their captions are skipped, not encoded
         kept_ids = image_ids[list(idx)][ok]
         text_rows = [(sid, cap, int(iid)) for iid in kept_ids.tolist() for sid, cap in captions.get(iid, [])]
-        text = encode_captions(teacher, [c for _, c, _ in text_rows], job.text_batch_size, job.dtype, bar.update)
+        text_norm = np.zeros(len(text_rows), np.float32)
+        text = encode_captions(teacher, [c for _, c, _ in text_rows], job.text_batch_size, job.dtype, bar.update,
+                               norms_out=text_norm)
         path = job.out_dir / shard_name(s, total)
         write_rejects(rejects, path.with_name(path.name.replace(".h5", ".rejects.parquet")))
         write_shard(
             path, meta, emb[ok], kept_ids,
             text, np.array([r[0] for r in text_rows], np.int64), np.array([r[2] for r in text_rows], np.int64),
+            image_norm=image_norm[ok], text_norm=text_norm,
         )
         summary.shards_written.append(path.name)
         summary.images += int(ok.sum())

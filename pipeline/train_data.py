@@ -154,8 +154,28 @@ def make_loader(dataset: PairDataset, sampler: EpochOrder, batch_size: int, work
     )
 
 
-def teacher_targets(cache: FeatureCache, rows: AlignedRows, batch_rows: np.ndarray, device) -> tuple:
+def check_teacher_norms(cache: FeatureCache, normalized: bool) -> None:
+    """Un-normalised targets need the norms that stage 1 stores since cache format 1 with norms."""
+    if not normalized and (cache.image_norm is None or cache.text_norm is None):
+        raise PipelineError(
+            f"data.teacher_normalized=false needs the teacher norms, which cache {cache.directory} does not "
+            "store; delete that folder and rerun teacher-features to rebuild it")
+
+
+def gather_targets(cache: FeatureCache, image_rows: np.ndarray, text_rows: np.ndarray,
+                   normalized: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Cached teacher rows as float32; ``normalized=False`` restores each row's norm (method.md 1.6 ablation)."""
+    t_img = cache.image.gather(image_rows).astype(np.float32)
+    t_txt = cache.text.gather(text_rows).astype(np.float32)
+    if not normalized:
+        t_img *= cache.image_norm[image_rows, None]
+        t_txt *= cache.text_norm[text_rows, None]
+    return t_img, t_txt
+
+
+def teacher_targets(cache: FeatureCache, rows: AlignedRows, batch_rows: np.ndarray, device,
+                    normalized: bool = True) -> tuple:
     """(t_img, t_txt) float32 tensors on ``device`` for the batch's rows, gathered from the memmaps."""
-    t_img = torch.from_numpy(cache.image.gather(rows.image_rows[batch_rows]).astype(np.float32))
-    t_txt = torch.from_numpy(cache.text.gather(rows.text_rows[batch_rows]).astype(np.float32))
-    return t_img.to(device, non_blocking=True), t_txt.to(device, non_blocking=True)
+    t_img, t_txt = gather_targets(cache, rows.image_rows[batch_rows], rows.text_rows[batch_rows], normalized)
+    return (torch.from_numpy(t_img).to(device, non_blocking=True),
+            torch.from_numpy(t_txt).to(device, non_blocking=True))

@@ -34,7 +34,9 @@ from pipeline.runlog import RunLogger, truncate_after
 from pipeline.students import (
     StudentConfig, StudentEncoder, build_student, export_student, export_torchscript, get_preset,
 )
-from pipeline.train_data import EpochOrder, PairDataset, align, make_loader, teacher_targets
+from pipeline.train_data import (
+    EpochOrder, PairDataset, align, check_teacher_norms, gather_targets, make_loader, teacher_targets,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class DataSection:
     val_split: str = "val"  # validated every epoch when its manifest and cache exist
     workers: int = 1
     preload: bool = True  # decode every image once into RAM (small datasets); False streams from disk
+    # False: train against the teacher's raw (un-normalised) embeddings, the paper's ablation (method.md 1.6);
+    # needs a cache that stores the norms.
+    teacher_normalized: bool = True
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,7 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
     train_manifest, cache = _open_split(cfg, cfg.data.train_split, required=True)
     val_manifest, val_cache = _open_split(cfg, cfg.data.val_split, required=False)
     rows = align(train_manifest, cache)
+    check_teacher_norms(cache, cfg.data.teacher_normalized)
     scfg = student_config(cfg, cache.width)
     model = build_student(scfg).to(device)
     dataset = PairDataset(rows, model.image_transform(train=True), cfg.seed, preload=cfg.data.preload,
@@ -288,8 +294,8 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
     def refill_queue() -> None:
         def sample(n: int) -> QueueBatch:
             pick = np.random.default_rng([cfg.seed, state["global_step"], n]).integers(0, len(rows), n)
-            return QueueBatch(img=cache.image.gather(rows.image_rows[pick]), img_ids=rows.image_ids[pick],
-                              txt=cache.text.gather(rows.text_rows[pick]), txt_ids=rows.image_ids[pick],
+            img, txt = gather_targets(cache, rows.image_rows[pick], rows.text_rows[pick], cfg.data.teacher_normalized)
+            return QueueBatch(img=img, img_ids=rows.image_ids[pick], txt=txt, txt_ids=rows.image_ids[pick],
                               txt_hash=rows.caption_hash[pick])
         queue.refill_random(sample)
 
@@ -318,7 +324,7 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
             if cfg.queue.mode == "random" and cfg.queue.refill_every and state["global_step"] % cfg.queue.refill_every == 0:
                 refill_queue()
             idx = batch.rows.numpy()
-            t_img, t_txt = teacher_targets(cache, rows, idx, device)
+            t_img, t_txt = teacher_targets(cache, rows, idx, device, cfg.data.teacher_normalized)
             img_ids = torch.from_numpy(rows.image_ids[idx]).to(device)
             hashes = torch.from_numpy(rows.caption_hash[idx]).to(device)
             tokens = {k: v.to(device) for k, v in model.tokenizer(batch.captions).items()}

@@ -12,6 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.cache import FeatureCache
@@ -70,6 +71,22 @@ def test_embeddings_unit_norm_and_aligned(tmp_path):
     np.testing.assert_allclose(cache.texts_by_sample_id([sid])[0], expect, atol=2e-3)
     assert cache.text_image_ids[cache.text_rows([sid])[0]] == 1007
     assert (cache.text_image_rows() == cache.image_rows(cache.text_image_ids)).all()
+
+
+def test_cache_stores_raw_teacher_norms(tmp_path):
+    manifest = make_manifest(tmp_path, n_images=7)
+    run(manifest, tmp_path / "cache", dtype="float32")
+    cache = FeatureCache(tmp_path / "cache")
+    t = FakeTeacher()
+    raw_txt = t._encode_texts(t.tokenize(["picture 3 caption 1"]))[0]
+    row = cache.text_rows([31])[0]
+    np.testing.assert_allclose(cache.text_norm[row], raw_txt.norm().item(), rtol=1e-5)
+    # normalised row x stored norm == the teacher's raw embedding
+    np.testing.assert_allclose(cache.text.gather([row])[0] * cache.text_norm[row], raw_txt.numpy(), rtol=1e-4)
+    pixels = torch.stack([t.image_transform()(Image.open(tmp_path / "images" / "0004.png"))])
+    raw_img = t._encode_images(pixels)[0]
+    np.testing.assert_allclose(cache.image_norm[cache.image_rows([1004])[0]], raw_img.norm().item(), rtol=1e-5)
+    assert cache.image_norm.shape == (7,) and cache.text_norm.shape == (21,)
 
 
 def test_memmap_reads_equal_h5py_reads(tmp_path):

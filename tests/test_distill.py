@@ -131,3 +131,37 @@ def test_config_errors_are_one_line(shapes, tmp_path):
     other = cfgio.load(DistillConfig, None, settings(shapes, tmp_path / "runs", "max_steps=2", "optim.lr=0.5"))
     with pytest.raises(PipelineError, match="optim.lr"):
         train(other, resume=True, progress=False)
+
+
+def test_unnormalised_teacher_targets(shapes, tmp_path):
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    from pipeline.cache import FeatureCache
+    from pipeline.train_data import gather_targets
+
+    _, cache_root = shapes
+    cache = FeatureCache(Path(cache_root) / "train")
+    rows = np.array([3, 0, 5])
+    unit_img, unit_txt = gather_targets(cache, rows, rows, normalized=True)
+    raw_img, raw_txt = gather_targets(cache, rows, rows, normalized=False)
+    np.testing.assert_allclose(np.linalg.norm(raw_img, axis=1), cache.image_norm[rows], rtol=2e-3)
+    np.testing.assert_allclose(raw_txt / cache.text_norm[rows, None], unit_txt, atol=1e-6)
+    assert not np.allclose(cache.image_norm, 1.0)  # the ablation differs from the default
+
+    cfg = cfgio.load(DistillConfig, None, settings(shapes, tmp_path / "runs", "max_steps=2",
+                                                   "data.teacher_normalized=false"))
+    assert train(cfg, progress=False).steps == 2
+
+    # a cache written without norms: a one-line error that says how to rebuild it
+    old = tmp_path / "old"
+    shutil.copytree(cache_root, old)
+    for shard in old.glob("*/shard-*.h5"):
+        with h5py.File(shard, "a") as f:
+            del f["image_norm"], f["text_norm"]
+    no_norms = cfgio.load(DistillConfig, None, settings(shapes, tmp_path / "runs2", "max_steps=2",
+                                                        f"data.cache_dir={old}", "data.teacher_normalized=false"))
+    with pytest.raises(PipelineError, match="rerun teacher-features"):
+        train(no_norms, progress=False)

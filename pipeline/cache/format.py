@@ -11,6 +11,8 @@ caption of those images. Datasets (all contiguous, uncompressed, so they can be 
     text           (n_texts, D)   float16|float32   L2-normalised teacher text embeddings
     sample_id      (n_texts,)     int64             manifest row of each caption
     text_image_id  (n_texts,)     int64             image of each caption
+    image_norm     (n_images,)    float32           optional: norm of each image embedding before normalising
+    text_norm      (n_texts,)     float32           optional: same for texts
 Attributes: see CacheMeta.
 """
 

@@ -95,6 +95,7 @@ class FeatureCache:
         if not shard_paths:
             raise PipelineError(f"no cache shards in {self.directory}; run `clipdistill teacher-features` first")
         metas, image_parts, text_parts, ids = [], [], [], {"image_id": [], "sample_id": [], "text_image_id": []}
+        norms: dict[str, list] = {"image_norm": [], "text_norm": []}
         for path in shard_paths:
             with h5py.File(path, "r") as f:
                 metas.append(CacheMeta.from_attrs(f.attrs))
@@ -102,6 +103,8 @@ class FeatureCache:
                 text_parts.append(_memmap(path, f["text"]))
                 for key in ids:
                     ids[key].append(f[key][()])
+                for key in norms:  # optional (caches written before norms were stored lack them)
+                    norms[key].append(f[key][()] if key in f else None)
         self.meta = metas[0]
         for path, m in zip(shard_paths, metas):
             if m != self.meta:  # every shard of one cache carries identical attributes
@@ -127,6 +130,11 @@ class FeatureCache:
         self.image_ids = np.concatenate(ids["image_id"])
         self.sample_ids = np.concatenate(ids["sample_id"])
         self.text_image_ids = np.concatenate(ids["text_image_id"])
+        # Teacher norms before L2 normalisation, (n_images,) / (n_texts,) float32, or None if not stored.
+        self.image_norm, self.text_norm = (
+            None if any(p is None for p in parts) else np.concatenate(parts).astype(np.float32)
+            for parts in (norms["image_norm"], norms["text_norm"])
+        )
         self._image_order = _sort_order(self.image_ids)
         self._sample_order = _sort_order(self.sample_ids)
         self.shard_paths = shard_paths

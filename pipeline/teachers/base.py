@@ -58,16 +58,30 @@ class Teacher(ABC):
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self._encode_images(pixels.to(self.device, non_blocking=True)).float(), dim=-1)
+        return self.encode_images_with_norms(pixels)[0]
 
     @torch.no_grad()
     def encode_texts(self, tokens: Any) -> torch.Tensor:
-        return F.normalize(self._encode_texts(_to_device(tokens, self.device)).float(), dim=-1)
+        return self.encode_texts_with_norms(tokens)[0]
+
+    @torch.no_grad()
+    def encode_images_with_norms(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L2-normalised embeddings (B, D), their norms before normalising (B,))."""
+        return _split_norm(self._encode_images(pixels.to(self.device, non_blocking=True)))
+
+    @torch.no_grad()
+    def encode_texts_with_norms(self, tokens: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return _split_norm(self._encode_texts(_to_device(tokens, self.device)))
 
     def fingerprint(self) -> str:
         """Short digest that changes whenever weights or preprocessing change."""
         blob = json.dumps({"name": self.name, "width": self.width, **self.fingerprint_parts()}, sort_keys=True)
         return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _split_norm(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    raw = raw.float()
+    return F.normalize(raw, dim=-1), raw.norm(dim=-1)
 
 
 def _to_device(tokens: Any, device: torch.device) -> Any:
