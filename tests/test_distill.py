@@ -34,8 +34,14 @@ def settings(shapes, runs: Path, *extra: str) -> list[str]:
             "data.workers=0", "log_every=1", "checkpoint_every=2", *extra]
 
 
+def subprocess_env() -> dict:
+    """Child processes import the repo first, then whatever PYTHONPATH already holds."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
 def cli(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     return subprocess.Popen([sys.executable, "-m", "stages.cli", *args], cwd=ROOT, env=env, **kw)
 
 
@@ -86,7 +92,7 @@ def test_two_process_ddp_on_cpu(shapes, tmp_path):
     runs = tmp_path / "runs"
     args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "stages.cli",
             *distill_args(shapes, runs, "ddp", "max_steps=3", "device=cpu", "queue.size=64")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = final_weights(runs / "ddp")

@@ -261,7 +261,8 @@ def test_export_load_round_trip_is_identical_and_a_teacher(make, tmp_path, monke
     path = export_student(model, None, tmp_path / "student.pt", meta={"teacher": "lit-abc"})
 
     compiled_like = torch.nn.Module()
-    compiled_like._orig_mod = torch.nn.DataParallel(model)  # wrappers are unwrapped before export
+    compiled_like._orig_mod = torch.nn.Module()  # wrappers are unwrapped before export
+    compiled_like._orig_mod.module = model  # (not DataParallel itself: it moves the model to a GPU)
     export_student(compiled_like, None, tmp_path / "wrapped.pt")
 
     # The export must not need the MiniLM package (its tokenizer files travel inside the export).

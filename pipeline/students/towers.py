@@ -60,17 +60,16 @@ def _timm_tower(spec: ImageTowerSpec, image_size: int, load_weights: bool) -> tu
 
     kwargs = dict(spec.kwargs)
     packaged = spec.weights in PACKAGED_IMAGE_WEIGHTS
-    if spec.weights and load_weights and not packaged:
-        if not Path(spec.weights).is_file():
-            raise PipelineError(f"image tower weights file not found: {spec.weights}")
-        # timm's own file path: handles .pth/.safetensors and drops the classifier for num_classes=0
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(spec.weights)})
+    if spec.weights and load_weights and not packaged and not Path(spec.weights).is_file():
+        raise PipelineError(f"image tower weights file not found: {spec.weights}")
     try:
         model = timm.create_model(spec.name, num_classes=0, **kwargs)
     except _BUILD_ERRORS as exc:
         raise PipelineError(f"cannot build timm image tower {spec.name!r}: {first_line(exc)}") from exc
     if packaged and load_weights:
         PACKAGED_IMAGE_WEIGHTS[spec.weights](model, spec.name)
+    elif spec.weights and load_weights:
+        _load_timm_file(model, spec.weights)
     patch_embed = getattr(model, "patch_embed", None)
     grid_size = getattr(patch_embed, "img_size", None)
     if grid_size is not None and not getattr(patch_embed, "dynamic_img_size", False):
@@ -90,6 +89,40 @@ def _timm_tower(spec: ImageTowerSpec, image_size: int, load_weights: bool) -> tu
     # which timm exposes as head_hidden_size; older models only have num_features.
     width = getattr(model, "head_hidden_size", None) or model.num_features
     return model, int(width), norm
+
+
+def _load_timm_file(model: nn.Module, path: str) -> None:
+    """A timm state dict (.pth/.bin/.safetensors) into ``model``, classifier weights dropped.
+
+    Loaded here rather than through timm's ``pretrained_cfg_overlay`` file path: newer timm versions send
+    some architectures (ViT) down a JAX .npz loader there and refuse plain PyTorch files.
+    """
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/safetensors raise several types for corrupt or foreign files
+        raise PipelineError(f"cannot read image tower weights {path}: {first_line(exc)}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "classifier"
+    heads = tuple(c + "." for c in ([classifier] if isinstance(classifier, str) else classifier))
+    unexpected = [k for k in state if k not in own and not k.startswith(heads)]
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise PipelineError(f"weights in {path} do not fit the timm tower: {len(missing)} missing, "
+                            f"{len(unexpected)} unexpected keys (e.g. {first})")
+    try:
+        model.load_state_dict({k: state[k] for k in own}, strict=True)
+    except RuntimeError as exc:
+        raise PipelineError(f"weights in {path} do not fit the timm tower: {first_line(exc)}") from exc
 
 
 def _load_packaged_efficientnet_lite0(model: nn.Module, name: str) -> None:
