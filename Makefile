@@ -60,7 +60,7 @@ $(FEATURES_STAMP): $(DATA_DIR)/test.parquet $(if $(filter lit,$(TEACHER)),$(ARTI
 teacher-features: $(FEATURES_STAMP)  ## cache L2-normalised teacher embeddings (HDF5 shards)
 
 # ---- stage 2: distillation -----------------------------------------------------------------
-CONFIG      ?= configs/openmoji-small.yaml
+CONFIG      ?= configs/openmoji-lite.yaml
 RUN         ?= $(notdir $(basename $(CONFIG)))
 RUNS_DIR    ?= runs
 STUDENT_EXPORT := $(RUNS_DIR)/$(RUN)/export/student.pt
@@ -70,6 +70,24 @@ $(STUDENT_EXPORT): $(FEATURES_STAMP) $(CONFIG)
 		$(if $(wildcard $(RUNS_DIR)/$(RUN)/checkpoints/last.pt),--resume)
 
 distill: $(STUDENT_EXPORT)  ## train the default student from the cache (resumes an interrupted run)
+
+# ---- adaptation with few captions: supervised or mean-teacher fine-tuning (method.md 3) -----------
+ADAPT_CONFIG ?= configs/openmoji-adapt.yaml
+ADAPT_START  ?= student:$(STUDENT_EXPORT)
+ADAPT_RUN    ?= $(notdir $(basename $(ADAPT_CONFIG)))
+ADAPT_SET    ?=
+ADAPT_EXPORT := $(RUNS_DIR)/$(ADAPT_RUN)/export/student.pt
+# The default start export is built when missing, never redone because the distill inputs changed.
+ADAPT_NEEDS  := $(if $(filter student:$(STUDENT_EXPORT),$(ADAPT_START)),\
+                  $(if $(wildcard $(STUDENT_EXPORT)),,$(STUDENT_EXPORT)))
+
+.PHONY: adapt
+$(ADAPT_EXPORT): $(ADAPT_CONFIG) | $(DATA_DIR)/test.parquet $(ADAPT_NEEDS)
+	$(CLI) adapt --config $(ADAPT_CONFIG) --name $(ADAPT_RUN) --set runs_dir=$(RUNS_DIR) \
+		--set start=$(ADAPT_START) --set data.manifest_dir=$(DATA_DIR) $(foreach s,$(ADAPT_SET),--set $(s)) \
+		$(if $(wildcard $(RUNS_DIR)/$(ADAPT_RUN)/checkpoints/last.pt),--resume)
+
+adapt: $(ADAPT_EXPORT)  ## fine-tune on few captions (ADAPT_SET="mode=supervised labelled_fraction=0.1")
 
 # ---- stage 3: evaluation --------------------------------------------------------------------
 EVAL_DIR    ?= $(ARTIFACTS)/eval/$(DATASET)
@@ -81,6 +99,34 @@ eval: $(FEATURES_STAMP)  ## evaluate every finished run + the teacher; writes re
 demo: $(STUDENT_EXPORT)  ## everything: install, dataset, teacher, cache, default student, evaluation
 	$(MAKE) --no-print-directory eval
 	@echo; cat $(EVAL_DIR)/report.md
+
+# ---- experiments: many students from one cache, tables in docs/RESULTS.md ------------------------
+SWEEP       ?= sweeps/openmoji.yaml
+JOBS        ?= 1
+EXTRA       ?=
+
+.PHONY: experiments
+experiments: $(FEATURES_STAMP)  ## train+evaluate a sweep's runs, write docs/RESULTS.md (EXTRA="--only ID --set device=cuda")
+	$(CLI) experiments --sweep $(SWEEP) --jobs $(JOBS) $(EXTRA)
+
+# ---- classification: representation head + self-distillation (method.md 4) ------------------------
+RH_CONFIG   ?= configs/openmoji-rephead.yaml
+LABELS_DIR  ?= data/openmoji-groups
+
+.PHONY: emoji-labels teacher-tokens rephead self-distill
+$(LABELS_DIR)/test.parquet: data/openmoji/test.parquet
+	$(CLI) emoji-labels --manifest-dir data/openmoji --out $(LABELS_DIR)
+
+emoji-labels: $(LABELS_DIR)/test.parquet  ## openmoji manifests labelled with Unicode emoji groups (images reused)
+
+teacher-tokens: $(LABELS_DIR)/test.parquet $(ARTIFACTS)/teachers/lit-openmoji.pt  ## cache teacher image tokens + text embeddings (RH_CONFIG)
+	$(CLI) teacher-tokens --config $(RH_CONFIG)
+
+rephead: teacher-tokens  ## step 1: representation head (text) + linear probe (no text) on cached features
+	$(CLI) rephead --config $(RH_CONFIG) --resume
+
+self-distill: rephead  ## step 2: student generations for both teachers; results table in runs/<name>/results.md
+	$(CLI) self-distill --config $(RH_CONFIG) --resume
 
 bench: $(STAMP)  ## run the benchmarks (cache read, feature stage, distill step, evaluation)
 	$(PY) bench/bench_cache.py

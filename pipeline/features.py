@@ -24,7 +24,7 @@ from pipeline.cache.writer import write_shard
 from pipeline.errors import PipelineError
 from pipeline.embed import encode_captions, encode_image_locations
 from pipeline.manifest import Manifest, Reject, write_rejects
-from pipeline.teachers.base import Teacher
+from pipeline.teachers.base import KnownEmbeddings, Teacher
 
 
 @dataclass
@@ -101,6 +101,45 @@ def _check_existing(path: Path, expected: CacheMeta) -> None:
         )
 
 
+def _encode_shard_images(teacher: Teacher, job: FeatureJob, locations: list[str], known_rows: list,
+                         known: KnownEmbeddings | None, progress) -> tuple:
+    """-> (embeddings, ok mask, norms, failures) for a shard's images, encoding only the unknown ones."""
+    emb = np.zeros((len(locations), teacher.width), dtype=job.dtype)
+    norms = np.zeros(len(locations), np.float32)
+    ok = np.zeros(len(locations), dtype=bool)
+    have = np.array([r is not None for r in known_rows], dtype=bool)
+    if have.any():
+        rows = np.array([r for r in known_rows if r is not None], dtype=np.int64)
+        emb[have], norms[have], ok[have] = known.image_unit[rows], known.image_norm[rows], True
+        progress(int(have.sum()))
+    todo = np.flatnonzero(~have)
+    sub_norms = np.zeros(len(todo), np.float32)
+    sub, sub_ok, sub_failures = encode_image_locations(
+        teacher, [locations[i] for i in todo], job.batch_size, job.num_workers, dtype=job.dtype,
+        on_progress=progress, norms_out=sub_norms)
+    emb[todo], norms[todo], ok[todo] = sub, sub_norms, sub_ok
+    return emb, ok, norms, [(int(todo[p]), reason) for p, reason in sub_failures]
+
+
+def _encode_shard_captions(teacher: Teacher, job: FeatureJob, captions: list[str], lookup: dict[str, int],
+                           known: KnownEmbeddings | None, progress) -> tuple[np.ndarray, np.ndarray]:
+    """-> (embeddings, norms) for a shard's captions, encoding only those the teacher does not know."""
+    out = np.zeros((len(captions), teacher.width), dtype=job.dtype)
+    norms = np.zeros(len(captions), np.float32)
+    rows = [lookup.get(c) for c in captions]
+    have = np.array([r is not None for r in rows], dtype=bool)
+    if have.any():
+        idx = np.array([r for r in rows if r is not None], dtype=np.int64)
+        out[have], norms[have] = known.text_unit[idx], known.text_norm[idx]
+        progress(int(have.sum()))
+    todo = np.flatnonzero(~have)
+    sub_norms = np.zeros(len(todo), np.float32)
+    out[todo] = encode_captions(teacher, [captions[i] for i in todo], job.text_batch_size, job.dtype, progress,
+                                norms_out=sub_norms)
+    norms[todo] = sub_norms
+    return out, norms
+
+
 def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) -> FeatureSummary:
     """Encode the job's shards with ``teacher`` and write them; returns what was done."""
     start = time.perf_counter()
@@ -136,22 +175,23 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
     work = sum(len(shard_range(s)) + sum(len(captions.get(int(image_ids[i]), ())) for i in shard_range(s))
                for s in pending)
     bar = tqdm(total=work, unit="item", desc=f"{job.dataset}/{job.split}", disable=not progress, smoothing=0.1)
+    known = teacher.known_embeddings(job.manifest) if pending else None
+    known_images = known.image_lookup() if known else {}
+    known_captions = known.caption_lookup() if known else {}
     for s in pending:
         idx = shard_range(s)
         locations = [job.manifest.resolve(paths[i]) for i in idx]
         rejects: list[Reject] = list(caption_rejects) if s == 0 else []  # recorded once, with shard 0
-        image_norm = np.zeros(len(locations), np.float32)
-        emb, ok, failures = encode_image_locations(teacher, locations, job.batch_size, job.num_workers,
-                                                   dtype=job.dtype, on_progress=bar.update, norms_out=image_norm)
+        emb, ok, image_norm, failures = _encode_shard_images(
+            teacher, job, locations, [known_images.get(int(image_ids[i])) for i in idx], known, bar.update)
         for pos, reason in failures:
             rows = captions.get(int(image_ids[idx[pos]]), [])
             rejects += [Reject(f"sample_id={sid}", reason, paths[idx[pos]], cap) for sid, cap in rows]
             bar.update(len(rows))  # their captions are skipped, not encoded
         kept_ids = image_ids[list(idx)][ok]
         text_rows = [(sid, cap, int(iid)) for iid in kept_ids.tolist() for sid, cap in captions.get(iid, [])]
-        text_norm = np.zeros(len(text_rows), np.float32)
-        text = encode_captions(teacher, [c for _, c, _ in text_rows], job.text_batch_size, job.dtype, bar.update,
-                               norms_out=text_norm)
+        text, text_norm = _encode_shard_captions(teacher, job, [c for _, c, _ in text_rows], known_captions,
+                                                 known, bar.update)
         path = job.out_dir / shard_name(s, total)
         write_rejects(rejects, path.with_name(path.name.replace(".h5", ".rejects.parquet")))
         write_shard(

@@ -72,6 +72,19 @@ def _cache_key(manifest: Manifest) -> str:
     return json.dumps(key, sort_keys=True)
 
 
+def stored_tower_features(checkpoint: Path, manifest: Manifest) -> SplitFeatures | None:
+    """The tower features ``build-lit`` stored next to ``checkpoint`` for exactly this manifest, if any."""
+    key = _cache_key(manifest)
+    for path in sorted(Path(checkpoint).parent.glob(f"{Path(checkpoint).stem}.*-features.npz")):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    return SplitFeatures(**{k: z[k] for k in SplitFeatures.__dataclass_fields__})
+        except (OSError, ValueError, KeyError):
+            continue  # unreadable or an older layout: the caller encodes instead
+    return None
+
+
 def split_features(
     manifest: Manifest,
     cache_path: Path,

@@ -210,3 +210,45 @@ def test_cli_rerun_reuses_tower_features(trained, monkeypatch):
     # same seed and cached features -> the same heads as the first run
     assert again.fingerprint() == trained["teacher"].fingerprint()
     assert math.isclose(again.summary["val"]["rsum"], trained["summary"]["val"]["rsum"])
+
+
+def test_stage1_reuses_build_lit_features_and_matches_encoding(trained, tmp_path):
+    """teacher-features takes train/val embeddings from build-lit's tower features instead of encoding
+    again; the cache must equal one made by encoding every image (checkpoint copied without the npz)."""
+    import shutil
+
+    from pipeline.cache import FeatureCache
+    from pipeline.features import FeatureJob, run_feature_job
+
+    root, ckpt = trained["root"], trained["ckpt"]
+    lone = tmp_path / "alone" / "lit.pt"
+    lone.parent.mkdir()
+    shutil.copy(ckpt, lone)
+    manifest = Manifest.read(root / "train.parquet")
+    reused_teacher, fresh_teacher = LitTeacher.load(ckpt), LitTeacher.load(lone)
+    known = reused_teacher.known_embeddings(manifest)
+    assert known is not None and fresh_teacher.known_embeddings(manifest) is None
+    assert len(known.image_ids) == 12 and len(known.captions) == 25  # the corrupt image is not known
+
+    encoded = {"n": 0}
+    original = reused_teacher._encode_images
+
+    def counting(pixels):
+        encoded["n"] += len(pixels)
+        return original(pixels)
+
+    reused_teacher._encode_images = counting
+    caches = {}
+    for name, teacher in (("reused", reused_teacher), ("fresh", fresh_teacher)):
+        job = FeatureJob(manifest=manifest, dataset="shapes", split="train", out_dir=tmp_path / name,
+                         num_workers=0, batch_size=8, dtype="float32")
+        summary = run_feature_job(job, teacher, progress=False)
+        assert summary.images == 12 and summary.rejects == 1  # corrupt image -> its caption rejected
+        caches[name] = FeatureCache(tmp_path / name)
+    assert encoded["n"] == 0  # only the corrupt image was attempted, and it fails in decoding
+    a, b = caches["reused"], caches["fresh"]
+    np.testing.assert_array_equal(a.image_ids, b.image_ids)
+    np.testing.assert_allclose(a.image.to_array(), b.image.to_array(), atol=1e-5)
+    np.testing.assert_allclose(a.text.to_array(), b.text.to_array(), atol=1e-5)
+    np.testing.assert_allclose(a.image_norm, b.image_norm, rtol=1e-5)
+    np.testing.assert_allclose(a.text_norm, b.text_norm, rtol=1e-5)

@@ -9,11 +9,34 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+
+@dataclass
+class KnownEmbeddings:
+    """Embeddings a teacher already holds for some images (by image_id) and captions (by text).
+
+    Rows are L2-normalised, with the norms they had before normalising (as ``encode_*_with_norms``).
+    """
+
+    image_ids: np.ndarray  # (N,) int64
+    image_unit: np.ndarray  # (N, D) float32
+    image_norm: np.ndarray  # (N,) float32
+    captions: list[str]  # (M,)
+    text_unit: np.ndarray  # (M, D)
+    text_norm: np.ndarray  # (M,)
+
+    def image_lookup(self) -> dict[int, int]:
+        return {int(i): r for r, i in enumerate(self.image_ids.tolist())}
+
+    def caption_lookup(self) -> dict[str, int]:
+        return {c: r for r, c in enumerate(self.captions)}
 
 
 class Teacher(ABC):
@@ -67,11 +90,16 @@ class Teacher(ABC):
     @torch.no_grad()
     def encode_images_with_norms(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L2-normalised embeddings (B, D), their norms before normalising (B,))."""
-        return _split_norm(self._encode_images(pixels.to(self.device, non_blocking=True)))
+        return split_norm(self._encode_images(pixels.to(self.device, non_blocking=True)))
 
     @torch.no_grad()
     def encode_texts_with_norms(self, tokens: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return _split_norm(self._encode_texts(_to_device(tokens, self.device)))
+        return split_norm(self._encode_texts(_to_device(tokens, self.device)))
+
+    def known_embeddings(self, manifest) -> KnownEmbeddings | None:
+        """Embeddings of ``manifest``'s images/captions this teacher computed before (e.g. while it was
+        trained), so stage 1 need not encode them again; None when it has none."""
+        return None
 
     def fingerprint(self) -> str:
         """Short digest that changes whenever weights or preprocessing change."""
@@ -79,7 +107,7 @@ class Teacher(ABC):
         return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def _split_norm(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_norm(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     raw = raw.float()
     return F.normalize(raw, dim=-1), raw.norm(dim=-1)
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.loader import batched, iter_image_batches
-from pipeline.teachers.base import Teacher, state_dict_digest
+from pipeline.teachers.base import KnownEmbeddings, Teacher, split_norm, state_dict_digest
 
 IMAGE_MODEL = "efficientnet-lite0"
 IMAGE_SIZE = 224
@@ -279,7 +279,30 @@ class LitTeacher(Teacher):
     @classmethod
     def load(cls, path: str | Path) -> "LitTeacher":
         heads, summary = load_heads(path)
-        return cls(heads, summary=summary)
+        teacher = cls(heads, summary=summary)
+        teacher.checkpoint_path = Path(path)
+        return teacher
+
+    checkpoint_path: Path | None = None
+
+    def known_embeddings(self, manifest) -> KnownEmbeddings | None:
+        """Head outputs on the tower features ``build-lit`` stored next to the checkpoint for this manifest
+        (train/val), so ``teacher-features`` does not run the towers on those images a second time."""
+        if self.checkpoint_path is None:
+            return None
+        from pipeline.lit_training import stored_tower_features
+
+        sf = stored_tower_features(self.checkpoint_path, manifest)
+        if sf is None:
+            return None
+        with torch.no_grad():
+            img = split_norm(self.heads.image(torch.from_numpy(sf.image_feats).to(self.device)))
+            captions, first = np.unique(sf.captions, return_index=True)
+            txt = split_norm(self.heads.text(torch.from_numpy(sf.text_feats[first]).to(self.device)))
+        return KnownEmbeddings(
+            image_ids=sf.image_ids, image_unit=img[0].cpu().numpy(), image_norm=img[1].cpu().numpy(),
+            captions=[str(c) for c in captions], text_unit=txt[0].cpu().numpy(), text_norm=txt[1].cpu().numpy(),
+        )
 
 
 def save_heads(path: str | Path, heads: LitHeads, summary: dict | None = None) -> Path:
