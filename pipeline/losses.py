@@ -1,4 +1,4 @@
-"""Stage-2 distillation losses of DSMD (docs/method.md section 1.1-1.4).
+"""Stage-2 distillation losses of DSMD (docs/method.md section 1.1-1.4), and a no-distillation baseline.
 
 Every loss is a small ``nn.Module`` whose ``forward`` returns a dict of scalar tensors: the per-modality
 (or per-pair) parts plus their sum under the loss's own name, so each part can be logged on its own.
@@ -23,6 +23,9 @@ Typical use by a trainer::
 False negatives (method.md 1.1, 1.4): a negative that shares the row's ``image_id`` is masked (logit set
 to -inf, or excluded from the max); for text, an identical caption (equal hash) is masked too. The
 positive is never masked.
+
+``pair`` is not a distillation loss: it is the plain CLIP objective on the ground-truth pairs (the student's
+own image and text embeddings, teacher targets unused), the "no distillation" row of the ablations.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from pipeline.errors import PipelineError
 if TYPE_CHECKING:  # typing only: the queue module does not depend on the losses
     from pipeline.queue import ActiveQueue
 
-LOSS_NAMES = ("cd", "fd", "sd", "hnd")
+LOSS_NAMES = ("cd", "fd", "sd", "hnd", "pair")
+FD_KINDS = ("l1", "mse")
 
 
 def caption_hashes(captions: Sequence[str]) -> np.ndarray:
@@ -173,16 +177,27 @@ class ContrastiveDistillLoss(nn.Module):
 
 
 class FeatureDistillLoss(nn.Module):
-    """Element-wise L1 between student and teacher embeddings, mean over B x D, per modality (method.md 1.2).
+    """Element-wise distance between student and teacher embeddings, mean over B x D, per modality.
 
-    Returns ``{"fd_img", "fd_txt", "fd"}``.
+    ``kind="l1"`` is method.md 1.2 (the default); ``kind="mse"`` is the squared error of CLIP-KD's feature
+    distillation, for the ablation. Returns ``{"fd_img", "fd_txt", "fd"}``.
     """
+
+    def __init__(self, kind: str = "l1") -> None:
+        super().__init__()
+        if kind not in FD_KINDS:
+            raise PipelineError(f"feature distillation kind must be one of {', '.join(FD_KINDS)}, "
+                                f"not {kind!r}")
+        self.kind = kind
+
+    def _distance(self, s: Tensor, t: Tensor) -> Tensor:
+        diff = _f32(s) - _f32(t)
+        return diff.abs().mean() if self.kind == "l1" else diff.square().mean()
 
     def forward(self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor) -> dict[str, Tensor]:
         _check_pair(s_img, t_img, "feature distillation (image)")
         _check_pair(s_txt, t_txt, "feature distillation (text)")
-        fi = (_f32(s_img) - _f32(t_img)).abs().mean()
-        ft = (_f32(s_txt) - _f32(t_txt)).abs().mean()
+        fi, ft = self._distance(s_img, t_img), self._distance(s_txt, t_txt)
         return {"fd_img": fi, "fd_txt": ft, "fd": fi + ft}
 
 
@@ -269,17 +284,63 @@ class HardNegativeDistillLoss(nn.Module):
         return out
 
 
+class PairContrastiveLoss(nn.Module):
+    """No distillation: symmetric in-batch InfoNCE between the student's own image and text embeddings.
+
+    The CLIP objective on the ground-truth pairs with a fixed temperature; the teacher targets are never
+    used. With S = s_img s_txt^T / tau, ``pair_i2t`` is the mean CE of each row of S against its own
+    caption and ``pair_t2i`` the same for each column; ``pair`` is their sum (like the other losses, the
+    sum of its two directions). False negatives as in method.md 1.1: a column (row) whose image_id equals
+    the row's, or whose caption is identical (equal ``captions_hash``), is masked; the diagonal never is.
+    Returns ``{"pair_i2t", "pair_t2i", "pair"}``.
+    """
+
+    def __init__(self, tau: float = 0.05) -> None:
+        super().__init__()
+        if tau <= 0:
+            raise PipelineError(f"pair-loss temperature pair_tau must be > 0, got {tau}")
+        self.tau = float(tau)
+
+    def forward(self, s_img: Tensor, s_txt: Tensor, img_ids: Tensor,
+                captions_hash: Tensor | None = None) -> dict[str, Tensor]:
+        _check_pair(s_img, s_txt, "pair contrastive loss")
+        dev = s_img.device
+        ids, h = _ids(img_ids, dev), _ids(captions_hash, dev)
+        logits = (_f32(s_img) @ _f32(s_txt).t()) / self.tau
+        # Symmetric (same image or same caption), so one mask serves both directions.
+        mask = _same_mask(ids, ids, h, h)
+        mask.fill_diagonal_(False)
+        logits = logits.masked_fill(mask, float("-inf"))
+        diag = logits.diagonal()
+        i2t = (torch.logsumexp(logits, dim=1) - diag).mean()
+        t2i = (torch.logsumexp(logits, dim=0) - diag).mean()
+        return {"pair_i2t": i2t, "pair_t2i": t2i, "pair": i2t + t2i}
+
+
 @dataclass(frozen=True)
 class LossConfig:
-    """Which DSMD losses are on, and their hyper-parameters (defaults: the paper's, method.md 1.6)."""
+    """Which losses are on, and their hyper-parameters (defaults: the paper's DSMD, method.md 1.6).
+
+    ``pair`` (off by default) trains on the ground-truth pairs without the teacher (PairContrastiveLoss).
+    """
 
     cd: bool = True
     fd: bool = True
     sd: bool = True
     hnd: bool = True
+    pair: bool = False
     tau: float = 0.05
     margin: float = 0.0
     cross_modal: bool = False
+    fd_kind: str = "l1"  # l1 (method.md 1.2) | mse (CLIP-KD's feature distillation)
+    pair_tau: float = 0.05
+
+    def __post_init__(self) -> None:
+        # Checked here, not only when the loss is built, so a typo fails even while that loss is off.
+        if self.fd_kind not in FD_KINDS:
+            raise PipelineError(f"losses.fd_kind must be one of {', '.join(FD_KINDS)}, not {self.fd_kind!r}")
+        if self.pair_tau <= 0:
+            raise PipelineError(f"losses.pair_tau must be > 0, got {self.pair_tau}")
 
     @property
     def enabled(self) -> tuple[str, ...]:
@@ -288,9 +349,9 @@ class LossConfig:
 
 
 class MultiscaleDistillLoss(nn.Module):
-    """All enabled DSMD losses in one call; feed the result to a balancer (pipeline.balancer).
+    """All enabled losses in one call; feed the result to a balancer (pipeline.balancer).
 
-    ``forward`` returns ``{name: scalar}`` for the enabled raw losses (subset of ``cd, fd, sd, hnd``);
+    ``forward`` returns ``{name: scalar}`` for the enabled raw losses (subset of ``cd, fd, sd, hnd, pair``);
     with ``with_parts=True`` it returns ``(losses, parts)`` where ``parts`` holds every per-modality /
     per-pair component (detached) for logging.
     """
@@ -299,11 +360,13 @@ class MultiscaleDistillLoss(nn.Module):
         super().__init__()
         self.config = config or LossConfig()
         if not self.config.enabled:
-            raise PipelineError("loss config enables no loss: turn on at least one of cd, fd, sd, hnd")
+            raise PipelineError("loss config enables no loss: turn on at least one of "
+                                + ", ".join(LOSS_NAMES))
         self.cd = ContrastiveDistillLoss(self.config.tau, self.config.cross_modal) if self.config.cd else None
-        self.fd = FeatureDistillLoss() if self.config.fd else None
+        self.fd = FeatureDistillLoss(self.config.fd_kind) if self.config.fd else None
         self.sd = SimilarityDistillLoss() if self.config.sd else None
         self.hnd = HardNegativeDistillLoss(self.config.margin) if self.config.hnd else None
+        self.pair = PairContrastiveLoss(self.config.pair_tau) if self.config.pair else None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -325,7 +388,7 @@ class MultiscaleDistillLoss(nn.Module):
         Args:
             queue: the negatives for CD (``NegativeQueue.active(device)``). Required when CD is on; an
                 empty queue is allowed and gives CD = 0 (no negatives yet).
-            captions_hash: optional (B,) int64 caption hashes; masks identical captions in CD and HND.
+            captions_hash: optional (B,) int64 caption hashes; masks identical captions in CD, HND and pair.
         """
         parts: dict[str, Tensor] = {}
         if self.cd is not None:
@@ -339,6 +402,8 @@ class MultiscaleDistillLoss(nn.Module):
             parts.update(self.sd(s_img, s_txt, t_img, t_txt))
         if self.hnd is not None:
             parts.update(self.hnd(s_img, s_txt, t_img, t_txt, img_ids, captions_hash))
+        if self.pair is not None:
+            parts.update(self.pair(s_img, s_txt, img_ids, captions_hash))
         losses = {n: parts[n] for n in self.names}
         if with_parts:
             return losses, {k: v.detach() for k, v in parts.items()}

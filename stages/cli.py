@@ -16,6 +16,7 @@ from stages.build_manifest import build_manifest  # noqa: E402
 from stages.build_openmoji import build_openmoji  # noqa: E402
 from stages.distill import distill  # noqa: E402
 from stages.evaluate import evaluate  # noqa: E402
+from stages.experiments import experiments  # noqa: E402
 from stages.search import search  # noqa: E402
 from stages.teacher_features import teacher_features  # noqa: E402
 
@@ -32,6 +33,7 @@ app.command("teacher-features")(teacher_features)
 app.command("distill")(distill)
 app.command("eval")(evaluate)
 app.command("search")(search)
+app.command("experiments")(experiments)
 
 
 def main() -> None:

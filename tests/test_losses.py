@@ -16,6 +16,7 @@ from pipeline.losses import (
     HardNegativeDistillLoss,
     LossConfig,
     MultiscaleDistillLoss,
+    PairContrastiveLoss,
     SimilarityDistillLoss,
     caption_hashes,
     max_violation_triplet,
@@ -203,6 +204,26 @@ def test_fd_and_sd_match_naive():
     assert same.item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_fd_mse_matches_naive_and_kind_is_checked():
+    s_img, s_txt, t_img, t_txt = batch(b=4, d=6, seed=19)
+    s_img = s_img * 1.3
+    fd = FeatureDistillLoss("mse")(s_img, s_txt, t_img, t_txt)
+
+    def mse(a, b):
+        return sum((x - y) ** 2 for ra, rb in zip(a.tolist(), b.tolist()) for x, y in zip(ra, rb)) / a.numel()
+
+    assert close(fd["fd_img"], mse(s_img, t_img))
+    assert close(fd["fd"], mse(s_img, t_img) + mse(s_txt, t_txt))
+    l1 = FeatureDistillLoss()(s_img, s_txt, t_img, t_txt)["fd"]
+    assert abs(l1.item() - fd["fd"].item()) > 1e-3  # the two kinds really differ
+    wrapped = MultiscaleDistillLoss(LossConfig(cd=False, sd=False, hnd=False, fd_kind="mse"))
+    assert wrapped(s_img, s_txt, t_img, t_txt, torch.arange(4))["fd"].item() == pytest.approx(fd["fd"].item())
+    with pytest.raises(PipelineError, match="fd_kind"):
+        LossConfig(fd_kind="l2")
+    with pytest.raises(PipelineError):
+        FeatureDistillLoss("huber")
+
+
 def test_shape_mismatch_is_pipeline_error():
     s_img, s_txt, t_img, t_txt = batch()
     with pytest.raises(PipelineError):
@@ -270,6 +291,98 @@ def test_hnd_gradient_matches_autograd_of_naive_formula():
     b = s_img.clone().requires_grad_(True)
     max_violation_triplet(b, t_img, 0.1, ids[:, None] == ids[None, :]).backward()
     assert torch.allclose(b.grad.double(), a.grad, atol=1e-5)
+
+
+# ---- no-distillation pair loss -------------------------------------------------------------------
+def naive_pair(s_img, s_txt, ids, tau, hashes=None):
+    """(i2t, t2i) CLIP losses from per-row loops; a negative is another row's caption/image that has
+    neither the row's image_id nor (when hashes are given) its caption."""
+    a, b = s_img.double().tolist(), s_txt.double().tolist()
+    dot = lambda x, y: sum(u * v for u, v in zip(x, y))  # noqa: E731
+    n = len(a)
+
+    def neg(i, j):
+        if i == j or int(ids[i]) == int(ids[j]):
+            return False
+        return not (hashes is not None and int(hashes[i]) == int(hashes[j]))
+
+    def ce(pos, negs):
+        logits = [pos] + negs
+        mx = max(logits)
+        return -(pos - mx - math.log(sum(math.exp(v - mx) for v in logits)))
+
+    i2t = sum(ce(dot(a[i], b[i]) / tau, [dot(a[i], b[j]) / tau for j in range(n) if neg(i, j)])
+              for i in range(n))
+    t2i = sum(ce(dot(a[i], b[i]) / tau, [dot(a[j], b[i]) / tau for j in range(n) if neg(i, j)])
+              for i in range(n))
+    return i2t / n, t2i / n
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.3])
+def test_pair_loss_matches_naive_distinct_images(tau):
+    s_img, s_txt, _, _ = batch(b=6, seed=21)
+    ids = torch.arange(6)
+    out = PairContrastiveLoss(tau)(s_img, s_txt, ids)
+    i2t, t2i = naive_pair(s_img, s_txt, ids, tau)
+    assert close(out["pair_i2t"], i2t) and close(out["pair_t2i"], t2i)
+    assert close(out["pair"], i2t + t2i)
+    # Unmasked, it is exactly CLIP's cross-entropy over the similarity matrix in both directions.
+    logits = s_img @ s_txt.t() / tau
+    ref = F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.t(), torch.arange(6))
+    assert out["pair"].item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_pair_loss_masks_same_image_and_identical_captions():
+    s_img, s_txt, _, _ = batch(b=6, seed=22)
+    s_img[1] = s_img[0]  # rows 0 and 1: two captions of image 4 (same pixels)
+    ids = torch.tensor([4, 4, 5, 6, 7, 8])
+    h = torch.tensor([10, 11, 12, 13, 14, 12])  # row 5 repeats row 2's caption for another image
+    loss = PairContrastiveLoss(0.05)
+    masked = loss(s_img, s_txt, ids, h)
+    i2t, t2i = naive_pair(s_img, s_txt, ids, 0.05, h)
+    assert close(masked["pair_i2t"], i2t) and close(masked["pair_t2i"], t2i)
+    only_ids = loss(s_img, s_txt, ids)
+    i2t_ids, t2i_ids = naive_pair(s_img, s_txt, ids, 0.05)
+    assert close(only_ids["pair_i2t"], i2t_ids) and close(only_ids["pair_t2i"], t2i_ids)
+    unmasked = loss(s_img, s_txt, torch.arange(6))
+    # Masking only removes negatives, so every row's CE can only fall; the caption mask adds to the id mask.
+    assert masked["pair"].item() < only_ids["pair"].item() < unmasked["pair"].item()
+
+
+def test_pair_loss_single_image_batch_is_zero_with_finite_grads():
+    s_img, s_txt, _, _ = batch(b=3, seed=23)
+    s_img.requires_grad_(True)
+    out = PairContrastiveLoss(0.05)(s_img, s_txt, torch.zeros(3, dtype=torch.int64))
+    out["pair"].backward()
+    assert out["pair"].item() == pytest.approx(0.0, abs=1e-7)
+    assert torch.isfinite(s_img.grad).all()
+
+
+def test_pair_loss_ignores_teacher_and_trains_without_distillation():
+    """Only `pair` on: the wrapper needs no queue and the teacher targets do not change the loss."""
+    s_img, s_txt, t_img, t_txt = batch(b=5, seed=24)
+    ids = torch.tensor([0, 1, 1, 2, 3])
+    cfg = LossConfig(cd=False, fd=False, sd=False, hnd=False, pair=True, pair_tau=0.1)
+    crit = MultiscaleDistillLoss(cfg)
+    assert crit.names == ("pair",)
+    a = crit(s_img, s_txt, t_img, t_txt, ids)
+    b = crit(s_img, s_txt, -t_img, t_txt.flip(0), ids)
+    assert list(a) == ["pair"] and a["pair"].item() == b["pair"].item()
+    assert a["pair"].item() == pytest.approx(sum(naive_pair(s_img, s_txt, ids, 0.1)), rel=1e-5)
+    assert "pair" not in LossConfig().enabled  # off by default: the default stays the paper's four losses
+    with pytest.raises(PipelineError, match="pair_tau"):
+        LossConfig(pair_tau=0.0)
+
+
+def test_pair_only_config_from_overrides():
+    from pipeline import config as cfgio
+    from pipeline.trainer import DistillConfig
+
+    cfg = cfgio.load(DistillConfig, None, ["losses.cd=false", "losses.fd=false", "losses.sd=false",
+                                           "losses.hnd=false", "losses.pair=true"])
+    assert cfg.losses.enabled == ("pair",)
+    with pytest.raises(PipelineError, match="fd_kind"):
+        cfgio.load(DistillConfig, None, ["losses.fd_kind=cosine"])
 
 
 # ---- wrapper ------------------------------------------------------------------------------------

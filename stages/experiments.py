@@ -1,0 +1,41 @@
+"""Run a sweep of distillation experiments from one cache and collect their stage-3 results into tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from pipeline.experiments import run_sweep
+from pipeline.sweep import load_sweep
+
+RUNS_DIR, RESULTS = Path("runs/experiments"), Path("docs/RESULTS.md")
+
+
+def experiments(
+    sweep: Path = typer.Option(Path("sweeps/openmoji.yaml"), "--sweep",
+                               help="Sweep file (YAML): base config, overrides, tables of rows x seeds."),
+    only: List[str] = typer.Option([], "--only", help="Run and regenerate only this table id (repeatable)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Training runs at a time (each a `clipdistill distill` "
+                             "process; on one GPU they share it)."),
+    runs_dir: Path = typer.Option(RUNS_DIR, "--runs-dir", help="Folder of the runs (one per unique config)."),
+    results: Path = typer.Option(RESULTS, "--results", help="Markdown document whose table sections are "
+                                 "regenerated; text outside the markers is kept."),
+    figures_dir: Optional[Path] = typer.Option(None, "--figures-dir", help="Where the RSUM bar charts go "
+                                               "(default: a results/ folder next to --results)."),
+    figures: bool = typer.Option(True, help="Write a bar chart per table (--no-figures: tables only)."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Print the plan (runs, deduplication, what is done) and exit."),
+    overrides: List[str] = typer.Option([], "--set", "-s", help="Override applied to every run, last: "
+                                        "--set device=cuda (repeatable)."),
+    max_runs: int = typer.Option(0, "--max-runs", help="Train at most this many runs now (0: all)."),
+    skip_failed: bool = typer.Option(False, "--skip-failed", help="Do not try runs that failed before again "
+                                     "(default: retry them, resuming from their last checkpoint)."),
+) -> None:
+    """Train every (row, seed) of a sweep once (identical configs shared across tables; finished runs are
+    skipped), evaluate them on the test split next to the teacher and write the tables to --results."""
+    fig_dir = (figures_dir or results.parent / "results") if figures else None
+    run_sweep(load_sweep(sweep), runs_dir, results, fig_dir, only=only, global_sets=overrides, jobs=jobs,
+              max_runs=max_runs, skip_failed=skip_failed, dry_run=dry_run, log=typer.echo,
+              defaults=(RUNS_DIR, RESULTS))

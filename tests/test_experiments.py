@@ -1,0 +1,258 @@
+"""Experiment runner through the real CLI (sweeps/tiny.yaml on a generated cache): deduplication across
+tables, tables with per-seed aggregates checked against the runs' own results, failures recorded while the
+other runs finish, reruns that skip finished work, and hand-written text kept around regenerated tables."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from pipeline import config as cfgio
+from pipeline.errors import PipelineError
+from pipeline.evaluate import RESULT_FORMAT
+from pipeline.experiment_tables import end_marker, mean_std, row_stats, start_marker, update_document
+from pipeline.sweep import load_sweep, override_strings, plan_sweep, run_key
+from pipeline.trainer import DistillConfig
+from stages.experiments import experiments
+from tests.gen_cache import make_cache, make_dataset
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "sweeps" / "tiny.yaml"
+METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+app = typer.Typer()
+app.command("experiments")(experiments)
+app.command("unused")(lambda: None)  # two commands, so the runner takes the command name as with clipdistill
+
+
+def cli(*args) -> SimpleNamespace:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, PipelineError):
+        raise result.exception
+    return result
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiments")
+    manifests = make_dataset(root)
+    return SimpleNamespace(root=root, manifests=manifests, cache=make_cache(manifests, root / "cache"))
+
+
+def sweep_args(data, *extra) -> list:
+    return ["experiments", "--sweep", SWEEP, "--runs-dir", data.root / "runs", "--results",
+            data.root / "docs" / "RESULTS.md", "--set", f"data.manifest_dir={data.manifests}",
+            "--set", f"data.cache_dir={data.cache}", *extra]
+
+
+@pytest.fixture(scope="module")
+def swept(data):
+    """The tiny sweep run once, three training processes at a time."""
+    mp = pytest.MonkeyPatch()
+    mp.chdir(ROOT)  # the sweep's base config path and `python -m stages.cli` are relative to the repo root
+    mp.setenv("OMP_NUM_THREADS", "1")
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        result = cli(*sweep_args(data, "--jobs", 3))
+    finally:
+        mp.undo()
+    assert result.exit_code == 0, result.output
+    runs = data.root / "runs"
+    records = {p.parent.name: json.loads(p.read_text()) for p in runs.glob("*/experiment.json")}
+    return SimpleNamespace(output=result.output, runs=runs, records=records,
+                           doc=data.root / "docs" / "RESULTS.md")
+
+
+def table_rows(doc: str, table_id: str) -> dict[str, list[str]]:
+    """{first cell: cells} of the Markdown table inside one marked section."""
+    block = doc[doc.index(start_marker(table_id)):doc.index(end_marker(table_id))]
+    lines = [ln for ln in block.splitlines() if ln.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+# ---- end to end --------------------------------------------------------------------------------------
+
+
+def test_shared_row_trains_once_and_failures_are_recorded(swept):
+    # methods: 2 seeds; ablation: the same config as methods seed 0, an invalid row, a row failing in distill.
+    assert "5 cells (1 invalid) -> 3 unique runs (1 deduplicated)" in swept.output
+    assert swept.output.count("] train ") == 3
+    status = sorted(r["status"] for r in swept.records.values())
+    assert status == ["done", "done", "failed"]
+    failed = next(r for r in swept.records.values() if r["status"] == "failed")
+    assert "batch size 100000" in failed["error"] and failed["uses"] == [
+        {"table": "ablation", "label": "batch too big", "seed": 0}]
+    shared = [r for r in swept.records.values() if len(r["uses"]) == 2]
+    assert len(shared) == 1 and {u["table"] for u in shared[0]["uses"]} == {"methods", "ablation"}
+    for r in swept.records.values():  # wall-clock and device recorded per run
+        assert r["train_seconds"] > 0 and r["device"].startswith("cpu") and r["host"]
+        if r["status"] == "done":
+            assert r["eval_seconds"] > 0 and r["flops"]["total"] > 0
+            assert (swept.runs / r["name"] / "export" / "student.pt").is_file()
+            # the trainer ran the config the runner planned (pairs-only loss, the seed of the cell)
+            cfg = json.loads((swept.runs / r["name"] / "config.json").read_text())
+            assert cfg["seed"] == r["uses"][0]["seed"] and cfg["losses"]["pair"] and not cfg["losses"]["cd"]
+
+
+def test_results_tables_match_the_runs(swept):
+    doc = swept.doc.read_text()
+    methods, ablation = table_rows(doc, "methods"), table_rows(doc, "ablation")
+    assert list(methods) == ["teacher (teacher-fake)", "no distillation"]
+    assert list(ablation) == ["pairs only", "typo", "batch too big"]
+    assert methods["no distillation"]["Seeds"] == "2" and ablation["pairs only"]["Seeds"] == "1"
+    assert ablation["typo"]["Seeds"] == ablation["batch too big"]["Seeds"] == "0 of 1"
+    assert "GFLOPs img / txt" in methods["no distillation"]  # cost columns only where the table asks
+    assert "GFLOPs img / txt" not in ablation["pairs only"]
+    # Aggregates recomputed from the two runs' own stage-3 results.
+    by_seed = {}
+    for r in swept.records.values():
+        if r["status"] == "done":
+            res = json.loads((swept.runs / r["name"] / "eval" / "result.json").read_text())
+            by_seed[r["uses"][0]["seed"]] = res
+    teacher = json.loads(next((swept.runs / "_teacher").glob("*/result.json")).read_text())
+    labels = ("i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "RSUM")
+    for metric, label in zip(METRICS, labels):
+        values = [by_seed[s]["metrics"][metric] for s in (0, 1)]
+        expect = f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        assert methods["no distillation"][label] == expect, label
+        assert ablation["pairs only"][label] == f"{by_seed[0]['metrics'][metric]:.1f}"
+        assert methods["teacher (teacher-fake)"][label] == f"{teacher['metrics'][metric]:.1f}"
+    pct = [100 * by_seed[s]["metrics"]["rsum"] / teacher["metrics"]["rsum"] for s in (0, 1)]
+    assert methods["no distillation"]["% of teacher RSUM"] == mean_std(pct) + "%"
+    # failures listed with their reasons, wall-clock, the regenerating command and the figure
+    assert "typo, seed 0: invalid config" in doc and "unknown key 'losses.nope'" in doc
+    assert "batch too big, seed 0" in doc and "batch size 100000" in doc
+    assert "Wall-clock:" in doc and "--only methods" in doc and "--only ablation" in doc
+    assert (swept.doc.parent / "results" / "tiny-methods.png").stat().st_size > 0
+
+
+def test_rerun_skips_finished_runs_and_keeps_hand_written_text(swept, data, monkeypatch):
+    doc = swept.doc.read_text()
+    edited = ("Intro written by hand.\n" + doc.replace(end_marker("methods"), end_marker("methods")
+                                                       + "\n\nComment between tables.", 1)
+              .replace("Mean ± sample std", "STALE TEXT INSIDE", 1) + "\nClosing note.\n")
+    swept.doc.write_text(edited)
+    done = [r["name"] for r in swept.records.values() if r["status"] == "done"]
+    stamps = {n: [(swept.runs / n / f).stat().st_mtime_ns for f in ("export/student.pt", "eval/result.json")]
+              for n in done}
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # --skip-failed keeps the failed run's recorded error (by default it would be tried again).
+    result = cli(*sweep_args(data, "--skip-failed"))
+    assert result.exit_code == 0, result.output
+    assert "2 of 3 runs already trained: skipped" in result.output
+    assert "1 run(s) that failed before not tried again" in result.output
+    assert "2 of 2 trained runs already evaluated: skipped" in result.output
+    assert "] train " not in result.output and "teacher teacher-fake" not in result.output
+    for n in done:
+        assert [(swept.runs / n / f).stat().st_mtime_ns for f in ("export/student.pt", "eval/result.json")] \
+            == stamps[n]
+    new = swept.doc.read_text()
+    assert new.startswith("Intro written by hand.\n") and new.endswith("Closing note.\n")
+    assert "Comment between tables." in new and "STALE TEXT INSIDE" not in new
+    assert new.count(start_marker("methods")) == 1 and new.count(start_marker("ablation")) == 1
+    assert table_rows(new, "methods") == table_rows(doc, "methods")
+    assert table_rows(new, "ablation") == table_rows(doc, "ablation") and "batch size 100000" in new
+
+
+# ---- planning and documents, no training -------------------------------------------------------------
+
+
+def test_dry_run_prints_plan_and_trains_nothing(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    result = cli("experiments", "--sweep", SWEEP, "--runs-dir", tmp_path / "runs", "--results",
+                 tmp_path / "R.md", "--dry-run", "--only", "ablation")
+    assert result.exit_code == 0, result.output
+    assert "table methods" not in result.output and "typo / seed 0: INVALID" in result.output
+    assert "3 cells (1 invalid) -> 2 unique runs (0 deduplicated); 0 done" in result.output
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "R.md").exists()
+
+
+def test_run_key_ignores_bookkeeping_only():
+    def key(*sets):
+        return run_key(cfgio.load(DistillConfig, None, list(sets)))
+
+    base = key()
+    assert key("name=other", "runs_dir=elsewhere", "device=cuda", "data.workers=7", "log_every=3") == base
+    assert key("seed=1") != base and key("losses.tau=0.1") != base and key("queue.size=4096") != base
+    assert key("losses.cd=true") == base  # an override equal to the default is the same run
+
+
+def test_override_strings_round_trip():
+    sets = {"losses.tau": 0.1, "losses.cd": False, "optim.decay_epochs": [3, 5], "queue.mode": "random",
+            "balancer.weights": {"fd": 2.0}, "student": "tiny", "balancer.window_steps": None}
+    cfg = cfgio.load(DistillConfig, None, override_strings(sets))
+    assert (cfg.losses.tau, cfg.losses.cd, cfg.optim.decay_epochs) == (0.1, False, (3, 5))
+    assert (cfg.queue.mode, cfg.balancer.weights, cfg.student) == ("random", {"fd": 2.0}, "tiny")
+    assert cfg.balancer.window_steps is None
+
+
+def test_plan_counts_cells_and_rejects_unknown_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    sweep = load_sweep(ROOT / "sweeps" / "openmoji.yaml")
+    plan = plan_sweep(sweep, tmp_path)
+    assert len(plan.table_cells("losses")) == 15 and len(plan.table_cells("main")) == 3
+    assert not [c for c in plan.cells if c.error]
+    # the default student's seed-0 run is shared by every table that has a default row
+    default = plan.table_cells("main")[0].key
+    assert {c.table for c in plan.runs[default].cells} == {t.id for t in sweep.tables}
+    with pytest.raises(PipelineError, match="no table 'nope'"):
+        plan_sweep(sweep, tmp_path, only=["nope"])
+
+
+def test_row_stats_counts_each_run_once(tmp_path, monkeypatch):
+    """Seeds collapsed into one run by a global override are one result, not three copies of it."""
+    monkeypatch.chdir(ROOT)
+    sweep = load_sweep(SWEEP)
+    plan = plan_sweep(sweep, tmp_path, ["seed=0"], only=["methods"])
+    (key,) = plan.runs
+    (plan.eval_dir(key)).mkdir(parents=True)
+    metrics = {m: 10.0 for m in METRICS}
+    (plan.eval_dir(key) / "result.json").write_text(json.dumps({"format": RESULT_FORMAT, "metrics": metrics}))
+    (stats,) = row_stats(plan, sweep.table("methods"), {key: {"status": "done"}})
+    assert (stats.planned, len(stats.results), stats.values("rsum")) == (1, 1, [10.0])
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("tables: []", "non-empty list"),
+    ("tables:\n  - {id: a, rows: [{label: x}]}\n  - {id: a, rows: [{label: y}]}", "duplicate table id"),
+    ("tables:\n  - {id: a, seeds: [0, x], rows: [{label: x}]}", "seeds must be"),
+    ("tables:\n  - {id: a, rows: [{label: x}, {label: x}]}", "unique, non-empty label"),
+    ("tables:\n  - {id: 'a b', rows: [{label: x}]}", "id must be"),
+    ("tables:\n  - {id: a, colour: red, rows: [{label: x}]}", "unknown key(s) ['colour']"),
+    ("eval: {splitt: test}\ntables:\n  - {id: a, rows: [{label: x}]}", "unknown config key"),
+])
+def test_bad_sweep_files_are_one_line_errors(tmp_path, body, fragment):
+    path = tmp_path / "s.yaml"
+    path.write_text("base_config: configs/openmoji-small.yaml\n" + body + "\n")
+    with pytest.raises(PipelineError) as err:
+        load_sweep(path)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_update_document_markers(tmp_path):
+    doc = tmp_path / "R.md"
+    block = lambda tid, body: f"{start_marker(tid)}\n{body}\n{end_marker(tid)}"  # noqa: E731
+    update_document(doc, {"a": block("a", "one"), "b": block("b", "two")}, "Results")
+    doc.write_text(doc.read_text().replace("# Results\n", "# Results\n\nmine\n") + "tail\n")
+    update_document(doc, {"b": block("b", "TWO"), "c": block("c", "three")}, "Results")
+    text = doc.read_text()
+    order = [text.index(w) for w in ("mine", "one", "TWO", "tail", "three")]
+    assert order == sorted(order)
+    assert "two" not in text.replace("TWO", "")
+    doc.write_text(text.replace(end_marker("a"), ""))
+    with pytest.raises(PipelineError, match="markers of table 'a' are broken"):
+        update_document(doc, {"a": block("a", "x")}, "Results")
