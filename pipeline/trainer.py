@@ -265,7 +265,7 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0, "best_epoch": -1}
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     if resume:
-        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)  # queue/RNG state stay host-side
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
