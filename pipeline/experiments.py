@@ -245,22 +245,24 @@ def _speed(ctx: EvalContext):
     return SpeedSettings(repeats=ctx.settings.latency_repeats) if ctx.settings.latency_repeats > 0 else None
 
 
-def evaluate_teacher(plan: Plan, ctx: EvalContext, log: Log = print) -> dict:
+def evaluate_teacher(plan: Plan, ctx: EvalContext, log: Log = print, measure_speed: bool = True) -> dict:
     """The teacher's record from its cache (as `clipdistill eval`), evaluated once per runs folder, plus
-    its FLOPs per item when the cache's teacher is the offline ``lit`` one."""
+    its FLOPs per item when the cache's teacher is the offline ``lit`` one. ``measure_speed=False`` leaves
+    latency out (tables written on another machine than the students' evaluation)."""
     from pipeline.evaluate import evaluate_teacher_cache, is_fresh, read_result, safe_name, teacher_settings
 
     s = ctx.settings
     out = plan.runs_dir / TEACHER_DIR / safe_name(f"teacher-{ctx.cache.meta.teacher_name}")
     settings = teacher_settings(s.split, s.index, s.max_captions_per_image, ctx.manifest, s.teacher_spec)
+    speed = _speed(ctx) if measure_speed else None
     if is_fresh(out, ctx.cache.shard_paths, settings) and (
-            read_result(out).get("speed") is not None or _speed(ctx) is None or not s.teacher_spec):
+            (read_result(out).get("speed") is not None) == (speed is not None and bool(s.teacher_spec))):
         record = read_result(out)
     else:
         start = time.perf_counter()
         evaluate_teacher_cache(ctx.cache, ctx.manifest, s.index, teacher=s.teacher_spec, split=s.split,
                                max_captions_per_image=s.max_captions_per_image, out_dir=out, name=out.name,
-                               device=ctx.device, speed=_speed(ctx))
+                               device=ctx.device, speed=speed)
         record = read_result(out)
         took = _fmt_time(time.perf_counter() - start)
         log(f"teacher {out.name}: RSUM {record['metrics']['rsum']:.1f} ({took})")
@@ -377,7 +379,7 @@ def regenerate_command(plan: Plan, table_id: str, results: Path, runs_dir_defaul
 def run_sweep(
     sweep: Sweep, runs_dir: str | Path, results: str | Path, figures_dir: str | Path | None, *,
     only: Sequence[str] = (), global_sets: Sequence[str] = (), jobs: int = 1, max_runs: int = 0,
-    skip_failed: bool = False, dry_run: bool = False, log: Log = print,
+    skip_failed: bool = False, dry_run: bool = False, tables_only: bool = False, log: Log = print,
     defaults: tuple[Path, Path] = (Path("runs/experiments"), Path("docs/RESULTS.md")),
 ) -> SweepOutcome:
     """Plan, train what is missing, evaluate what is stale and rewrite the chosen tables of ``results``.
@@ -388,6 +390,8 @@ def run_sweep(
         global_sets: ``key=value`` overrides applied last to every run (e.g. ``device=cuda``).
         max_runs: train at most this many runs now (0: all); the tables show the rest as not finished.
         skip_failed: do not try runs that failed before again (their errors stay in the tables).
+        tables_only: train and evaluate nothing; write the tables from the result files in ``runs_dir``
+            (e.g. runs trained and evaluated on another machine, copied without their exports).
         defaults: the CLI's default runs folder and results file (left out of the printed commands).
     """
     plan = plan_sweep(sweep, runs_dir, global_sets, only)
@@ -397,10 +401,13 @@ def run_sweep(
             log(line)
         return SweepOutcome(plan, {k: read_record(plan.run_dir(k)) for k in plan.runs}, None, None, [], [])
     log(f"sweep {sweep.path}: {summary[-1]}")
-    train_all(plan, jobs=jobs, max_runs=max_runs, skip_failed=skip_failed, log=log)
-    ctx = open_eval(plan)
-    teacher = evaluate_teacher(plan, ctx, log)
-    records = evaluate_all(plan, ctx, log)
+    ctx = None
+    if not tables_only:
+        train_all(plan, jobs=jobs, max_runs=max_runs, skip_failed=skip_failed, log=log)
+        ctx = open_eval(plan)
+    teacher = evaluate_teacher(plan, ctx or open_eval(plan), log, measure_speed=not tables_only)
+    records = (evaluate_all(plan, ctx, log) if ctx is not None
+               else {key: read_record(plan.run_dir(key)) for key in plan.runs})
 
     results = Path(results)
     blocks, figures, failed = {}, [], []

@@ -32,10 +32,14 @@ def experiments(
     max_runs: int = typer.Option(0, "--max-runs", help="Train at most this many runs now (0: all)."),
     skip_failed: bool = typer.Option(False, "--skip-failed", help="Do not try runs that failed before again "
                                      "(default: retry them, resuming from their last checkpoint)."),
+    tables_only: bool = typer.Option(False, "--tables-only", help="Train and evaluate nothing: write the "
+                                     "tables from the results already in --runs-dir (e.g. copied from a GPU "
+                                     "machine without the exports)."),
 ) -> None:
     """Train every (row, seed) of a sweep once (identical configs shared across tables; finished runs are
     skipped), evaluate them on the test split next to the teacher and write the tables to --results."""
     fig_dir = (figures_dir or results.parent / "results") if figures else None
     run_sweep(load_sweep(sweep), runs_dir, results, fig_dir, only=only, global_sets=overrides, jobs=jobs,
-              max_runs=max_runs, skip_failed=skip_failed, dry_run=dry_run, log=typer.echo,
+              max_runs=max_runs, skip_failed=skip_failed, dry_run=dry_run, tables_only=tables_only,
+              log=typer.echo,
               defaults=(RUNS_DIR, RESULTS))
