@@ -96,7 +96,10 @@ eval: $(FEATURES_STAMP)  ## evaluate every finished run + the teacher; writes re
 	$(CLI) eval --cache-dir $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME) --manifest-dir $(DATA_DIR) \
 		--runs-dir $(RUNS_DIR) --out $(EVAL_DIR) --teacher-spec $(TEACHER_SPEC)
 
-demo: $(STUDENT_EXPORT)  ## everything: install, dataset, teacher, cache, default student, evaluation
+DEMO_CONFIG ?= configs/openmoji-demo.yaml
+
+demo: $(FEATURES_STAMP)  ## everything: install, dataset, teacher, cache, a 4-epoch default student, evaluation
+	$(MAKE) --no-print-directory distill CONFIG=$(DEMO_CONFIG)
 	$(MAKE) --no-print-directory eval
 	@echo; cat $(EVAL_DIR)/report.md
 
