@@ -88,6 +88,17 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
     return from_dict(cls, data)
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (the dotted keys ``--set`` uses); empty dicts stay values."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def deep_merge(base: dict, update: dict) -> None:
     """Merge ``update`` into ``base`` in place; nested dicts merge, everything else replaces."""
     for k, v in update.items():

@@ -182,20 +182,12 @@ def override_strings(sets: dict[str, Any]) -> list[str]:
 
 def run_key(config: Any) -> str:
     """Hash of a resolved DistillConfig without :data:`BOOKKEEPING_KEYS`: equal keys train the same run."""
-    flat = _flatten(cfgio.to_dict(config))
+    flat = cfgio.flatten(cfgio.to_dict(config))  # tuples hash like lists: json writes both as arrays
     kept = {k: v for k, v in flat.items() if k not in BOOKKEEPING_KEYS}
     blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 @dataclass

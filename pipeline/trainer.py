@@ -194,14 +194,7 @@ def _prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
     return run_dir
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+_flatten = cfgio.flatten
 
 
 def _open_split(cfg: DistillConfig, split: str, required: bool):
