@@ -8,9 +8,6 @@ the best. A checkpoint holds everything a resumed run needs to continue bit-for-
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +31,7 @@ from pipeline.runlog import RunLogger, truncate_after
 from pipeline.students import (
     StudentConfig, StudentEncoder, build_student, export_student, export_torchscript, get_preset,
 )
+from pipeline.train_state import atomic_save, autocast, rng_state, seed_all, set_rng_state
 from pipeline.train_data import (
     EpochOrder, PairDataset, align, check_teacher_norms, gather_targets, make_loader, teacher_targets,
 )
@@ -112,32 +110,6 @@ def student_config(cfg: DistillConfig, width: int) -> StudentConfig:
     return StudentConfig.from_dict(base)
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def _lr_lambda(opt: OptimSection, steps_per_epoch: int):
     def factor(step: int) -> float:
         epoch = step // max(1, steps_per_epoch)
@@ -147,13 +119,6 @@ def _lr_lambda(opt: OptimSection, steps_per_epoch: int):
         return f
 
     return factor
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision not in ("auto", "fp32", "bf16"):
-        raise PipelineError(f"precision must be auto, fp32 or bf16, not {precision!r}")
-    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def validate(model, manifest: Manifest, batch_size: int) -> dict:
@@ -186,7 +151,7 @@ def _prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
             raise PipelineError(f"--resume: no checkpoint at {last}")
         saved = cfgio.load(DistillConfig, run_dir / "config.json")
         if cfgio.to_dict(saved) != cfgio.to_dict(cfg):
-            a, b = _flatten(cfgio.to_dict(saved)), _flatten(cfgio.to_dict(cfg))
+            a, b = cfgio.flatten(cfgio.to_dict(saved)), cfgio.flatten(cfgio.to_dict(cfg))
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise PipelineError(f"--resume with a different config than {run_dir}/config.json: {diff}")
     elif last.exists():
@@ -194,7 +159,6 @@ def _prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
     return run_dir
 
 
-_flatten = cfgio.flatten
 
 
 def _open_split(cfg: DistillConfig, split: str, required: bool):
@@ -224,7 +188,7 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
     run_dir = _prepare_run_dir(cfg, resume)
     if env.is_main:
         cfgio.save(cfg, run_dir / "config.json")
-    _seed_all(cfg.seed + env.rank)
+    seed_all(cfg.seed + env.rank)
 
     # ---- data: manifest rows aligned to cached teacher targets -------------------------------
     train_manifest, cache = _open_split(cfg, cfg.data.train_split, required=True)
@@ -265,21 +229,21 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
         queue.load_state_dict(ckpt["queue"][env.rank] if env.enabled else ckpt["queue"][0])
         balancer.load_state_dict(ckpt["balancer"])
         state = ckpt["state"]
-        _set_rng_state(ckpt["rng"][env.rank] if env.enabled else ckpt["rng"][0])
+        set_rng_state(ckpt["rng"][env.rank] if env.enabled else ckpt["rng"][0])
         if env.is_main:
             truncate_after(run_dir, state["global_step"])
     log = RunLogger(run_dir, active=env.is_main)
 
     def checkpoint(path: Path, extra: dict | None = None) -> None:
         queues = [queue.state_dict()]
-        rngs = [_rng_state()]
+        rngs = [rng_state()]
         if env.enabled:  # every rank's queue and RNG go into the one file rank 0 writes
             qs, rs = [None] * env.world, [None] * env.world
             torch.distributed.all_gather_object(qs, queues[0])
             torch.distributed.all_gather_object(rs, rngs[0])
             queues, rngs = qs, rs
         if env.is_main:
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "queue": queues, "balancer": balancer.state_dict(),
                           "rng": rngs, "state": dict(state), "config": cfgio.to_dict(cfg),
                           "student_config": scfg.to_dict(), **(extra or {})}, path)
@@ -321,7 +285,7 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
             img_ids = torch.from_numpy(rows.image_ids[idx]).to(device)
             hashes = torch.from_numpy(rows.caption_hash[idx]).to(device)
             tokens = {k: v.to(device) for k, v in model.tokenizer(batch.captions).items()}
-            with _autocast(device, cfg.precision):
+            with autocast(device, cfg.precision):
                 s_img, s_txt = ddp_model(batch.pixels.to(device, non_blocking=True), tokens)
             losses = criterion(s_img.float(), s_txt.float(), t_img, t_txt, img_ids, queue=queue.active(device),
                                captions_hash=hashes)

@@ -11,6 +11,7 @@ tune_cpu_runtime()  # before torch is imported by the stage modules below
 import typer  # noqa: E402
 
 from pipeline.errors import PipelineError  # noqa: E402
+from stages.adapt import adapt  # noqa: E402
 from stages.build_lit import build_lit  # noqa: E402
 from stages.build_manifest import build_manifest  # noqa: E402
 from stages.build_openmoji import build_openmoji  # noqa: E402
@@ -31,6 +32,7 @@ app.command("build-openmoji")(build_openmoji)
 app.command("build-lit")(build_lit)
 app.command("teacher-features")(teacher_features)
 app.command("distill")(distill)
+app.command("adapt")(adapt)
 app.command("eval")(evaluate)
 app.command("search")(search)
 app.command("experiments")(experiments)
