@@ -1,0 +1,171 @@
+"""Classification with an image-text representation head and self-distillation (method.md 4).
+
+clipdistill teacher-tokens -c configs/openmoji-rephead.yaml   # cache image tokens + text embeddings
+clipdistill rephead        -c configs/openmoji-rephead.yaml   # step 1: head (text) + linear probe (no text)
+clipdistill self-distill   -c configs/openmoji-rephead.yaml   # step 2: student generations, results table
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from pipeline import config as cfgio
+from pipeline.errors import PipelineError
+from pipeline.manifest import Manifest
+from pipeline.rephead.config import ClassifyConfig
+from stages.common import human_bytes, resolve_device
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML/JSON config (see configs/openmoji-rephead.yaml).")
+SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set few_shot=5 (repeatable).")
+NameOpt = typer.Option(None, help="Run name (folder under runs_dir); overrides the config's.")
+ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoints.")
+ProgressOpt = typer.Option(True, help="Show progress bars.")
+PrintOpt = typer.Option(False, "--print-config", help="Print the resolved config and exit.")
+
+
+def _load(
+    config: Optional[Path], overrides: List[str], name: Optional[str], show: bool = False
+) -> Optional[ClassifyConfig]:
+    cfg = cfgio.load(ClassifyConfig, config, list(overrides) + ([f"name={name}"] if name else []))
+    if show:
+        typer.echo(json.dumps(cfgio.to_dict(cfg), indent=2, default=str))
+        return None
+    return cfg
+
+
+def teacher_tokens(
+    config: Optional[Path] = ConfigOpt,
+    overrides: List[str] = SetOpt,
+    splits: str = typer.Option(
+        "train,val,test", help="Comma-separated splits (missing manifests are skipped)."
+    ),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Cache the teacher's image token features, caption and class-prompt embeddings (stage 1, optional)."""
+    from pipeline.rephead.extract import cache_prompts, cache_split_tokens
+    from pipeline.rephead.labels import image_labels
+    from pipeline.teachers import load_teacher
+
+    cfg = _load(config, overrides, None)
+    manifest_dir, out = Path(cfg.data.manifest_dir), Path(cfg.data.tokens_dir)
+    present = [
+        s for s in (x.strip() for x in splits.split(",")) if s and (manifest_dir / f"{s}.parquet").exists()
+    ]
+    if not present:
+        raise PipelineError(f"no manifests for splits {splits} in {manifest_dir}")
+    teacher = load_teacher(cfg.teacher, device=resolve_device(cfg.device))
+    typer.echo(f"teacher {teacher.fingerprint()} on {teacher.device} -> {out}")
+    record: dict = {"teacher": cfg.teacher, "fingerprint": teacher.fingerprint(), "splits": {}}
+    labels: set[str] = set()
+    for split in present:
+        manifest = Manifest.read(manifest_dir / f"{split}.parquet")
+        if split == cfg.data.train_split:
+            labels = set(image_labels(manifest)[0].values())
+        s = cache_split_tokens(
+            teacher,
+            manifest,
+            split,
+            out,
+            captions=cfg.data.captions,
+            batch_size=cfg.data.batch_size,
+            workers=cfg.data.workers,
+            progress=progress,
+        )
+        what = "already cached" if s.skipped else f"encoded in {s.seconds:.1f}s"
+        typer.echo(
+            f"{split}: {s.images} images x {s.shape[0]} tokens x {s.shape[1]} + {s.captions} captions "
+            f"{what}, {s.rejects} rejects -> {s.path} ({human_bytes(s.bytes)})"
+        )
+        record["splits"][split] = {
+            "images": s.images,
+            "captions": s.captions,
+            "rejects": s.rejects,
+            "tokens": list(s.shape),
+            "bytes": s.bytes,
+        }
+    if len(labels) >= 2:
+        classes = sorted(labels)
+        path = cache_prompts(teacher, classes, list(cfg.text.templates), out)
+        typer.echo(f"class prompts: {len(classes)} classes x {len(cfg.text.templates)} template(s) -> {path}")
+        record["prompts"] = {
+            "path": path.name,
+            "classes": len(classes),
+            "templates": list(cfg.text.templates),
+        }
+    else:
+        typer.echo("no class labels in the training manifest: class prompts not cached")
+    total = sum(p.stat().st_size for p in out.glob("*.h5"))
+    record["bytes"] = total
+    (out / "summary.json").write_text(json.dumps(record, indent=2))
+    typer.echo(f"token cache size: {human_bytes(total)} in {out}")
+
+
+def rephead(
+    config: Optional[Path] = ConfigOpt,
+    overrides: List[str] = SetOpt,
+    name: Optional[str] = NameOpt,
+    resume: bool = ResumeOpt,
+    progress: bool = ProgressOpt,
+    print_config: bool = PrintOpt,
+) -> None:
+    """Step 1: train the representation head (text queries over image tokens) and the text-free probe."""
+    from pipeline.rephead.experiment import run_step1
+
+    cfg = _load(config, overrides, name, print_config)
+    if cfg is None:
+        return
+    out = run_step1(cfg, resume=resume, progress=progress)
+    for part, label in (("head", "with text (head)"), ("probe", "without text (linear probe)")):
+        r = out[part]
+        shown = {k: r[k] for k in ("val", "test") if r.get(k)}
+        typer.echo(
+            f"{label}: "
+            + ", ".join(f"{k} top-1 {v['top1']:.1f} / top-5 {v['top5']:.1f}" for k, v in shown.items())
+            + f" ({r['seconds']:.0f} s)"
+        )
+    typer.echo(f"soft targets: {Path(cfg.runs_dir) / cfg.name}/{{head,probe}}/targets.h5")
+
+
+def self_distill(
+    config: Optional[Path] = ConfigOpt,
+    overrides: List[str] = SetOpt,
+    name: Optional[str] = NameOpt,
+    resume: bool = ResumeOpt,
+    progress: bool = ProgressOpt,
+    print_config: bool = PrintOpt,
+) -> None:
+    """Step 2: fresh students of the teacher's image architecture on soft targets, per generation."""
+    from pipeline.rephead.experiment import run_step2
+    from pipeline.rephead.report import classification_table
+
+    cfg = _load(config, overrides, name, print_config)
+    if cfg is None:
+        return
+    results = run_step2(cfg, resume=resume, progress=progress)
+    typer.echo("\n" + classification_table([results]) + "\n")
+    typer.echo(f"results: {Path(cfg.runs_dir) / cfg.name / 'results.json'}")
+
+
+def class_folder(
+    path: Path = typer.Argument(..., help="ImageFolder root: <class>/<image> or <split>/<class>/<image>."),
+    out: Path = typer.Option(..., help="Output folder for <split>.parquet and rejects.parquet."),
+    split_fractions: Optional[str] = typer.Option(
+        None,
+        help="Without split folders: hash-based splits, e.g. train=0.8,val=0.1,test=0.1 (default: train).",
+    ),
+) -> None:
+    """Manifests for a captionless classification folder (CIFAR/ImageNet exports); caption = class name."""
+    from pipeline.manifest import write_splits
+    from pipeline.rephead.datasets import read_class_folder
+
+    manifest = read_class_folder(path, split_fractions)
+    paths = write_splits(manifest, out)
+    for split in manifest.splits:
+        part = manifest.split(split)
+        n_classes = len(set(part.table.column("label").to_pylist()))
+        typer.echo(f"  {split:<6} {len(part):>8} images {n_classes:>5} classes -> {paths[split]}")
+    typer.echo(f"  rejects {len(manifest.rejects):>7} -> {paths['rejects']}")
