@@ -40,7 +40,9 @@ from pipeline.errors import PipelineError
 from pipeline.manifest import Manifest
 from pipeline.runlog import RunLogger, truncate_after
 from pipeline.students import ImageTransform, StudentModel, export_student, export_torchscript
-from pipeline.train_state import atomic_save, autocast, rng_state, seed_all, set_rng_state
+from pipeline.train_state import (
+    atomic_save, autocast, prepare_run_dir, rng_state, seed_all, set_rng_state,
+)
 from pipeline.trainer import NonFiniteLoss, TrainResult, validate
 
 MODES = ("supervised", "mean_teacher")
@@ -166,20 +168,6 @@ def _lr_factor(cfg: AdaptOptim, total_steps: int):
     return factor
 
 
-def _prepare_run_dir(cfg: AdaptConfig, resume: bool) -> Path:
-    run_dir = Path(cfg.runs_dir) / cfg.name
-    last = run_dir / "checkpoints" / "last.pt"
-    if resume:
-        if not last.exists():
-            raise PipelineError(f"--resume: no checkpoint at {last}")
-        saved = cfgio.load(AdaptConfig, run_dir / "config.json")
-        if cfgio.to_dict(saved) != cfgio.to_dict(cfg):
-            a, b = cfgio.flatten(cfgio.to_dict(saved)), cfgio.flatten(cfgio.to_dict(cfg))
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise PipelineError(f"--resume with a different config than {run_dir}/config.json: {diff}")
-    elif last.exists():
-        raise PipelineError(f"run {run_dir} already has checkpoints; pass --resume, or choose another --name")
-    return run_dir
 
 
 def _train_mode(model: StudentModel) -> None:
@@ -199,7 +187,7 @@ def train(cfg: AdaptConfig, resume: bool = False, progress: bool = True) -> Trai
     check_config(cfg)
     started = time.perf_counter()
     device = torch.device(resolve_device(cfg.device))
-    run_dir = _prepare_run_dir(cfg, resume)
+    run_dir = prepare_run_dir(cfg, resume)
     cfgio.save(cfg, run_dir / "config.json")
     seed_all(cfg.seed)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import config as cfgio
 from pipeline.errors import PipelineError
 
 
@@ -32,12 +33,13 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def atomic_save(obj, path: Path) -> None:
+def atomic_save(obj, path: Path) -> Path:
     """torch.save to a temporary name, then rename: a kill never leaves a half-written checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
+    return path
 
 
 def autocast(device: torch.device, precision: str):
@@ -46,3 +48,21 @@ def autocast(device: torch.device, precision: str):
         raise PipelineError(f"precision must be auto, fp32 or bf16, not {precision!r}")
     enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def prepare_run_dir(cfg, resume: bool) -> Path:
+    """``runs_dir/name`` for a run config (any dataclass with ``runs_dir`` and ``name``): a resume needs a
+    checkpoint and the same config; a fresh start refuses a folder that already has checkpoints."""
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume:
+        if not last.exists():
+            raise PipelineError(f"--resume: no checkpoint at {last}")
+        saved = cfgio.load(type(cfg), run_dir / "config.json")
+        if cfgio.to_dict(saved) != cfgio.to_dict(cfg):
+            a, b = cfgio.flatten(cfgio.to_dict(saved)), cfgio.flatten(cfgio.to_dict(cfg))
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise PipelineError(f"--resume with a different config than {run_dir}/config.json: {diff}")
+    elif last.exists():
+        raise PipelineError(f"run {run_dir} already has checkpoints; pass --resume, or choose another --name")
+    return run_dir

@@ -31,7 +31,9 @@ from pipeline.runlog import RunLogger, truncate_after
 from pipeline.students import (
     StudentConfig, StudentEncoder, build_student, export_student, export_torchscript, get_preset,
 )
-from pipeline.train_state import atomic_save, autocast, rng_state, seed_all, set_rng_state
+from pipeline.train_state import (
+    atomic_save, autocast, prepare_run_dir, rng_state, seed_all, set_rng_state,
+)
 from pipeline.train_data import (
     EpochOrder, PairDataset, align, check_teacher_norms, gather_targets, make_loader, teacher_targets,
 )
@@ -143,20 +145,6 @@ class TrainResult:
     export_path: Optional[Path]
 
 
-def _prepare_run_dir(cfg: DistillConfig, resume: bool) -> Path:
-    run_dir = Path(cfg.runs_dir) / cfg.name
-    last = run_dir / "checkpoints" / "last.pt"
-    if resume:
-        if not last.exists():
-            raise PipelineError(f"--resume: no checkpoint at {last}")
-        saved = cfgio.load(DistillConfig, run_dir / "config.json")
-        if cfgio.to_dict(saved) != cfgio.to_dict(cfg):
-            a, b = cfgio.flatten(cfgio.to_dict(saved)), cfgio.flatten(cfgio.to_dict(cfg))
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise PipelineError(f"--resume with a different config than {run_dir}/config.json: {diff}")
-    elif last.exists():
-        raise PipelineError(f"run {run_dir} already has checkpoints; pass --resume, or choose another --name")
-    return run_dir
 
 
 
@@ -185,7 +173,7 @@ def train(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Tr
 
 def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.device, env: DistEnv,
            started: float) -> TrainResult:
-    run_dir = _prepare_run_dir(cfg, resume)
+    run_dir = prepare_run_dir(cfg, resume)
     if env.is_main:
         cfgio.save(cfg, run_dir / "config.json")
     seed_all(cfg.seed + env.rank)
