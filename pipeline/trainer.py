@@ -85,7 +85,7 @@ class OptimSection:  # defaults: the paper's schedule (method.md 1.6)
 class DistillConfig:
     name: str = "default"
     runs_dir: str = "runs"
-    student: str = "small"  # preset name (pipeline.students.PRESETS)
+    student: str = "lite"  # preset name (pipeline.students.PRESETS)
     student_overrides: dict = field(default_factory=dict)  # merged into the preset's config
     data: DataSection = field(default_factory=DataSection)
     losses: LossConfig = field(default_factory=LossConfig)

@@ -199,7 +199,7 @@ def _dsmd_base(embed_dim: int) -> StudentConfig:
 
 
 PRESETS = {"tiny": _tiny, "small": _small, "lite": _lite, "dsmd-base": _dsmd_base}
-DEFAULT_PRESET = "small"
+DEFAULT_PRESET = "lite"
 
 
 def get_preset(name: str, embed_dim: int = 512) -> StudentConfig:
