@@ -157,13 +157,7 @@ def train_head(
     q_val = queries_for(cfg, val, classes) if val is not None else None
     head = build_head(cfg, train.tokens, len(classes)).to(device)
     rows = _head_rows(q_train, len(train), subset)
-    bs = min(cfg.head.batch_size, len(rows))
     labels = torch.from_numpy(train.images.labels)
-
-    def batches(epoch: int, start: int):
-        order = rows[epoch_order(len(rows), cfg.seed, epoch)]
-        for s in range(start * bs, (len(order) // bs) * bs, bs):
-            yield order[s : s + bs]
 
     def loss_fn(batch: np.ndarray) -> torch.Tensor:
         img = batch if q_train.mode == "prompts" else q_train.caption_image[batch]
@@ -178,18 +172,8 @@ def train_head(
     def evaluate() -> dict:
         return evaluate_probs(head_probs(head, val, q_val), val)
 
-    settings = LoopSettings(
-        cfg.head.epochs,
-        len(rows) // bs,
-        cfg.head.lr,
-        cfg.head.weight_decay,
-        cfg.seed,
-        log_every=cfg.log_every,
-        desc="head",
-    )
-    result = fit(
-        run_dir, head, settings, batches, loss_fn, evaluate if val is not None else None, resume, progress
-    )
+    result = _fit_rows(cfg, cfg.head, "head", run_dir, head, rows, loss_fn,
+                       evaluate if val is not None else None, resume, progress)
     return head, q_train, result
 
 
@@ -212,12 +196,6 @@ def train_probe(
     probe.set_input_stats(feats[rows])
     probe.to(device)
     labels = torch.from_numpy(train.images.labels)
-    bs = min(cfg.probe.batch_size, len(rows))
-
-    def batches(epoch: int, start: int):
-        order = rows[epoch_order(len(rows), cfg.seed, epoch)]
-        for s in range(start * bs, (len(order) // bs) * bs, bs):
-            yield order[s : s + bs]
 
     def loss_fn(batch: np.ndarray) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(probe(feats[batch].to(device)), labels[batch].to(device))
@@ -225,19 +203,25 @@ def train_probe(
     def evaluate() -> dict:
         return evaluate_probs(probe_probs(probe, val), val)
 
-    settings = LoopSettings(
-        cfg.probe.epochs,
-        len(rows) // bs,
-        cfg.probe.lr,
-        cfg.probe.weight_decay,
-        cfg.seed,
-        log_every=cfg.log_every,
-        desc="probe",
-    )
-    result = fit(
-        run_dir, probe, settings, batches, loss_fn, evaluate if val is not None else None, resume, progress
-    )
+    result = _fit_rows(cfg, cfg.probe, "probe", run_dir, probe, rows, loss_fn,
+                       evaluate if val is not None else None, resume, progress)
     return probe, result
+
+
+def _fit_rows(cfg: ClassifyConfig, section, desc: str, run_dir: Path, model, rows: np.ndarray, loss_fn,
+              evaluate, resume: bool, progress: bool):
+    """Train ``model`` on ``rows`` in seeded per-epoch order, full batches only (resumable mid-epoch);
+    ``section`` is the config part holding epochs, batch_size, lr and weight_decay."""
+    bs = min(section.batch_size, len(rows))
+
+    def batches(epoch: int, start: int):
+        order = rows[epoch_order(len(rows), cfg.seed, epoch)]
+        for s in range(start * bs, (len(order) // bs) * bs, bs):
+            yield order[s : s + bs]
+
+    settings = LoopSettings(section.epochs, len(rows) // bs, section.lr, section.weight_decay, cfg.seed,
+                            log_every=cfg.log_every, desc=desc)
+    return fit(run_dir, model, settings, batches, loss_fn, evaluate, resume, progress)
 
 
 @torch.no_grad()
