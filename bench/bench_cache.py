@@ -44,7 +44,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run (the tests run it)")
     args = ap.parse_args()
+    if args.smoke:
+        args.rows, args.width, args.batch, args.repeats = 5000, 64, 256, 5
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         t0 = time.perf_counter()

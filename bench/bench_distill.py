@@ -88,9 +88,10 @@ def load_data(args, width: int, tmp: Path) -> tuple[str, Manifest, FeatureCache]
         manifest = Manifest.read(args.manifest or OPENMOJI_TRAIN)
         return f"cache {args.cache}", manifest, FeatureCache(args.cache)
     # summary.json is written once the last shard is: a cache still being built is not used
+    generate = args.manifest == "generate"  # --smoke: never the real cache or openmoji
     if (REAL_CACHE / "summary.json").exists() and OPENMOJI_TRAIN.exists() and not args.manifest:
         return f"stage-1 cache {REAL_CACHE}", Manifest.read(OPENMOJI_TRAIN), FeatureCache(REAL_CACHE)
-    if args.manifest or OPENMOJI_TRAIN.exists():
+    if not generate and (args.manifest or OPENMOJI_TRAIN.exists()):
         path = Path(args.manifest or OPENMOJI_TRAIN)
         manifest = Manifest.read(path)
         return f"{path} + random targets", manifest, random_cache(manifest, tmp, width)
@@ -98,7 +99,7 @@ def load_data(args, width: int, tmp: Path) -> tuple[str, Manifest, FeatureCache]
 
     needed = (args.warmup + args.steps + 2) * args.batch_size  # one round's rows within one epoch
     # about 1.2 train rows per image (60% of images in train, 1-3 captions each)
-    manifest_dir = make_dataset(tmp / "shapes", n_images=max(200, math.ceil(needed / 1.1)))
+    manifest_dir = make_dataset(tmp / "shapes", n_images=max(40 if generate else 200, math.ceil(needed / 1.1)))
     manifest = Manifest.read(manifest_dir / "train.parquet")
     return "generated shapes + random targets", manifest, random_cache(manifest, tmp, width)
 
@@ -327,7 +328,11 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="a stage-1 cache split directory (with --manifest)")
     ap.add_argument("--manifest", default=None, help="train manifest (default: data/openmoji/train.parquet)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run on generated data (the tests run it)")
     args = ap.parse_args()
+    if args.smoke:
+        args.student, args.batch_size, args.steps, args.warmup, args.rounds = "tiny", 8, 1, 1, 1
+        args.queue_size, args.workers, args.teacher, args.manifest = 64, 0, "tiny-openclip", "generate"
     torch.set_num_threads(args.threads)
     online_steps = min(args.steps, args.online_steps or max(1, args.steps // 2))
 

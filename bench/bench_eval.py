@@ -181,7 +181,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads (0 = FAISS default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
+    p.add_argument("--smoke", action="store_true", help="seconds-long run (the tests run it)")
     args = p.parse_args()
+    if args.smoke:
+        args.images, args.repeats, args.n, args.queries, args.clusters, args.dim = 200, 1, 20000, 100, 50, 64
 
     if args.threads:
         faiss.omp_set_num_threads(args.threads)

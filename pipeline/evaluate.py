@@ -257,6 +257,18 @@ def _record(name: str, kind: str, emb: SplitEmbeddings, metrics: dict, settings:
     }
 
 
+def foreign_export_reason(export_path: str | Path, cache: FeatureCache) -> str | None:
+    """Why a student export does not belong to ``cache`` (another teacher or dataset), or None if it does."""
+    from pipeline.students.export import export_meta
+
+    meta = export_meta(export_path)
+    fp, ds = meta.get("teacher_fingerprint"), meta.get("dataset")
+    here_fp, here_ds = cache.meta.teacher_fingerprint, cache.meta.dataset
+    if (fp and fp != here_fp) or (ds and here_ds and ds != here_ds):
+        return f"distilled from teacher {fp} on dataset {ds}; this cache holds teacher {here_fp} on dataset {here_ds}"
+    return None
+
+
 def evaluate_student(
     export_path: str | Path, manifest: Manifest, teacher_cache: FeatureCache | None = None,
     index: str = "exact", *, split: str = "test", max_captions_per_image: int | None = None,

@@ -276,7 +276,7 @@ def evaluate_teacher(plan: Plan, ctx: EvalContext, log: Log = print, measure_spe
 def evaluate_run(plan: Plan, key: str, ctx: EvalContext) -> tuple[dict, bool]:
     """Stage-3 result of one trained run, evaluated unless a fresh one exists (same settings, newer than
     the export); updates its experiment record. Returns (record, whether it was evaluated now)."""
-    from pipeline.evaluate import evaluate_student, is_fresh, read_result, student_settings
+    from pipeline.evaluate import evaluate_student, foreign_export_reason, is_fresh, read_result, student_settings
     from pipeline.students import flops_per_item, load_student
 
     run = plan.runs[key]
@@ -287,6 +287,11 @@ def evaluate_run(plan: Plan, key: str, ctx: EvalContext) -> tuple[dict, bool]:
     settings = student_settings(s.split, s.index, s.max_captions_per_image, ctx.manifest, ctx.cache)
     if is_fresh(out, [export], settings) and record.get("status") == "done":
         return record, False
+    foreign = foreign_export_reason(export, ctx.cache)
+    if foreign:  # e.g. the cache was rebuilt with another teacher since this run trained
+        record.update(status="skipped", error=foreign)
+        write_record(run_dir, record)
+        return record, True
     start = time.perf_counter()
     try:
         evaluate_student(export, ctx.manifest, ctx.cache, s.index, split=s.split,
@@ -317,6 +322,8 @@ def evaluate_all(plan: Plan, ctx: EvalContext, log: Log = print) -> dict[str, di
             continue
         if rec["status"] == "failed":
             log(f"eval {name} FAILED: {rec['error']}")
+        elif rec["status"] == "skipped":
+            log(f"eval {name} skipped: {rec['error']}")
         else:
             m = json.loads((plan.eval_dir(key) / "result.json").read_text())["metrics"]
             log(f"eval {name}: RSUM {m['rsum']:.1f} ({_fmt_time(rec['eval_seconds'])})")

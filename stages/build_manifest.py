@@ -13,6 +13,7 @@ import typer
 from pipeline.errors import PipelineError
 from pipeline.manifest import Manifest, write_splits
 from pipeline.readers import FORMATS, READERS, read_dataset
+from pipeline.readers.common import all_images_missing_error
 
 _FORMAT_HELP = "Dataset format: " + "; ".join(f"{k} = {v}" for k, v in FORMATS.items())
 _INPUT_HELP = (
@@ -94,6 +95,9 @@ def build_manifest(
     stale = sorted(p.name for p in out.glob("*.parquet") if p not in paths.values())
     if stale:
         typer.echo(f"note: {out} also holds {stale} from an earlier build; they were not rewritten")
+    missing = all_images_missing_error(manifest.image_root, manifest.rejects, len(manifest))
+    if missing:
+        raise PipelineError(missing)
     if len(manifest) == 0:
         n = len(manifest.rejects)
         raise PipelineError(f"no valid rows: all {n} rows were rejected (see {paths['rejects']})")
@@ -109,11 +113,15 @@ def _print_summary(manifest: Manifest, paths: dict[str, Path]) -> None:
     typer.echo(f"  {'total':<10} {len(manifest):>9} rows {len(manifest.unique_images()[0]):>9} images")
     typer.echo(f"  rejects    {len(manifest.rejects):>9} rows  -> {paths['rejects']}")
     groups: Counter[str] = Counter()
-    example: dict[str, str] = {}
+    examples: dict[str, list[str]] = {}
     for r in manifest.rejects:
-        # Group "duplicate sample_id 17" and "duplicate sample_id 40" together; show one example row.
+        # Group "duplicate sample_id 17" and "duplicate sample_id 40" together; show the first examples
+        # with their details (a missing file's reason names the path that was tried).
+        detail = re.search(r"\((.*)\)$", r.reason)
         key = re.sub(r"\d+", "N", re.sub(r"\s*\(.*\)$", "", r.reason))
         groups[key] += 1
-        example.setdefault(key, r.source_row)
+        shown = examples.setdefault(key, [])
+        if len(shown) < 2:
+            shown.append(r.source_row + (f": {detail.group(1)}" if detail else ""))
     for key, n in groups.most_common():
-        typer.echo(f"    {n:>9}  {key}  (e.g. {example[key]})")
+        typer.echo(f"    {n:>9}  {key}  (e.g. {'; '.join(examples[key])})")

@@ -10,7 +10,7 @@ import typer
 from pipeline.cache import FeatureCache
 from pipeline.errors import PipelineError
 from pipeline.evaluate import (
-    TRUNCATED_CAPTIONS, SpeedSettings, evaluate_student, evaluate_teacher_cache, is_fresh, read_result,
+    TRUNCATED_CAPTIONS, SpeedSettings, evaluate_student, foreign_export_reason, evaluate_teacher_cache, is_fresh, read_result,
     safe_name, student_settings, teacher_settings,
 )
 from pipeline.manifest import Manifest
@@ -34,6 +34,12 @@ def _exports(runs: Optional[List[Path]], runs_dir: Path) -> list[Path]:
         else:
             raise PipelineError(f"run folder or student export not found: {run}")
     return out
+
+
+def _foreign(exports: list[Path], cache: FeatureCache) -> dict[Path, str]:
+    """Exports distilled from another teacher or dataset than ``cache`` holds, with the reason to skip each."""
+    reasons = {export: foreign_export_reason(export, cache) for export in exports}
+    return {export: why for export, why in reasons.items() if why}
 
 
 def _name(export: Path, taken: set[str]) -> str:
@@ -83,6 +89,8 @@ def evaluate(
         raise PipelineError(f"no {split} cache in {cache_dir}; run `clipdistill teacher-features` for it")
     cache = FeatureCache(cache_dir / split, expect_manifest_hash=manifest.content_hash)
     exports = _exports(runs, runs_dir)
+    skipped = {} if runs else _foreign(exports, cache)  # runs named by the user are never skipped silently
+    exports = [e for e in exports if e not in skipped]
     device = resolve_device(device)
     max_caps = TRUNCATED_CAPTIONS if truncate_captions else None
     speed = SpeedSettings(repeats=latency_repeats) if latency_repeats > 0 else None
@@ -110,8 +118,10 @@ def evaluate(
                                  workers=workers, speed=speed)
             typer.echo(f"{model_dir.name}: {_summary(r)}")
         results.append(read_result(model_dir))
+    for export, why in skipped.items():
+        typer.echo(f"skipped {export.parent.parent if export.parent.name == 'export' else export}: {why}")
     if not exports:
-        typer.echo(f"no student exports found under {runs_dir}; reporting the teacher only")
+        typer.echo(f"no student exports of this cache's teacher under {runs_dir}; reporting the teacher only")
 
     if not report:
         return

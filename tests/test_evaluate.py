@@ -344,3 +344,23 @@ def test_search_student_embeds_new_queries(evaluated):
     top = np.argsort(-scores)[:4]
     assert [h.image_id for h in res.hits] == d["image_ids"][top].tolist()
     np.testing.assert_allclose([h.score for h in res.hits], scores[top], atol=1e-5)
+
+
+def test_exports_of_another_teacher_or_dataset_are_skipped_with_the_reason(env, tmp_path):
+    """`make eval DATASET=x` after runs of another dataset: those are listed as skipped, the rest evaluated."""
+    runs = tmp_path / "runs"
+    model = build_student(get_preset("tiny", embed_dim=env.cache.width))
+    export_student(model, None, runs / "mine" / "export" / "student.pt",
+                   meta={"teacher_fingerprint": env.cache.meta.teacher_fingerprint, "run": "mine"})
+    export_student(model, None, runs / "openmoji-demo" / "export" / "student.pt",
+                   meta={"teacher_fingerprint": "lit-0123456789ab", "dataset": "openmoji", "run": "openmoji-demo"})
+    args = eval_args(env, tmp_path / "eval")
+    args[args.index("--runs-dir") + 1] = runs
+    result = cli(*args)
+    assert result.exception is None, result.output
+    skipped = [line for line in result.output.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 1 and "openmoji-demo" in skipped[0] and "lit-0123456789ab" in skipped[0]
+    assert (tmp_path / "eval" / "mine" / "result.json").is_file()
+    assert not (tmp_path / "eval" / "openmoji-demo").exists()
+    # Named explicitly, a foreign run is an error, not a silent skip.
+    one_line_error(cli(*eval_args(env, tmp_path / "eval2", runs / "openmoji-demo")), "distilled from teacher")

@@ -98,8 +98,8 @@ def test_karpathy_defects_become_rejects_and_valid_rows_stay(tmp_path):
     name = g.path.name
     s = lambda i, j: f"{name}:images[{i}].sentences[{j}]"  # noqa: E731
     assert reject_map(m) == {
-        s(1, 0): "image file not found",
-        s(1, 1): "image file not found",
+        s(1, 0): f"image file not found (tried {g.image_root / imgs[1]['filename']})",
+        s(1, 1): f"image file not found (tried {g.image_root / imgs[1]['filename']})",
         s(2, 0): "empty caption",
         s(3, 1): "duplicate sample_id 1000",
         s(4, 0): "caption is not a string (int)",
@@ -155,8 +155,8 @@ def test_coco_defects_become_rejects_and_valid_rows_stay(tmp_path):
     m = read(g)
     a = lambda k: f"{g.path.name}:annotations[{k}]"  # noqa: E731
     assert reject_map(m) == {
-        a(1): "image file not found",
-        a(7): "image file not found",
+        a(1): f"image file not found (tried {g.image_root / data['images'][1]['file_name']})",
+        a(7): f"image file not found (tried {g.image_root / data['images'][1]['file_name']})",
         a(2): "empty caption",
         a(3): f"duplicate sample_id {anns[0]['id']}",
         a(4): "unknown image_id 999",
@@ -199,7 +199,7 @@ def test_csv_defects_derived_ids_and_line_numbers(tmp_path):
     path.write_bytes(b"\r\n".join(lines) + b"\r\n")
     m = read_dataset("tabular", path=path, image_col="image", caption_col="text", label_col="label")
     assert reject_map(m) == {
-        "pairs.csv:3": "image file not found",
+        "pairs.csv:3": f"image file not found (tried {tmp_path / 'b.png'})",
         "pairs.csv:5": "empty caption",
         "pairs.csv:6": "malformed row: expected 3 fields, got 2",
         "pairs.csv:10": "column(s) ['text'] are not valid UTF-8",
@@ -500,13 +500,15 @@ def test_build_manifest_stage_end_to_end(tmp_path, capsys):
         assert Path(m.image_root) == g.image_root
         assert "restval_to_train" in m.source
     rejects = read_rejects(paths["rejects"])
-    assert [(r.image_path, r.reason) for r in rejects] == [(missing, "image file not found")] * 2
+    tried = f"image file not found (tried {g.image_root / missing})"
+    assert [(r.image_path, r.reason) for r in rejects] == [(missing, tried)] * 2
     printed = capsys.readouterr().out
     for split in ("train", "val", "test"):
         n_rows = sum(r["split"] == split for r in expected)
         n_images = len({r["image_id"] for r in expected if r["split"] == split})
         assert re.search(rf"{split}\s+{n_rows} rows\s+{n_images} images", printed), printed
     assert re.search(r"rejects\s+2 rows", printed) and re.search(r"2\s+image file not found", printed)
+    assert f"tried {g.image_root / missing}" in printed  # the summary shows where it looked
 
 
 def test_build_manifest_cli_parsing(tmp_path):
@@ -531,9 +533,33 @@ def test_build_manifest_stage_errors(tmp_path):
     for p in g.image_root.iterdir():
         p.unlink()
     out = tmp_path / "all-bad"
-    with pytest.raises(PipelineError, match="no valid rows"):
+    with pytest.raises(PipelineError, match=f"no image found under --image-root {g.image_root}") as err:
         build_manifest("karpathy", g.path, out, image_root=g.image_root)
+    assert "\n" not in str(err.value) and "use --image-root" not in str(err.value)  # nowhere to point to
     assert len(read_rejects(out / "rejects.parquet")) == len(g.rows)
+
+
+@pytest.mark.parametrize("mistake", ["too deep", "too shallow"])
+def test_a_wrong_image_root_names_the_root_that_works(tmp_path, mistake):
+    g = datagen.make_karpathy(tmp_path, n_images=4)
+    if mistake == "too deep":  # the paths start with the root's last folder: a doubled prefix
+        data = load_json(g.path)
+        for img in data["images"]:
+            img["filepath"] = g.image_root.name
+        dump_json(g.path, data)
+        wrong, right = g.image_root / "nested", g.image_root.parent
+        wrong.mkdir()
+    else:  # the images sit one folder below the given root
+        right = g.image_root / "flickr30k-images"
+        right.mkdir()
+        for p in list(g.image_root.glob("*.jpg")):
+            p.rename(right / p.name)
+        wrong = g.image_root
+    with pytest.raises(PipelineError) as err:
+        build_manifest("karpathy", g.path, tmp_path / "out", image_root=wrong)
+    msg = str(err.value)
+    assert "\n" not in msg and f"--image-root {wrong}" in msg and msg.endswith(f"use --image-root {right}")
+    build_manifest("karpathy", g.path, tmp_path / "out", image_root=right)  # the suggestion works
 
 
 def test_build_manifest_notes_stale_split_files(tmp_path, capsys):

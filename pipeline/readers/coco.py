@@ -69,7 +69,7 @@ def read_coco(path: str | Path, image_root: str | Path | None = None, split: str
             continue
         image_path[image_id] = rel
         if not locator.exists(rel):
-            image_problem[image_id] = "image file not found"
+            image_problem[image_id] = locator.missing_reason(rel)
 
     rows: list[dict] = []
     captioned: set[int] = set()

@@ -174,6 +174,11 @@ class ImageLocator:
             rel = self._relative[location] = relative_to_root(file_part, self.image_root) + sep + member
         return rel
 
+    def missing_reason(self, relative_location: str) -> str:
+        """The reject reason for a location that does not exist, naming the path that was tried."""
+        file_part, sep, member = relative_location.partition("::")
+        return f"image file not found (tried {os.path.join(self.image_root, file_part)}{sep}{member})"
+
     def exists(self, relative_location: str) -> bool:
         found = self._exists.get(relative_location)
         if found is None:
@@ -192,3 +197,41 @@ class ImageLocator:
             except (OSError, tarfile.TarError):
                 self._tar_members[path] = frozenset()
         return member in self._tar_members[path]
+
+
+MISSING_IMAGE = "image file not found"
+
+
+def suggest_image_root(image_root: str | Path, relative_paths: list[str], sample: int = 20) -> Path | None:
+    """A root under which the images of ``relative_paths`` exist, when ``image_root`` finds none of them.
+
+    Tries the usual mistakes: a root one or two folders too deep (the paths already start with the root's
+    last folders, a doubled prefix) and a root one folder too shallow (a prefix missing from the paths).
+    Returns the candidate that finds the most of the first ``sample`` paths, or None.
+    """
+    root = Path(image_root).absolute()
+    files = [p.partition("::")[0] for p in relative_paths[:sample]]
+    candidates = [root.parent, root.parent.parent]
+    try:  # one level down: bounded, so a huge folder of images is not listed in full
+        candidates += sorted(d for d, _ in zip((e for e in root.iterdir() if e.is_dir()), range(200)))
+    except OSError:
+        pass
+    best, best_hits = None, 0
+    for cand in candidates:
+        hits = sum(os.path.isfile(os.path.join(cand, f)) for f in files)
+        if hits > best_hits:
+            best, best_hits = cand, hits
+    return best
+
+
+def all_images_missing_error(image_root: str | Path, rejects: list, n_rows: int) -> str | None:
+    """The one-line error for a manifest whose every image is missing (None when some image was found)."""
+    missing = [r.image_path for r in rejects if r.reason.startswith(MISSING_IMAGE) and r.image_path]
+    if not missing or n_rows:
+        return None
+    first = os.path.join(Path(image_root).absolute(), missing[0].partition("::")[0])
+    msg = f"no image found under --image-root {Path(image_root).absolute()} (e.g. tried {first})"
+    better = suggest_image_root(image_root, list(dict.fromkeys(missing)))
+    if better is not None:
+        msg += f"; the images are under {better}: use --image-root {better}"
+    return msg

@@ -69,7 +69,7 @@ def read_karpathy(
             split = "train"
         image_problem = ids.claim(image_id, rel_path)
         if image_problem is None and not locator.exists(rel_path):
-            image_problem = "image file not found"
+            image_problem = locator.missing_reason(rel_path)
         if not entry["sentences"]:
             rejects.append(Reject(where, "image has no sentences", rel_path))
         for j, sent in enumerate(entry["sentences"]):

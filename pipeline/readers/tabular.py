@@ -161,7 +161,7 @@ class _RowBuilder:
         if conflict:
             return conflict
         if not self.locator.exists(rel):
-            return "image file not found"
+            return self.locator.missing_reason(rel)
         label = rec[cols.label] if cols.label else None
         if isinstance(label, str):
             label = label.strip() or None

@@ -76,17 +76,22 @@ def export_student(
     return path
 
 
-def _read(path: str | Path) -> dict:
+def _read(path: str | Path, mmap: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"student export not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise PipelineError(f"cannot read student export {path}: {first_line(exc)}") from exc
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise PipelineError(f"{path} is not a student export (expected format {EXPORT_FORMAT})")
     return payload
+
+
+def export_meta(path: str | Path) -> dict:
+    """The export's ``meta`` (teacher fingerprint, dataset, run) without reading its weights into memory."""
+    return _read(path, mmap=True).get("meta", {})
 
 
 def load_student_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[StudentModel, dict]:

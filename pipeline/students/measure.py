@@ -12,6 +12,7 @@ import os
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.students.config import StudentConfig, get_preset
@@ -32,7 +33,10 @@ def count_params(model: StudentModel) -> dict[str, int]:
 
 
 def _flops(fn, *args, **kwargs) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    # Attention is counted on the math path: the fused CPU kernel (aten._scaled_dot_product_flash_attention_for_cpu)
+    # has no formula in FlopCounterMode and would count as 0, while a meta-device model falls back to the math
+    # path (two bmm). Forcing MATH makes the count the same on every device and torch version.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
 
