@@ -15,7 +15,6 @@ import typer
 
 from pipeline import config as cfgio
 from pipeline.errors import PipelineError
-from pipeline.manifest import Manifest
 from pipeline.rephead.config import ClassifyConfig
 from stages.common import human_bytes, resolve_device
 
@@ -48,6 +47,7 @@ def teacher_tokens(
     """Cache the teacher's image token features, caption and class-prompt embeddings (stage 1, optional)."""
     from pipeline.rephead.extract import cache_prompts, cache_split_tokens
     from pipeline.rephead.labels import image_labels
+    from pipeline.manifest import Manifest
     from pipeline.teachers import load_teacher
 
     cfg = _load(config, overrides, None)

@@ -1,10 +1,14 @@
-"""Small helpers shared by the stage entry points."""
+"""Small helpers shared by the stage entry points (kept light: `--help` must not import torch)."""
 
 from __future__ import annotations
 
-from pipeline.distributed import resolve_device
-
 __all__ = ["resolve_device", "human_bytes"]
+
+
+def resolve_device(name: str):
+    from pipeline.distributed import resolve_device as resolve
+
+    return resolve(name)
 
 
 def human_bytes(n: float) -> str:

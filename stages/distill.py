@@ -8,7 +8,6 @@ from typing import List, Optional
 import typer
 
 from pipeline import config as cfgio
-from pipeline.trainer import DistillConfig, train
 
 
 def distill(
@@ -20,6 +19,8 @@ def distill(
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
     """Distil a student from a teacher-feature cache (method.md section 1); writes runs/<name>/."""
+    from pipeline.trainer import DistillConfig, train
+
     sets = list(overrides) + ([f"name={name}"] if name else [])
     cfg = cfgio.load(DistillConfig, config, sets)
     if print_config:

@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 
-from pipeline.datasets.emoji_labels import label_manifests
 
 
 def emoji_labels(
@@ -26,6 +25,8 @@ def emoji_labels(
     ),
 ) -> None:
     """Label each image with its Unicode emoji group/subgroup; unknown (newer) emoji stay unlabelled."""
+    from pipeline.datasets.emoji_labels import label_manifests
+
     s = label_manifests(manifest_dir, out, level=level, emoji_test=emoji_test)
     typer.echo(f"labels ({level}) from {s.source}")
     for split, path in s.paths.items():

@@ -7,14 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from pipeline.cache import FeatureCache
 from pipeline.errors import PipelineError
-from pipeline.evaluate import (
-    TRUNCATED_CAPTIONS, SpeedSettings, evaluate_student, foreign_export_reason, evaluate_teacher_cache, is_fresh, read_result,
-    safe_name, student_settings, teacher_settings,
-)
-from pipeline.manifest import Manifest
-from pipeline.report import write_report
 from stages.common import resolve_device
 
 
@@ -36,8 +29,10 @@ def _exports(runs: Optional[List[Path]], runs_dir: Path) -> list[Path]:
     return out
 
 
-def _foreign(exports: list[Path], cache: FeatureCache) -> dict[Path, str]:
+def _foreign(exports: list[Path], cache) -> dict[Path, str]:
     """Exports distilled from another teacher or dataset than ``cache`` holds, with the reason to skip each."""
+    from pipeline.evaluate import foreign_export_reason
+
     reasons = {export: foreign_export_reason(export, cache) for export in exports}
     return {export: why for export, why in reasons.items() if why}
 
@@ -73,7 +68,7 @@ def evaluate(
         Path("artifacts/eval"), help="Output folder: one subfolder per model + report.md."),
     truncate_captions: bool = typer.Option(
         False, "--truncate-captions",
-        help=f"Keep only the first {TRUNCATED_CAPTIONS} captions per image (default: keep all)."),
+        help="Keep only the first 5 captions per image, as the published protocols (default: keep all)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     force: bool = typer.Option(
         False, "--force", help="Re-evaluate even when a result is newer than its model."),
@@ -84,6 +79,14 @@ def evaluate(
     report: bool = typer.Option(True, help="Write report.md and the figures (--no-report: results only)."),
 ) -> None:
     """Retrieval R@1/5/10 + RSUM of the teacher and students on a split (method.md section 2) + a report."""
+    from pipeline.cache import FeatureCache
+    from pipeline.evaluate import (
+        TRUNCATED_CAPTIONS, SpeedSettings, evaluate_student, evaluate_teacher_cache, is_fresh, read_result,
+        safe_name, student_settings, teacher_settings,
+    )
+    from pipeline.manifest import Manifest
+    from pipeline.report import write_report
+
     manifest = Manifest.read(manifest_dir / f"{split}.parquet")
     if not (cache_dir / split).is_dir():
         raise PipelineError(f"no {split} cache in {cache_dir}; run `clipdistill teacher-features` for it")

@@ -8,12 +8,10 @@ from typing import Optional
 import typer
 
 from pipeline.errors import PipelineError
-from pipeline.evaluate import EvalIndex, QueryResult
-from pipeline.report import search_page
 from stages.common import resolve_device
 
 
-def _print(result: QueryResult, model: str) -> None:
+def _print(result, model: str) -> None:
     what = "images" if result.kind == "text" else "captions"
     query = f'"{result.query}"' if result.kind == "text" else result.query
     typer.echo(f"{result.kind} query {query} -> top {len(result.hits)} {what} ({model}, query embedding: "
@@ -36,6 +34,9 @@ def search(
     device: str = typer.Option("cpu", help="Device for embedding new queries: cpu, cuda, cuda:N or auto."),
 ) -> None:
     """Search the image and caption galleries saved by `eval` with a caption or an image."""
+    from pipeline.evaluate import EvalIndex
+    from pipeline.report import search_page
+
     queries = [query] if query else []
     if queries_file is not None:
         if not queries_file.is_file():

@@ -9,9 +9,6 @@ from typing import Optional
 import typer
 
 from pipeline.errors import PipelineError
-from pipeline.features import FeatureJob, run_feature_job
-from pipeline.manifest import Manifest
-from pipeline.teachers import load_teacher
 from stages.common import human_bytes, resolve_device
 
 
@@ -31,6 +28,10 @@ def teacher_features(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Encode manifest splits with the teacher and write HDF5 cache shards (resumable, shardable)."""
+    from pipeline.features import FeatureJob, run_feature_job
+    from pipeline.manifest import Manifest
+    from pipeline.teachers import load_teacher
+
     shard_index = int(os.environ.get("RANK", 0)) if shard_index is None else shard_index
     num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
     wanted = [s.strip() for s in splits.split(",") if s.strip()]
