@@ -41,7 +41,7 @@ from pipeline.manifest import Manifest
 from pipeline.runlog import RunLogger, truncate_after
 from pipeline.students import ImageTransform, StudentModel, export_student, export_torchscript
 from pipeline.train_state import (
-    atomic_save, autocast, prepare_run_dir, rng_state, seed_all, set_rng_state,
+    atomic_save, autocast, load_checkpoint, prepare_run_dir, rng_state, seed_all, set_rng_state,
 )
 from pipeline.trainer import NonFiniteLoss, TrainResult, validate
 
@@ -233,7 +233,7 @@ def train(cfg: AdaptConfig, resume: bool = False, progress: bool = True) -> Trai
              "start_val_rsum": None}
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     if resume:
-        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(last_path, map_location=device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -375,7 +375,7 @@ def train(cfg: AdaptConfig, resume: bool = False, progress: bool = True) -> Trai
         if improved:
             checkpoint(best_path, {"val": val})
 
-    best = torch.load(best_path if best_path.exists() else last_path, map_location="cpu", weights_only=False)
+    best = load_checkpoint(best_path if best_path.exists() else last_path)
     out_model = copy.deepcopy(model).cpu()
     out_model.load_state_dict(best["teacher"] if evaluated is teacher else best["model"])
     meta = {**start.meta, "run": cfg.name, "start": cfg.start, "mode": cfg.mode,

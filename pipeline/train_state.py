@@ -3,6 +3,7 @@ writes and the precision setting (bf16 autocast on CUDA by default)."""
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -14,14 +15,20 @@ from pipeline.errors import PipelineError
 
 
 def rng_state() -> dict:
-    """Every RNG a training step draws from (Python, numpy, torch CPU and CUDA)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every RNG a training step draws from (Python, numpy, torch CPU and CUDA), as tensors and plain types
+    so a checkpoint loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -40,6 +47,22 @@ def atomic_save(obj, path: Path) -> Path:
     torch.save(obj, tmp)
     tmp.replace(path)
     return path
+
+
+def load_checkpoint(path: Path, what: str = "checkpoint", map_location="cpu", mmap: bool = False) -> dict:
+    """Read a file this project wrote with torch.save: tensors and plain types only (``weights_only=True``),
+    so a file carrying a pickled object (which could run code) is refused with a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        detail = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if str(exc) else ""
+        raise PipelineError(f"refusing {what} {path}: it holds more than tensors and plain values ({detail})") \
+            from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated or foreign files
+        raise PipelineError(f"cannot read {what} {path}: {str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def autocast(device: torch.device, precision: str):

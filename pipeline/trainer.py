@@ -32,7 +32,7 @@ from pipeline.students import (
     StudentConfig, StudentEncoder, build_student, export_student, export_torchscript, get_preset,
 )
 from pipeline.train_state import (
-    atomic_save, autocast, prepare_run_dir, rng_state, seed_all, set_rng_state,
+    atomic_save, autocast, load_checkpoint, prepare_run_dir, rng_state, seed_all, set_rng_state,
 )
 from pipeline.train_data import (
     EpochOrder, PairDataset, align, check_teacher_norms, gather_targets, make_loader, teacher_targets,
@@ -210,7 +210,7 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0, "best_epoch": -1}
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     if resume:
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)  # queue/RNG state stay host-side
+        ckpt = load_checkpoint(last_path)  # to host: queue/RNG state stay host-side
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -333,7 +333,7 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
 
     export_path = None
     if env.is_main:
-        best = torch.load(best_path if best_path.exists() else last_path, map_location="cpu", weights_only=False)
+        best = load_checkpoint(best_path if best_path.exists() else last_path)
         model.load_state_dict(best["model"])
         export_path = export_student(model, scfg, run_dir / "export" / "student.pt", meta={
             "teacher_fingerprint": cache.meta.teacher_fingerprint, "dataset": cache.meta.dataset,

@@ -39,6 +39,8 @@ def _foreign(exports: list[Path], cache) -> dict[Path, str]:
 
 def _name(export: Path, taken: set[str]) -> str:
     """Folder name of a student's results: its run's name (export at runs/<name>/export/student.pt)."""
+    from pipeline.evaluate import safe_name
+
     base = safe_name(export.parent.parent.name if export.parent.name == "export" else export.stem)
     name, n = base, 1
     while name in taken:

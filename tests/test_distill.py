@@ -53,7 +53,7 @@ def distill_args(shapes, runs, name, *extra):
 
 
 def final_weights(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
 def test_killed_run_resumes_to_identical_weights(shapes, tmp_path):
@@ -171,3 +171,38 @@ def test_unnormalised_teacher_targets(shapes, tmp_path):
                                                         f"data.cache_dir={old}", "data.teacher_normalized=false"))
     with pytest.raises(PipelineError, match="rerun teacher-features"):
         train(no_norms, progress=False)
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a tampered checkpoint could carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_and_exports_carrying_pickled_objects_are_refused(shapes, tmp_path):
+    """Resume, student exports and classifier exports load tensors and plain values only."""
+    from pipeline.rephead.student import load_classifier
+    from pipeline.students import load_student
+
+    cfg = cfgio.load(DistillConfig, None, settings(shapes, tmp_path / "runs", "max_steps=2"))
+    result = train(cfg, progress=False)
+    marker = tmp_path / "code-ran"
+    last = result.run_dir / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)  # a real checkpoint is plain: this load is the proof
+    torch.save({**ckpt, "state": _RunsCode(marker)}, last)
+    with pytest.raises(PipelineError, match="refusing checkpoint") as err:
+        train(cfg, resume=True, progress=False)
+    assert "\n" not in str(err.value) and str(last) in str(err.value)
+
+    export = torch.load(result.export_path, weights_only=True)
+    torch.save({**export, "meta": _RunsCode(marker)}, tmp_path / "student.pt")
+    with pytest.raises(PipelineError, match="refusing student export"):
+        load_student(tmp_path / "student.pt")
+    torch.save({"format": "x", "blob": _RunsCode(marker)}, tmp_path / "classifier.pt")
+    with pytest.raises(PipelineError, match="refusing classifier export"):
+        load_classifier(tmp_path / "classifier.pt")
+    assert not marker.exists()

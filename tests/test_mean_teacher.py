@@ -271,15 +271,15 @@ def test_cli_run_killed_and_resumed_equals_straight_run_and_export_evaluates(env
     killed.wait()
     assert ckpt.exists(), killed.stdout.read()[-2000:]
     assert not (runs / "killed" / "export" / "student.pt").exists(), "the kill must land before the end"
-    stopped_at = torch.load(ckpt, weights_only=False)["state"]["global_step"]
+    stopped_at = torch.load(ckpt, weights_only=True)["state"]["global_step"]
     # resumed in this process (the flag only reaches train(resume=True)); one thread, like the CLI runs
     train(cfgio.load(AdaptConfig, None, settings + ["name=killed"]), resume=True, progress=False)
     out, _ = straight.communicate(timeout=240)
     assert straight.returncode == 0, out[-3000:]
     assert "export: " in out
 
-    a = torch.load(runs / "straight" / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(ckpt, weights_only=False)
+    a = torch.load(runs / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
     assert stopped_at < a["state"]["global_step"] == 6 and a["state"] == b["state"]
     for part in ("model", "teacher", "image_bank", "text_bank"):
         for key, value in a[part].items():
@@ -294,7 +294,7 @@ def test_cli_run_killed_and_resumed_equals_straight_run_and_export_evaluates(env
     # the export is the best epoch's EMA teacher, and stage 3 evaluates it against the cache
     export = runs / "killed" / "export" / "student.pt"
     model, meta = load_student_model(export)
-    best = torch.load(runs / "killed" / "checkpoints" / "best.pt", weights_only=False)
+    best = torch.load(runs / "killed" / "checkpoints" / "best.pt", weights_only=True)
     assert meta["mode"] == "mean_teacher" and meta["exported"] == "ema" and meta["labelled_fraction"] == 0.3
     for key, value in model.state_dict().items():
         assert torch.equal(value, best["teacher"][key]), key
@@ -308,7 +308,7 @@ def test_supervised_mode_trains_only_what_it_is_told_without_a_teacher(env, tmp_
     cfg = cfgio.load(AdaptConfig, None, _cfg(env, tmp_path, "mode=supervised", "max_steps=3",
                                              "data.val_split=none", "trainable=projections"))
     result = train(cfg, progress=False)
-    ckpt = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert "teacher" not in ckpt and ckpt["state"]["global_step"] == 3
     log = read_metrics(result.run_dir, "train")
     assert "image_consistency" not in log[0] and all(r["contrastive"] > 0 for r in log)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.runlog import RunLogger, truncate_after
-from pipeline.train_state import atomic_save, rng_state, seed_all, set_rng_state
+from pipeline.train_state import atomic_save, load_checkpoint, rng_state, seed_all, set_rng_state
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def fit(
         "best_val": None,
     }
     if resume and last.exists():
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(last)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -189,7 +189,7 @@ def fit(
             atomic_save({"model": model.state_dict(), "state": dict(state)}, best)
     log.close()
     chosen = best if best.exists() else last
-    model.load_state_dict(torch.load(chosen, map_location=device, weights_only=False)["model"])
+    model.load_state_dict(load_checkpoint(chosen, map_location=device)["model"])
     model.eval()
     return LoopResult(
         state["best_epoch"], state["best_val"], state["global_step"], time.perf_counter() - started

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.errors import PipelineError
 from pipeline.images import ImageDecodeError, load_rgb
 from pipeline.loader import iter_image_batches
-from pipeline.rephead.loop import atomic_save
+from pipeline.train_state import atomic_save, load_checkpoint
 from pipeline.students.config import ImageTowerSpec
 from pipeline.students.preprocess import ImageTransform, TransformSettings
 from pipeline.students.towers import build_image_tower
@@ -122,10 +122,7 @@ def export_classifier(model: ImageClassifier, path: Path, classes: Sequence[str]
 def load_classifier(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[ImageClassifier, list[str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"classifier export not found: {path}")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = load_checkpoint(Path(path), "classifier export")
     if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
         raise PipelineError(f"{path} is not a clipdistill classifier export")
     s = blob["settings"]

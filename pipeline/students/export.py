@@ -77,13 +77,9 @@ def export_student(
 
 
 def _read(path: str | Path, mmap: bool = False) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"student export not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise PipelineError(f"cannot read student export {path}: {first_line(exc)}") from exc
+    from pipeline.train_state import load_checkpoint
+
+    payload = load_checkpoint(Path(path), "student export", mmap=mmap)
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise PipelineError(f"{path} is not a student export (expected format {EXPORT_FORMAT})")
     return payload
