@@ -11,23 +11,33 @@ DATA_DIR    ?= data/$(DATASET)
 ARTIFACTS   ?= artifacts
 CACHE_DIR   ?= $(ARTIFACTS)/cache
 STAMP       := $(VENV)/.installed
+# Exact versions CI tested (tools/lock.py); LOCK= installs from pyproject's ranges instead. EXTRAS=dev,gpu on GPUs.
+LOCK        ?= requirements.lock
+EXTRAS      ?= dev
+PIP_LOCK    := $(if $(LOCK),-c $(LOCK))
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help install test demo dataset teacher teacher-features distill eval bench clean
+.PHONY: help install lock test demo dataset teacher teacher-features distill eval bench clean
 
 help:  ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --upgrade pip $(PIP_LOCK)
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' $(PIP_LOCK)
+	$(if $(LOCK),$(PY) tools/lock.py --check --out $(LOCK) --check-extras $(EXTRAS))
 	touch $@
 
-install: $(STAMP)  ## create .venv and install the project (+ test extras)
+install: $(STAMP)  ## create .venv and install the locked versions (+ test extras; EXTRAS=dev,gpu for GPUs)
+
+lock: $(STAMP)  ## re-resolve requirements.lock from pyproject.toml (after changing dependencies), then reinstall
+	$(PY) tools/lock.py --out requirements.lock --extras dev,gpu
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c requirements.lock
+	touch $(STAMP)
 
 test: $(STAMP)  ## run the test suite
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --durations=15

@@ -1,0 +1,47 @@
+"""requirements.lock: well formed, covers every dependency, and its check catches a drifted install."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCK = ROOT / "requirements.lock"
+spec = importlib.util.spec_from_file_location("lock_tool", ROOT / "tools" / "lock.py")
+lock_tool = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lock_tool)
+
+
+def test_lock_pins_every_direct_dependency_exactly():
+    pins = lock_tool.read_lock(LOCK)
+    lines = [ln for ln in LOCK.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert all(re.fullmatch(r"[a-z0-9\-]+==[A-Za-z0-9.+\-]+", ln) for ln in lines), "name==version lines only"
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    direct = project["dependencies"] + [d for deps in project["optional-dependencies"].values() for d in deps]
+    names = {lock_tool.canonical(re.match(r"[A-Za-z0-9_.\-]+", d).group(0)) for d in direct}
+    assert names - set(pins) == set(), "run `make lock` after changing pyproject.toml"
+    assert "torch" in pins and "pip" in pins and lock_tool.PROJECT not in pins
+
+
+def test_check_reports_a_version_that_differs_from_the_lock(tmp_path):
+    try:
+        metadata.version(lock_tool.PROJECT)
+    except metadata.PackageNotFoundError:
+        pytest.skip("the project is not installed (make install does that)")
+    needed = lock_tool.required_closure(["dev"])
+    assert {"torch", "numpy", "pytest"} <= needed
+    pins = {k: metadata.version(k) for k in needed}
+    good = tmp_path / "good.lock"
+    good.write_text("".join(f"{k}=={v}\n" for k, v in pins.items()))
+    assert lock_tool.check(good, ["dev"]) == []
+    bad = tmp_path / "bad.lock"
+    bad.write_text("".join(f"{k}=={'0.0.1' if k == 'numpy' else v}\n" for k, v in pins.items() if k != "h5py"))
+    problems = lock_tool.check(bad, ["dev"])
+    assert any(p.startswith("numpy: installed") and "locked 0.0.1" in p for p in problems)
+    assert any(p.startswith("h5py ") and "not in bad.lock" in p for p in problems)

@@ -1,0 +1,148 @@
+"""Write or check requirements.lock: the exact version of every package `make install` puts in .venv.
+
+The lock is a pip constraints file (``name==version`` lines), made from pip's own resolver
+(``pip install --dry-run --ignore-installed --report``) over the project and all its extras, so:
+  * `make install` = ``pip install -c requirements.lock -e '.[dev]'`` installs exactly what CI tested, on any
+    day; pins for packages an install does not need (the ``gpu`` extra's, another platform's) are ignored;
+  * the version ranges in pyproject.toml stay as they are for people installing into their own environment.
+pip rather than pip-tools or uv: it is the installer `make install` runs anyway, it honours this machine's pip
+configuration (local wheel indexes, the torch cap), and it needs nothing else installed.
+
+    python tools/lock.py [--out requirements.lock] [--extras dev,gpu]     # `make lock`: resolve anew
+    python tools/lock.py --check [--lock requirements.lock]              # installed == locked?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = "clipdistill"
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_lock(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[canonical(name)] = version.strip()
+    return pins
+
+
+def resolve(extras: str) -> dict[str, str]:
+    """Every distribution pip would install for the project with ``extras``, ignoring what is installed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
+               "--report", str(report), f"{ROOT}[{extras}]"]
+        subprocess.run(cmd, check=True)
+        items = json.loads(report.read_text())["install"]
+    pins = {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in items}
+    pins.pop(PROJECT, None)
+    pins["pip"] = metadata.version("pip")  # `make install` upgrades pip first, to this version
+    return pins
+
+
+def write_lock(out: Path, extras: str) -> None:
+    pins = resolve(extras)
+    header = [
+        "# requirements.lock: exact versions `make install` installs (pip constraints file).",
+        "# Regenerate with `make lock` (tools/lock.py); do not edit by hand.",
+        f"# Resolved {time.strftime('%Y-%m-%d')} for extras [{extras}] on CPython {platform.python_version()} "
+        f"{sys.platform}-{platform.machine()}.",
+    ]
+    out.write_text("\n".join(header + [f"{n}=={v}" for n, v in sorted(pins.items())]) + "\n")
+    print(f"{out}: {len(pins)} packages pinned")
+
+
+def required_closure(extras: list[str]) -> set[str]:
+    """Installed distributions the project needs (its requirements with ``extras``, transitively)."""
+    seen, todo = set(), [(PROJECT, set(extras))]
+    while todo:
+        name, wanted = todo.pop()
+        key = canonical(name)
+        if key in seen and not wanted:
+            continue
+        seen.add(key)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for req in requires:
+            m = re.match(r"\s*([A-Za-z0-9_.\-]+)(\[[^\]]*\])?[^;]*(;(.*))?", req)
+            dep, marker = m.group(1), (m.group(4) or "").strip()
+            if marker:
+                extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+                if extra and extra.group(1) not in wanted:
+                    continue
+                if not extra and not _marker_holds(marker):
+                    continue
+            sub = {e.strip() for e in (m.group(2) or "[]")[1:-1].split(",") if e.strip()}
+            if canonical(dep) not in seen or sub:
+                todo.append((dep, sub))
+    seen.discard(PROJECT)
+    return seen
+
+
+def _marker_holds(marker: str) -> bool:
+    try:
+        from packaging.markers import Marker
+    except ImportError:  # packaging is a pytest dependency, so it is there wherever the check runs
+        return True
+    try:
+        return Marker(marker).evaluate({"extra": ""})
+    except Exception:
+        return True
+
+
+def check(lock: Path, extras: list[str]) -> list[str]:
+    """Problems: packages the project needs that are installed at another version than locked, or unlocked."""
+    pins = read_lock(lock)
+    problems = []
+    for key in sorted(required_closure(extras)):
+        try:
+            installed = metadata.version(key)
+        except metadata.PackageNotFoundError:
+            problems.append(f"{key}: required but not installed")
+            continue
+        if key not in pins:
+            problems.append(f"{key} {installed}: not in {lock.name} (run `make lock`)")
+        elif pins[key] != installed:
+            problems.append(f"{key}: installed {installed}, locked {pins[key]}")
+    return problems
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "requirements.lock")
+    ap.add_argument("--extras", default="dev,gpu", help="extras resolved into the lock")
+    ap.add_argument("--check", action="store_true", help="compare the installed packages with the lock")
+    ap.add_argument("--check-extras", default="dev", help="extras whose packages --check compares")
+    args = ap.parse_args()
+    if args.check:
+        problems = check(args.out, [e for e in args.check_extras.split(",") if e])
+        for p in problems:
+            print(f"lock mismatch: {p}", file=sys.stderr)
+        if problems:
+            sys.exit(1)
+        print(f"installed packages match {args.out.name}")
+        return
+    write_lock(args.out, args.extras)
+
+
+if __name__ == "__main__":
+    main()
