@@ -1,6 +1,6 @@
 """Cache-read benchmark: random 4,096-row batch gathers from a 1M x 512 fp16 cache.
 
-Compares the memory-mapped reader (pipeline.cache.FeatureCache) with h5py's own fancy-index
+Compares the memory-mapped reader (pipeline.features.cache.FeatureCache) with h5py's own fancy-index
 read of the same rows (the baseline), in one run. Target: <= 5 ms per gather via the reader.
 
     .venv/bin/python bench/bench_cache.py [--rows 1000000] [--width 512] [--batch 4096]
@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.cache import CacheMeta, FeatureCache, shard_name, write_shard
+from pipeline.features.cache import CacheMeta, FeatureCache, shard_name, write_shard
 
 
 def build_cache(directory: Path, rows: int, width: int) -> None:

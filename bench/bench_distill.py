@@ -1,6 +1,6 @@
 """Stage-2 step throughput: the real distillation step vs a bare student step, and cache vs online teacher.
 
-(a) samples/s of the training step as ``pipeline.trainer`` runs it - cache gather (``teacher_targets``),
+(a) samples/s of the training step as ``pipeline.distill.trainer`` runs it - cache gather (``teacher_targets``),
     tokenisation, student forward, all four losses (``MultiscaleDistillLoss``) against a full
     ``NegativeQueue``, the dynamic balancer, backward, grad clipping, AdamW + LR schedule, enqueue -
     against the same student's bare step: forward, feature loss against preloaded targets, backward,
@@ -19,7 +19,7 @@ The queue is filled with random cache rows first, so every step sees the full ``
 (the steady state).
 
 Data: the stage-1 cache at artifacts/cache/openmoji/lit/train when present; otherwise random unit-norm
-targets of the teacher's width written with ``pipeline.cache.write_shard`` for data/openmoji's train
+targets of the teacher's width written with ``pipeline.features.cache.write_shard`` for data/openmoji's train
 split, or for a generated shapes dataset (tests/gen_cache.py) when openmoji is not built.
 Teacher: as in bench_features.py (``lit`` if its checkpoint exists, else ``tiny-openclip``). As there,
 the environment matters: with OMP_WAIT_POLICY unset, 2 torch threads on a busy 2-core machine made every
@@ -50,18 +50,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench_features import build_teacher, environment, table  # noqa: E402
-from pipeline.balancer import make_balancer  # noqa: E402
-from pipeline.cache import CacheMeta, FeatureCache, shard_name, write_shard  # noqa: E402
-from pipeline.images import load_rgb  # noqa: E402
-from pipeline.losses import FeatureDistillLoss, LossConfig, MultiscaleDistillLoss  # noqa: E402
-from pipeline.manifest import Manifest  # noqa: E402
-from pipeline.queue import NegativeQueue, QueueBatch  # noqa: E402
+from pipeline.distill.balancer import make_balancer  # noqa: E402
+from pipeline.features.cache import CacheMeta, FeatureCache, shard_name, write_shard  # noqa: E402
+from pipeline.data.images import load_rgb  # noqa: E402
+from pipeline.distill.losses import FeatureDistillLoss, LossConfig, MultiscaleDistillLoss  # noqa: E402
+from pipeline.data.manifest import Manifest  # noqa: E402
+from pipeline.distill.queue import NegativeQueue, QueueBatch  # noqa: E402
 from pipeline.students import build_student, get_preset  # noqa: E402
 from pipeline.teachers.base import Teacher  # noqa: E402
-from pipeline.train_data import (  # noqa: E402
+from pipeline.distill.data import (  # noqa: E402
     AlignedRows, Batch, EpochOrder, PairDataset, align, make_loader, teacher_targets,
 )
-from pipeline.trainer import BalancerSection, DataSection, OptimSection, QueueSection  # noqa: E402
+from pipeline.distill.trainer import BalancerSection, DataSection, OptimSection, QueueSection  # noqa: E402
 
 REAL_CACHE = Path("artifacts/cache/openmoji/lit/train")
 OPENMOJI_TRAIN = Path("data/openmoji/train.parquet")
@@ -134,7 +134,7 @@ class Clock:
 
 # ---------------------------------------------------------------------------------------------- bench
 class DistillBench:
-    """The trainer's pieces, built as ``pipeline.trainer._train`` builds them, plus a bare baseline."""
+    """The trainer's pieces, built as ``pipeline.distill.trainer._train`` builds them, plus a bare baseline."""
 
     def __init__(self, args, rows: AlignedRows, cache: FeatureCache, teacher: Teacher, tmp: Path):
         self.args, self.rows, self.cache, self.teacher = args, rows, cache, teacher
@@ -201,7 +201,7 @@ class DistillBench:
 
     # -- steps ---------------------------------------------------------------------------------
     def real_step(self, batch: Batch, targets: Callable, clock: Clock, pixels: torch.Tensor | None = None):
-        """One step of pipeline.trainer's loop body (no logging or checkpoints); keep the two in sync."""
+        """One step of pipeline.distill.trainer's loop body (no logging or checkpoints); keep the two in sync."""
         rows, device, model = self.rows, self.device, self.model
         idx = batch.rows.numpy()
         with clock("targets"):

@@ -1,4 +1,4 @@
-"""Benchmark of the retrieval evaluation (pipeline.metrics / pipeline.index).
+"""Benchmark of the retrieval evaluation (pipeline.retrieval.metrics / pipeline.retrieval.index).
 
 (a) COCO-5K-sized evaluation (5,000 images x 25,000 captions, width 512) through
     ``retrieval_metrics`` (exact FAISS search in both directions), against the time of one plain
@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipeline.index import build_index, choose_index, knn_recall, retrieval_metrics, search  # noqa: E402
-from pipeline.metrics import recall_at_k  # noqa: E402
+from pipeline.retrieval.index import build_index, choose_index, knn_recall, retrieval_metrics, search  # noqa: E402
+from pipeline.retrieval.metrics import recall_at_k  # noqa: E402
 
 
 def normalise(x: np.ndarray) -> np.ndarray:

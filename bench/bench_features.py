@@ -1,6 +1,6 @@
 """Stage-1 throughput: ``run_feature_job`` end to end vs the same teacher's model-only forward.
 
-End to end: ``pipeline.features.run_feature_job`` on one split - PNG decode + preprocessing in DataLoader
+End to end: ``pipeline.features.job.run_feature_job`` on one split - PNG decode + preprocessing in DataLoader
 workers, ``encode_images``, tokenisation + ``encode_texts``, HDF5 shard write, rejects and summary files.
 Baseline (model only): the same teacher's ``encode_images`` / ``encode_texts`` over the same images and
 captions in the same batches, with the preprocessed pixels and the tokens already in memory.
@@ -42,10 +42,10 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import torch  # noqa: E402
 
-import pipeline.features as features  # noqa: E402
-from pipeline.features import FeatureJob, run_feature_job  # noqa: E402
-from pipeline.loader import iter_image_batches  # noqa: E402
-from pipeline.manifest import Manifest  # noqa: E402
+import pipeline.features.job as features  # noqa: E402
+from pipeline.features.job import FeatureJob, run_feature_job  # noqa: E402
+from pipeline.data.loader import iter_image_batches  # noqa: E402
+from pipeline.data.manifest import Manifest  # noqa: E402
 from pipeline.teachers import DEFAULT_LIT_CHECKPOINT, load_teacher  # noqa: E402
 from pipeline.teachers.base import Teacher  # noqa: E402
 
@@ -143,7 +143,7 @@ class TimedTeacher(Teacher):
         with self.clock("tokenize"):
             return self.inner.tokenize(texts)
 
-    # The model calls themselves: every public encode_* path (pipeline.embed uses *_with_norms) ends here.
+    # The model calls themselves: every public encode_* path (pipeline.features.encode uses *_with_norms) ends here.
     def _encode_images(self, pixels):
         with self.clock("encode_images"):
             return self.inner._encode_images(pixels)
@@ -188,7 +188,7 @@ def run_end_to_end(teacher: Teacher, manifest: Manifest, args, out: Path) -> tup
 def run_model_only(teacher: Teacher, pixels: list[torch.Tensor], tokens: list) -> tuple[float, Clock]:
     clock = Clock()
     t0 = time.perf_counter()
-    for px in pixels:  # .cpu().numpy() as in pipeline.embed
+    for px in pixels:  # .cpu().numpy() as in pipeline.features.encode
         with clock("encode_images"):
             teacher.encode_images(px).cpu().numpy()
     for tok in tokens:

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from pipeline import config as cfgio
+from pipeline.common import config as cfgio
 
 
 def adapt(
@@ -24,7 +24,7 @@ def adapt(
 ) -> None:
     """Fine-tune a start model (student export, lit teacher, open_clip model) on a labelled fraction of the
     training pairs: supervised only, or with an EMA mean teacher's consistency loss on the rest."""
-    from pipeline.mean_teacher import AdaptConfig, train
+    from pipeline.adapt.trainer import AdaptConfig, train
 
     sets = list(overrides) + ([f"name={name}"] if name else [])
     cfg = cfgio.load(AdaptConfig, config, sets)

@@ -26,7 +26,7 @@ def build_lit(
     seed: int = typer.Option(0, help="Seed for head init, batch order and the held-out split."),
 ) -> None:
     """Encode the train split with the frozen towers (cached next to --out) and train the linear heads."""
-    from pipeline.lit_training import feature_cache_path, train_lit_heads
+    from pipeline.teachers.lit_training import feature_cache_path, train_lit_heads
 
     if val_manifest is None and (manifest.parent / "val.parquet").exists() and manifest.name != "val.parquet":
         val_manifest = manifest.parent / "val.parquet"

@@ -10,10 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.errors import PipelineError
-from pipeline.manifest import Manifest, write_splits
-from pipeline.readers import FORMATS, READERS, read_dataset
-from pipeline.readers.common import all_images_missing_error
+from pipeline.common.errors import PipelineError
+from pipeline.data.manifest import Manifest, write_splits
+from pipeline.data.readers import FORMATS, READERS, read_dataset
+from pipeline.data.readers.common import all_images_missing_error
 
 _FORMAT_HELP = "Dataset format: " + "; ".join(f"{k} = {v}" for k, v in FORMATS.items())
 _INPUT_HELP = (

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.datasets.openmoji import (
+from pipeline.data.datasets.openmoji import (
     DEFAULT_SIZE,
     DEFAULT_TEST_IMAGES,
     DEFAULT_VAL_IMAGES,

@@ -13,9 +13,9 @@ from typing import List, Optional
 
 import typer
 
-from pipeline import config as cfgio
-from pipeline.errors import PipelineError
-from pipeline.rephead.config import ClassifyConfig
+from pipeline.common import config as cfgio
+from pipeline.common.errors import PipelineError
+from pipeline.classify.config import ClassifyConfig
 from stages.common import human_bytes, resolve_device
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML/JSON config (see configs/openmoji-rephead.yaml).")
@@ -45,9 +45,9 @@ def teacher_tokens(
     progress: bool = ProgressOpt,
 ) -> None:
     """Cache the teacher's image token features, caption and class-prompt embeddings (stage 1, optional)."""
-    from pipeline.rephead.extract import cache_prompts, cache_split_tokens
-    from pipeline.rephead.labels import image_labels
-    from pipeline.manifest import Manifest
+    from pipeline.classify.extract import cache_prompts, cache_split_tokens
+    from pipeline.classify.labels import image_labels
+    from pipeline.data.manifest import Manifest
     from pipeline.teachers import load_teacher
 
     cfg = _load(config, overrides, None)
@@ -113,7 +113,7 @@ def rephead(
     print_config: bool = PrintOpt,
 ) -> None:
     """Step 1: train the representation head (text queries over image tokens) and the text-free probe."""
-    from pipeline.rephead.experiment import run_step1
+    from pipeline.classify.experiment import run_step1
 
     cfg = _load(config, overrides, name, print_config)
     if cfg is None:
@@ -139,8 +139,8 @@ def self_distill(
     print_config: bool = PrintOpt,
 ) -> None:
     """Step 2: fresh students of the teacher's image architecture on soft targets, per generation."""
-    from pipeline.rephead.experiment import run_step2
-    from pipeline.rephead.report import classification_table
+    from pipeline.classify.experiment import run_step2
+    from pipeline.classify.report import classification_table
 
     cfg = _load(config, overrides, name, print_config)
     if cfg is None:
@@ -159,8 +159,8 @@ def class_folder(
     ),
 ) -> None:
     """Manifests for a captionless classification folder (CIFAR/ImageNet exports); caption = class name."""
-    from pipeline.manifest import write_splits
-    from pipeline.rephead.datasets import read_class_folder
+    from pipeline.data.manifest import write_splits
+    from pipeline.classify.datasets import read_class_folder
 
     manifest = read_class_folder(path, split_fractions)
     paths = write_splits(manifest, out)

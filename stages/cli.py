@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.runtime import tune_cpu_runtime
+from pipeline.common.runtime import tune_cpu_runtime
 
 tune_cpu_runtime()  # before torch is imported by the stage modules below
 
 import typer  # noqa: E402
 
-from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.common.errors import PipelineError  # noqa: E402
 from stages.adapt import adapt  # noqa: E402
 from stages.build_lit import build_lit  # noqa: E402
 from stages.build_manifest import build_manifest  # noqa: E402

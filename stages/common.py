@@ -6,7 +6,7 @@ __all__ = ["resolve_device", "human_bytes"]
 
 
 def resolve_device(name: str):
-    from pipeline.distributed import resolve_device as resolve
+    from pipeline.common.distributed import resolve_device as resolve
 
     return resolve(name)
 

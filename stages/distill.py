@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from pipeline import config as cfgio
+from pipeline.common import config as cfgio
 
 
 def distill(
@@ -19,7 +19,7 @@ def distill(
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
     """Distil a student from a teacher-feature cache (method.md section 1); writes runs/<name>/."""
-    from pipeline.trainer import DistillConfig, train
+    from pipeline.distill.trainer import DistillConfig, train
 
     sets = list(overrides) + ([f"name={name}"] if name else [])
     cfg = cfgio.load(DistillConfig, config, sets)

@@ -25,7 +25,7 @@ def emoji_labels(
     ),
 ) -> None:
     """Label each image with its Unicode emoji group/subgroup; unknown (newer) emoji stay unlabelled."""
-    from pipeline.datasets.emoji_labels import label_manifests
+    from pipeline.data.datasets.emoji_labels import label_manifests
 
     s = label_manifests(manifest_dir, out, level=level, emoji_test=emoji_test)
     typer.echo(f"labels ({level}) from {s.source}")

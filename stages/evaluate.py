@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 from stages.common import resolve_device
 
 
@@ -31,7 +31,7 @@ def _exports(runs: Optional[List[Path]], runs_dir: Path) -> list[Path]:
 
 def _foreign(exports: list[Path], cache) -> dict[Path, str]:
     """Exports distilled from another teacher or dataset than ``cache`` holds, with the reason to skip each."""
-    from pipeline.evaluate import foreign_export_reason
+    from pipeline.retrieval.evaluate import foreign_export_reason
 
     reasons = {export: foreign_export_reason(export, cache) for export in exports}
     return {export: why for export, why in reasons.items() if why}
@@ -39,7 +39,7 @@ def _foreign(exports: list[Path], cache) -> dict[Path, str]:
 
 def _name(export: Path, taken: set[str]) -> str:
     """Folder name of a student's results: its run's name (export at runs/<name>/export/student.pt)."""
-    from pipeline.evaluate import safe_name
+    from pipeline.retrieval.evaluate import safe_name
 
     base = safe_name(export.parent.parent.name if export.parent.name == "export" else export.stem)
     name, n = base, 1
@@ -81,13 +81,13 @@ def evaluate(
     report: bool = typer.Option(True, help="Write report.md and the figures (--no-report: results only)."),
 ) -> None:
     """Retrieval R@1/5/10 + RSUM of the teacher and students on a split (method.md section 2) + a report."""
-    from pipeline.cache import FeatureCache
-    from pipeline.evaluate import (
+    from pipeline.features.cache import FeatureCache
+    from pipeline.retrieval.evaluate import (
         TRUNCATED_CAPTIONS, SpeedSettings, evaluate_student, evaluate_teacher_cache, is_fresh, read_result,
         safe_name, student_settings, teacher_settings,
     )
-    from pipeline.manifest import Manifest
-    from pipeline.report import write_report
+    from pipeline.data.manifest import Manifest
+    from pipeline.retrieval.report import write_report
 
     manifest = Manifest.read(manifest_dir / f"{split}.parquet")
     if not (cache_dir / split).is_dir():

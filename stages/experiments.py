@@ -36,8 +36,8 @@ def experiments(
 ) -> None:
     """Train every (row, seed) of a sweep once (identical configs shared across tables; finished runs are
     skipped), evaluate them on the test split next to the teacher and write the tables to --results."""
-    from pipeline.experiments import run_sweep
-    from pipeline.sweep import load_sweep
+    from pipeline.experiments.runner import run_sweep
+    from pipeline.experiments.sweep import load_sweep
 
     fig_dir = (figures_dir or results.parent / "results") if figures else None
     run_sweep(load_sweep(sweep), runs_dir, results, fig_dir, only=only, global_sets=overrides, jobs=jobs,

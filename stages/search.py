@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 from stages.common import resolve_device
 
 
@@ -34,8 +34,8 @@ def search(
     device: str = typer.Option("cpu", help="Device for embedding new queries: cpu, cuda, cuda:N or auto."),
 ) -> None:
     """Search the image and caption galleries saved by `eval` with a caption or an image."""
-    from pipeline.evaluate import EvalIndex
-    from pipeline.report import search_page
+    from pipeline.retrieval.evaluate import EvalIndex
+    from pipeline.retrieval.report import search_page
 
     queries = [query] if query else []
     if queries_file is not None:

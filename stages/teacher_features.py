@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 from stages.common import human_bytes, resolve_device
 
 
@@ -28,8 +28,8 @@ def teacher_features(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Encode manifest splits with the teacher and write HDF5 cache shards (resumable, shardable)."""
-    from pipeline.features import FeatureJob, run_feature_job
-    from pipeline.manifest import Manifest
+    from pipeline.features.job import FeatureJob, run_feature_job
+    from pipeline.data.manifest import Manifest
     from pipeline.teachers import load_teacher
 
     shard_index = int(os.environ.get("RANK", 0)) if shard_index is None else shard_index

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.features import FeatureJob, run_feature_job
-from pipeline.manifest import Manifest, write_splits
+from pipeline.features.job import FeatureJob, run_feature_job
+from pipeline.data.manifest import Manifest, write_splits
 from tests.fake_teacher import FakeTeacher
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]

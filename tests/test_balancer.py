@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.balancer import DynamicBalancer, FixedBalancer, ReferenceCodeBalancer, make_balancer
-from pipeline.errors import PipelineError
+from pipeline.distill.balancer import DynamicBalancer, FixedBalancer, ReferenceCodeBalancer, make_balancer
+from pipeline.common.errors import PipelineError
 
 torch.set_num_threads(1)
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.cache import FeatureCache
-from pipeline.errors import PipelineError
-from pipeline.features import FeatureJob, run_feature_job
-from pipeline.manifest import Manifest
+from pipeline.features.cache import FeatureCache
+from pipeline.common.errors import PipelineError
+from pipeline.features.job import FeatureJob, run_feature_job
+from pipeline.data.manifest import Manifest
 from tests.fake_teacher import FakeTeacher
 
 ROOT = Path(__file__).resolve().parents[1]

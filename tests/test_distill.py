@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import config as cfgio
-from pipeline.errors import PipelineError
-from pipeline.trainer import DistillConfig, train
+from pipeline.common import config as cfgio
+from pipeline.common.errors import PipelineError
+from pipeline.distill.trainer import DistillConfig, train
 from tests.gen_cache import make_cache, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_killed_run_resumes_to_identical_weights(shapes, tmp_path):
         assert a["queue"][0][m]["ptr"] == b["queue"][0][m]["ptr"]
         assert torch.equal(a["queue"][0][m]["emb"], b["queue"][0][m]["emb"])
     # the resumed run's metrics have no duplicated steps from the killed attempt
-    from pipeline.runlog import read_metrics
+    from pipeline.common.runlog import read_metrics
 
     steps = [r["step"] for r in read_metrics(runs / "killed", "train")]
     assert steps == sorted(set(steps))
@@ -104,7 +104,7 @@ def test_two_process_ddp_on_cpu(shapes, tmp_path):
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(shapes, tmp_path, monkeypatch):
-    from pipeline import losses
+    from pipeline.distill import losses
 
     real = losses.MultiscaleDistillLoss.forward
     calls = {"n": 0}
@@ -145,8 +145,8 @@ def test_unnormalised_teacher_targets(shapes, tmp_path):
     import h5py
     import numpy as np
 
-    from pipeline.cache import FeatureCache
-    from pipeline.train_data import gather_targets
+    from pipeline.features.cache import FeatureCache
+    from pipeline.distill.data import gather_targets
 
     _, cache_root = shapes
     cache = FeatureCache(Path(cache_root) / "train")
@@ -185,7 +185,7 @@ class _RunsCode:
 
 def test_checkpoints_and_exports_carrying_pickled_objects_are_refused(shapes, tmp_path):
     """Resume, student exports and classifier exports load tensors and plain values only."""
-    from pipeline.rephead.student import load_classifier
+    from pipeline.classify.student import load_classifier
     from pipeline.students import load_student
 
     cfg = cfgio.load(DistillConfig, None, settings(shapes, tmp_path / "runs", "max_steps=2"))

@@ -14,18 +14,18 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from pipeline import config as cfgio
-from pipeline.cache import FeatureCache
-from pipeline.embed import SplitEmbeddings, embed_manifest
-from pipeline.errors import PipelineError
-from pipeline.evaluate import (
+from pipeline.common import config as cfgio
+from pipeline.features.cache import FeatureCache
+from pipeline.features.encode import SplitEmbeddings, embed_manifest
+from pipeline.common.errors import PipelineError
+from pipeline.retrieval.evaluate import (
     RESULT_FORMAT, EvalIndex, evaluate_student, evaluate_teacher_cache, is_fresh, retrieval, save_outputs,
 )
-from pipeline.manifest import Manifest
-from pipeline.metrics import brute_force_recall
-from pipeline.report import HEADER
+from pipeline.data.manifest import Manifest
+from pipeline.retrieval.metrics import brute_force_recall
+from pipeline.retrieval.report import HEADER
 from pipeline.students import build_student, count_params, export_student, get_preset, load_student
-from pipeline.trainer import DistillConfig, train
+from pipeline.distill.trainer import DistillConfig, train
 from stages.evaluate import evaluate
 from stages.search import search
 from tests.fake_teacher import FakeTeacher

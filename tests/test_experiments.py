@@ -14,12 +14,12 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from pipeline import config as cfgio
-from pipeline.errors import PipelineError
-from pipeline.evaluate import RESULT_FORMAT
-from pipeline.experiment_tables import end_marker, mean_std, row_stats, start_marker, update_document
-from pipeline.sweep import load_sweep, override_strings, plan_sweep, run_key
-from pipeline.trainer import DistillConfig
+from pipeline.common import config as cfgio
+from pipeline.common.errors import PipelineError
+from pipeline.retrieval.evaluate import RESULT_FORMAT
+from pipeline.experiments.tables import end_marker, mean_std, row_stats, start_marker, update_document
+from pipeline.experiments.sweep import load_sweep, override_strings, plan_sweep, run_key
+from pipeline.distill.trainer import DistillConfig
 from stages.experiments import experiments
 from tests.gen_cache import make_cache, make_dataset
 

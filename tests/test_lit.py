@@ -15,9 +15,10 @@ import typer
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-from pipeline.errors import PipelineError
-from pipeline.lit_training import feature_cache_path, retrieval_recall, train_lit_heads
-from pipeline.manifest import Manifest
+from pipeline.common.errors import PipelineError
+from pipeline.retrieval.metrics import recall_at_k
+from pipeline.teachers.lit_training import feature_cache_path, train_lit_heads
+from pipeline.data.manifest import Manifest
 from pipeline.teachers import load_teacher
 from pipeline.teachers.lit import LitImageTransform, LitTeacher, LitTowers
 from stages.build_lit import build_lit
@@ -73,32 +74,6 @@ def trained(tmp_path_factory):
             "combos": train_combos}
 
 
-def _naive_recall(sim: np.ndarray, txt_image: np.ndarray, k: int) -> tuple[float, float]:
-    """Reference: explicit top-K lists (stable sort, ground truth first among ties)."""
-    n_img, n_txt = sim.shape
-    i2t = [any(txt_image[j] == i
-               for j in sorted(range(n_txt), key=lambda j: (-sim[i, j], txt_image[j] != i))[:k])
-           for i in range(n_img) if i in set(txt_image.tolist())]
-    t2i = [txt_image[j] in sorted(range(n_img), key=lambda i: (-sim[i, j], i != txt_image[j]))[:k]
-           for j in range(n_txt)]
-    return 100.0 * np.mean(i2t), 100.0 * np.mean(t2i)
-
-
-def test_retrieval_recall_matches_naive_reference():
-    g = torch.Generator().manual_seed(3)
-    img = F.normalize(torch.randn(30, 8, generator=g), dim=-1)
-    txt_image = torch.randint(0, 29, (70,), generator=g)  # image 29 has no caption; some have several
-    txt = F.normalize(img[txt_image] + 1.2 * torch.randn(70, 8, generator=g), dim=-1)
-    got = retrieval_recall(img, txt, txt_image)
-    sim = (img @ txt.T).numpy()
-    for k in (1, 5, 10):
-        i2t, t2i = _naive_recall(sim, txt_image.numpy(), k)
-        assert got[f"i2t_r{k}"] == pytest.approx(i2t)
-        assert got[f"t2i_r{k}"] == pytest.approx(t2i)
-    assert 0 < got["i2t_r1"] < 100 and 0 < got["t2i_r1"] < 100  # the case is neither trivial nor hopeless
-    assert got["rsum"] == pytest.approx(sum(v for k, v in got.items() if k != "rsum"))
-
-
 def test_image_transform_is_picklable_and_scales_like_the_tf_weights():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 300, 3), dtype=np.uint8))
     t = LitImageTransform()
@@ -131,6 +106,10 @@ def test_decode_failure_is_counted_and_neighbours_kept(trained):
     assert s["image_failures"] == 1 and "broken.png" in s["image_failure_examples"][0]
     assert s["train_images"] == 12 and s["train_pairs"] == 24
     assert s["val_images"] == 4 and s["val_pairs"] == 8
+
+
+def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, txt_image: torch.Tensor) -> dict:
+    return recall_at_k(img.numpy(), txt.numpy(), txt_image.numpy())
 
 
 def test_trained_heads_retrieve_training_pairs_better_than_chance(trained):
@@ -217,8 +196,8 @@ def test_stage1_reuses_build_lit_features_and_matches_encoding(trained, tmp_path
     again; the cache must equal one made by encoding every image (checkpoint copied without the npz)."""
     import shutil
 
-    from pipeline.cache import FeatureCache
-    from pipeline.features import FeatureJob, run_feature_job
+    from pipeline.features.cache import FeatureCache
+    from pipeline.features.job import FeatureJob, run_feature_job
 
     root, ckpt = trained["root"], trained["ckpt"]
     lone = tmp_path / "alone" / "lit.pt"

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import PipelineError
-from pipeline.losses import (
+from pipeline.common.errors import PipelineError
+from pipeline.distill.losses import (
     ContrastiveDistillLoss,
     FeatureDistillLoss,
     HardNegativeDistillLoss,
@@ -21,7 +21,7 @@ from pipeline.losses import (
     caption_hashes,
     max_violation_triplet,
 )
-from pipeline.queue import ActiveQueue
+from pipeline.distill.queue import ActiveQueue
 
 torch.set_num_threads(1)
 
@@ -375,8 +375,8 @@ def test_pair_loss_ignores_teacher_and_trains_without_distillation():
 
 
 def test_pair_only_config_from_overrides():
-    from pipeline import config as cfgio
-    from pipeline.trainer import DistillConfig
+    from pipeline.common import config as cfgio
+    from pipeline.distill.trainer import DistillConfig
 
     cfg = cfgio.load(DistillConfig, None, ["losses.cd=false", "losses.fd=false", "losses.sd=false",
                                            "losses.hnd=false", "losses.pair=true"])

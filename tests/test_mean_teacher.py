@@ -19,16 +19,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from pipeline import config as cfgio
-from pipeline.adapt_data import StepBatches, build_split, stream
-from pipeline.adapt_models import frozen_towers, load_start, set_trainable
-from pipeline.consistency import (
+from pipeline.common import config as cfgio
+from pipeline.adapt.data import StepBatches, build_split, stream
+from pipeline.adapt.start import frozen_towers, load_start, set_trainable
+from pipeline.adapt.consistency import (
     EmbeddingBank, consistency_loss, contrastive_loss, drop_words, ema_update, labelled_images, momentum_at,
 )
-from pipeline.errors import PipelineError
-from pipeline.manifest import Manifest
-from pipeline.mean_teacher import AdaptConfig, check_config, train
-from pipeline.runlog import read_metrics
+from pipeline.common.errors import PipelineError
+from pipeline.data.manifest import Manifest
+from pipeline.adapt.trainer import AdaptConfig, check_config, train
+from pipeline.common.runlog import read_metrics
 from pipeline.students import ImageTransform, build_student, export_student, get_preset, load_student_model
 from tests.gen_cache import make_cache, make_dataset
 
@@ -256,8 +256,8 @@ def _adapt_args(settings: list[str], name: str) -> list[str]:
 
 
 def test_cli_run_killed_and_resumed_equals_straight_run_and_export_evaluates(env, tmp_path):
-    from pipeline.cache import FeatureCache
-    from pipeline.evaluate import evaluate_student
+    from pipeline.features.cache import FeatureCache
+    from pipeline.retrieval.evaluate import evaluate_student
 
     runs = tmp_path / "runs"
     settings = _cfg(env, runs)

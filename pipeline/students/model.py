@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 from pipeline.students.config import StudentConfig
 from pipeline.students.preprocess import ImageTransform, TextTokenizer, TransformSettings
 from pipeline.students.towers import build_image_tower, build_text_tower

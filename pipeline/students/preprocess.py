@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 
 _INTERPOLATION = {
     "bicubic": T.InterpolationMode.BICUBIC,

@@ -17,8 +17,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from pipeline.config import deep_merge
-from pipeline.errors import PipelineError
+from pipeline.common.config import deep_merge
+from pipeline.common.errors import PipelineError
 from pipeline.students.config import ImageTowerSpec, TextTowerSpec
 from pipeline.students.preprocess import TransformSettings, resolve_tokenizer_dir
 

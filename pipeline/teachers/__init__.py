@@ -8,7 +8,7 @@ Specs:
 
 from __future__ import annotations
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 from pipeline.teachers.base import Teacher
 
 DEFAULT_LIT_CHECKPOINT = "artifacts/teachers/lit-openmoji.pt"

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 from pipeline.teachers.base import Teacher, state_dict_digest
 
 # Model types whose processor yields plain ``pixel_values`` and whose ``get_*_features`` need nothing else.

@@ -2,7 +2,7 @@
 
 Frozen EfficientNet-Lite0 image tower (ImageNet-1k, 1280-d pooled features) and frozen all-MiniLM-L6-v2
 text tower (384-d masked-mean sentence embedding), each followed by a linear head to a shared width.
-Only the heads are trained (``pipeline.lit_training``); both towers install from PyPI and load offline
+Only the heads are trained (``pipeline.teachers.lit_training``); both towers install from PyPI and load offline
 (see offline-assets.md in the shared docs).
 """
 
@@ -20,8 +20,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.errors import PipelineError
-from pipeline.loader import batched, iter_image_batches
+from pipeline.common.errors import PipelineError
+from pipeline.data.loader import batched, iter_image_batches
 from pipeline.teachers.base import KnownEmbeddings, Teacher, split_norm, state_dict_digest
 
 IMAGE_MODEL = "efficientnet-lite0"
@@ -290,7 +290,7 @@ class LitTeacher(Teacher):
         (train/val), so ``teacher-features`` does not run the towers on those images a second time."""
         if self.checkpoint_path is None:
             return None
-        from pipeline.lit_training import stored_tower_features
+        from pipeline.teachers.lit_training import stored_tower_features
 
         sf = stored_tower_features(self.checkpoint_path, manifest)
         if sf is None:

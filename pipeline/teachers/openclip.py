@@ -13,7 +13,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 from pipeline.teachers.base import Teacher, state_dict_digest
 from pipeline.teachers.hf import autocast_context, check_precision
 

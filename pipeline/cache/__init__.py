@@ -1,7 +1,0 @@
-"""HDF5 teacher-feature cache: shard files written atomically, read back as memory maps."""
-
-from pipeline.cache.format import CacheMeta, shard_name
-from pipeline.cache.reader import FeatureCache, ShardedRows
-from pipeline.cache.writer import write_shard
-
-__all__ = ["CacheMeta", "FeatureCache", "ShardedRows", "shard_name", "write_shard"]

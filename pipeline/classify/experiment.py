@@ -1,0 +1,329 @@
+"""The classification experiment of method.md 4 as two resumable steps over one run folder.
+
+    runs/<name>/config.json               resolved config (a rerun must match it; generations may be added)
+    runs/<name>/head/, probe/             step 1: loop folders (checkpoints, metrics) + export/ + targets.h5
+    runs/<name>/<text|notext>/gen-<g>/    step 2: one student generation: checkpoints, metrics,
+                                          export/classifier.pt, targets.h5 (its soft predictions), result.json
+    runs/<name>/results.json, results.md  every number: teachers and each generation, top-1/top-5 (+ Recall@K)
+
+A finished part (its result.json exists) is skipped on rerun; an interrupted one continues with ``resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pipeline.common import config as cfgio
+from pipeline.common.distributed import resolve_device
+from pipeline.common.errors import PipelineError
+from pipeline.data.manifest import Manifest
+from pipeline.classify.config import ClassifyConfig, comparable
+from pipeline.classify.head import topk_accuracy
+from pipeline.classify.labels import class_list, sample_few_shot
+from pipeline.classify.report import classification_table
+from pipeline.classify.selfdistill import caption_recall, new_student, student_retrieval, train_generation
+from pipeline.classify.student import ImageRows, export_classifier, predict
+from pipeline.classify.trainers import (
+    Split,
+    evaluate_probs,
+    export_teacher,
+    head_probs,
+    load_targets,
+    open_split,
+    probe_probs,
+    queries_for,
+    save_targets,
+    train_head,
+    train_probe,
+)
+
+TEACHER_PART = {"text": "head", "notext": "probe"}
+
+
+@dataclass
+class Data:
+    classes: list[str]
+    train: Split
+    val: Optional[Split]
+    test: Optional[Split]
+    known: Optional[np.ndarray]  # few-shot: training positions whose labels the teachers see (None: all)
+    short_classes: dict  # few-shot: classes with fewer than k images -> how many they had
+
+
+def prepare_run(cfg: ClassifyConfig) -> Path:
+    """Create or check ``runs/<name>``: an existing run must have been made with a compatible config."""
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    saved_path = run_dir / "config.json"
+    if saved_path.exists():
+        saved = cfgio.load(ClassifyConfig, saved_path)
+        a, b = cfgio.flatten(comparable(saved)), cfgio.flatten(comparable(cfg))
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            raise PipelineError(
+                f"run {run_dir} was made with a different config ({', '.join(diff)}); choose another --name"
+            )
+    cfgio.save(cfg, saved_path)
+    return run_dir
+
+
+def load_data(cfg: ClassifyConfig) -> Data:
+    train_manifest = Path(cfg.data.manifest_dir) / f"{cfg.data.train_split}.parquet"
+    manifest = Manifest.read(train_manifest)
+    classes = class_list(manifest)
+    if cfg.text.mode == "captions" and _captions_are_labels(manifest):
+        raise PipelineError(
+            f"the captions of {train_manifest} are the class names, which would hand the head "
+            "its labels; use text.mode=prompts"
+        )
+    train = open_split(cfg, cfg.data.train_split, classes, required=True)
+    val = open_split(cfg, cfg.data.val_split, classes, required=False)
+    test = open_split(cfg, cfg.data.test_split, classes, required=False)
+    known, short = None, {}
+    if cfg.few_shot:
+        known, short = sample_few_shot(train.images.image_ids, train.images.labels, cfg.few_shot, cfg.seed)
+    return Data(classes, train, val, test, known, {classes[c]: n for c, n in short.items()})
+
+
+def _captions_are_labels(manifest: Manifest) -> bool:
+    t = manifest.table
+    pairs = [
+        (c or "").strip().lower() == (lab or "").replace("_", " ").strip().lower()
+        for c, lab in zip(t.column("caption").to_pylist(), t.column("label").to_pylist())
+        if lab
+    ]
+    return bool(pairs) and sum(pairs) > len(pairs) / 2
+
+
+def _rounded(obj):
+    if isinstance(obj, float):
+        return round(obj, 2)
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
+def _write_json(path: Path, obj: dict) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_rounded(obj), indent=2, default=str))
+    tmp.replace(path)
+    return path
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _metrics(probs_or_logits: np.ndarray, split: Optional[Split]) -> Optional[dict]:
+    return None if split is None else evaluate_probs(probs_or_logits, split)
+
+
+# ---- step 1 --------------------------------------------------------------------------------------------
+def run_step1(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train the head (text) and the probe (no text) on cached features; write their soft targets."""
+    run_dir = prepare_run(cfg)
+    device = torch.device(resolve_device(cfg.device))
+    data = load_data(cfg)
+    out = {}
+    for kind, part in (("text", "head"), ("notext", "probe")):
+        part_dir = run_dir / part
+        done = _read_json(part_dir / "result.json")
+        if done is not None:
+            out[part] = done
+            continue
+        started = time.perf_counter()
+        if kind == "text":
+            model, q, loop = train_head(
+                cfg, part_dir, data.train, data.val, data.classes, data.known, device, resume, progress
+            )
+
+            def probs(split: Split, model=model):
+                return head_probs(
+                    model, split, q if split is data.train else queries_for(cfg, split, data.classes)
+                )
+        else:
+            model, loop = train_probe(
+                cfg, part_dir, data.train, data.val, data.classes, data.known, device, resume, progress
+            )
+
+            def probs(split: Split, model=model):
+                return probe_probs(model, split)
+
+        train_probs = probs(data.train)
+        save_targets(part_dir / "targets.h5", data.train.images.image_ids, train_probs, data.classes, part)
+        result = {
+            "part": part,
+            "best_epoch": loop.best_epoch + 1,
+            "steps": loop.steps,
+            "train": evaluate_probs(train_probs, data.train),
+            "val": _metrics(probs(data.val), data.val) if data.val else None,
+            "test": _metrics(probs(data.test), data.test) if data.test else None,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        export_teacher(
+            part_dir / "export" / f"{part}.pt",
+            model,
+            part,
+            cfg,
+            data.classes,
+            {"val": result["val"], "test": result["test"]},
+        )
+        _write_json(part_dir / "result.json", result)
+        out[part] = _read_json(part_dir / "result.json")
+    _write_results(cfg, run_dir, data)
+    return out
+
+
+# ---- step 2 --------------------------------------------------------------------------------------------
+def run_step2(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Every student generation for every teacher kind (distill.teachers), then the results table."""
+    run_dir = prepare_run(cfg)
+    device = torch.device(resolve_device(cfg.device))
+    data = load_data(cfg)
+    for kind in cfg.distill.teachers:
+        if kind not in TEACHER_PART:
+            raise PipelineError(f"distill.teachers entries must be text or notext, not {kind!r}")
+    arch = dict(cfg.distill.arch) or data.train.tokens.arch
+    images: Optional[ImageRows] = None
+    for kind in cfg.distill.teachers:
+        source = run_dir / TEACHER_PART[kind] / "targets.h5"
+        for g in range(1, cfg.distill.generations + 1):
+            gen_dir = run_dir / kind / f"gen-{g}"
+            if (gen_dir / "result.json").exists():
+                source = gen_dir / "targets.h5"
+                continue
+            started = time.perf_counter()
+            targets = load_targets(source, data.train.images.image_ids, data.classes)
+            model = new_student(cfg, arch, len(data.classes), g)
+            if images is None:  # decoded once, shared by every generation
+                images = ImageRows(
+                    data.train.images.locations,
+                    model.transform(train=True),
+                    cfg.seed,
+                    int(cfg.distill.image_size * 1.15) if cfg.distill.preload else None,
+                )
+            images.seed = cfg.seed + g
+            loop = train_generation(
+                cfg,
+                gen_dir,
+                model,
+                g,
+                data.train,
+                images,
+                targets,
+                data.known,
+                data.val,
+                device,
+                resume,
+                progress,
+            )
+            result = _report_generation(cfg, gen_dir, model, data, kind, g, loop, source)
+            result["seconds"] = round(time.perf_counter() - started, 1)
+            _write_json(gen_dir / "result.json", result)
+            result = _read_json(gen_dir / "result.json")
+            source = gen_dir / "targets.h5"
+            if progress:
+                t = result["test"] or result["val"] or {}
+                print(
+                    f"{kind} gen {g}: test top-1 {t.get('top1', float('nan')):.1f} / top-5 "
+                    f"{t.get('top5', float('nan')):.1f} ({result['seconds']:.0f} s)"
+                )
+    return _write_results(cfg, run_dir, data)
+
+
+def _report_generation(cfg, gen_dir: Path, model, data: Data, kind: str, g: int, loop, source: Path) -> dict:
+    bs, workers = cfg.eval_batch_size, cfg.data.workers
+    logits, feats, ok = predict(model, data.train.images.locations, bs, workers)
+    probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
+    probs[~ok] = load_targets(source, data.train.images.image_ids, data.classes)[~ok]  # keep the old targets
+    save_targets(gen_dir / "targets.h5", data.train.images.image_ids, probs, data.classes, f"{kind} gen {g}")
+    result = {
+        "kind": kind,
+        "generation": g,
+        "best_epoch": loop.best_epoch + 1,
+        "steps": loop.steps,
+        "train": evaluate_probs(probs, data.train),
+        "val": None,
+        "test": None,
+    }
+    for name in ("val", "test"):
+        split = getattr(data, name)
+        if split is None:
+            continue
+        lg, f, ok_s = predict(model, split.images.locations, bs, workers)
+        result[name] = topk_accuracy(torch.from_numpy(lg[ok_s]), torch.from_numpy(split.images.labels[ok_s]))
+        if name == "test" and cfg.retrieval and split.tokens.has_captions:
+            result["retrieval"] = student_retrieval(feats[ok], data.train, f, split)
+    export_classifier(
+        model,
+        gen_dir / "export" / "classifier.pt",
+        data.classes,
+        {
+            "kind": kind,
+            "generation": g,
+            "teacher": data.train.tokens.meta.teacher_fingerprint,
+            "val": result["val"],
+            "test": result["test"],
+        },
+    )
+    return result
+
+
+# ---- results -------------------------------------------------------------------------------------------
+def _write_results(cfg: ClassifyConfig, run_dir: Path, data: Data) -> dict:
+    counts = Counter(data.train.images.labels.tolist())
+    majority = max(counts, key=counts.get)
+    meta = data.train.tokens.meta
+    results = {
+        "run": cfg.name,
+        "teacher": cfg.teacher,
+        "teacher_name": meta.teacher_name,
+        "teacher_fingerprint": meta.teacher_fingerprint,
+        "manifest_dir": cfg.data.manifest_dir,
+        "text_mode": cfg.text.mode,
+        "templates": list(cfg.text.templates),
+        "few_shot": cfg.few_shot,
+        "few_shot_short_classes": data.short_classes,
+        "classes": data.classes,
+        "images": {s.name: len(s) for s in (data.train, data.val, data.test) if s is not None},
+        "skipped": {s.name: s.images.skipped for s in (data.train, data.val, data.test) if s is not None},
+        "student": {
+            "arch": dict(cfg.distill.arch) or data.train.tokens.arch,
+            "image_size": cfg.distill.image_size,
+            "epochs": cfg.distill.epochs,
+        },
+        "majority_class": {
+            "class": data.classes[majority],
+            **(
+                {"test_top1": round(float(np.mean(data.test.images.labels == majority) * 100), 2)}
+                if data.test is not None
+                else {}
+            ),
+        },
+        "head": _read_json(run_dir / "head" / "result.json"),
+        "probe": _read_json(run_dir / "probe" / "result.json"),
+        "students": {},
+    }
+    if cfg.retrieval and data.test is not None and data.test.tokens.has_captions:
+        results["teacher_retrieval"] = caption_recall(
+            data.test.tokens.embedding(data.test.positions), data.test
+        )
+    for kind in TEACHER_PART:
+        gens = sorted((run_dir / kind).glob("gen-*/result.json"), key=lambda p: int(p.parent.name[4:]))
+        if gens:
+            results["students"][kind] = [json.loads(p.read_text()) for p in gens]
+    _write_json(run_dir / "results.json", results)
+    (run_dir / "results.md").write_text(classification_table([results]) + "\n")
+    return results
+
+
+__all__ = ["run_step1", "run_step2", "prepare_run", "load_data"]

@@ -1,0 +1,146 @@
+"""Step 2 (method.md 4): train one student generation against soft targets, and what it reports.
+
+The student sees only images: cross-entropy against the previous teacher's per-image soft targets (the
+head, the linear probe, or the previous generation), optionally plus hard-label cross-entropy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.retrieval.metrics import recall_at_k
+from pipeline.classify.config import ClassifyConfig
+from pipeline.classify.head import soft_cross_entropy, topk_accuracy
+from pipeline.classify.loop import LoopResult, LoopSettings, epoch_order, fit, seed_all
+from pipeline.classify.student import ImageClassifier, ImageRows, epoch_loader, predict
+from pipeline.classify.trainers import Split
+
+
+def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Targets at temperature T: p^(1/T) renormalised (= softmax(logits / T) for probabilities p)."""
+    if temperature == 1.0:
+        return probs
+    logp = np.log(np.clip(probs, 1e-12, None)) / temperature
+    logp -= logp.max(1, keepdims=True)
+    p = np.exp(logp)
+    return p / p.sum(1, keepdims=True)
+
+
+def new_student(cfg: ClassifyConfig, arch: dict, num_classes: int, generation: int) -> ImageClassifier:
+    d = cfg.distill
+    seed_all(cfg.seed + generation)  # every generation starts from its own fresh random init
+    return ImageClassifier(arch, d.image_size, num_classes, d.train_crop_scale, d.hflip, d.channels_last)
+
+
+def train_generation(
+    cfg: ClassifyConfig,
+    run_dir: Path,
+    model: ImageClassifier,
+    generation: int,
+    train: Split,
+    data: ImageRows,
+    targets: np.ndarray,
+    known: Optional[np.ndarray],
+    val: Optional[Split],
+    device: torch.device,
+    resume: bool,
+    progress: bool,
+) -> LoopResult:
+    """Fit ``model`` (in place) on the training images against ``targets`` (N, K).
+
+    ``known``: positions of training images whose label the teachers were allowed to see (few-shot);
+    only they get the hard-label term when ``distill.label_weight`` > 0.
+    """
+    d = cfg.distill
+    soft = torch.from_numpy(sharpen(targets, d.temperature)).float()
+    labels = torch.from_numpy(train.images.labels)
+    has_label = torch.zeros(len(train), dtype=torch.bool)
+    has_label[torch.as_tensor(np.arange(len(train)) if known is None else known)] = True
+    bs = min(d.batch_size, len(train))
+    seed = cfg.seed + generation
+    model.to(device)
+
+    def batches(epoch: int, start: int):
+        data.epoch = epoch
+        order = epoch_order(len(train), seed, epoch)[start * bs :]
+        yield from epoch_loader(data, order, bs, d.workers)
+
+    def loss_fn(batch) -> torch.Tensor:
+        rows, pixels = batch
+        if pixels is None:  # a whole batch of undecodable images: nothing to learn, zero loss keeps order
+            return torch.zeros((), device=device, requires_grad=True)
+        logits = model(pixels.to(device, non_blocking=True))
+        loss = soft_cross_entropy(logits, soft[rows].to(device), d.temperature)
+        mask = has_label[rows]
+        if d.label_weight > 0 and mask.any():
+            loss = loss + d.label_weight * F.cross_entropy(
+                logits[mask.to(device)], labels[rows][mask].to(device)
+            )
+        return loss
+
+    def evaluate() -> dict:
+        logits, _, ok = predict(model, val.images.locations, cfg.eval_batch_size, cfg.data.workers)
+        return topk_accuracy(torch.from_numpy(logits[ok]), torch.from_numpy(val.images.labels[ok]))
+
+    settings = LoopSettings(
+        d.epochs,
+        len(train) // bs,
+        d.lr,
+        d.weight_decay,
+        seed,
+        d.warmup_steps,
+        d.grad_clip,
+        cfg.log_every,
+        cfg.max_steps,
+        desc=f"gen {generation}",
+    )
+    return fit(
+        run_dir, model, settings, batches, loss_fn, evaluate if val is not None else None, resume, progress
+    )
+
+
+def fit_linear_map(
+    x: np.ndarray, y: np.ndarray, ridge: float = 1e-2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ridge regression y ~ ((x - mu) / sd) W on standardised features; returns (mu, sd, W)."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = torch.from_numpy((x - mu) / sd).double()
+    gram = z.T @ z
+    lam = ridge * float(torch.diagonal(gram).mean())
+    w = torch.linalg.solve(
+        gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), z.T @ torch.from_numpy(y).double()
+    )
+    return mu, sd, w.float().numpy()
+
+
+def student_retrieval(train_feats: np.ndarray, train: Split, test_feats: np.ndarray, test: Split) -> dict:
+    """Image-text Recall@K of a student on ``test``: its features mapped linearly (fit on the training
+    images) into the teacher's embedding space, searched against the teacher's caption embeddings."""
+    mu, sd, w = fit_linear_map(train_feats, train.tokens.embedding(train.positions))
+    img = torch.nn.functional.normalize(torch.from_numpy(((test_feats - mu) / sd) @ w), dim=-1).numpy()
+    return caption_recall(img, test)
+
+
+def caption_recall(image_emb: np.ndarray, split: Split) -> dict:
+    """Recall@1/5/10 + RSUM of image embeddings (rows = the split's images) against its cached captions."""
+    index = {int(i): n for n, i in enumerate(split.images.image_ids.tolist())}
+    keep = [j for j, i in enumerate(split.tokens.caption_image_ids.tolist()) if int(i) in index]
+    idx = np.array([index[int(split.tokens.caption_image_ids[j])] for j in keep], np.int64)
+    text = split.tokens.caption_embedding[keep].astype(np.float32)
+    r = recall_at_k(np.ascontiguousarray(image_emb, np.float32), text, idx)
+    return {k: round(float(v), 2) for k, v in r.items() if k.startswith(("i2t", "t2i", "rsum"))}
+
+
+__all__ = [
+    "sharpen",
+    "new_student",
+    "train_generation",
+    "fit_linear_map",
+    "student_retrieval",
+    "caption_recall",
+]

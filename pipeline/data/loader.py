@@ -1,0 +1,74 @@
+"""Batched image decoding in DataLoader workers that tolerates bad images.
+
+Workers decode and preprocess; a failure becomes an error string in the batch instead of an
+exception, so one corrupt file never stops a run (the caller records it as a reject).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.data.images import ImageDecodeError, load_rgb
+
+
+@dataclass
+class ImageBatch:
+    positions: list[int]  # positions (into the caller's location list) of decoded images
+    pixels: torch.Tensor | None  # (len(positions), C, H, W) or None if all failed
+    failures: list[tuple[int, str]]  # (position, reason) for images that failed
+
+
+class _ImageDataset(Dataset):
+    def __init__(self, locations: Sequence[str], transform: Callable):
+        self.locations = list(locations)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(load_rgb(self.locations[i])), None
+        except ImageDecodeError as exc:
+            return i, None, str(exc)
+        except Exception as exc:  # a transform that chokes on a weird image is a reject too
+            return i, None, f"cannot preprocess {self.locations[i]}: {exc}"
+
+
+def _collate(items) -> ImageBatch:
+    ok = [(i, x) for i, x, err in items if err is None]
+    failures = [(i, err) for i, _, err in items if err is not None]
+    pixels = torch.stack([x for _, x in ok]) if ok else None
+    return ImageBatch([i for i, _ in ok], pixels, failures)
+
+
+def iter_image_batches(
+    locations: Sequence[str],
+    transform: Callable,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    pin_memory: bool = False,
+) -> Iterator[ImageBatch]:
+    """Yield decoded, preprocessed batches in order; failures are reported, never raised."""
+    if not locations:
+        return iter(())
+    loader = DataLoader(
+        _ImageDataset(locations, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    return iter(loader)
+
+
+def batched(seq: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]

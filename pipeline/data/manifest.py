@@ -1,0 +1,208 @@
+"""Canonical dataset manifest: one parquet table per dataset split, plus a rejects table.
+
+Schema (one row per (image, caption) pair):
+    sample_id  int64   stable id of the row (unique within the dataset)
+    image_id   int64   id of the image; rows of the same image share it
+    image_path string  image location, relative to the manifest's ``image_root`` unless absolute;
+                       ``shard.tar::member`` addresses a member of a tar shard
+    caption    string
+    split      string  train / val / test / ...
+    label      string  optional class label (null when the dataset has none)
+
+Parquet key-value metadata records ``source`` (what it was built from), ``image_root`` and
+``content_hash`` (sha256 over the canonical columns, so caches can detect a changed manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.common.errors import PipelineError
+
+SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.int64()),
+        ("image_id", pa.int64()),
+        ("image_path", pa.string()),
+        ("caption", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.string()),
+    ]
+)
+REJECT_SCHEMA = pa.schema(
+    [
+        ("source_row", pa.string()),  # where the bad row came from (file:line, key, ...)
+        ("image_path", pa.string()),
+        ("caption", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+MANIFEST_META_KEY = b"clipdistill"
+
+
+@dataclass
+class Reject:
+    source_row: str
+    reason: str
+    image_path: str | None = None
+    caption: str | None = None
+
+
+@dataclass
+class Manifest:
+    """An in-memory manifest (all splits or one split) with its provenance."""
+
+    table: pa.Table
+    source: str = ""
+    image_root: str = ""
+    rejects: list[Reject] = field(default_factory=list)
+
+    # ---- construction -------------------------------------------------
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Sequence[dict],
+        source: str,
+        image_root: str | Path = "",
+        rejects: Iterable[Reject] = (),
+    ) -> "Manifest":
+        """Build from dict rows; validates them (empty captions, duplicate sample ids -> rejects)."""
+        rejects = list(rejects)
+        kept: list[dict] = []
+        seen_samples: set[int] = set()
+        for row in rows:
+            caption = (row.get("caption") or "").strip()
+            where = str(row.get("source_row", row.get("sample_id")))
+            if not caption:
+                rejects.append(Reject(where, "empty caption", row.get("image_path"), row.get("caption")))
+                continue
+            sid = int(row["sample_id"])
+            if sid in seen_samples:
+                rejects.append(Reject(where, f"duplicate sample_id {sid}", row.get("image_path"), caption))
+                continue
+            seen_samples.add(sid)
+            kept.append(
+                {
+                    "sample_id": sid,
+                    "image_id": int(row["image_id"]),
+                    "image_path": str(row["image_path"]),
+                    "caption": caption,
+                    "split": str(row.get("split") or "train"),
+                    "label": None if row.get("label") is None else str(row["label"]),
+                }
+            )
+        table = pa.Table.from_pylist(kept, schema=SCHEMA)
+        return cls(table=table, source=source, image_root=str(image_root), rejects=rejects)
+
+    # ---- views ----------------------------------------------------------
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(set(self.table.column("split").to_pylist()))
+
+    def split(self, name: str) -> "Manifest":
+        mask = pc.equal(self.table.column("split"), name)
+        return Manifest(self.table.filter(mask), self.source, self.image_root)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.table.column(name).to_numpy(zero_copy_only=False)
+
+    def unique_images(self) -> tuple[np.ndarray, list[str]]:
+        """(image_ids sorted ascending, their image paths) - one entry per unique image."""
+        ids = self.column("image_id")
+        paths = self.table.column("image_path").to_pylist()
+        first: dict[int, str] = {}
+        for i, p in zip(ids.tolist(), paths):
+            first.setdefault(i, p)
+        order = sorted(first)
+        return np.asarray(order, dtype=np.int64), [first[i] for i in order]
+
+    def resolve(self, image_path: str) -> str:
+        """Absolute location of an image (tar members keep their ``::member`` suffix)."""
+        if not self.image_root or Path(image_path.split("::")[0]).is_absolute():
+            return image_path
+        return str(Path(self.image_root) / image_path)
+
+    @property
+    def content_hash(self) -> str:
+        return content_hash(self.table)
+
+    # ---- persistence ----------------------------------------------------
+    def write(self, path: str | Path) -> Path:
+        """Write atomically (temp file + rename) with provenance in the parquet metadata."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"source": self.source, "image_root": self.image_root, "content_hash": self.content_hash}
+        table = self.table.replace_schema_metadata({MANIFEST_META_KEY: json.dumps(meta).encode()})
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+        return path
+
+    def write_rejects(self, path: str | Path) -> Path:
+        return write_rejects(self.rejects, path)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Manifest":
+        path = Path(path)
+        if not path.exists():
+            raise PipelineError(f"manifest not found: {path}")
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a non-parquet file
+            raise PipelineError(f"cannot read manifest {path}: {exc}") from exc
+        missing = set(SCHEMA.names) - set(table.column_names)
+        if missing:
+            raise PipelineError(f"{path} is not a manifest: missing columns {sorted(missing)}")
+        raw = (table.schema.metadata or {}).get(MANIFEST_META_KEY)
+        meta = json.loads(raw) if raw else {}
+        table = table.select(SCHEMA.names).cast(SCHEMA).replace_schema_metadata(None)
+        root = meta.get("image_root", "")
+        if root and not Path(root).is_absolute():  # relative roots are relative to the manifest file
+            root = str((path.parent / root).resolve())
+        return cls(table=table, source=meta.get("source", ""), image_root=root)
+
+
+def content_hash(table: pa.Table) -> str:
+    """sha256 over the canonical columns in row order; independent of parquet encoding details."""
+    h = hashlib.sha256()
+    for name in SCHEMA.names:
+        col = table.column(name).to_pylist()
+        h.update(name.encode())
+        h.update(json.dumps(col, ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
+
+
+def write_rejects(rejects: Sequence[Reject], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"source_row": r.source_row, "image_path": r.image_path, "caption": r.caption, "reason": r.reason}
+        for r in rejects
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=REJECT_SCHEMA), path)
+    return path
+
+
+def read_rejects(path: str | Path) -> list[Reject]:
+    t = pq.read_table(path)
+    return [Reject(r["source_row"], r["reason"], r["image_path"], r["caption"]) for r in t.to_pylist()]
+
+
+def write_splits(manifest: Manifest, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``<out_dir>/<split>.parquet`` for every split plus ``rejects.parquet``; returns the paths."""
+    out_dir = Path(out_dir)
+    paths = {s: manifest.split(s).write(out_dir / f"{s}.parquet") for s in manifest.splits}
+    paths["rejects"] = manifest.write_rejects(out_dir / "rejects.parquet")
+    return paths

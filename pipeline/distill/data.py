@@ -1,0 +1,181 @@
+"""Stage-2 data path: manifest rows -> student pixels + captions, teacher targets from the cache.
+
+The teacher never runs here: each row's targets are rows of the memory-mapped cache, resolved to
+row indices once at start-up so a training step does one gather per modality.
+
+Determinism (exact resume): the epoch's row order comes from (seed, epoch), and each item's
+augmentation from (seed, epoch, position), independent of worker count and of where a resumed
+run starts. A resumed epoch simply starts its order at the saved position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.features.cache import FeatureCache
+from pipeline.common.errors import PipelineError
+from pipeline.data.images import ImageDecodeError, load_rgb
+from pipeline.distill.losses import caption_hashes
+from pipeline.data.manifest import Manifest
+
+
+@dataclass
+class AlignedRows:
+    """Manifest rows that have cached targets, with their cache row indices."""
+
+    image_ids: np.ndarray  # (N,) int64
+    sample_ids: np.ndarray  # (N,)
+    captions: list[str]
+    locations: list[str]  # resolved image locations
+    image_rows: np.ndarray  # (N,) rows into cache.image
+    text_rows: np.ndarray  # (N,) rows into cache.text
+    caption_hash: np.ndarray  # (N,) int64, for identical-caption masking (method.md 1.1)
+    dropped: int  # manifest rows without cached targets (rejected in stage 1)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+
+def align(manifest: Manifest, cache: FeatureCache) -> AlignedRows:
+    """Keep the rows the cache has targets for; the others were stage-1 rejects."""
+    sample_ids = manifest.column("sample_id").astype(np.int64)
+    cached = np.isin(sample_ids, cache.sample_ids)
+    if not cached.any():
+        raise PipelineError("no manifest row has a cached teacher target: is the cache for this dataset/split?")
+    t = manifest.table
+    keep = np.flatnonzero(cached)
+    captions = [t.column("caption")[int(i)].as_py() for i in keep]
+    paths = t.column("image_path").to_pylist()
+    image_ids = manifest.column("image_id").astype(np.int64)[keep]
+    return AlignedRows(
+        image_ids=image_ids,
+        sample_ids=sample_ids[keep],
+        captions=captions,
+        locations=[manifest.resolve(paths[int(i)]) for i in keep],
+        image_rows=cache.image_rows(image_ids),
+        text_rows=cache.text_rows(sample_ids[keep]),
+        caption_hash=caption_hashes(captions),
+        dropped=int((~cached).sum()),
+    )
+
+
+class EpochOrder(Sampler[int]):
+    """Seeded permutation per epoch, sharded across DDP ranks, startable at a saved position."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+        self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+        self.epoch, self.start = 0, 0
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            perm = np.arange(self.n)
+        else:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        per_rank = self.n // self.world  # equal length on every rank keeps DDP steps in lock-step
+        return perm[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order(self.epoch)[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return len(self.order(self.epoch)) - self.start
+
+
+class PairDataset(Dataset):
+    """Item = (row index, student pixels or None, error). Captions are looked up by row index."""
+
+    def __init__(self, rows: AlignedRows, transform: Callable, seed: int, preload: bool = False,
+                 preload_size: int | None = None):
+        self.rows, self.transform, self.seed = rows, transform, seed
+        self.epoch = 0
+        self._images: dict[str, Image.Image] = {}
+        if preload:  # small datasets: decode once, keep (downsized) in RAM, shared with forked workers
+            for loc in dict.fromkeys(rows.locations):
+                try:
+                    img = load_rgb(loc)
+                except ImageDecodeError:
+                    continue
+                if preload_size:
+                    img.thumbnail((preload_size, preload_size), Image.BICUBIC)
+                self._images[loc] = img
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        loc = self.rows.locations[i]
+        try:
+            img = self._images.get(loc) or load_rgb(loc)
+        except ImageDecodeError as exc:
+            return i, None, str(exc)
+        # Augmentation draws from a seed fixed by (seed, epoch, row): identical on resume, any workers.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+            return i, self.transform(img), None
+
+
+@dataclass
+class Batch:
+    rows: torch.Tensor  # (B,) indices into AlignedRows
+    pixels: torch.Tensor
+    captions: list[str]
+    failures: list[str]
+
+
+def make_collate(rows: AlignedRows):
+    def collate(items) -> Batch:
+        ok = [(i, x) for i, x, err in items if err is None]
+        return Batch(
+            rows=torch.tensor([i for i, _ in ok], dtype=torch.long),
+            pixels=torch.stack([x for _, x in ok]) if ok else torch.empty(0),
+            captions=[rows.captions[i] for i, _ in ok],
+            failures=[err for _, _, err in items if err is not None],
+        )
+
+    return collate
+
+
+def make_loader(dataset: PairDataset, sampler: EpochOrder, batch_size: int, workers: int, seed: int,
+                pin: bool) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)  # own generator: worker seeding never touches the global RNG
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+        collate_fn=make_collate(dataset.rows), pin_memory=pin, generator=g,
+        persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def check_teacher_norms(cache: FeatureCache, normalized: bool) -> None:
+    """Un-normalised targets need the norms that stage 1 stores since cache format 1 with norms."""
+    if not normalized and (cache.image_norm is None or cache.text_norm is None):
+        raise PipelineError(
+            f"data.teacher_normalized=false needs the teacher norms, which cache {cache.directory} does not "
+            "store; delete that folder and rerun teacher-features to rebuild it")
+
+
+def gather_targets(cache: FeatureCache, image_rows: np.ndarray, text_rows: np.ndarray,
+                   normalized: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Cached teacher rows as float32; ``normalized=False`` restores each row's norm (method.md 1.6 ablation)."""
+    t_img = cache.image.gather(image_rows).astype(np.float32)
+    t_txt = cache.text.gather(text_rows).astype(np.float32)
+    if not normalized:
+        t_img *= cache.image_norm[image_rows, None]
+        t_txt *= cache.text_norm[text_rows, None]
+    return t_img, t_txt
+
+
+def teacher_targets(cache: FeatureCache, rows: AlignedRows, batch_rows: np.ndarray, device,
+                    normalized: bool = True) -> tuple:
+    """(t_img, t_txt) float32 tensors on ``device`` for the batch's rows, gathered from the memmaps."""
+    t_img, t_txt = gather_targets(cache, rows.image_rows[batch_rows], rows.text_rows[batch_rows], normalized)
+    return (torch.from_numpy(t_img).to(device, non_blocking=True),
+            torch.from_numpy(t_txt).to(device, non_blocking=True))

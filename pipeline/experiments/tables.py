@@ -1,0 +1,231 @@
+"""Results of a sweep (pipeline.experiments.runner) as Markdown tables and bar charts in a hand-edited document.
+
+Each table is written between ``<!-- table:ID:start -->`` and ``<!-- table:ID:end -->``; regenerating
+replaces only that span, so commentary written anywhere else in the document survives. A table missing
+from the document is appended at its end.
+
+Cells are aggregated per row over its seeds: mean +- sample standard deviation (n - 1) when more than one
+seed finished, and the number of seeds behind each mean. "% of teacher RSUM" uses the teacher evaluated
+from its cache on the same split (method.md section 2).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from matplotlib.figure import Figure
+
+from pipeline.common.errors import PipelineError
+from pipeline.retrieval.evaluate import read_result
+from pipeline.experiments.sweep import Plan, SweepTable
+
+METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+METRIC_LABELS = ("i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "RSUM")
+
+
+def start_marker(table_id: str) -> str:
+    return f"<!-- table:{table_id}:start -->"
+
+
+def end_marker(table_id: str) -> str:
+    return f"<!-- table:{table_id}:end -->"
+
+
+@dataclass
+class RowStats:
+    """One table row: per-seed results that finished, and what did not."""
+
+    label: str
+    planned: int
+    results: list[dict] = field(default_factory=list)  # stage-3 records (pipeline.retrieval.evaluate)
+    flops: Optional[dict] = None
+    errors: list[str] = field(default_factory=list)  # "seed N: why"
+    pending: int = 0
+
+    def values(self, metric: str) -> list[float]:
+        return [float(r["metrics"][metric]) for r in self.results]
+
+
+def mean_std(values: Sequence[float], digits: int = 1) -> str:
+    """``"12.3"`` for one value, ``"12.3 ± 0.4"`` (sample std) for several, ``"-"`` for none."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def row_stats(plan: Plan, table: SweepTable, records: dict[str, dict]) -> list[RowStats]:
+    """Collect each row's finished results from the runs that serve its cells.
+
+    Seeds whose configs coincide (e.g. a global ``--set seed=0``) are one run and count once.
+    """
+    rows = []
+    for row in table.rows:
+        cells = [c for c in plan.table_cells(table.id) if c.label == row.label]
+        keys = {c.key for c in cells if c.key}
+        stats = RowStats(row.label, len(keys) + sum(1 for c in cells if c.error))
+        seen: set[str] = set()
+        for cell in cells:
+            if cell.error:
+                stats.errors.append(f"seed {cell.seed}: {cell.error}")
+                continue
+            if cell.key in seen:
+                continue
+            seen.add(cell.key)
+            rec = records.get(cell.key) or {}
+            if rec.get("status") == "done":
+                stats.results.append(read_result(plan.eval_dir(cell.key)))
+                stats.flops = stats.flops or rec.get("flops")
+            elif rec.get("status") == "failed":
+                stats.errors.append(f"seed {cell.seed} ({plan.runs[cell.key].name}): {rec.get('error')}")
+            else:
+                stats.pending += 1
+        rows.append(stats)
+    return rows
+
+
+def _params(result: dict) -> str:
+    total = (result.get("params") or {}).get("total")
+    if total is None:
+        return "-"
+    return f"{total / 1e6:.1f}M" if total >= 1e7 else f"{total / 1e6:.2f}M"
+
+
+def _flops(flops: Optional[dict]) -> str:
+    if not flops:
+        return "-"
+    return f"{flops['image'] / 1e9:.3f} / {flops['text'] / 1e9:.3f}"
+
+
+def _latency(results: Sequence[dict]) -> str:
+    speeds = [r["speed"] for r in results if r.get("speed")]
+    if not speeds:
+        return "-"
+    img = mean_std([1e3 * s["image_latency_s"] for s in speeds], 2)
+    txt = mean_std([1e3 * s["text_latency_s"] for s in speeds], 2)
+    return f"{img} / {txt}"
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    align = ["---", "---:"] + ["---:"] * (len(header) - 2)
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, align, *rows])
+
+
+def render_table(table: SweepTable, rows: list[RowStats], teacher: Optional[dict]) -> str:
+    """The Markdown table of one sweep table (teacher row first when the table asks for it)."""
+    header = ["Row", "Seeds", "Params"]
+    if table.cost:
+        header += ["GFLOPs img / txt", "Latency img / txt (ms)"]
+    header += [*METRIC_LABELS, "% of teacher RSUM"]
+    teacher_rsum = teacher["metrics"]["rsum"] if teacher else None
+    lines = []
+    if table.teacher and teacher is not None:
+        line = [f"teacher ({teacher['name']})", "-", _params(teacher)]
+        if table.cost:
+            line += [_flops(teacher.get("flops")), _latency([teacher])]
+        line += [f"{teacher['metrics'][m]:.1f}" for m in METRICS] + ["100.0%"]
+        lines.append(line)
+    for r in rows:
+        seeds = str(len(r.results)) if len(r.results) == r.planned else f"{len(r.results)} of {r.planned}"
+        line = [r.label, seeds, _params(r.results[0]) if r.results else "-"]
+        if table.cost:
+            line += [_flops(r.flops) if r.results else "-", _latency(r.results)]
+        line += [mean_std(r.values(m)) for m in METRICS]
+        if teacher_rsum and r.results:
+            line.append(mean_std([100.0 * v / teacher_rsum for v in r.values("rsum")]) + "%")
+        else:
+            line.append("-")
+        lines.append(line)
+    return _markdown(header, lines)
+
+
+def wall_clock(plan: Plan, table: SweepTable, records: dict[str, dict]) -> str:
+    """Sum of the table's runs' training and evaluation wall-clock, and the devices they ran on."""
+    keys = list(dict.fromkeys(c.key for c in plan.table_cells(table.id) if c.key))
+    recs = [records.get(k) or {} for k in keys]
+    train = sum(float(r.get("train_seconds") or 0.0) for r in recs)
+    evaluation = sum(float(r.get("eval_seconds") or 0.0) for r in recs)
+    devices = sorted({f"{r['device']} on {r.get('host') or '?'}" for r in recs if r.get("device")})
+    shared = sum(1 for k in keys if len({c.table for c in plan.runs[k].cells}) > 1)
+    note = f" ({shared} shared with other tables and counted in each)" if shared else ""
+    done = sum(1 for r in recs if r.get("status") == "done")
+    return (f"Wall-clock: {train / 60:.1f} min training + {evaluation / 60:.1f} min evaluation, summed over "
+            f"{len(keys)} unique runs{note}, {done} finished; device: {', '.join(devices) or 'none yet'}.")
+
+
+def bar_figure(table: SweepTable, rows: list[RowStats], teacher: Optional[dict],
+               path: Path) -> Optional[Path]:
+    """RSUM per row (mean, error bar = std over seeds) with the teacher's RSUM as a line; None if no data."""
+    done = [r for r in rows if r.results]
+    if not done:
+        return None
+    means = [statistics.mean(r.values("rsum")) for r in done]
+    errs = [statistics.stdev(r.values("rsum")) if len(r.results) > 1 else 0.0 for r in done]
+    fig = Figure(figsize=(max(5.0, 0.9 * len(done) + 2), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(range(len(done)), means, yerr=errs, capsize=4, color="tab:blue")
+    if teacher is not None:
+        ax.axhline(teacher["metrics"]["rsum"], ls="--", color="tab:gray", label=teacher["name"])
+        ax.legend(loc="lower right")
+    ax.set_xticks(range(len(done)), [r.label for r in done], rotation=30 if len(done) > 4 else 0, ha="right"
+                  if len(done) > 4 else "center")
+    ax.set_ylabel("test RSUM")
+    ax.set_title(table.title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def section(table: SweepTable, rows: list[RowStats], teacher: Optional[dict], command: str, wall: str,
+            figure: Optional[str] = None) -> str:
+    """The marker-delimited block of one table."""
+    parts = [start_marker(table.id), f"### {table.title}", ""]
+    if table.description:
+        parts += [table.description.strip(), ""]
+    parts += [render_table(table, rows, teacher), ""]
+    n_seeds = len(table.seeds)
+    parts.append(f"Mean ± sample std over {n_seeds} seeds (seeds {', '.join(map(str, table.seeds))})."
+                 if n_seeds > 1 else f"One seed ({table.seeds[0]}).")
+    pending = sum(r.pending for r in rows)
+    if pending:
+        parts.append(f"{pending} run(s) not finished yet.")
+    errors = [f"- {r.label}, {e}" for r in rows for e in r.errors]
+    if errors:
+        parts += ["", "Failed:", *errors]
+    parts += ["", wall, "", f"Regenerate: `{command}`"]
+    if figure:
+        parts += ["", f"![{table.id}]({figure})"]
+    parts.append(end_marker(table.id))
+    return "\n".join(parts)
+
+
+def update_document(path: Path, blocks: dict[str, str], title: str) -> Path:
+    """Replace each table's marked span in ``path`` (created with ``title`` if missing); keep the rest."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else f"# {title}\n"
+    for table_id, block in blocks.items():
+        start, end = start_marker(table_id), end_marker(table_id)
+        n_start, n_end = text.count(start), text.count(end)
+        if n_start == n_end == 0:
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
+            continue
+        if n_start != 1 or n_end != 1 or text.index(start) > text.index(end):
+            raise PipelineError(f"{path}: markers of table {table_id!r} are broken (need exactly one "
+                                f"{start} followed by one {end}); fix them by hand")
+        pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+        text = pattern.sub(lambda _: block, text, count=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def relative_link(target: Path, document: Path) -> str:
+    return Path(os.path.relpath(Path(target).resolve(), Path(document).resolve().parent)).as_posix()

@@ -1,0 +1,1 @@
+"""Stage 1: run a teacher once over a manifest and write its embeddings to HDF5 cache shards (job, encode loop, cache/)."""

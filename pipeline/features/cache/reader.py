@@ -1,0 +1,193 @@
+"""Open a cache as memory-mapped arrays with id lookups, refusing mismatched caches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from pipeline.features.cache.format import SHARD_RE, CacheMeta
+from pipeline.common.errors import PipelineError
+from pipeline.data.manifest import Reject, read_rejects
+
+
+class ShardedRows:
+    """Rows of one embedding matrix spread over shard memmaps, gathered without a full copy."""
+
+    def __init__(self, parts: Sequence[np.ndarray], width: int, dtype: np.dtype):
+        self.parts = list(parts)
+        self.width = width
+        self.dtype = np.dtype(dtype)
+        sizes = np.array([len(p) for p in self.parts], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.width)
+
+    def gather(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Copy the given global rows into a new (len(rows), D) array, in the order given."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row index out of range [0, {len(self)})")
+        if out is None:
+            out = np.empty((len(rows), self.width), dtype=self.dtype)
+        if len(self.parts) == 1:
+            # Sorted reads walk the file forwards, which the page cache and readahead reward.
+            order = np.argsort(rows, kind="stable")
+            out[order] = self.parts[0][rows[order]]
+            return out
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        for s in np.unique(shard):
+            sel = np.flatnonzero(shard == s)
+            local = rows[sel] - self.starts[s]
+            order = np.argsort(local, kind="stable")
+            out[sel[order]] = self.parts[s][local[order]]
+        return out
+
+    __getitem__ = gather
+
+    def to_array(self) -> np.ndarray:
+        """All rows as one in-memory array (copies)."""
+        if not self.parts:
+            return np.empty((0, self.width), dtype=self.dtype)
+        return np.concatenate([np.asarray(p) for p in self.parts])
+
+
+def _memmap(path: Path, dset: h5py.Dataset) -> np.ndarray:
+    if dset.shape[0] == 0:
+        return np.empty(dset.shape, dtype=dset.dtype)
+    offset = dset.id.get_offset()
+    if offset is None or dset.chunks is not None or dset.compression is not None:
+        raise PipelineError(f"{path}:{dset.name} is not contiguous and uncompressed; cannot memory-map it")
+    return np.memmap(path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape)
+
+
+def _sort_order(keys: np.ndarray) -> np.ndarray | None:
+    """None when keys are already ascending (image ids always are): lookups then skip a random gather."""
+    if len(keys) < 2 or np.all(keys[1:] > keys[:-1]):
+        return None
+    return np.argsort(keys, kind="stable")
+
+
+class FeatureCache:
+    """A complete cache directory (one dataset x teacher x split).
+
+    Args:
+        directory: the split's cache directory.
+        expect_fingerprint: refuse the cache unless its teacher fingerprint equals this.
+        expect_manifest_hash: refuse the cache unless it was built from this manifest content.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        expect_fingerprint: str | None = None,
+        expect_manifest_hash: str | None = None,
+    ):
+        self.directory = Path(directory)
+        shard_paths = sorted(p for p in self.directory.glob("shard-*.h5") if SHARD_RE.match(p.name))
+        if not shard_paths:
+            raise PipelineError(f"no cache shards in {self.directory}; run `clipdistill teacher-features` first")
+        metas, image_parts, text_parts, ids = [], [], [], {"image_id": [], "sample_id": [], "text_image_id": []}
+        norms: dict[str, list] = {"image_norm": [], "text_norm": []}
+        for path in shard_paths:
+            with h5py.File(path, "r") as f:
+                metas.append(CacheMeta.from_attrs(f.attrs))
+                image_parts.append(_memmap(path, f["image"]))
+                text_parts.append(_memmap(path, f["text"]))
+                for key in ids:
+                    ids[key].append(f[key][()])
+                for key in norms:  # optional (caches written before norms were stored lack them)
+                    norms[key].append(f[key][()] if key in f else None)
+        self.meta = metas[0]
+        for path, m in zip(shard_paths, metas):
+            if m != self.meta:  # every shard of one cache carries identical attributes
+                raise PipelineError(f"{path.name} belongs to a different cache than {shard_paths[0].name}")
+        if len(shard_paths) != self.meta.total_shards:
+            raise PipelineError(
+                f"cache {self.directory} is incomplete: {len(shard_paths)} of {self.meta.total_shards} shards; "
+                "rerun teacher-features to finish it"
+            )
+        if expect_fingerprint is not None and expect_fingerprint != self.meta.teacher_fingerprint:
+            raise PipelineError(
+                f"cache {self.directory} was made by teacher {self.meta.teacher_fingerprint}, "
+                f"expected {expect_fingerprint}"
+            )
+        if expect_manifest_hash is not None and expect_manifest_hash != self.meta.manifest_hash:
+            raise PipelineError(
+                f"cache {self.directory} was built from manifest {self.meta.manifest_hash}, "
+                f"but the manifest now hashes to {expect_manifest_hash}; rebuild the cache"
+            )
+        dtype = np.dtype(self.meta.dtype)
+        self.image = ShardedRows(image_parts, self.meta.width, dtype)
+        self.text = ShardedRows(text_parts, self.meta.width, dtype)
+        self.image_ids = np.concatenate(ids["image_id"])
+        self.sample_ids = np.concatenate(ids["sample_id"])
+        self.text_image_ids = np.concatenate(ids["text_image_id"])
+        # Teacher norms before L2 normalisation, (n_images,) / (n_texts,) float32, or None if not stored.
+        self.image_norm, self.text_norm = (
+            None if any(p is None for p in parts) else np.concatenate(parts).astype(np.float32)
+            for parts in (norms["image_norm"], norms["text_norm"])
+        )
+        self._image_order = _sort_order(self.image_ids)
+        self._sample_order = _sort_order(self.sample_ids)
+        self.shard_paths = shard_paths
+
+    @property
+    def width(self) -> int:
+        return self.meta.width
+
+    # ---- id lookups -------------------------------------------------------------
+    @staticmethod
+    def _rows(keys: np.ndarray, order: np.ndarray | None, wanted, what: str) -> np.ndarray:
+        wanted = np.asarray(wanted, dtype=np.int64)
+        if len(keys) == 0:
+            missing = np.ones(len(wanted), dtype=bool)
+            rows = np.zeros(len(wanted), dtype=np.int64)
+        else:
+            pos = np.searchsorted(keys, wanted, sorter=order).clip(max=len(keys) - 1)
+            rows = pos if order is None else order[pos]
+            missing = keys[rows] != wanted
+        if np.any(missing):
+            bad = wanted[missing][:5].tolist()
+            raise PipelineError(f"{int(np.sum(missing))} {what} not in cache (e.g. {bad}); were they rejected?")
+        return rows
+
+    def image_rows(self, image_ids) -> np.ndarray:
+        """Row indices into ``image`` for the given image ids."""
+        return self._rows(self.image_ids, self._image_order, image_ids, "image ids")
+
+    def text_rows(self, sample_ids) -> np.ndarray:
+        """Row indices into ``text`` for the given manifest sample ids."""
+        return self._rows(self.sample_ids, self._sample_order, sample_ids, "sample ids")
+
+    def images_by_id(self, image_ids) -> np.ndarray:
+        return self.image.gather(self.image_rows(image_ids))
+
+    def texts_by_sample_id(self, sample_ids) -> np.ndarray:
+        return self.text.gather(self.text_rows(sample_ids))
+
+    def text_image_rows(self) -> np.ndarray:
+        """For every cached caption, the row of its image in ``image`` (the evaluation ground truth)."""
+        return self.image_rows(self.text_image_ids)
+
+    def rejects(self) -> list[Reject]:
+        out: list[Reject] = []
+        for p in sorted(self.directory.glob("shard-*.rejects.parquet")):
+            out.extend(read_rejects(p))
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureCache({self.directory}, teacher={self.meta.teacher_fingerprint}, "
+            f"images={len(self.image)}, texts={len(self.text)}, width={self.width}, dtype={self.meta.dtype})"
+        )
+
+
+__all__ = ["FeatureCache", "ShardedRows"]

@@ -1,0 +1,47 @@
+"""Write one cache shard atomically (temporary name, then rename) with contiguous datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.features.cache.format import CacheMeta
+
+
+def write_shard(
+    path: str | Path,
+    meta: CacheMeta,
+    image: np.ndarray,
+    image_id: np.ndarray,
+    text: np.ndarray,
+    sample_id: np.ndarray,
+    text_image_id: np.ndarray,
+    image_norm: np.ndarray | None = None,
+    text_norm: np.ndarray | None = None,
+) -> Path:
+    """Write a complete shard. A crash leaves only ``*.h5.tmp``, which a rerun overwrites.
+
+    ``image_norm`` / ``text_norm``: the teacher's embedding norms before L2 normalisation (optional), so
+    training can also use un-normalised targets (``data.teacher_normalized: false``).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    dtype = np.dtype(meta.dtype)
+    with h5py.File(tmp, "w") as f:
+        # No chunks/compression: contiguous storage is what makes np.memmap reads possible.
+        f.create_dataset("image", data=np.ascontiguousarray(image, dtype=dtype).reshape(-1, meta.width))
+        f.create_dataset("text", data=np.ascontiguousarray(text, dtype=dtype).reshape(-1, meta.width))
+        f.create_dataset("image_id", data=np.asarray(image_id, dtype=np.int64))
+        f.create_dataset("sample_id", data=np.asarray(sample_id, dtype=np.int64))
+        f.create_dataset("text_image_id", data=np.asarray(text_image_id, dtype=np.int64))
+        for name, norms in (("image_norm", image_norm), ("text_norm", text_norm)):
+            if norms is not None:
+                f.create_dataset(name, data=np.asarray(norms, dtype=np.float32))
+        f.attrs.update(meta.to_attrs())
+    with open(tmp, "rb") as fh:  # make the data durable before the rename publishes it
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    return path

@@ -1,0 +1,93 @@
+"""Encode images and captions with any encoder that implements the Teacher interface.
+
+Used by stage 1 (per shard), by validation during training and by stage 3 evaluation, so the
+one encode loop is shared. Failures are returned, never raised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from pipeline.data.loader import iter_image_batches
+from pipeline.data.manifest import Manifest
+from pipeline.teachers.base import Teacher
+
+Progress = Callable[[int], None]
+
+
+def encode_image_locations(encoder: Teacher, locations: Sequence[str], batch_size: int = 64, workers: int = 2,
+                           dtype=np.float32, on_progress: Progress | None = None,
+                           norms_out: np.ndarray | None = None):
+    """Returns (embeddings (N, D) with zero rows for failures, ok mask (N,), [(position, reason)]).
+
+    ``norms_out`` (N,), if given, receives each embedding's norm before L2 normalisation.
+    """
+    emb = np.zeros((len(locations), encoder.width), dtype=dtype)
+    ok = np.zeros(len(locations), dtype=bool)
+    failures: list[tuple[int, str]] = []
+    pin = encoder.device.type == "cuda"
+    for batch in iter_image_batches(locations, encoder.image_transform(), batch_size, workers, pin):
+        if batch.pixels is not None:
+            unit, norm = encoder.encode_images_with_norms(batch.pixels)
+            emb[batch.positions] = unit.cpu().numpy()
+            if norms_out is not None:
+                norms_out[batch.positions] = norm.cpu().numpy()
+            ok[batch.positions] = True
+        failures += batch.failures
+        if on_progress:
+            on_progress(len(batch.positions) + len(batch.failures))
+    return emb, ok, failures
+
+
+def encode_captions(encoder: Teacher, captions: Sequence[str], batch_size: int = 256, dtype=np.float32,
+                    on_progress: Progress | None = None, norms_out: np.ndarray | None = None) -> np.ndarray:
+    out = np.zeros((len(captions), encoder.width), dtype=dtype)
+    for start in range(0, len(captions), batch_size):
+        chunk = list(captions[start : start + batch_size])
+        unit, norm = encoder.encode_texts_with_norms(encoder.tokenize(chunk))
+        out[start : start + len(chunk)] = unit.cpu().numpy()
+        if norms_out is not None:
+            norms_out[start : start + len(chunk)] = norm.cpu().numpy()
+        if on_progress:
+            on_progress(len(chunk))
+    return out
+
+
+@dataclass
+class SplitEmbeddings:
+    """A split embedded for retrieval: every decodable image once, every caption of those images."""
+
+    image_ids: np.ndarray  # (N_img,)
+    image_emb: np.ndarray  # (N_img, D) float32
+    sample_ids: np.ndarray  # (N_txt,)
+    text_emb: np.ndarray  # (N_txt, D)
+    text_image_idx: np.ndarray  # (N_txt,) row of each caption's image in image_emb
+    failures: list[tuple[str, str]]  # (location, reason)
+
+
+def embed_manifest(encoder: Teacher, manifest: Manifest, batch_size: int = 64, workers: int = 2,
+                   on_progress: Progress | None = None) -> SplitEmbeddings:
+    image_ids, paths = manifest.unique_images()
+    locations = [manifest.resolve(p) for p in paths]
+    img, ok, failures = encode_image_locations(encoder, locations, batch_size, workers, on_progress=on_progress)
+    kept = image_ids[ok]
+    row_of = {int(i): r for r, i in enumerate(kept.tolist())}
+    t = manifest.table
+    triples = [
+        (sid, cap, row_of[iid])
+        for sid, iid, cap in zip(t.column("sample_id").to_pylist(), t.column("image_id").to_pylist(),
+                                 t.column("caption").to_pylist())
+        if iid in row_of and cap and cap.strip()
+    ]
+    text = encode_captions(encoder, [c for _, c, _ in triples], on_progress=on_progress)
+    return SplitEmbeddings(
+        image_ids=kept,
+        image_emb=img[ok],
+        sample_ids=np.array([s for s, _, _ in triples], dtype=np.int64),
+        text_emb=text,
+        text_image_idx=np.array([r for _, _, r in triples], dtype=np.int64),
+        failures=[(locations[p], reason) for p, reason in failures],
+    )

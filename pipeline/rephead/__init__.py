@@ -1,6 +1,0 @@
-"""Image-text representation head + self-distillation for classification (method.md 4).
-
-teacher-tokens  ->  extract.cache_split_tokens / cache_prompts   (token cache, store.py)
-rephead         ->  experiment.run_step1: head (text) + linear probe (no text) -> soft targets
-self-distill    ->  experiment.run_step2: fresh students of the teacher's image architecture, generations
-"""

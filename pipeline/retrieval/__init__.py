@@ -1,0 +1,1 @@
+"""Stage 3: Recall@K/RSUM, FAISS indexes, evaluation of teachers and students, reports and search."""

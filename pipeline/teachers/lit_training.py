@@ -1,0 +1,303 @@
+"""Train the LiT teacher's linear heads contrastively on cached frozen-tower features.
+
+The towers are frozen, so their features are computed once per split (images once per unique image,
+every caption) and kept in an npz next to the checkpoint; head training then runs many cheap epochs
+of symmetric InfoNCE (CLIP/LiT loss, learnable temperature) over those features. The epoch with the
+best held-out RSUM (val manifest, or a held-out slice of the train images) is the one saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipeline.common.errors import PipelineError
+from pipeline.retrieval.metrics import recall_at_k
+from pipeline.train.schedule import Schedule
+from pipeline.train.contrastive import false_negative_mask, symmetric_infonce
+from pipeline.data.manifest import Manifest
+from pipeline.teachers.lit import (
+    LitHeads,
+    LitTowers,
+    image_tower_features,
+    save_heads,
+    text_tower_features,
+    towers_fingerprint_parts,
+)
+
+FEATURES_VERSION = 1
+MAX_FAILURES_IN_SUMMARY = 20
+
+
+@dataclass
+class SplitFeatures:
+    """Frozen-tower features of one manifest: decoded images and the rows (captions) that use them."""
+
+    image_ids: np.ndarray  # (N_img,) int64, images that decoded
+    image_feats: np.ndarray  # (N_img, 1280) float32
+    row_image_ids: np.ndarray  # (N_rows,) int64, one per manifest row
+    captions: np.ndarray  # (N_rows,) str
+    text_feats: np.ndarray  # (N_rows, 384) float32
+    failed_ids: np.ndarray  # (F,) int64, images that failed to decode
+    failed_reasons: np.ndarray  # (F,) str
+
+    def usable_rows(self) -> np.ndarray:
+        """Rows whose image decoded (rows of a failed image cannot form a pair)."""
+        return np.flatnonzero(np.isin(self.row_image_ids, self.image_ids))
+
+    def subset(self, image_ids: np.ndarray) -> "SplitFeatures":
+        keep_img = np.isin(self.image_ids, image_ids)
+        keep_row = np.isin(self.row_image_ids, image_ids)
+        return SplitFeatures(
+            self.image_ids[keep_img], self.image_feats[keep_img], self.row_image_ids[keep_row],
+            self.captions[keep_row], self.text_feats[keep_row], self.failed_ids[:0], self.failed_reasons[:0],
+        )
+
+
+def feature_cache_path(out_path: Path, tag: str) -> Path:
+    """``artifacts/teachers/lit-openmoji.pt`` -> ``artifacts/teachers/lit-openmoji.train-features.npz``."""
+    return out_path.with_name(f"{out_path.stem}.{tag}-features.npz")
+
+
+def _cache_key(manifest: Manifest) -> str:
+    # The features depend on the manifest rows and the towers; a change in either recomputes them.
+    key = {"version": FEATURES_VERSION, "manifest": manifest.content_hash, "image_root": manifest.image_root,
+           "towers": towers_fingerprint_parts()}
+    return json.dumps(key, sort_keys=True)
+
+
+def stored_tower_features(checkpoint: Path, manifest: Manifest) -> SplitFeatures | None:
+    """The tower features ``build-lit`` stored next to ``checkpoint`` for exactly this manifest, if any."""
+    key = _cache_key(manifest)
+    for path in sorted(Path(checkpoint).parent.glob(f"{Path(checkpoint).stem}.*-features.npz")):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    return SplitFeatures(**{k: z[k] for k in SplitFeatures.__dataclass_fields__})
+        except (OSError, ValueError, KeyError):
+            continue  # unreadable or an older layout: the caller encodes instead
+    return None
+
+
+def split_features(
+    manifest: Manifest,
+    cache_path: Path,
+    get_towers,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> tuple[SplitFeatures, bool]:
+    """Load the split's tower features from ``cache_path`` if they match, else compute and store them.
+
+    ``get_towers`` is called only when encoding is needed, so a rerun never loads the towers.
+    Returns (features, reused).
+    """
+    key = _cache_key(manifest)
+    if cache_path.exists():
+        try:
+            with np.load(cache_path, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    return SplitFeatures(**{k: z[k] for k in SplitFeatures.__dataclass_fields__}), True
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or from an older layout: recompute and overwrite
+    towers = get_towers()
+    image_ids, paths = manifest.unique_images()
+    feats, ok, failures = image_tower_features(
+        towers, [manifest.resolve(p) for p in paths], batch_size, num_workers, progress
+    )
+    for pos, reason in failures[:5]:
+        tqdm.write(f"skipped image {image_ids[pos]}: {reason}")
+    captions = manifest.table.column("caption").to_pylist()
+    text = text_tower_features(towers, captions, progress=progress)
+    sf = SplitFeatures(
+        image_ids=image_ids[ok], image_feats=feats,
+        row_image_ids=manifest.column("image_id").astype(np.int64), captions=np.asarray(captions, dtype=str),
+        text_feats=text,
+        failed_ids=np.asarray([image_ids[p] for p, _ in failures], dtype=np.int64),
+        failed_reasons=np.asarray([r for _, r in failures], dtype=str),
+    )
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_path.with_name(cache_path.name + ".tmp")
+    with open(tmp, "wb") as f:  # a file object, so numpy does not append another ".npz"
+        np.savez(f, key=np.asarray(key), **sf.__dict__)
+    tmp.replace(cache_path)
+    return sf, False
+
+
+def _image_index(image_ids: np.ndarray, row_image_ids: np.ndarray) -> np.ndarray:
+    """Position in ``image_ids`` of each row's image (every row's image must be present)."""
+    order = np.argsort(image_ids)
+    return order[np.searchsorted(image_ids, row_image_ids, sorter=order)]
+
+
+@torch.no_grad()
+def evaluate_heads(heads: LitHeads, sf: SplitFeatures, device: torch.device) -> dict[str, float]:
+    rows = sf.usable_rows()
+    img = F.normalize(heads.image(torch.from_numpy(sf.image_feats).to(device)), dim=-1)
+    txt = F.normalize(heads.text(torch.from_numpy(sf.text_feats[rows]).to(device)), dim=-1)
+    txt_image = torch.from_numpy(_image_index(sf.image_ids, sf.row_image_ids[rows])).to(device)
+    r = recall_at_k(img.cpu().numpy(), txt.cpu().numpy(), txt_image.cpu().numpy())  # the stage-3 metric
+    return {k: v for k, v in r.items() if k.startswith(("i2t_", "t2i_", "rsum"))}
+
+
+def _holdout(sf: SplitFeatures, fraction: float, seed: int) -> tuple[SplitFeatures, SplitFeatures | None]:
+    """Split off a fraction of the images (with all their captions) for model selection."""
+    ids = sf.image_ids
+    n_hold = int(round(fraction * len(ids)))
+    if n_hold < 2 or len(ids) - n_hold < 2:
+        return sf, None
+    held = np.random.default_rng(seed).choice(ids, size=n_hold, replace=False)
+    return sf.subset(np.setdiff1d(ids, held)), sf.subset(held)
+
+
+def _infonce(heads: LitHeads, img: torch.Tensor, txt: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE; ``same[i, j]`` marks off-diagonal pairs that are not negatives."""
+    zi = F.normalize(heads.image(img), dim=-1)
+    zt = F.normalize(heads.text(txt), dim=-1)
+    logits = heads.logit_scale.clamp(max=math.log(100.0)).exp() * zi @ zt.T
+    i2t, t2i = symmetric_infonce(logits, same)
+    return 0.5 * (i2t + t2i)
+
+
+def train_lit_heads(
+    train_manifest: str | Path | Manifest,
+    out_path: str | Path,
+    val_manifest: str | Path | Manifest | None = None,
+    width: int = 512,
+    epochs: int = 60,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+    num_workers: int = 2,
+    device: str = "cpu",
+    weight_decay: float = 0.05,
+    dropout: float = 0.3,
+    holdout_fraction: float = 0.1,
+    progress: bool = True,
+) -> dict:
+    """Compute (or reuse) tower features, train the heads, save the best epoch's checkpoint.
+
+    Without ``val_manifest``, ``holdout_fraction`` of the train images are held out for choosing the
+    epoch (none when that leaves fewer than 2 images on either side: the last epoch is kept).
+    Returns the training summary that is also stored in the checkpoint.
+    """
+    start = time.perf_counter()
+    out_path = Path(out_path)
+    train = train_manifest if isinstance(train_manifest, Manifest) else Manifest.read(train_manifest)
+    val = Manifest.read(val_manifest) if isinstance(val_manifest, (str, Path)) else val_manifest
+    if len(train) == 0:
+        raise PipelineError("the train manifest has no rows")
+    dev = torch.device(device)
+
+    towers: list[LitTowers] = []
+
+    def get_towers() -> LitTowers:
+        if not towers:
+            towers.append(LitTowers().to(dev))
+        return towers[0]
+
+    tr, tr_reused = split_features(train, feature_cache_path(out_path, "train"), get_towers,
+                                   num_workers=num_workers, progress=progress)
+    failures = list(zip(tr.failed_ids.tolist(), tr.failed_reasons.tolist()))
+    va, va_reused = None, True
+    if val is not None and len(val):
+        va, va_reused = split_features(val, feature_cache_path(out_path, "val"), get_towers,
+                                       num_workers=num_workers, progress=progress)
+        failures += list(zip(va.failed_ids.tolist(), va.failed_reasons.tolist()))
+        val_source = "val manifest"
+    else:
+        tr, va = _holdout(tr, holdout_fraction, seed)
+        val_source = f"{holdout_fraction:.0%} of train images held out" if va is not None else "none"
+    feature_s = time.perf_counter() - start
+
+    rows = tr.usable_rows()
+    if len(rows) < 2:
+        raise PipelineError(f"need at least 2 usable training pairs, found {len(rows)} (see image failures)")
+    row_img = torch.from_numpy(_image_index(tr.image_ids, tr.row_image_ids[rows])).to(dev)
+    img_feats = torch.from_numpy(tr.image_feats).to(dev)
+    txt_feats = torch.from_numpy(tr.text_feats[rows]).to(dev)
+    # ids for masking false negatives: other captions of the same image, identical caption strings
+    row_ids = torch.from_numpy(tr.row_image_ids[rows]).to(dev)
+    cap_ids = torch.from_numpy(np.unique(tr.captions[rows], return_inverse=True)[1].reshape(-1)).to(dev)
+
+    torch.manual_seed(seed)  # here, after tower loading, so a rerun from cached features is identical
+    heads = LitHeads(width, dropout=dropout).to(dev)
+    heads.set_input_stats(img_feats, txt_feats)
+    decay = [p for n, p in heads.named_parameters() if n.endswith("proj.weight")]
+    no_decay = [p for n, p in heads.named_parameters() if not n.endswith("proj.weight")]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    steps_per_epoch = math.ceil(len(rows) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    warmup = min(total_steps // 10, 10 * steps_per_epoch)
+    sched = Schedule(total_steps, warmup, "cosine").scheduler(opt)
+    gen = torch.Generator().manual_seed(seed)
+    best = {"epoch": 0, "metrics": None, "state": None}
+    history = []
+    bar = tqdm(range(1, epochs + 1), unit="epoch", desc="LiT heads", disable=not progress)
+    for epoch in bar:
+        heads.train()
+        total = 0.0
+        for batch in torch.randperm(len(rows), generator=gen).to(dev).split(batch_size):
+            r, c = row_ids[batch], cap_ids[batch]
+            same = false_negative_mask(r, r, c, c)
+            loss = _infonce(heads, img_feats[row_img[batch]], txt_feats[batch], same)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(batch)
+        heads.eval()
+        record = {"epoch": epoch, "loss": total / len(rows)}
+        if va is not None:
+            metrics = evaluate_heads(heads, va, dev)
+            record.update(metrics)
+            if best["metrics"] is None or metrics["rsum"] > best["metrics"]["rsum"]:
+                best = {"epoch": epoch, "metrics": metrics, "state": copy.deepcopy(heads.state_dict())}
+            bar.set_postfix(loss=f"{record['loss']:.3f}", rsum=f"{record['rsum']:.1f}",
+                            best=f"{best['metrics']['rsum']:.1f}@{best['epoch']}")
+        else:
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+        history.append(record)
+    bar.close()
+    if best["state"] is not None:
+        heads.load_state_dict(best["state"])
+    else:
+        best = {"epoch": epochs, "metrics": None}
+    heads.eval()
+
+    summary = {
+        "width": width, "epochs": epochs, "best_epoch": best["epoch"], "lr": lr, "batch_size": batch_size,
+        "weight_decay": weight_decay, "dropout": dropout, "seed": seed, "device": str(dev),
+        "temperature": float(1.0 / heads.logit_scale.detach().clamp(max=math.log(100.0)).exp()),
+        "train_manifest": {"source": train.source, "content_hash": train.content_hash},
+        "train_pairs": int(len(rows)), "train_images": int(len(tr.image_ids)),
+        "val_source": val_source,
+        "val_pairs": int(len(va.usable_rows())) if va is not None else 0,
+        "val_images": int(len(va.image_ids)) if va is not None else 0,
+        "val": best["metrics"],
+        "final_train_loss": history[-1]["loss"],
+        "image_failures": len(failures),
+        "image_failure_examples": [f"{i}: {r}" for i, r in failures[:MAX_FAILURES_IN_SUMMARY]],
+        "feature_cache": "reused" if tr_reused and va_reused else "computed",
+    }
+    total_s = time.perf_counter() - start
+    summary["time_s"] = {"features": round(feature_s, 2), "training": round(total_s - feature_s, 2),
+                         "total": round(total_s, 2)}
+    save_heads(out_path, heads.cpu(), summary)
+    tmp = out_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**summary, "history": history}, indent=2))
+    tmp.replace(out_path.with_suffix(".json"))
+    return summary
+
+
+__all__ = ["train_lit_heads", "split_features", "feature_cache_path", "SplitFeatures"]

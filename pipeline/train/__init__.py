@@ -1,0 +1,1 @@
+"""What every trainer shares: RNG capture, seeding, checkpoints that load safely, precision, run folders."""

@@ -1,0 +1,91 @@
+"""Pieces every trainer shares for exact resume: RNG state capture/restore, seeding, atomic checkpoint
+writes and the precision setting (bf16 autocast on CUDA by default)."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.common import config as cfgio
+from pipeline.common.errors import PipelineError
+
+
+def rng_state() -> dict:
+    """Every RNG a training step draws from (Python, numpy, torch CPU and CUDA), as tensors and plain types
+    so a checkpoint loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_save(obj, path: Path) -> Path:
+    """torch.save to a temporary name, then rename: a kill never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: Path, what: str = "checkpoint", map_location="cpu", mmap: bool = False) -> dict:
+    """Read a file this project wrote with torch.save: tensors and plain types only (``weights_only=True``),
+    so a file carrying a pickled object (which could run code) is refused with a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        detail = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if str(exc) else ""
+        raise PipelineError(f"refusing {what} {path}: it holds more than tensors and plain values ({detail})") \
+            from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated or foreign files
+        raise PipelineError(f"cannot read {what} {path}: {str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def autocast(device: torch.device, precision: str):
+    """precision auto: bf16 autocast on CUDA, fp32 elsewhere; fp32 or bf16 force it."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise PipelineError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def prepare_run_dir(cfg, resume: bool) -> Path:
+    """``runs_dir/name`` for a run config (any dataclass with ``runs_dir`` and ``name``): a resume needs a
+    checkpoint and the same config; a fresh start refuses a folder that already has checkpoints."""
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume:
+        if not last.exists():
+            raise PipelineError(f"--resume: no checkpoint at {last}")
+        saved = cfgio.load(type(cfg), run_dir / "config.json")
+        if cfgio.to_dict(saved) != cfgio.to_dict(cfg):
+            a, b = cfgio.flatten(cfgio.to_dict(saved)), cfgio.flatten(cfgio.to_dict(cfg))
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise PipelineError(f"--resume with a different config than {run_dir}/config.json: {diff}")
+    elif last.exists():
+        raise PipelineError(f"run {run_dir} already has checkpoints; pass --resume, or choose another --name")
+    return run_dir
