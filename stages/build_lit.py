@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from stages.common import resolve_device
+from pipeline.common import paths
 
 
 def build_lit(
@@ -28,8 +29,9 @@ def build_lit(
     """Encode the train split with the frozen towers (cached next to --out) and train the linear heads."""
     from pipeline.teachers.lit_training import feature_cache_path, train_lit_heads
 
-    if val_manifest is None and (manifest.parent / "val.parquet").exists() and manifest.name != "val.parquet":
-        val_manifest = manifest.parent / "val.parquet"
+    sibling_val = paths.manifest_path(manifest.parent, "val")
+    if val_manifest is None and sibling_val.exists() and manifest.name != sibling_val.name:
+        val_manifest = sibling_val
     s = train_lit_heads(
         manifest, out, val_manifest=val_manifest, width=width, epochs=epochs, lr=lr, batch_size=batch_size,
         seed=seed, num_workers=workers, device=resolve_device(device),

@@ -17,6 +17,7 @@ from pipeline.common import config as cfgio
 from pipeline.common.errors import PipelineError
 from pipeline.classify.config import ClassifyConfig
 from stages.common import human_bytes, resolve_device
+from pipeline.common import paths
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML/JSON config (see configs/openmoji-rephead.yaml).")
 SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set few_shot=5 (repeatable).")
@@ -53,7 +54,7 @@ def teacher_tokens(
     cfg = _load(config, overrides, None)
     manifest_dir, out = Path(cfg.data.manifest_dir), Path(cfg.data.tokens_dir)
     present = [
-        s for s in (x.strip() for x in splits.split(",")) if s and (manifest_dir / f"{s}.parquet").exists()
+        s for s in paths.present_splits(manifest_dir, [x.strip() for x in splits.split(",") if x.strip()])
     ]
     if not present:
         raise PipelineError(f"no manifests for splits {splits} in {manifest_dir}")
@@ -62,7 +63,7 @@ def teacher_tokens(
     record: dict = {"teacher": cfg.teacher, "fingerprint": teacher.fingerprint(), "splits": {}}
     labels: set[str] = set()
     for split in present:
-        manifest = Manifest.read(manifest_dir / f"{split}.parquet")
+        manifest = Manifest.read(paths.manifest_path(manifest_dir, split))
         if split == cfg.data.train_split:
             labels = set(image_labels(manifest)[0].values())
         s = cache_split_tokens(

@@ -9,16 +9,17 @@ import typer
 
 from pipeline.common.errors import PipelineError
 from stages.common import resolve_device
+from pipeline.common import paths
 
 
 def _exports(runs: Optional[List[Path]], runs_dir: Path) -> list[Path]:
     """Student export files from run folders or export paths; every export under runs_dir by default."""
     if not runs:
-        return sorted(runs_dir.glob("*/export/student.pt"))
+        return sorted(p for p in (paths.student_export(r) for r in sorted(runs_dir.glob("*"))) if p.is_file())
     out = []
     for run in runs:
         if run.is_dir():
-            export = run / "export" / "student.pt"
+            export = paths.student_export(run)
             if not export.is_file():
                 raise PipelineError(f"run {run} has no student export ({export}); has its training finished?")
             out.append(export)
@@ -41,7 +42,8 @@ def _name(export: Path, taken: set[str]) -> str:
     """Folder name of a student's results: its run's name (export at runs/<name>/export/student.pt)."""
     from pipeline.retrieval.evaluate import safe_name
 
-    base = safe_name(export.parent.parent.name if export.parent.name == "export" else export.stem)
+    run = paths.run_of_export(export)
+    base = safe_name(run.name if run else export.stem)
     name, n = base, 1
     while name in taken:
         n += 1
@@ -89,10 +91,10 @@ def evaluate(
     from pipeline.data.manifest import Manifest
     from pipeline.retrieval.report import write_report
 
-    manifest = Manifest.read(manifest_dir / f"{split}.parquet")
-    if not (cache_dir / split).is_dir():
+    manifest = Manifest.read(paths.manifest_path(manifest_dir, split))
+    if not paths.cache_split_dir(cache_dir, split).is_dir():
         raise PipelineError(f"no {split} cache in {cache_dir}; run `clipdistill teacher-features` for it")
-    cache = FeatureCache(cache_dir / split, expect_manifest_hash=manifest.content_hash)
+    cache = FeatureCache(paths.cache_split_dir(cache_dir, split), expect_manifest_hash=manifest.content_hash)
     exports = _exports(runs, runs_dir)
     skipped = {} if runs else _foreign(exports, cache)  # runs named by the user are never skipped silently
     exports = [e for e in exports if e not in skipped]
@@ -124,7 +126,7 @@ def evaluate(
             typer.echo(f"{model_dir.name}: {_summary(r)}")
         results.append(read_result(model_dir))
     for export, why in skipped.items():
-        typer.echo(f"skipped {export.parent.parent if export.parent.name == 'export' else export}: {why}")
+        typer.echo(f"skipped {paths.run_of_export(export) or export}: {why}")
     if not exports:
         typer.echo(f"no student exports of this cache's teacher under {runs_dir}; reporting the teacher only")
 

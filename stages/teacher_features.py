@@ -10,6 +10,7 @@ import typer
 
 from pipeline.common.errors import PipelineError
 from stages.common import human_bytes, resolve_device
+from pipeline.common import paths
 
 
 def teacher_features(
@@ -35,15 +36,15 @@ def teacher_features(
     shard_index = int(os.environ.get("RANK", 0)) if shard_index is None else shard_index
     num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
     wanted = [s.strip() for s in splits.split(",") if s.strip()]
-    present = [s for s in wanted if (manifest_dir / f"{s}.parquet").exists()]
+    present = paths.present_splits(manifest_dir, wanted)
     if not present:
         raise PipelineError(f"no manifests for splits {wanted} in {manifest_dir}")
     model = load_teacher(teacher, device=resolve_device(device))
     typer.echo(f"teacher {model.fingerprint()} (width {model.width}) on {model.device}")
     for split in present:
-        manifest = Manifest.read(manifest_dir / f"{split}.parquet")
+        manifest = Manifest.read(paths.manifest_path(manifest_dir, split))
         job = FeatureJob(
-            manifest=manifest, dataset=dataset or manifest_dir.name, split=split, out_dir=out / split,
+            manifest=manifest, dataset=dataset or manifest_dir.name, split=split, out_dir=paths.cache_split_dir(out, split),
             shard_size=shard_size, shard_index=shard_index, num_shards=num_shards,
             batch_size=batch_size, num_workers=workers, dtype=dtype,
         )

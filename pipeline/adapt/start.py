@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.common import paths
 from pipeline.common.errors import PipelineError
 from pipeline.students import (
     MINILM, ImageTowerSpec, StudentConfig, StudentModel, TextTowerSpec, TransformSettings, build_student,
@@ -73,7 +74,7 @@ def load_start(spec: str, device: str | torch.device = "cpu") -> StartPoint:
 def _from_student(path: str, spec: str) -> StartPoint:
     p = Path(path)
     if p.is_dir():  # a run folder
-        p = p / "export" / "student.pt"
+        p = paths.student_export(p)
     model, meta = load_student_model(p)
     # The export's config froze what its training froze (e.g. the token table); everything else trains.
     for param in model.parameters():

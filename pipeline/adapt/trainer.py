@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from pipeline.common.precision import autocast
 from pipeline.common import config as cfgio
 from pipeline.adapt.data import StepBatches, StepRange, build_split, decodable_locations, preload_images
 from pipeline.adapt.start import TRAINABLE, StartPoint, frozen_towers, load_start, set_trainable
@@ -42,9 +43,10 @@ from pipeline.common.runlog import RunLogger, truncate_after
 from pipeline.students import ImageTransform, StudentModel, export_student, export_torchscript
 from pipeline.train.schedule import Schedule
 from pipeline.train.state import (
-    atomic_save, autocast, load_checkpoint, prepare_run_dir, rng_state, seed_all, set_rng_state,
+    atomic_save, load_checkpoint, prepare_run_dir, rng_state, seed_all, set_rng_state,
 )
 from pipeline.distill.trainer import NonFiniteLoss, TrainResult, validate
+from pipeline.common import paths
 
 MODES = ("supervised", "mean_teacher")
 
@@ -220,7 +222,7 @@ def train(cfg: AdaptConfig, resume: bool = False, progress: bool = True) -> Trai
     scheduler = Schedule(schedule_steps, cfg.optim.warmup_steps, cfg.optim.schedule).scheduler(optimizer)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0, "best_epoch": -1,
              "start_val_rsum": None}
-    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    last_path, best_path = paths.last_checkpoint(run_dir), paths.best_checkpoint(run_dir)
     if resume:
         ckpt = load_checkpoint(last_path, map_location=device)
         model.load_state_dict(ckpt["model"])
@@ -373,7 +375,7 @@ def train(cfg: AdaptConfig, resume: bool = False, progress: bool = True) -> Trai
             "best_epoch": state["best_epoch"], "best_val_rsum": state["best_rsum"],
             "start_val_rsum": state["start_val_rsum"],
             **{f"split_{k}": v for k, v in split.summary().items()}}
-    export_path = export_student(out_model, None, run_dir / "export" / "student.pt", meta=meta)
+    export_path = export_student(out_model, None, paths.student_export(run_dir), meta=meta)
     try:  # TorchScript encoders, as stage 2 writes them; optional (tracing limits)
         export_torchscript(out_model, run_dir / "export")
     except PipelineError as exc:
@@ -384,7 +386,7 @@ def train(cfg: AdaptConfig, resume: bool = False, progress: bool = True) -> Trai
 
 
 def _read_split(cfg: AdaptConfig, split: str, required: bool) -> Manifest | None:
-    path = Path(cfg.data.manifest_dir) / f"{split}.parquet"
+    path = paths.manifest_path(cfg.data.manifest_dir, split)
     if not path.exists():
         if required:
             raise PipelineError(f"no {split} manifest at {path}; build it first (`make dataset`)")

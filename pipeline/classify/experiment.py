@@ -21,8 +21,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pipeline.common import paths
 from pipeline.common import config as cfgio
 from pipeline.common.distributed import resolve_device
+from pipeline.common import io
 from pipeline.common.errors import PipelineError
 from pipeline.data.manifest import Manifest
 from pipeline.classify.config import ClassifyConfig, comparable
@@ -75,7 +77,7 @@ def prepare_run(cfg: ClassifyConfig) -> Path:
 
 
 def load_data(cfg: ClassifyConfig) -> Data:
-    train_manifest = Path(cfg.data.manifest_dir) / f"{cfg.data.train_split}.parquet"
+    train_manifest = paths.manifest_path(cfg.data.manifest_dir, cfg.data.train_split)
     manifest = Manifest.read(train_manifest)
     classes = class_list(manifest)
     if cfg.text.mode == "captions" and _captions_are_labels(manifest):
@@ -113,10 +115,7 @@ def _rounded(obj):
 
 
 def _write_json(path: Path, obj: dict) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_rounded(obj), indent=2, default=str))
-    tmp.replace(path)
-    return path
+    return io.write_json(path, _rounded(obj))
 
 
 def _read_json(path: Path) -> Optional[dict]:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.common.precision import autocast
 from pipeline.features.encode import encode_captions
 from pipeline.common.errors import PipelineError
 from pipeline.data.loader import iter_image_batches
@@ -60,14 +61,13 @@ def token_extractor(teacher: Teacher) -> tuple[Extract, dict]:
 
 
 def _lit(teacher) -> Extract:
-    from pipeline.teachers.lit import _autocast
 
     towers, heads = teacher.towers, teacher.heads
 
     @torch.no_grad()
     def extract(pixels: torch.Tensor):
         pixels = pixels.to(teacher.device)
-        with _autocast(teacher.device):
+        with autocast(teacher.device):
             fmap = towers.image_tower.extract_features(pixels)
         tokens = fmap.float().flatten(2).transpose(1, 2)  # (B, H*W, 1280)
         pooled = tokens.mean(1)  # = LitTowers.image_features: mean over spatial positions
@@ -77,7 +77,6 @@ def _lit(teacher) -> Extract:
 
 
 def _openclip(teacher) -> tuple[Extract, dict]:
-    from pipeline.teachers.hf import autocast_context
 
     visual = teacher.model.visual
     if not hasattr(visual, "output_tokens"):
@@ -88,7 +87,7 @@ def _openclip(teacher) -> tuple[Extract, dict]:
         before = visual.output_tokens
         visual.output_tokens = True
         try:
-            with autocast_context(teacher.device, teacher.precision):
+            with autocast(teacher.device, teacher.precision):
                 pooled, tokens = visual(pixels.to(teacher.device))
         finally:
             visual.output_tokens = before
@@ -114,13 +113,12 @@ def _openclip(teacher) -> tuple[Extract, dict]:
 
 
 def _hf(teacher) -> tuple[Extract, dict]:
-    from pipeline.teachers.hf import autocast_context
 
     model = teacher.model
 
     @torch.no_grad()
     def extract(pixels: torch.Tensor):
-        with autocast_context(teacher.device, teacher.precision):
+        with autocast(teacher.device, teacher.precision):
             out = model.vision_model(pixel_values=pixels.to(teacher.device))
             pooled = out.pooler_output if teacher.is_siglip else model.visual_projection(out.pooler_output)
         hidden = out.last_hidden_state.float()

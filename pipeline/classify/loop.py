@@ -21,6 +21,7 @@ from pipeline.common.errors import PipelineError
 from pipeline.common.runlog import RunLogger, truncate_after
 from pipeline.train.schedule import Schedule
 from pipeline.train.state import atomic_save, load_checkpoint, rng_state, seed_all, set_rng_state
+from pipeline.common import paths
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def fit(
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    last, best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    last, best = paths.last_checkpoint(run_dir), paths.best_checkpoint(run_dir)
     if last.exists() and not resume:
         raise PipelineError(f"{run_dir} already has checkpoints; pass --resume, or choose another --name")
     seed_all(settings.seed)

@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from pipeline.common.errors import PipelineError
+from pipeline.common import io
 
 FORMAT = "clipdistill-tokens/1"
 
@@ -82,7 +83,7 @@ class TokenWriter:
 
     def __init__(self, path: Path, meta: TokenMeta, image_ids: np.ndarray):
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tmp = io.tmp_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         n, dt = len(image_ids), np.dtype(meta.dtype)
         self.f = h5py.File(self.tmp, "w")
@@ -222,8 +223,7 @@ def prompts_path(directory: Path, classes: list[str], templates: list[str]) -> P
 def write_prompts(
     path: Path, embedding: np.ndarray, classes: list[str], templates: list[str], teacher_fingerprint: str
 ) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with io.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("embedding", data=np.asarray(embedding, dtype=np.float32))
         f.attrs.update(
             classes=json.dumps(classes),
@@ -231,7 +231,6 @@ def write_prompts(
             teacher_fingerprint=teacher_fingerprint,
             format=FORMAT,
         )
-    tmp.replace(path)
     return path
 
 

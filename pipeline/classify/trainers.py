@@ -20,6 +20,8 @@ from pipeline.classify.head import LinearProbe, RepresentationHead, topk_accurac
 from pipeline.classify.labels import LabelledImages, labelled_images
 from pipeline.classify.loop import LoopSettings, atomic_save, epoch_order, fit
 from pipeline.classify.store import TokenSplit, read_prompts, split_path
+from pipeline.common import io
+from pipeline.common import paths
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Split:
 
 
 def open_split(cfg: ClassifyConfig, split: str, classes: list[str], required: bool) -> Optional[Split]:
-    manifest_path = Path(cfg.data.manifest_dir) / f"{split}.parquet"
+    manifest_path = paths.manifest_path(cfg.data.manifest_dir, split)
     token_path = split_path(Path(cfg.data.tokens_dir), split)
     if not manifest_path.exists() or not token_path.exists():
         if required:
@@ -240,13 +242,10 @@ def save_targets(
     path: Path, image_ids: np.ndarray, probs: np.ndarray, classes: list[str], source: str
 ) -> Path:
     """Soft targets per training image (rows sum to 1), the input of the next student generation."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with io.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("image_id", data=np.asarray(image_ids, np.int64))
         f.create_dataset("probs", data=np.asarray(probs, np.float32))
         f.attrs.update(classes="\n".join(classes), source=source)
-    tmp.replace(path)
     return path
 
 

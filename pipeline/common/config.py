@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -11,6 +10,7 @@ from typing import Any, Sequence, TypeVar
 import yaml
 
 from pipeline.common.errors import PipelineError
+from pipeline.common import io
 
 T = TypeVar("T")
 
@@ -109,9 +109,4 @@ def deep_merge(base: dict, update: dict) -> None:
 
 
 def save(cfg: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2, default=str))
-    tmp.replace(path)
-    return path
+    return io.write_json(path, to_dict(cfg))

@@ -27,6 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.common.errors import PipelineError
+from pipeline.common import io
+from pipeline.common.paths import REJECTS, manifest_path
 
 SCHEMA = pa.schema(
     [
@@ -142,12 +144,10 @@ class Manifest:
     def write(self, path: str | Path) -> Path:
         """Write atomically (temp file + rename) with provenance in the parquet metadata."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"source": self.source, "image_root": self.image_root, "content_hash": self.content_hash}
         table = self.table.replace_schema_metadata({MANIFEST_META_KEY: json.dumps(meta).encode()})
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
+        with io.atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
         return path
 
     def write_rejects(self, path: str | Path) -> Path:
@@ -203,6 +203,8 @@ def read_rejects(path: str | Path) -> list[Reject]:
 def write_splits(manifest: Manifest, out_dir: str | Path) -> dict[str, Path]:
     """Write ``<out_dir>/<split>.parquet`` for every split plus ``rejects.parquet``; returns the paths."""
     out_dir = Path(out_dir)
-    paths = {s: manifest.split(s).write(out_dir / f"{s}.parquet") for s in manifest.splits}
-    paths["rejects"] = manifest.write_rejects(out_dir / "rejects.parquet")
-    return paths
+    written = {s: manifest.split(s).write(manifest_path(out_dir, s)) for s in manifest.splits}
+    written["rejects"] = manifest.write_rejects(out_dir / REJECTS)
+    return written
+
+

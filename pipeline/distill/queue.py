@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.common import io
 from pipeline.common.errors import PipelineError
 
 META_FILE = "queue.json"
@@ -338,9 +339,7 @@ class NegativeQueue:
             r.flush()
         meta = {"size": self.size, "dim": self.dim, "with_hash": self.with_hash, "dtype": self.dtype,
                 **{m: {"ptr": r.ptr, "fill": r.fill} for m, r in self.rings.items()}}
-        tmp = self.directory / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, self.directory / META_FILE)
+        io.write_json(self.directory / META_FILE, meta, indent=1)
 
     def state_dict(self) -> dict:
         """Everything needed for an exact resume: shapes, pointers, fill counts and the filled contents.

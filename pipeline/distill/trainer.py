@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.common.precision import autocast
+from pipeline.common import paths
 from pipeline.common import config as cfgio
 from pipeline.distill.balancer import make_balancer
 from pipeline.features.cache import FeatureCache
@@ -33,7 +35,7 @@ from pipeline.students import (
 )
 from pipeline.train.schedule import Schedule
 from pipeline.train.state import (
-    atomic_save, autocast, load_checkpoint, prepare_run_dir, rng_state, seed_all, set_rng_state,
+    atomic_save, load_checkpoint, prepare_run_dir, rng_state, seed_all, set_rng_state,
 )
 from pipeline.distill.data import (
     EpochOrder, PairDataset, align, check_teacher_norms, gather_targets, make_loader, teacher_targets,
@@ -140,8 +142,8 @@ class TrainResult:
 
 
 def _open_split(cfg: DistillConfig, split: str, required: bool):
-    manifest_path = Path(cfg.data.manifest_dir) / f"{split}.parquet"
-    cache_dir = Path(cfg.data.cache_dir) / split
+    manifest_path = paths.manifest_path(cfg.data.manifest_dir, split)
+    cache_dir = paths.cache_split_dir(cfg.data.cache_dir, split)
     if not manifest_path.exists() or not cache_dir.exists():
         if required:
             raise PipelineError(f"need {manifest_path} and a cache in {cache_dir}; run `make teacher-features`")
@@ -199,7 +201,7 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0, "best_epoch": -1}
-    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    last_path, best_path = paths.last_checkpoint(run_dir), paths.best_checkpoint(run_dir)
     if resume:
         ckpt = load_checkpoint(last_path)  # to host: queue/RNG state stay host-side
         model.load_state_dict(ckpt["model"])
@@ -326,7 +328,7 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
     if env.is_main:
         best = load_checkpoint(best_path if best_path.exists() else last_path)
         model.load_state_dict(best["model"])
-        export_path = export_student(model, scfg, run_dir / "export" / "student.pt", meta={
+        export_path = export_student(model, scfg, paths.student_export(run_dir), meta={
             "teacher_fingerprint": cache.meta.teacher_fingerprint, "dataset": cache.meta.dataset,
             "best_epoch": state["best_epoch"], "best_val_rsum": state["best_rsum"], "run": cfg.name,
         })

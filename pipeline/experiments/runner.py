@@ -28,6 +28,8 @@ from typing import Any, Callable, Optional, Sequence
 from pipeline.experiments import tables
 from pipeline.common.errors import PipelineError
 from pipeline.experiments.sweep import EVAL_DIR, EvalSection, Plan, PlannedRun, Sweep, plan_sweep
+from pipeline.common import io
+from pipeline.common import paths
 
 EXPERIMENT_FORMAT = "clipdistill-experiment/1"
 RECORD_FILE, LOG_FILE = "experiment.json", "distill.log"
@@ -51,10 +53,7 @@ def read_record(run_dir: Path) -> dict:
 
 
 def write_record(run_dir: Path, record: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (RECORD_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(run_dir / RECORD_FILE)
+    io.write_json(run_dir / RECORD_FILE, record)
 
 
 def is_trained(run_dir: Path) -> bool:
@@ -113,7 +112,7 @@ def train_run(plan: Plan, run: PlannedRun, device: str) -> dict:
     that fails: the error goes into the record."""
     run_dir = plan.run_dir(run.key)
     record = read_record(run_dir)
-    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    resume = paths.last_checkpoint(run_dir).is_file()
     cmd = distill_command(plan, run, resume, [sys.executable, "-m", "stages.cli"])
     shown = " ".join(shlex.quote(c) for c in distill_command(plan, run, resume))
     record.update(format=EXPERIMENT_FORMAT, key=run.key, name=run.name,
@@ -229,8 +228,8 @@ def open_eval(plan: Plan) -> EvalContext:
     from pipeline.data.manifest import Manifest
 
     split = plan.sweep.eval.split
-    manifest_path = Path(plan.base.data.manifest_dir) / f"{split}.parquet"
-    cache_dir = Path(plan.base.data.cache_dir) / split
+    manifest_path = paths.manifest_path(plan.base.data.manifest_dir, split)
+    cache_dir = paths.cache_split_dir(plan.base.data.cache_dir, split)
     if not manifest_path.is_file() or not cache_dir.is_dir():
         raise PipelineError(f"evaluation needs {manifest_path} and a {split} cache in {cache_dir}; "
                             "run `make teacher-features`")

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from pipeline.common.errors import PipelineError
 from pipeline.retrieval.evaluate import read_result
 from pipeline.experiments.sweep import Plan, SweepTable
+from pipeline.common import io
 
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 METRIC_LABELS = ("i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "RSUM")
@@ -220,11 +221,7 @@ def update_document(path: Path, blocks: dict[str, str], title: str) -> Path:
                                 f"{start} followed by one {end}); fix them by hand")
         pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
         text = pattern.sub(lambda _: block, text, count=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return io.write_text(path, text)
 
 
 def relative_link(target: Path, document: Path) -> str:

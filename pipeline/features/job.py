@@ -8,7 +8,6 @@ rerun, so a killed job resumes where it stopped (at shard granularity).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pipeline.common.errors import PipelineError
 from pipeline.features.encode import encode_captions, encode_image_locations
 from pipeline.data.manifest import Manifest, Reject, write_rejects
 from pipeline.teachers.base import KnownEmbeddings, Teacher
+from pipeline.common import io
 
 
 @dataclass
@@ -224,9 +224,7 @@ def _write_summary(job: FeatureJob, meta: CacheMeta, summary: FeatureSummary) ->
         "manifest_source": job.manifest.source,
         "bytes": sum(p.stat().st_size for p in cache.shard_paths),
     }
-    tmp = job.out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(job.out_dir / "summary.json")
+    io.write_json(job.out_dir / "summary.json", record)
 
 
 __all__ = ["FeatureJob", "FeatureSummary", "run_feature_job"]

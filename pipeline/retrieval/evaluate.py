@@ -17,9 +17,7 @@ recall code, and each model gets one output folder:
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import platform
 import re
 import statistics
@@ -34,6 +32,7 @@ import torch
 
 from pipeline.features.cache import FeatureCache
 from pipeline.features.encode import SplitEmbeddings, embed_manifest
+from pipeline.common import io
 from pipeline.common.errors import PipelineError
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.retrieval.index import BuiltIndex, IndexSpec, build_index, choose_index, load_index, save_index, search
@@ -41,6 +40,8 @@ from pipeline.data.manifest import Manifest
 from pipeline.retrieval.metrics import recall_at_k, truncate_captions
 from pipeline.students import StudentEncoder, count_params, load_student
 from pipeline.teachers import Teacher, load_teacher
+from pipeline.teachers.base import to_device
+from pipeline.common import paths
 
 RESULT_FORMAT = "clipdistill-eval/1"
 RESULT_FILE, EMBEDDINGS_FILE = "result.json", "embeddings.npz"
@@ -147,12 +148,6 @@ class SpeedSettings:
     batch_repeats: int = 3
 
 
-def _to_device(tokens: Any, device: torch.device) -> Any:
-    if isinstance(tokens, torch.Tensor):
-        return tokens.to(device)
-    return {k: _to_device(v, device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens
-
-
 def _median_seconds(fn: Callable[[], torch.Tensor], repeats: int, warmup: int, device: torch.device) -> float:
     def sync() -> None:
         if device.type == "cuda":
@@ -189,7 +184,7 @@ def measure_speed(encoder: Teacher, image_locations: Sequence[str], captions: Se
         raise PipelineError(f"no decodable test image/caption to time the encoders with ({failures[:1]})")
     batch_px = torch.stack([pixels[i % len(pixels)] for i in range(settings.batch)]).to(device)
     batch_caps = [captions[i % len(captions)] for i in range(settings.batch)]
-    one_tok, batch_tok = (_to_device(encoder.tokenize(c), device) for c in (batch_caps[:1], batch_caps))
+    one_tok, batch_tok = (to_device(encoder.tokenize(c), device) for c in (batch_caps[:1], batch_caps))
 
     rep, warm, batch_rep = settings.repeats, settings.warmup, settings.batch_repeats
     img_lat = _median_seconds(partial(encoder.encode_images, batch_px[:1]), rep, warm, device)
@@ -300,7 +295,7 @@ def evaluate_student(
             raise PipelineError(f"{export_path} was distilled from teacher {teacher_fp}, but the cache "
                                 f"{teacher_cache.directory} holds teacher {cached_fp}")
         teacher_fp = cached_fp
-    run_dir = export_path.parent.parent if export_path.parent.name == "export" else None
+    run_dir = paths.run_of_export(export_path)
     name = name or encoder.meta.get("run") or (run_dir.name if run_dir else export_path.stem)
     dataset = encoder.meta.get("dataset") or (teacher_cache.meta.dataset if teacher_cache else None)
     emb = embed_manifest(encoder, manifest, batch_size=batch_size, workers=workers)
@@ -395,13 +390,6 @@ def evaluate_teacher_cache(
 # ---- outputs -------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def save_outputs(out_dir: str | Path, record: dict, emb: SplitEmbeddings, galleries: Galleries,
                  image_locations: Sequence[str], captions: Sequence[str],
                  extra: dict[str, np.ndarray] | None = None) -> Path:
@@ -419,10 +407,11 @@ def save_outputs(out_dir: str | Path, record: dict, emb: SplitEmbeddings, galler
         "text_image_idx": emb.text_image_idx[keep], "captions": np.asarray(captions, dtype=str)[keep],
         **(extra or {}),
     }
-    _atomic_write(out_dir / EMBEDDINGS_FILE, lambda f: np.savez(f, **arrays))
+    with io.atomic_path(out_dir / EMBEDDINGS_FILE) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     files = {"image_index": IMAGE_INDEX, "text_index": TEXT_INDEX, "embeddings": EMBEDDINGS_FILE}
     record = {**record, "files": files}
-    _atomic_write(out_dir / RESULT_FILE, lambda f: f.write(json.dumps(record, indent=2).encode()))
+    io.write_json(out_dir / RESULT_FILE, record)
     return out_dir / RESULT_FILE
 
 

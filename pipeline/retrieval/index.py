@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 
 from pipeline.common.errors import PipelineError
 from pipeline.retrieval.metrics import DEFAULT_KS, check_embeddings, recall_at_k
+from pipeline.common import io
 
 # ---- index-choice rules (read with choose_index) ----------------------------------------------
 # Up to this many vectors search is exact. Every standard benchmark (Flickr30k 5K captions, COCO
@@ -284,11 +284,9 @@ def save_index(built: BuiltIndex, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cpu_index = faiss.index_gpu_to_cpu(built.index) if built.on_gpu else built.index
-    tmp_index, tmp_meta = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".json.tmp")
-    faiss.write_index(cpu_index, str(tmp_index))
-    tmp_meta.write_text(json.dumps({"spec": built.spec.to_dict(), "params": built.params}, indent=2))
-    os.replace(tmp_index, path)
-    os.replace(tmp_meta, _sidecar(path))
+    with io.atomic_path(path) as tmp:
+        faiss.write_index(cpu_index, str(tmp))
+    io.write_json(_sidecar(path), {"spec": built.spec.to_dict(), "params": built.params})
 
 
 def load_index(path: str | Path, gpu: bool | str = "auto") -> BuiltIndex:

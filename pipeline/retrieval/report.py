@@ -23,6 +23,7 @@ from pipeline.common.errors import PipelineError
 from pipeline.retrieval.evaluate import EMBEDDINGS_FILE, QueryResult, safe_name
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.common.runlog import read_metrics
+from pipeline.common import io as files
 
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 METRIC_LABELS = ("i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10")
@@ -313,11 +314,7 @@ def write_report(results: Sequence[dict], out_dir: str | Path) -> Report:
         "## Speed and size", "", speed_table(results), "", "## Figures", "",
         *(f"![{p.stem}](figures/{p.name})" for p in figures), "",
     ]
-    md = out_dir / "report.md"
-    md.parent.mkdir(parents=True, exist_ok=True)
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text("\n".join(sections))
-    tmp.replace(md)
+    md = files.write_text(out_dir / "report.md", "\n".join(sections))
     return Report(md, figures, table)
 
 

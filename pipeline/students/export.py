@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.common.errors import PipelineError
+from pipeline.common import io
+from pipeline.common.errors import PipelineError, first_line
 from pipeline.students.config import StudentConfig
 from pipeline.students.model import StudentModel, build_student
 from pipeline.students.preprocess import TransformSettings, tokenizer_from_settings, tokenizer_settings
-from pipeline.students.towers import first_line, quiet_transformers
+from pipeline.students.towers import quiet_transformers
 from pipeline.teachers.base import Teacher, state_dict_digest
 
 EXPORT_FORMAT = "clipdistill-student/1"
@@ -68,12 +69,9 @@ def export_student(
         "meta": meta or {},
         "versions": _versions(),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    with io.atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
 
 
 def _read(path: str | Path, mmap: bool = False) -> dict:
@@ -200,9 +198,7 @@ def export_torchscript(model: StudentModel, out_dir: str | Path) -> tuple[Path, 
     except Exception as exc:  # tracing fails in many ways for unsupported tower code
         raise PipelineError(f"TorchScript tracing failed for this student: {first_line(exc)}") from exc
     for module, path in zip((image, text), paths):
-        tmp = path.with_name(path.name + ".tmp")
-        with warnings.catch_warnings():
+        with io.atomic_path(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             torch.jit.save(module, str(tmp))
-        tmp.replace(path)
     return paths

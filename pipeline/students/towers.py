@@ -18,18 +18,12 @@ import torch
 from torch import nn
 
 from pipeline.common.config import deep_merge
-from pipeline.common.errors import PipelineError
+from pipeline.common.errors import PipelineError, first_line
 from pipeline.students.config import ImageTowerSpec, TextTowerSpec
 from pipeline.students.preprocess import TransformSettings, resolve_tokenizer_dir
 
 # Errors that timm / transformers / open_clip raise for a bad name, bad kwargs or mismatched weights.
 _BUILD_ERRORS = (RuntimeError, TypeError, ValueError, KeyError, OSError)
-
-
-def first_line(exc: BaseException) -> str:
-    """One-line message for wrapping library exceptions in a PipelineError (some have empty messages)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---- image towers -----------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ class Teacher(ABC):
 
     @torch.no_grad()
     def encode_texts_with_norms(self, tokens: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return split_norm(self._encode_texts(_to_device(tokens, self.device)))
+        return split_norm(self._encode_texts(to_device(tokens, self.device)))
 
     def known_embeddings(self, manifest) -> KnownEmbeddings | None:
         """Embeddings of ``manifest``'s images/captions this teacher computed before (e.g. while it was
@@ -112,11 +112,11 @@ def split_norm(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return F.normalize(raw, dim=-1), raw.norm(dim=-1)
 
 
-def _to_device(tokens: Any, device: torch.device) -> Any:
+def to_device(tokens: Any, device: torch.device) -> Any:
     if isinstance(tokens, torch.Tensor):
         return tokens.to(device, non_blocking=True)
     if isinstance(tokens, dict):
-        return {k: _to_device(v, device) for k, v in tokens.items()}
+        return {k: to_device(v, device) for k, v in tokens.items()}
     return tokens
 
 

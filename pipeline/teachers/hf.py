@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -11,32 +10,13 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from pipeline.common.errors import PipelineError
+from pipeline.common.precision import autocast, check_precision
+from pipeline.common.errors import PipelineError, first_line
 from pipeline.teachers.base import Teacher, state_dict_digest
 
 # Model types whose processor yields plain ``pixel_values`` and whose ``get_*_features`` need nothing else.
 # (SigLIP 2 needs patch masks and spatial shapes, so it is not listed.)
 SUPPORTED_MODEL_TYPES = ("clip", "siglip")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for teacher inference: ``auto`` is bf16 on CUDA (fp16 without bf16 support), off on CPU."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    if precision == "auto":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise PipelineError(f"unknown teacher precision {precision!r}: expected {', '.join(PRECISIONS)}")
-    return precision
-
-
 class HFImageTransform:
     """PIL image -> CHW tensor via a HF image processor; a plain class so DataLoader workers can pickle it."""
 
@@ -64,7 +44,7 @@ class HFTeacher(Teacher):
         try:
             config = AutoConfig.from_pretrained(name_or_dir)
         except (OSError, ValueError) as e:
-            msg = f"cannot load Hugging Face model config from {name_or_dir!r}: {_first_line(e)}"
+            msg = f"cannot load Hugging Face model config from {name_or_dir!r}: {first_line(e)}"
             raise PipelineError(msg) from e
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise PipelineError(
@@ -78,7 +58,7 @@ class HFTeacher(Teacher):
             self.processor = AutoImageProcessor.from_pretrained(name_or_dir)
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
         except (OSError, ValueError) as e:
-            msg = f"cannot load Hugging Face model from {name_or_dir!r}: {_first_line(e)}"
+            msg = f"cannot load Hugging Face model from {name_or_dir!r}: {first_line(e)}"
             raise PipelineError(msg) from e
         self.model.eval().requires_grad_(False)
         self.config = config
@@ -107,11 +87,11 @@ class HFTeacher(Teacher):
         return {k: enc[k] for k in keys if k in enc}
 
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        with autocast_context(self.device, self.precision):
+        with autocast(self.device, self.precision):
             return _features(self.model.get_image_features(pixel_values=pixels))
 
     def _encode_texts(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast_context(self.device, self.precision):
+        with autocast(self.device, self.precision):
             return _features(self.model.get_text_features(**tokens))
 
     def fingerprint_parts(self) -> dict:
@@ -167,8 +147,3 @@ def _json_safe(d: Any) -> Any:
 def _digest(obj: Any) -> str:
     blob = obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -8,7 +8,6 @@ Only the heads are trained (``pipeline.teachers.lit_training``); both towers ins
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import os
 from pathlib import Path
@@ -20,6 +19,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.common.precision import autocast
+from pipeline.common import io
 from pipeline.common.errors import PipelineError
 from pipeline.data.loader import batched, iter_image_batches
 from pipeline.teachers.base import KnownEmbeddings, Teacher, split_norm, state_dict_digest
@@ -59,13 +60,6 @@ class LitImageTransform:
         img = img.crop((left, top, left + self.size, top + self.size))
         arr = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
         return (arr.float() - 127.0) / 128.0
-
-
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA (the towers are frozen, so reduced precision only costs a little accuracy)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def tower_versions() -> dict[str, str]:
@@ -137,13 +131,13 @@ class LitTowers:
     @torch.no_grad()
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device, non_blocking=True)
-        with _autocast(self.device):
+        with autocast(self.device):
             return self.image_tower.extract_features(pixels).mean((2, 3)).float()
 
     @torch.no_grad()
     def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens = {k: v.to(self.device, non_blocking=True) for k, v in tokens.items()}
-        with _autocast(self.device):
+        with autocast(self.device):
             hidden = self.text_tower(**tokens).last_hidden_state.float()
         mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -290,9 +284,9 @@ class LitTeacher(Teacher):
         (train/val), so ``teacher-features`` does not run the towers on those images a second time."""
         if self.checkpoint_path is None:
             return None
-        from pipeline.teachers.lit_training import stored_tower_features
+        from pipeline.teachers.lit_store import stored_tower_features
 
-        sf = stored_tower_features(self.checkpoint_path, manifest)
+        sf = stored_tower_features(self.checkpoint_path, manifest, towers_fingerprint_parts())
         if sf is None:
             return None
         with torch.no_grad():
@@ -308,14 +302,12 @@ class LitTeacher(Teacher):
 def save_heads(path: str | Path, heads: LitHeads, summary: dict | None = None) -> Path:
     """Write the checkpoint (heads state dict + config + training summary) atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in heads.state_dict().items()}
     config = {"width": heads.width, "image_model": IMAGE_MODEL, "text_model": TEXT_MODEL,
               "image_dim": heads.image.proj.in_features, "text_dim": heads.text.proj.in_features,
               "towers": towers_fingerprint_parts()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "config": config, "heads": state, "summary": summary or {}}, tmp)
-    tmp.replace(path)
+    with io.atomic_path(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, "config": config, "heads": state, "summary": summary or {}}, tmp)
     return path
 
 

@@ -9,10 +9,8 @@ best held-out RSUM (val manifest, or a held-out slice of the train images) is th
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pipeline.common import io
 from pipeline.common.errors import PipelineError
 from pipeline.retrieval.metrics import recall_at_k
 from pipeline.train.schedule import Schedule
@@ -33,59 +32,9 @@ from pipeline.teachers.lit import (
     text_tower_features,
     towers_fingerprint_parts,
 )
+from pipeline.teachers.lit_store import SplitFeatures, cache_key, feature_cache_path, read_features, write_features
 
-FEATURES_VERSION = 1
 MAX_FAILURES_IN_SUMMARY = 20
-
-
-@dataclass
-class SplitFeatures:
-    """Frozen-tower features of one manifest: decoded images and the rows (captions) that use them."""
-
-    image_ids: np.ndarray  # (N_img,) int64, images that decoded
-    image_feats: np.ndarray  # (N_img, 1280) float32
-    row_image_ids: np.ndarray  # (N_rows,) int64, one per manifest row
-    captions: np.ndarray  # (N_rows,) str
-    text_feats: np.ndarray  # (N_rows, 384) float32
-    failed_ids: np.ndarray  # (F,) int64, images that failed to decode
-    failed_reasons: np.ndarray  # (F,) str
-
-    def usable_rows(self) -> np.ndarray:
-        """Rows whose image decoded (rows of a failed image cannot form a pair)."""
-        return np.flatnonzero(np.isin(self.row_image_ids, self.image_ids))
-
-    def subset(self, image_ids: np.ndarray) -> "SplitFeatures":
-        keep_img = np.isin(self.image_ids, image_ids)
-        keep_row = np.isin(self.row_image_ids, image_ids)
-        return SplitFeatures(
-            self.image_ids[keep_img], self.image_feats[keep_img], self.row_image_ids[keep_row],
-            self.captions[keep_row], self.text_feats[keep_row], self.failed_ids[:0], self.failed_reasons[:0],
-        )
-
-
-def feature_cache_path(out_path: Path, tag: str) -> Path:
-    """``artifacts/teachers/lit-openmoji.pt`` -> ``artifacts/teachers/lit-openmoji.train-features.npz``."""
-    return out_path.with_name(f"{out_path.stem}.{tag}-features.npz")
-
-
-def _cache_key(manifest: Manifest) -> str:
-    # The features depend on the manifest rows and the towers; a change in either recomputes them.
-    key = {"version": FEATURES_VERSION, "manifest": manifest.content_hash, "image_root": manifest.image_root,
-           "towers": towers_fingerprint_parts()}
-    return json.dumps(key, sort_keys=True)
-
-
-def stored_tower_features(checkpoint: Path, manifest: Manifest) -> SplitFeatures | None:
-    """The tower features ``build-lit`` stored next to ``checkpoint`` for exactly this manifest, if any."""
-    key = _cache_key(manifest)
-    for path in sorted(Path(checkpoint).parent.glob(f"{Path(checkpoint).stem}.*-features.npz")):
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if str(z["key"]) == key:
-                    return SplitFeatures(**{k: z[k] for k in SplitFeatures.__dataclass_fields__})
-        except (OSError, ValueError, KeyError):
-            continue  # unreadable or an older layout: the caller encodes instead
-    return None
 
 
 def split_features(
@@ -101,14 +50,10 @@ def split_features(
     ``get_towers`` is called only when encoding is needed, so a rerun never loads the towers.
     Returns (features, reused).
     """
-    key = _cache_key(manifest)
-    if cache_path.exists():
-        try:
-            with np.load(cache_path, allow_pickle=False) as z:
-                if str(z["key"]) == key:
-                    return SplitFeatures(**{k: z[k] for k in SplitFeatures.__dataclass_fields__}), True
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable or from an older layout: recompute and overwrite
+    key = cache_key(manifest, towers_fingerprint_parts())
+    stored = read_features(cache_path, key)
+    if stored is not None:
+        return stored, True
     towers = get_towers()
     image_ids, paths = manifest.unique_images()
     feats, ok, failures = image_tower_features(
@@ -125,11 +70,7 @@ def split_features(
         failed_ids=np.asarray([image_ids[p] for p, _ in failures], dtype=np.int64),
         failed_reasons=np.asarray([r for _, r in failures], dtype=str),
     )
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_name(cache_path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append another ".npz"
-        np.savez(f, key=np.asarray(key), **sf.__dict__)
-    tmp.replace(cache_path)
+    write_features(cache_path, key, sf)
     return sf, False
 
 
@@ -294,9 +235,7 @@ def train_lit_heads(
     summary["time_s"] = {"features": round(feature_s, 2), "training": round(total_s - feature_s, 2),
                          "total": round(total_s, 2)}
     save_heads(out_path, heads.cpu(), summary)
-    tmp = out_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**summary, "history": history}, indent=2))
-    tmp.replace(out_path.with_suffix(".json"))
+    io.write_json(out_path.with_suffix(".json"), {**summary, "history": history})
     return summary
 
 

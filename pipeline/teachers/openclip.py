@@ -13,9 +13,9 @@ import open_clip
 import torch
 from PIL import Image
 
-from pipeline.common.errors import PipelineError
+from pipeline.common.errors import PipelineError, first_line
 from pipeline.teachers.base import Teacher, state_dict_digest
-from pipeline.teachers.hf import autocast_context, check_precision
+from pipeline.common.precision import autocast, check_precision
 
 
 class OpenClipTeacher(Teacher):
@@ -51,7 +51,7 @@ class OpenClipTeacher(Teacher):
                 model_name, pretrained=weights, force_quick_gelu=quick_gelu
             )
         except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as e:
-            msg = f"cannot load open_clip {arch!r} from {pretrained!r}: {_first_line(e)}"
+            msg = f"cannot load open_clip {arch!r} from {pretrained!r}: {first_line(e)}"
             raise PipelineError(msg) from e
         self.model = model.eval().requires_grad_(False)
         self._transform = preprocess
@@ -75,11 +75,11 @@ class OpenClipTeacher(Teacher):
         return self._tokenizer(list(texts))
 
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        with autocast_context(self.device, self.precision):
+        with autocast(self.device, self.precision):
             return self.model.encode_image(pixels)
 
     def _encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
-        with autocast_context(self.device, self.precision):
+        with autocast(self.device, self.precision):
             return self.model.encode_text(tokens)
 
     def fingerprint_parts(self) -> dict:
@@ -142,11 +142,6 @@ def _resolve(arch: str, pretrained: str | None) -> tuple[str, str | None, str | 
         f"{pretrained!r} is neither a pretrained tag of open_clip {arch!r} nor an existing checkpoint "
         f"(tags: {tags})"
     )
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 __all__ = ["OpenClipTeacher", "register_model_config"]

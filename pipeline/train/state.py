@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from pipeline.common import config as cfgio
-from pipeline.common.errors import PipelineError
+from pipeline.common.errors import PipelineError, first_line
+from pipeline.common import io
+from pipeline.common import paths
 
 
 def rng_state() -> dict:
@@ -42,10 +44,8 @@ def seed_all(seed: int) -> None:
 
 def atomic_save(obj, path: Path) -> Path:
     """torch.save to a temporary name, then rename: a kill never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with io.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
     return path
 
 
@@ -62,22 +62,14 @@ def load_checkpoint(path: Path, what: str = "checkpoint", map_location="cpu", mm
         raise PipelineError(f"refusing {what} {path}: it holds more than tensors and plain values ({detail})") \
             from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated or foreign files
-        raise PipelineError(f"cannot read {what} {path}: {str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__}") from None
-
-
-def autocast(device: torch.device, precision: str):
-    """precision auto: bf16 autocast on CUDA, fp32 elsewhere; fp32 or bf16 force it."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise PipelineError(f"precision must be auto, fp32 or bf16, not {precision!r}")
-    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+        raise PipelineError(f"cannot read {what} {path}: {first_line(exc)}") from None
 
 
 def prepare_run_dir(cfg, resume: bool) -> Path:
     """``runs_dir/name`` for a run config (any dataclass with ``runs_dir`` and ``name``): a resume needs a
     checkpoint and the same config; a fresh start refuses a folder that already has checkpoints."""
     run_dir = Path(cfg.runs_dir) / cfg.name
-    last = run_dir / "checkpoints" / "last.pt"
+    last = paths.last_checkpoint(run_dir)
     if resume:
         if not last.exists():
             raise PipelineError(f"--resume: no checkpoint at {last}")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from pipeline.features.cache.format import CacheMeta
+from pipeline.common import io
 
 
 def write_shard(
@@ -28,9 +28,9 @@ def write_shard(
     training can also use un-normalised targets (``data.teacher_normalized: false``).
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     dtype = np.dtype(meta.dtype)
-    with h5py.File(tmp, "w") as f:
+    # fsync: make the data durable before the rename publishes it
+    with io.atomic_path(path, fsync=True) as tmp, h5py.File(tmp, "w") as f:
         # No chunks/compression: contiguous storage is what makes np.memmap reads possible.
         f.create_dataset("image", data=np.ascontiguousarray(image, dtype=dtype).reshape(-1, meta.width))
         f.create_dataset("text", data=np.ascontiguousarray(text, dtype=dtype).reshape(-1, meta.width))
@@ -41,7 +41,4 @@ def write_shard(
             if norms is not None:
                 f.create_dataset(name, data=np.asarray(norms, dtype=np.float32))
         f.attrs.update(meta.to_attrs())
-    with open(tmp, "rb") as fh:  # make the data durable before the rename publishes it
-        os.fsync(fh.fileno())
-    tmp.replace(path)
     return path
