@@ -164,9 +164,9 @@ def class_folder(
     from pipeline.classify.datasets import read_class_folder
 
     manifest = read_class_folder(path, split_fractions)
-    paths = write_splits(manifest, out)
+    written = write_splits(manifest, out)
     for split in manifest.splits:
         part = manifest.split(split)
         n_classes = len(set(part.table.column("label").to_pylist()))
-        typer.echo(f"  {split:<6} {len(part):>8} images {n_classes:>5} classes -> {paths[split]}")
-    typer.echo(f"  rejects {len(manifest.rejects):>7} -> {paths['rejects']}")
+        typer.echo(f"  {split:<6} {len(part):>8} images {n_classes:>5} classes -> {written[split]}")
+    typer.echo(f"  rejects {len(manifest.rejects):>7} -> {written['rejects']}")

@@ -189,8 +189,8 @@ def train(cfg: AdaptConfig, resume: bool = False, progress: bool = True) -> Trai
     mean_teacher = cfg.mode == "mean_teacher"
     train_manifest = _read_split(cfg, cfg.data.train_split, required=True)
     val_manifest = _read_split(cfg, cfg.data.val_split, required=False)
-    _, paths = train_manifest.unique_images()
-    locations = [train_manifest.resolve(p) for p in paths]
+    _, image_paths = train_manifest.unique_images()
+    locations = [train_manifest.resolve(p) for p in image_paths]
     size = model.transform_settings.size
     if cfg.data.preload:
         images, failures = preload_images(locations, int(size * 1.15))
