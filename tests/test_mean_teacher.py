@@ -20,14 +20,14 @@ from PIL import Image
 from torch import nn
 
 from pipeline.common import config as cfgio
-from pipeline.adapt.data import StepBatches, build_split, stream
+from pipeline.adapt.data import stream
 from pipeline.adapt.start import frozen_towers, load_start, set_trainable
 from pipeline.adapt.consistency import (
-    EmbeddingBank, consistency_loss, contrastive_loss, drop_words, ema_update, labelled_images, momentum_at,
+    EmbeddingBank, consistency_loss, contrastive_loss, drop_words, ema_update, draw_labelled_images, momentum_at,
 )
 from pipeline.common.errors import PipelineError
 from pipeline.data.manifest import Manifest
-from pipeline.adapt.trainer import AdaptConfig, check_config, train
+from pipeline.adapt.trainer import AdaptConfig, batches_for, check_config, split_for, train
 from pipeline.common.runlog import read_metrics
 from pipeline.students import ImageTransform, build_student, export_student, get_preset, load_student_model
 from tests.gen_cache import make_cache, make_dataset
@@ -190,7 +190,7 @@ def test_labelled_split_is_deterministic_disjoint_and_by_image(env):
     n_images = len(np.unique(ids))
 
     def split(*sets):
-        return build_split(manifest, cfgio.load(AdaptConfig, None, list(sets)))
+        return split_for(manifest, cfgio.load(AdaptConfig, None, list(sets)))
 
     a, b = split("labelled_fraction=0.3"), split("labelled_fraction=0.3")
     assert np.array_equal(a.labelled_ids, b.labelled_ids) and np.array_equal(a.labelled_rows, b.labelled_rows)
@@ -208,11 +208,11 @@ def test_labelled_split_is_deterministic_disjoint_and_by_image(env):
     assert set(u.cons_rows).isdisjoint(u.labelled_rows)
     assert len(u.cons_rows) + len(u.labelled_rows) == len(manifest)
     # a smaller fraction's labelled images are among a larger one's (same seed)
-    small, half, full = (set(labelled_images(ids, f, 0)) for f in (0.1, 0.5, 1.0))
+    small, half, full = (set(draw_labelled_images(ids, f, 0)) for f in (0.1, 0.5, 1.0))
     assert small <= half <= full
-    assert len(labelled_images(ids, 0.001, 0)) == 1
+    assert len(draw_labelled_images(ids, 0.001, 0)) == 1
     with pytest.raises(PipelineError, match="labelled_fraction"):
-        labelled_images(ids, 0.0, 0)
+        draw_labelled_images(ids, 0.0, 0)
 
 
 def test_stream_is_a_permutation_per_pass_and_chunk_invariant():
@@ -228,14 +228,14 @@ def test_stream_is_a_permutation_per_pass_and_chunk_invariant():
 def test_step_batches_are_a_function_of_the_step(env):
     manifest = Manifest.read(env["manifests"] / "train.parquet")
     cfg = cfgio.load(AdaptConfig, None, _cfg(env, env["root"] / "unused"))
-    split = build_split(manifest, cfg)
+    split = split_for(manifest, cfg)
     model, _ = load_student_model(env["start"])
     transform = ImageTransform(model.transform_settings, train=True)
-    one, again = StepBatches(split, transform, cfg)[5], StepBatches(split, transform, cfg)[5]
+    one, again = batches_for(split, transform, cfg)[5], batches_for(split, transform, cfg)[5]
     for key in ("rows", "pixels", "u_student", "u_teacher", "u_rows"):
         assert torch.equal(one[key], again[key]), key
     assert not torch.equal(one["u_student"], one["u_teacher"])  # two differently augmented views
-    assert not torch.equal(one["pixels"], StepBatches(split, transform, cfg)[6]["pixels"])
+    assert not torch.equal(one["pixels"], batches_for(split, transform, cfg)[6]["pixels"])
     assert set(one["rows"].tolist()) <= set(split.labelled_rows.tolist())
 
 

@@ -128,7 +128,7 @@ class EmbeddingBank(nn.Module):
 # ---- labelled / unlabelled split ----------------------------------------------------------------------
 
 
-def labelled_images(image_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def draw_labelled_images(image_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """The sorted image ids whose pairs are labelled: ``round(fraction * n_images)`` of them (at least one),
     drawn from a seeded permutation of the sorted unique ids, so the split depends only on (ids, fraction,
     seed) and a smaller fraction's labelled set is contained in a larger one's."""
@@ -154,4 +154,4 @@ def drop_words(caption: str, p: float, rng: np.random.Generator) -> str:
 
 
 __all__ = ["momentum_at", "ema_update", "contrastive_loss", "consistency_loss", "EmbeddingBank",
-           "labelled_images", "drop_words"]
+           "draw_labelled_images", "drop_words"]

@@ -9,23 +9,18 @@ exactly what the uninterrupted one would have, whatever the number of loader wor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.adapt.consistency import labelled_images
+from pipeline.adapt.consistency import draw_labelled_images
 from pipeline.common.errors import PipelineError
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.distill.losses import caption_hashes
 from pipeline.data.manifest import Manifest
 from pipeline.students import ImageTransform
-
-if TYPE_CHECKING:  # typing only: the trainer imports this module
-    from pipeline.adapt.trainer import AdaptConfig
-
 
 @dataclass
 class TrainSplit:
@@ -44,14 +39,18 @@ class TrainSplit:
 
     def summary(self) -> dict:
         return {"images": len(self.image_ids), "pairs": len(self.captions),
-                "labelled_images": len(self.labelled_ids), "labelled_pairs": len(self.labelled_rows),
+                "draw_labelled_images": len(self.labelled_ids), "labelled_pairs": len(self.labelled_rows),
                 "consistency_images": len(self.cons_images), "consistency_captions": len(self.cons_rows),
                 "undecodable_images": len(self.failures)}
 
 
-def build_split(manifest: Manifest, cfg: "AdaptConfig", decodable: set[str] | None = None,
+def build_split(manifest: Manifest, labelled_fraction: float, seed: int, consistency_data: str = "all",
+                mean_teacher: bool = True, decodable: set[str] | None = None,
                 failures: list[tuple[str, str]] | None = None) -> TrainSplit:
-    """Labelled images are drawn from the decodable ones (``decodable``: locations; None = all)."""
+    """Labelled images are drawn from the decodable ones (``decodable``: locations; None = all).
+
+    ``consistency_data``: "all" (every image and caption gets the consistency loss) or "unlabelled".
+    """
     image_ids_all, paths = manifest.unique_images()
     locations_all = [manifest.resolve(p) for p in paths]
     keep = [i for i, loc in enumerate(locations_all) if decodable is None or loc in decodable]
@@ -67,16 +66,16 @@ def build_split(manifest: Manifest, cfg: "AdaptConfig", decodable: set[str] | No
     row_image = np.asarray(row_image, dtype=np.int64)
     if len(row_image) == 0:
         raise PipelineError("no training pair has a decodable image and a caption")
-    labelled = labelled_images(image_ids, cfg.labelled_fraction, cfg.seed)
+    labelled = draw_labelled_images(image_ids, labelled_fraction, seed)
     is_lab_img = np.isin(image_ids, labelled)
     lab_rows = np.flatnonzero(is_lab_img[row_image])
     if len(lab_rows) == 0:
         raise PipelineError("the labelled images have no captions")
-    if cfg.consistency.data == "all":
+    if consistency_data == "all":
         cons_images, cons_rows = np.arange(len(image_ids)), np.arange(len(row_image))
     else:
         cons_images, cons_rows = np.flatnonzero(~is_lab_img), np.flatnonzero(~is_lab_img[row_image])
-    if cfg.mode == "mean_teacher" and (len(cons_images) == 0 or len(cons_rows) == 0):
+    if mean_teacher and (len(cons_images) == 0 or len(cons_rows) == 0):
         raise PipelineError("mean_teacher with consistency.data=unlabelled needs unlabelled images and "
                             "captions: use labelled_fraction < 1 or consistency.data=all")
     return TrainSplit(image_ids, locations, row_image, captions, caption_hashes(captions), labelled,
@@ -100,11 +99,12 @@ class StepBatches(Dataset):
     """Item ``step`` = that step's whole batch: labelled rows with their pixels, and (mean_teacher)
     consistency images as two differently augmented views plus consistency caption rows."""
 
-    def __init__(self, split: TrainSplit, transform: ImageTransform, cfg: "AdaptConfig",
-                 images: dict[str, Image.Image] | None = None):
-        self.split, self.transform, self.cfg = split, transform, cfg
+    def __init__(self, split: TrainSplit, transform: ImageTransform, seed: int, batch_size: int,
+                 unlabelled_batch_size: int, mean_teacher: bool, images: dict[str, Image.Image] | None = None):
+        self.split, self.transform, self.seed = split, transform, seed
+        self.batch_size, self.unlabelled_batch_size = batch_size, unlabelled_batch_size
         self.images = images or {}
-        self.mean_teacher = cfg.mode == "mean_teacher"
+        self.mean_teacher = mean_teacher
 
     def __len__(self) -> int:  # indexed by step; the sampler decides which steps are drawn
         return 2**62
@@ -117,20 +117,19 @@ class StepBatches(Dataset):
             return None
         # Augmentation seeded by (seed, step, slot, view): identical on resume, any number of workers.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.cfg.seed, step, slot, view)) & 0x7FFFFFFF)
+            torch.manual_seed(hash((self.seed, step, slot, view)) & 0x7FFFFFFF)
             return self.transform(img)
 
     def __getitem__(self, step: int) -> dict:
-        s, o = self.split, self.cfg.optim
-        seed = self.cfg.seed
-        rows = s.labelled_rows[stream(len(s.labelled_rows), step * o.batch_size, o.batch_size, seed, 1)]
+        s, seed, bs = self.split, self.seed, self.batch_size
+        rows = s.labelled_rows[stream(len(s.labelled_rows), step * bs, bs, seed, 1)]
         views = [(r, self._view(int(s.row_image[r]), step, k, 0)) for k, r in enumerate(rows.tolist())]
         ok = [(r, v) for r, v in views if v is not None]
         out = {"rows": torch.tensor([r for r, _ in ok], dtype=torch.long),
                "pixels": torch.stack([v for _, v in ok]) if ok else torch.empty(0),
                "failed": len(views) - len(ok)}
         if self.mean_teacher:
-            b = o.unlabelled_batch_size
+            b = self.unlabelled_batch_size
             imgs = s.cons_images[stream(len(s.cons_images), step * b, b, seed, 2)]
             pairs = [(self._view(int(i), step, 10_000 + k, 1), self._view(int(i), step, 10_000 + k, 2))
                      for k, i in enumerate(imgs.tolist())]

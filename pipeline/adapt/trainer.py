@@ -22,31 +22,30 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from pipeline.common.precision import autocast
-from pipeline.common import config as cfgio
-from pipeline.adapt.data import StepBatches, StepRange, build_split, decodable_locations, preload_images
-from pipeline.adapt.start import TRAINABLE, StartPoint, frozen_towers, load_start, set_trainable
+
 from pipeline.adapt.consistency import (
     EmbeddingBank, consistency_loss, contrastive_loss, drop_words, ema_update, momentum_at,
 )
+from pipeline.adapt.data import (
+    StepBatches, StepRange, TrainSplit, build_split, decodable_locations, preload_images,
+)
+from pipeline.adapt.start import TRAINABLE, StartPoint, frozen_towers, load_start, set_trainable
+from pipeline.common import config as cfgio
+from pipeline.common import paths
 from pipeline.common.distributed import resolve_device
 from pipeline.common.errors import PipelineError
+from pipeline.common.precision import autocast, check_precision
 from pipeline.data.manifest import Manifest
-from pipeline.common.runlog import RunLogger, truncate_after
+from pipeline.retrieval.validate import student_recall
 from pipeline.students import ImageTransform, StudentModel, export_student, export_torchscript
-from pipeline.train.schedule import Schedule
-from pipeline.train.state import (
-    atomic_save, load_checkpoint, prepare_run_dir, rng_state, seed_all, set_rng_state,
-)
-from pipeline.distill.trainer import NonFiniteLoss, TrainResult, validate
-from pipeline.common import paths
+from pipeline.train.loop import LoopSettings, Objective, StepOutput, TrainResult, best_checkpoint, fit
+from pipeline.train.state import TRAINING_PRECISIONS, prepare_run_dir, seed_all
 
 MODES = ("supervised", "mean_teacher")
 
@@ -131,6 +130,7 @@ def check_config(cfg: AdaptConfig) -> None:
         raise PipelineError(f"export_model must be ema or student, not {cfg.export_model!r}")
     if cfg.consistency.data not in ("all", "unlabelled"):
         raise PipelineError(f"consistency.data must be all or unlabelled, not {cfg.consistency.data!r}")
+    check_precision(cfg.precision, TRAINING_PRECISIONS)
     if cfg.optim.schedule not in ("cosine", "constant"):
         raise PipelineError(f"optim.schedule must be cosine or constant, not {cfg.optim.schedule!r}")
     if not 0.0 < cfg.labelled_fraction <= 1.0:
@@ -156,9 +156,7 @@ def check_config(cfg: AdaptConfig) -> None:
                             "the consistency loss would never start")
 
 
-# ---- the loop -----------------------------------------------------------------------------------------
-
-
+# ---- the objective ------------------------------------------------------------------------------------
 
 
 def _train_mode(model: StudentModel) -> None:
@@ -169,6 +167,135 @@ def _train_mode(model: StudentModel) -> None:
 
 def _tokens(model: StudentModel, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in model.tokenizer(captions).items()}
+
+
+def split_for(manifest: Manifest, cfg: AdaptConfig, decodable: set[str] | None = None,
+              failures: list[tuple[str, str]] | None = None) -> TrainSplit:
+    return build_split(manifest, cfg.labelled_fraction, cfg.seed, cfg.consistency.data,
+                       cfg.mode == "mean_teacher", decodable, failures)
+
+
+def batches_for(split: TrainSplit, transform: ImageTransform, cfg: AdaptConfig,
+                images: dict | None = None) -> StepBatches:
+    return StepBatches(split, transform, cfg.seed, cfg.optim.batch_size, cfg.optim.unlabelled_batch_size,
+                       cfg.mode == "mean_teacher", images)
+
+
+class AdaptObjective(Objective):
+    """Adaptation as an objective of the training loop: the contrastive loss on the labelled pairs and, in
+    ``mean_teacher`` mode, the consistency losses against the EMA teacher's banks; after each step the EMA
+    update and the bank pushes. Teacher and banks are checkpointed."""
+
+    def __init__(self, cfg: AdaptConfig, start: StartPoint, split: TrainSplit, batches: StepBatches,
+                 val_manifest: Manifest | None, device: torch.device, steps_per_epoch: int, total_steps: int):
+        self.cfg, self.split, self.device = cfg, split, device
+        self.model = model = start.model
+        self.val_manifest, self.steps_per_epoch, self.total_steps = val_manifest, steps_per_epoch, total_steps
+        self.mean_teacher = cfg.mode == "mean_teacher"
+        self.teacher = self.img_bank = self.txt_bank = None
+        if self.mean_teacher:
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            self.img_bank = EmbeddingBank(cfg.consistency.bank_size, model.embed_dim).to(device)
+            self.txt_bank = EmbeddingBank(cfg.consistency.bank_size, model.embed_dim).to(device)
+        self.evaluated = self.teacher if self.mean_teacher and cfg.export_model == "ema" else model
+        self.start_val_rsum = None
+        self.batches = batches
+        self._iter = None
+        self._pushed = None
+
+    def begin(self, log, resumed: bool) -> None:
+        if self.val_manifest is not None and not resumed:  # "before adaptation" on the val split
+            val = student_recall(self.model, self.val_manifest, self.cfg.eval_batch_size)
+            self.start_val_rsum = val["rsum"]
+            log.log("val", 0, {"epoch": -1, **val})
+            print(f"start: val RSUM {val['rsum']:.1f}")
+
+    def epoch_batches(self, epoch: int, start: int):
+        if self._iter is None:  # one stream of steps for the whole run; a step's batch depends on (seed, step)
+            first = epoch * self.steps_per_epoch + start
+            loader = DataLoader(self.batches, batch_size=None, sampler=StepRange(first, self.total_steps),
+                                num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
+                                prefetch_factor=2 if self.cfg.data.workers > 0 else None,
+                                generator=torch.Generator().manual_seed(self.cfg.seed))  # not the global RNG
+            self._iter = iter(loader)
+        last = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)  # max_steps
+        for _ in range(start, last):
+            yield next(self._iter)
+
+    def step(self, batch, step: int) -> StepOutput:
+        cfg, split, device, c = self.cfg, self.split, self.device, self.cfg.consistency
+        model = self.model
+        rows = batch["rows"].numpy()
+        captions = [split.captions[r] for r in rows]
+        pixels = batch["pixels"]
+        n_lab = len(rows)
+        record: dict = {"failed_images": batch["failed"]}
+        if self.mean_teacher:
+            u_rows = batch["u_rows"].numpy()
+            word_rng = np.random.default_rng([cfg.seed, step, 4])
+            u_clean = [split.captions[r] for r in u_rows]
+            u_aug = [drop_words(t, c.word_drop, word_rng) for t in u_clean]
+            pixels = torch.cat([pixels, batch["u_student"]]) if n_lab else batch["u_student"]
+            captions = captions + u_aug
+        with autocast(device, cfg.precision):
+            s_img, s_txt = model(pixels.to(device, non_blocking=True), _tokens(model, captions, device))
+        s_img, s_txt = s_img.float(), s_txt.float()
+        img_ids = torch.from_numpy(split.image_ids[split.row_image[rows]]).to(device)
+        hashes = torch.from_numpy(split.caption_hash[rows]).to(device)
+        losses, total = {}, s_img.new_zeros(())
+        record["contrastive"] = math.nan
+        if n_lab:  # zero only if every labelled image of the step failed to decode
+            losses["contrastive"] = contrastive_loss(s_img[:n_lab], s_txt[:n_lab], img_ids, cfg.tau, hashes)
+            total = cfg.contrastive_weight * losses["contrastive"]
+        if self.mean_teacher:
+            with torch.no_grad(), autocast(device, cfg.precision):
+                t_img = self.teacher.encode_image(batch["u_teacher"].to(device, non_blocking=True)).float()
+                t_txt = self.teacher.encode_text(_tokens(self.teacher, u_clean, device)).float()
+            ramp = min(1.0, (step + 1) / c.rampup_steps) if c.rampup_steps else 1.0
+            for name, s_part, t_part, bank, weight in (
+                    ("image_consistency", s_img[n_lab:], t_img, self.txt_bank, c.image_weight),
+                    ("text_consistency", s_txt[n_lab:], t_txt, self.img_bank, c.text_weight)):
+                # Same keys on every record (the CSV header is the first record's); NaN until active.
+                keys = (name, f"{name}_teacher_entropy", f"{name}_agreement")
+                record.update(dict.fromkeys(keys, math.nan))
+                if weight > 0 and len(bank) >= c.bank_min_fill and len(s_part):
+                    loss, info = consistency_loss(s_part, t_part, bank.active(), c.student_tau, c.teacher_tau)
+                    losses[name] = loss
+                    total = total + ramp * weight * loss
+                    record.update({f"{name}_{k}": v for k, v in info.items()})
+            record.update(momentum=momentum_at(step, self.total_steps, cfg.ema.m0, cfg.ema.m1), ramp=ramp)
+            self._pushed = (t_img, t_txt, record["momentum"])
+        return StepOutput(total, losses, record, items=len(pixels))
+
+    def after_step(self, out: StepOutput, step: int) -> None:
+        if self._pushed is not None:
+            t_img, t_txt, momentum = self._pushed
+            ema_update(self.teacher, self.model, momentum)
+            self.img_bank.push(t_img)
+            self.txt_bank.push(t_txt)
+        self._pushed = None
+
+    def validate(self):
+        if self.val_manifest is None:
+            return None
+        return student_recall(self.evaluated, self.val_manifest, self.cfg.eval_batch_size)
+
+    def train_mode(self) -> None:
+        _train_mode(self.model)
+
+    def state_dict(self) -> dict:
+        extra = {"start_val_rsum": self.start_val_rsum}
+        if self.mean_teacher:
+            extra.update(teacher=self.teacher.state_dict(), image_bank=self.img_bank.state_dict(),
+                         text_bank=self.txt_bank.state_dict())
+        return extra
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.start_val_rsum = ckpt.get("start_val_rsum")
+        if self.mean_teacher:
+            self.teacher.load_state_dict(ckpt["teacher"])
+            self.img_bank.load_state_dict(ckpt["image_bank"])
+            self.txt_bank.load_state_dict(ckpt["text_bank"])
 
 
 def train(cfg: AdaptConfig, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -186,7 +313,6 @@ def train(cfg: AdaptConfig, resume: bool = False, progress: bool = True) -> Trai
     start: StartPoint = load_start(cfg.start, device)
     model = start.model
     counts = set_trainable(model, cfg.trainable)
-    mean_teacher = cfg.mode == "mean_teacher"
     train_manifest = _read_split(cfg, cfg.data.train_split, required=True)
     val_manifest = _read_split(cfg, cfg.data.val_split, required=False)
     _, image_paths = train_manifest.unique_images()
@@ -197,191 +323,44 @@ def train(cfg: AdaptConfig, resume: bool = False, progress: bool = True) -> Trai
         decodable = set(images)
     else:
         images, (decodable, failures) = {}, decodable_locations(locations)
-    split = build_split(train_manifest, cfg, decodable, failures)
+    split = split_for(train_manifest, cfg, decodable, failures)
     settings = dataclasses.replace(model.transform_settings, train_scale=tuple(cfg.augment.crop_scale),
                                    hflip=cfg.augment.hflip)
-    batches = StepBatches(split, ImageTransform(settings, train=True), cfg, images)
-    n_images = len(split.image_ids)
-    steps_per_epoch = cfg.optim.steps_per_epoch or max(1, n_images // cfg.optim.batch_size)
-    total_steps = steps_per_epoch * cfg.optim.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    batches = batches_for(split, ImageTransform(settings, train=True), cfg, images)
+    steps_per_epoch = cfg.optim.steps_per_epoch or max(1, len(split.image_ids) // cfg.optim.batch_size)
+    loop = LoopSettings(
+        epochs=cfg.optim.epochs, steps_per_epoch=steps_per_epoch, lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps, decay=cfg.optim.schedule,
+        grad_clip=cfg.optim.grad_clip, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+        max_steps=cfg.max_steps, score="rsum", desc="epoch")
     (run_dir / "split.json").write_text(json.dumps(
         {**split.summary(), "labelled_fraction": cfg.labelled_fraction, "seed": cfg.seed,
          "labelled_image_ids": split.labelled_ids.tolist(), "undecodable": split.failures[:20]}, indent=1))
-
-    # ---- teacher, banks, optimiser ----------------------------------------------------------------------
-    teacher = img_bank = txt_bank = None
-    if mean_teacher:
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        img_bank = EmbeddingBank(cfg.consistency.bank_size, model.embed_dim).to(device)
-        txt_bank = EmbeddingBank(cfg.consistency.bank_size, model.embed_dim).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    schedule_steps = steps_per_epoch * cfg.optim.epochs  # not max_steps: a capped run keeps the same schedule
-    scheduler = Schedule(schedule_steps, cfg.optim.warmup_steps, cfg.optim.schedule).scheduler(optimizer)
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0, "best_epoch": -1,
-             "start_val_rsum": None}
-    last_path, best_path = paths.last_checkpoint(run_dir), paths.best_checkpoint(run_dir)
-    if resume:
-        ckpt = load_checkpoint(last_path, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if mean_teacher:
-            teacher.load_state_dict(ckpt["teacher"])
-            img_bank.load_state_dict(ckpt["image_bank"])
-            txt_bank.load_state_dict(ckpt["text_bank"])
-        state = ckpt["state"]
-        set_rng_state(ckpt["rng"])
-        truncate_after(run_dir, state["global_step"])
-    log = RunLogger(run_dir)
-    evaluated = teacher if mean_teacher and cfg.export_model == "ema" else model
-
-    def checkpoint(path: Path, extra: dict | None = None) -> None:
-        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "rng": rng_state(), "state": dict(state),
-                   "config": cfgio.to_dict(cfg), **(extra or {})}
-        if mean_teacher:
-            payload.update(teacher=teacher.state_dict(), image_bank=img_bank.state_dict(),
-                           text_bank=txt_bank.state_dict())
-        atomic_save(payload, path)
-
+    objective = AdaptObjective(cfg, start, split, batches, val_manifest, device, steps_per_epoch,
+                               loop.total_steps)
     print(f"run {run_dir}: start {start.spec} ({start.kind}), mode {cfg.mode}, trainable {cfg.trainable} "
           f"({counts['trainable'] / 1e6:.1f}M of {counts['total'] / 1e6:.1f}M params); {split.summary()}; "
           f"{steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, device {device}")
     if failures:
         print(f"note: {len(failures)} training images could not be decoded and are skipped "
               f"(first: {failures[0][0]}: {failures[0][1]})")
-    if val_manifest is not None and not resume:  # "before adaptation" on the val split
-        val = validate(model, val_manifest, cfg.eval_batch_size)
-        state["start_val_rsum"] = val["rsum"]
-        log.log("val", 0, {"epoch": -1, **val})
-        print(f"start: val RSUM {val['rsum']:.1f}")
-    _train_mode(model)
+    result = fit(run_dir, objective, loop, config=cfgio.to_dict(cfg), resume=resume, progress=progress)
 
-    loader = DataLoader(batches, batch_size=None, sampler=StepRange(state["global_step"], total_steps),
-                        num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=2 if cfg.data.workers > 0 else None,
-                        generator=torch.Generator().manual_seed(cfg.seed))  # never draws from the global RNG
-    batch_iter = iter(loader)
-    window_t0, window_items = time.perf_counter(), 0
-    c = cfg.consistency
-    while state["epoch"] < cfg.optim.epochs and state["global_step"] < total_steps:
-        epoch = state["epoch"]
-        bar = tqdm(total=steps_per_epoch, initial=state["step_in_epoch"], unit="step",
-                   desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not progress, dynamic_ncols=True)
-        while state["step_in_epoch"] < steps_per_epoch and state["global_step"] < total_steps:
-            step = state["global_step"]
-            batch = next(batch_iter)
-            rows = batch["rows"].numpy()
-            captions = [split.captions[r] for r in rows]
-            pixels = batch["pixels"]
-            n_lab = len(rows)
-            record: dict = {"failed_images": batch["failed"]}
-            if mean_teacher:
-                u_rows = batch["u_rows"].numpy()
-                word_rng = np.random.default_rng([cfg.seed, step, 4])
-                u_clean = [split.captions[r] for r in u_rows]
-                u_aug = [drop_words(t, c.word_drop, word_rng) for t in u_clean]
-                pixels = torch.cat([pixels, batch["u_student"]]) if n_lab else batch["u_student"]
-                captions = captions + u_aug
-            with autocast(device, cfg.precision):
-                s_img, s_txt = model(pixels.to(device, non_blocking=True), _tokens(model, captions, device))
-            s_img, s_txt = s_img.float(), s_txt.float()
-            img_ids = torch.from_numpy(split.image_ids[split.row_image[rows]]).to(device)
-            hashes = torch.from_numpy(split.caption_hash[rows]).to(device)
-            losses, total = {}, s_img.new_zeros(())
-            record["contrastive"] = math.nan
-            if n_lab:  # zero only if every labelled image of the step failed to decode
-                losses["contrastive"] = contrastive_loss(s_img[:n_lab], s_txt[:n_lab], img_ids, cfg.tau,
-                                                         hashes)
-                total = cfg.contrastive_weight * losses["contrastive"]
-            if mean_teacher:
-                with torch.no_grad(), autocast(device, cfg.precision):
-                    t_img = teacher.encode_image(batch["u_teacher"].to(device, non_blocking=True)).float()
-                    t_txt = teacher.encode_text(_tokens(teacher, u_clean, device)).float()
-                ramp = min(1.0, (step + 1) / c.rampup_steps) if c.rampup_steps else 1.0
-                for name, s_part, t_part, bank, weight in (
-                        ("image_consistency", s_img[n_lab:], t_img, txt_bank, c.image_weight),
-                        ("text_consistency", s_txt[n_lab:], t_txt, img_bank, c.text_weight)):
-                    # Same keys on every record (the CSV header is the first record's); NaN until active.
-                    keys = (name, f"{name}_teacher_entropy", f"{name}_agreement")
-                    record.update(dict.fromkeys(keys, math.nan))
-                    if weight > 0 and len(bank) >= c.bank_min_fill and len(s_part):
-                        loss, info = consistency_loss(s_part, t_part, bank.active(), c.student_tau,
-                                                      c.teacher_tau)
-                        losses[name] = loss
-                        total = total + ramp * weight * loss
-                        record.update({f"{name}_{k}": v for k, v in info.items()})
-                record.update(momentum=momentum_at(step, total_steps, cfg.ema.m0, cfg.ema.m1), ramp=ramp)
-            if not torch.isfinite(total):
-                bad = {k: float(v.detach()) for k, v in losses.items()}
-                raise NonFiniteLoss(
-                    f"loss became non-finite at step {step} (epoch {epoch + 1}): {bad}; stopped. Last good "
-                    f"checkpoint: {last_path if last_path.exists() else 'none yet'}. Try a lower optim.lr.")
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                         if cfg.optim.grad_clip > 0 else torch.tensor(float("nan")))
-            optimizer.step()
-            scheduler.step()
-            if mean_teacher:
-                ema_update(teacher, model, record["momentum"])
-                img_bank.push(t_img)
-                txt_bank.push(t_txt)
-            state["step_in_epoch"] += 1
-            state["global_step"] += 1
-            window_items += len(pixels)
-            bar.update(1)
-            if state["global_step"] % cfg.log_every == 0 or state["step_in_epoch"] == steps_per_epoch:
-                elapsed = time.perf_counter() - window_t0
-                record.update({"epoch": epoch, "loss": float(total.detach()),
-                               "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                               "images_per_s": window_items / max(elapsed, 1e-9),
-                               **{k: float(v.detach()) for k, v in losses.items()}})
-                log.log("train", state["global_step"], record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-                window_t0, window_items = time.perf_counter(), 0
-            if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
-                checkpoint(last_path)
-        bar.close()
-        if state["step_in_epoch"] < steps_per_epoch:  # stopped by max_steps inside the epoch
-            checkpoint(last_path)
-            break
-        # ---- epoch end: validation, checkpoints -------------------------------------------------------
-        val = {}
-        if val_manifest is not None:
-            val = validate(evaluated, val_manifest, cfg.eval_batch_size)
-            _train_mode(model)
-            log.log("val", state["global_step"], {"epoch": epoch, **val})
-            print(f"epoch {epoch + 1}: val RSUM {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, "
-                  f"t2i R@1 {val['t2i_r1']:.1f})")
-        improved = val_manifest is None or val["rsum"] > state["best_rsum"]
-        if improved:
-            state["best_rsum"], state["best_epoch"] = val.get("rsum", -1.0), epoch
-        state["epoch"] += 1
-        state["step_in_epoch"] = 0
-        checkpoint(last_path)
-        if improved:
-            checkpoint(best_path, {"val": val})
-
-    best = load_checkpoint(best_path if best_path.exists() else last_path)
+    best = best_checkpoint(run_dir)
+    exported_ema = objective.evaluated is objective.teacher
     out_model = copy.deepcopy(model).cpu()
-    out_model.load_state_dict(best["teacher"] if evaluated is teacher else best["model"])
+    out_model.load_state_dict(best["teacher"] if exported_ema else best["model"])
     meta = {**start.meta, "run": cfg.name, "start": cfg.start, "mode": cfg.mode,
-            "labelled_fraction": cfg.labelled_fraction,
-            "exported": "ema" if evaluated is teacher else "student",
-            "best_epoch": state["best_epoch"], "best_val_rsum": state["best_rsum"],
-            "start_val_rsum": state["start_val_rsum"],
+            "labelled_fraction": cfg.labelled_fraction, "exported": "ema" if exported_ema else "student",
+            "best_epoch": result.best_epoch, "best_val_rsum": result.best_score,
+            "start_val_rsum": objective.start_val_rsum,
             **{f"split_{k}": v for k, v in split.summary().items()}}
     export_path = export_student(out_model, None, paths.student_export(run_dir), meta=meta)
     try:  # TorchScript encoders, as stage 2 writes them; optional (tracing limits)
         export_torchscript(out_model, run_dir / "export")
     except PipelineError as exc:
         print(f"note: no TorchScript export: {exc}")
-    log.close()
-    return TrainResult(run_dir, state["best_rsum"], state["best_epoch"], state["global_step"],
+    return TrainResult(run_dir, result.best_score, result.best_epoch, result.steps,
                        time.perf_counter() - started, export_path)
 
 

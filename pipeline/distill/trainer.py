@@ -1,9 +1,9 @@
 """Stage 2: distil a student from cached teacher targets (method.md section 1).
 
-One flat loop: per step, gather targets from the memory-mapped cache, run the student, compute
-the enabled multiscale losses against the negative queue, balance them, step, enqueue. Every
-epoch: close the balancer window, validate (Recall@K/RSUM on the val split), checkpoint, keep
-the best. A checkpoint holds everything a resumed run needs to continue bit-for-bit on CPU.
+``DistillObjective`` is what stage 2 adds to the one training loop (``pipeline.train.loop``): per step, gather
+targets from the memory-mapped cache, run the student, compute the enabled multiscale losses against the
+negative queue and balance them; after the step, enqueue; per epoch, close the balancer window. The loop
+validates (Recall@K/RSUM on the val split), checkpoints and keeps the best epoch; ``train`` exports it.
 """
 
 from __future__ import annotations
@@ -15,31 +15,23 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from pipeline.common.precision import autocast
-from pipeline.common import paths
 from pipeline.common import config as cfgio
-from pipeline.distill.balancer import make_balancer
-from pipeline.features.cache import FeatureCache
-from pipeline.common.distributed import DistEnv, barrier, broadcast_object, gather_rows, init_from_env, resolve_device, shutdown
-from pipeline.features.encode import embed_manifest
+from pipeline.common import paths
+from pipeline.common.distributed import DistEnv, barrier, gather_rows, init_from_env, resolve_device, shutdown
 from pipeline.common.errors import PipelineError
-from pipeline.distill.losses import LossConfig, MultiscaleDistillLoss
-from pipeline.data.manifest import Manifest
-from pipeline.retrieval.metrics import recall_at_k
-from pipeline.distill.queue import NegativeQueue, QueueBatch
-from pipeline.common.runlog import RunLogger, truncate_after
-from pipeline.students import (
-    StudentConfig, StudentEncoder, build_student, export_student, export_torchscript, get_preset,
-)
-from pipeline.train.schedule import Schedule
-from pipeline.train.state import (
-    atomic_save, load_checkpoint, prepare_run_dir, rng_state, seed_all, set_rng_state,
-)
+from pipeline.common.precision import autocast, check_precision
+from pipeline.distill.balancer import make_balancer
 from pipeline.distill.data import (
     EpochOrder, PairDataset, align, check_teacher_norms, gather_targets, make_loader, teacher_targets,
 )
+from pipeline.distill.losses import LossConfig, MultiscaleDistillLoss
+from pipeline.distill.queue import NegativeQueue, QueueBatch
+from pipeline.features.cache import open_cached_split
+from pipeline.retrieval.validate import student_recall
+from pipeline.students import StudentConfig, build_student, export_student, export_torchscript, get_preset
+from pipeline.train.loop import LoopSettings, Objective, StepOutput, TrainResult, best_checkpoint, fit
+from pipeline.train.state import TRAINING_PRECISIONS, prepare_run_dir, seed_all
 
 
 @dataclass(frozen=True)
@@ -104,52 +96,11 @@ class DistillConfig:
     eval_batch_size: int = 128
 
 
-class NonFiniteLoss(PipelineError):
-    pass
-
-
 def student_config(cfg: DistillConfig, width: int) -> StudentConfig:
     base = get_preset(cfg.student, embed_dim=width).to_dict()
     cfgio.deep_merge(base, dict(cfg.student_overrides))
     base["embed_dim"] = width  # the student always projects to the teacher's width
     return StudentConfig.from_dict(base)
-
-
-def validate(model, manifest: Manifest, batch_size: int) -> dict:
-    """Student Recall@1/5/10 both ways + RSUM on a split (exact search)."""
-    was_training = model.training
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    encoder = StudentEncoder(model)  # switches to eval mode; train mode and grad flags are restored below
-    emb = embed_manifest(encoder, manifest, batch_size=batch_size, workers=0)
-    for p in trainable:
-        p.requires_grad_(True)
-    model.train(was_training)
-    return recall_at_k(emb.image_emb, emb.text_emb, emb.text_image_idx)
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    best_rsum: float
-    best_epoch: int
-    steps: int
-    seconds: float
-    export_path: Optional[Path]
-
-
-
-
-
-
-def _open_split(cfg: DistillConfig, split: str, required: bool):
-    manifest_path = paths.manifest_path(cfg.data.manifest_dir, split)
-    cache_dir = paths.cache_split_dir(cfg.data.cache_dir, split)
-    if not manifest_path.exists() or not cache_dir.exists():
-        if required:
-            raise PipelineError(f"need {manifest_path} and a cache in {cache_dir}; run `make teacher-features`")
-        return None, None
-    manifest = Manifest.read(manifest_path)
-    return manifest, FeatureCache(cache_dir, expect_manifest_hash=manifest.content_hash)
 
 
 def train(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -168,175 +119,143 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
     run_dir = prepare_run_dir(cfg, resume)
     if env.is_main:
         cfgio.save(cfg, run_dir / "config.json")
-    seed_all(cfg.seed + env.rank)
-
-    # ---- data: manifest rows aligned to cached teacher targets -------------------------------
-    train_manifest, cache = _open_split(cfg, cfg.data.train_split, required=True)
-    val_manifest, val_cache = _open_split(cfg, cfg.data.val_split, required=False)
-    rows = align(train_manifest, cache)
-    check_teacher_norms(cache, cfg.data.teacher_normalized)
-    scfg = student_config(cfg, cache.width)
-    model = build_student(scfg).to(device)
-    dataset = PairDataset(rows, model.image_transform(train=True), cfg.seed, preload=cfg.data.preload,
-                          preload_size=int(scfg.image_size * 1.15))
-    sampler = EpochOrder(len(rows), cfg.seed, env.rank, env.world)
-    steps_per_epoch = len(sampler) // cfg.optim.batch_size
-    if steps_per_epoch == 0:
-        raise PipelineError(f"{len(sampler)} training rows per process < batch size {cfg.optim.batch_size}")
-    loader = make_loader(dataset, sampler, cfg.optim.batch_size, cfg.data.workers, cfg.seed, device.type == "cuda")
-
-    # ---- objective, queue, balancer, optimiser -----------------------------------------------
-    criterion = MultiscaleDistillLoss(cfg.losses)
-    queue_dir = run_dir / "queue" / f"rank{env.rank}"
-    queue = NegativeQueue.create(queue_dir, cfg.queue.size, cache.width, with_hash=True, dtype=cfg.queue.dtype)
-    b = cfg.balancer
-    balancer = make_balancer(b.kind, criterion.names, temperature=b.temperature, window_steps=b.window_steps,
-                             ema=b.ema, weights=b.weights)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    scheduler = Schedule(steps_per_epoch * cfg.optim.epochs, cfg.optim.warmup_steps, "step", steps_per_epoch,
-                         tuple(cfg.optim.decay_epochs), cfg.optim.decay_factor).scheduler(optimizer)
-    ddp_model = model
-    if env.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0, "best_epoch": -1}
-    last_path, best_path = paths.last_checkpoint(run_dir), paths.best_checkpoint(run_dir)
-    if resume:
-        ckpt = load_checkpoint(last_path)  # to host: queue/RNG state stay host-side
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        queue.load_state_dict(ckpt["queue"][env.rank] if env.enabled else ckpt["queue"][0])
-        balancer.load_state_dict(ckpt["balancer"])
-        state = ckpt["state"]
-        set_rng_state(ckpt["rng"][env.rank] if env.enabled else ckpt["rng"][0])
-        if env.is_main:
-            truncate_after(run_dir, state["global_step"])
-    log = RunLogger(run_dir, active=env.is_main)
-
-    def checkpoint(path: Path, extra: dict | None = None) -> None:
-        queues = [queue.state_dict()]
-        rngs = [rng_state()]
-        if env.enabled:  # every rank's queue and RNG go into the one file rank 0 writes
-            qs, rs = [None] * env.world, [None] * env.world
-            torch.distributed.all_gather_object(qs, queues[0])
-            torch.distributed.all_gather_object(rs, rngs[0])
-            queues, rngs = qs, rs
-        if env.is_main:
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "queue": queues, "balancer": balancer.state_dict(),
-                          "rng": rngs, "state": dict(state), "config": cfgio.to_dict(cfg),
-                          "student_config": scfg.to_dict(), **(extra or {})}, path)
-
-    def refill_queue() -> None:
-        def sample(n: int) -> QueueBatch:
-            pick = np.random.default_rng([cfg.seed, state["global_step"], n]).integers(0, len(rows), n)
-            img, txt = gather_targets(cache, rows.image_rows[pick], rows.text_rows[pick], cfg.data.teacher_normalized)
-            return QueueBatch(img=img, img_ids=rows.image_ids[pick], txt=txt, txt_ids=rows.image_ids[pick],
-                              txt_hash=rows.caption_hash[pick])
-        queue.refill_random(sample)
-
+    check_precision(cfg.precision, TRAINING_PRECISIONS)
     if cfg.queue.mode not in ("fifo", "random"):
         raise PipelineError(f"queue.mode must be fifo or random, not {cfg.queue.mode!r}")
-    total_steps = steps_per_epoch * cfg.optim.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    seed_all(cfg.seed + env.rank)
+    objective = DistillObjective(cfg, run_dir, device, env)
+    settings = LoopSettings(
+        epochs=cfg.optim.epochs, steps_per_epoch=objective.steps_per_epoch, lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps, decay="step",
+        decay_epochs=tuple(cfg.optim.decay_epochs), decay_factor=cfg.optim.decay_factor,
+        grad_clip=cfg.optim.grad_clip, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+        max_steps=cfg.max_steps, score="rsum", desc="epoch", hint="Try a lower optim.lr or precision=fp32.")
     if env.is_main:
-        print(f"run {run_dir}: {len(rows)} pairs ({rows.dropped} without cached targets), "
-              f"{steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, student {scfg.name} "
-              f"-> width {cache.width}, losses {list(criterion.names)}, balancer {b.kind}, device {device}")
-    model.train()
-    window_t0, window_samples = time.perf_counter(), 0
-    while state["epoch"] < cfg.optim.epochs and state["global_step"] < total_steps:
-        epoch = state["epoch"]
-        sampler.set_epoch(epoch, start=state["step_in_epoch"] * cfg.optim.batch_size)
-        dataset.epoch = epoch
-        if cfg.queue.mode == "random" and state["step_in_epoch"] == 0 and not cfg.queue.refill_every:
-            refill_queue()
-        bar = tqdm(total=steps_per_epoch, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                   unit="step", disable=not (progress and env.is_main), dynamic_ncols=True)
-        for batch in loader:
-            if state["step_in_epoch"] >= steps_per_epoch or state["global_step"] >= total_steps:
-                break
-            if cfg.queue.mode == "random" and cfg.queue.refill_every and state["global_step"] % cfg.queue.refill_every == 0:
-                refill_queue()
-            idx = batch.rows.numpy()
-            t_img, t_txt = teacher_targets(cache, rows, idx, device, cfg.data.teacher_normalized)
-            img_ids = torch.from_numpy(rows.image_ids[idx]).to(device)
-            hashes = torch.from_numpy(rows.caption_hash[idx]).to(device)
-            tokens = {k: v.to(device) for k, v in model.tokenizer(batch.captions).items()}
-            with autocast(device, cfg.precision):
-                s_img, s_txt = ddp_model(batch.pixels.to(device, non_blocking=True), tokens)
-            losses = criterion(s_img.float(), s_txt.float(), t_img, t_txt, img_ids, queue=queue.active(device),
-                               captions_hash=hashes)
-            total, info = balancer(losses)
-            if not torch.isfinite(total):
-                bad = {k: float(v.detach()) for k, v in losses.items()}
-                raise NonFiniteLoss(
-                    f"loss became non-finite at step {state['global_step']} (epoch {epoch + 1}): {bad}; stopped. "
-                    f"Last good checkpoint: {last_path if last_path.exists() else 'none yet'}. "
-                    "Try a lower optim.lr or precision=fp32.")
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                         if cfg.optim.grad_clip > 0 else torch.tensor(float("nan")))
-            optimizer.step()
-            scheduler.step()
-            if cfg.queue.mode == "fifo":  # after backward: the active queue tensors are views (pipeline.distill.queue)
-                queue.enqueue(gather_rows(t_img, env), gather_rows(img_ids, env), gather_rows(t_txt, env),
-                              gather_rows(img_ids, env), gather_rows(hashes, env))
-            state["step_in_epoch"] += 1
-            state["global_step"] += 1
-            window_samples += len(idx) * env.world
-            bar.update(1)
-            if state["global_step"] % cfg.log_every == 0 or state["step_in_epoch"] == steps_per_epoch:
-                elapsed = time.perf_counter() - window_t0
-                record = {"epoch": epoch, "loss": float(total.detach()), "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": float(grad_norm), "samples_per_s": window_samples / max(elapsed, 1e-9),
-                          **{k: float(v.detach()) for k, v in losses.items()}, **info}
-                log.log("train", state["global_step"], record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-                window_t0, window_samples = time.perf_counter(), 0
-            if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
-                checkpoint(last_path)
-        bar.close()
-        if state["step_in_epoch"] < steps_per_epoch:  # stopped by max_steps inside the epoch
-            checkpoint(last_path)
-            break
-        # ---- epoch end: balancer window, validation, checkpoints ---------------------------
-        balancer.end_window()
-        if env.is_main:
-            log.log("balancer", state["global_step"], {"epoch": epoch, **{f"w_{k}": v for k, v in balancer.weights.items()}})
-        val = {}
-        if val_manifest is not None and env.is_main:
-            val = validate(model, val_manifest, cfg.eval_batch_size)
-            log.log("val", state["global_step"], {"epoch": epoch, **val})
-            print(f"epoch {epoch + 1}: val RSUM {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 {val['t2i_r1']:.1f})")
-        # Without a val split the latest epoch counts as best; with one, the highest val RSUM.
-        improved = broadcast_object(val_manifest is None or (env.is_main and val["rsum"] > state["best_rsum"]), env)
-        if improved:
-            state["best_rsum"], state["best_epoch"] = broadcast_object(val.get("rsum", -1.0), env), epoch
-        state["epoch"] += 1
-        state["step_in_epoch"] = 0
-        checkpoint(last_path)
-        if improved:
-            checkpoint(best_path, {"val": val})
-        barrier(env)
+        o = objective
+        print(f"run {run_dir}: {len(o.rows)} pairs ({o.rows.dropped} without cached targets), "
+              f"{o.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, student {o.scfg.name} "
+              f"-> width {o.cache.width}, losses {list(o.criterion.names)}, balancer {cfg.balancer.kind}, "
+              f"device {device}")
+    result = fit(run_dir, objective, settings, config=cfgio.to_dict(cfg), resume=resume, progress=progress,
+                 env=env)
 
     export_path = None
     if env.is_main:
-        best = load_checkpoint(best_path if best_path.exists() else last_path)
-        model.load_state_dict(best["model"])
-        export_path = export_student(model, scfg, paths.student_export(run_dir), meta={
-            "teacher_fingerprint": cache.meta.teacher_fingerprint, "dataset": cache.meta.dataset,
-            "best_epoch": state["best_epoch"], "best_val_rsum": state["best_rsum"], "run": cfg.name,
+        model = objective.model
+        model.load_state_dict(best_checkpoint(run_dir)["model"])
+        export_path = export_student(model, objective.scfg, paths.student_export(run_dir), meta={
+            "teacher_fingerprint": objective.cache.meta.teacher_fingerprint, "dataset": objective.cache.meta.dataset,
+            "best_epoch": result.best_epoch, "best_val_rsum": result.best_score, "run": cfg.name,
         })
         try:  # TorchScript encoders for deployment without this package; optional (tracing limits)
             export_torchscript(model, run_dir / "export")
         except PipelineError as exc:
             print(f"note: no TorchScript export: {exc}")
-        log.close()
     barrier(env)
-    return TrainResult(run_dir, state["best_rsum"], state["best_epoch"], state["global_step"],
+    return TrainResult(run_dir, result.best_score, result.best_epoch, result.steps,
                        time.perf_counter() - started, export_path)
+
+
+class DistillObjective(Objective):
+    """Stage 2 as an objective of the training loop (method.md 1): per step, gather the targets from the
+    memory-mapped cache, run the student, the enabled multiscale losses against the negative queue, the
+    balancer; after the step, enqueue the teacher targets. Queue and balancer are checkpointed."""
+
+    def __init__(self, cfg: DistillConfig, run_dir: Path, device: torch.device, env: DistEnv):
+        self.cfg, self.device, self.env = cfg, device, env
+        # ---- data: manifest rows aligned to cached teacher targets ---------------------------------------
+        train_manifest, self.cache = open_cached_split(cfg.data.manifest_dir, cfg.data.cache_dir,
+                                                       cfg.data.train_split, required=True)
+        self.val_manifest, _ = open_cached_split(cfg.data.manifest_dir, cfg.data.cache_dir, cfg.data.val_split,
+                                                 required=False)
+        self.rows = rows = align(train_manifest, self.cache)
+        check_teacher_norms(self.cache, cfg.data.teacher_normalized)
+        self.scfg = student_config(cfg, self.cache.width)
+        self.model = model = build_student(self.scfg).to(device)
+        self.dataset = PairDataset(rows, model.image_transform(train=True), cfg.seed, preload=cfg.data.preload,
+                                   preload_size=int(self.scfg.image_size * 1.15))
+        self.sampler = EpochOrder(len(rows), cfg.seed, env.rank, env.world)
+        self.steps_per_epoch = len(self.sampler) // cfg.optim.batch_size
+        if self.steps_per_epoch == 0:
+            raise PipelineError(f"{len(self.sampler)} training rows per process < batch size {cfg.optim.batch_size}")
+        self.loader = make_loader(self.dataset, self.sampler, cfg.optim.batch_size, cfg.data.workers, cfg.seed,
+                                  device.type == "cuda")
+        # ---- losses, queue, balancer -----------------------------------------------------------------------
+        self.criterion = MultiscaleDistillLoss(cfg.losses)
+        self.queue = NegativeQueue.create(run_dir / "queue" / f"rank{env.rank}", cfg.queue.size, self.cache.width,
+                                          with_hash=True, dtype=cfg.queue.dtype)
+        b = cfg.balancer
+        self.balancer = make_balancer(b.kind, self.criterion.names, temperature=b.temperature,
+                                      window_steps=b.window_steps, ema=b.ema, weights=b.weights)
+        self.ddp_model = model
+        if env.enabled:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        self._global_step = 0
+
+    def parameters(self):
+        return list(self.model.parameters())  # AdamW skips the frozen ones (no gradient)
+
+    def _refill_queue(self, step: int) -> None:
+        cfg, rows = self.cfg, self.rows
+
+        def sample(n: int) -> QueueBatch:
+            pick = np.random.default_rng([cfg.seed, step, n]).integers(0, len(rows), n)
+            img, txt = gather_targets(self.cache, rows.image_rows[pick], rows.text_rows[pick],
+                                      cfg.data.teacher_normalized)
+            return QueueBatch(img=img, img_ids=rows.image_ids[pick], txt=txt, txt_ids=rows.image_ids[pick],
+                              txt_hash=rows.caption_hash[pick])
+        self.queue.refill_random(sample)
+
+    def epoch_batches(self, epoch: int, start: int):
+        q = self.cfg.queue
+        self.sampler.set_epoch(epoch, start=start * self.cfg.optim.batch_size)
+        self.dataset.epoch = epoch
+        if q.mode == "random" and start == 0 and not q.refill_every:
+            self._refill_queue(epoch * self.steps_per_epoch)
+        return self.loader
+
+    def step(self, batch, step: int) -> StepOutput:
+        cfg, rows, device = self.cfg, self.rows, self.device
+        if cfg.queue.mode == "random" and cfg.queue.refill_every and step % cfg.queue.refill_every == 0:
+            self._refill_queue(step)
+        idx = batch.rows.numpy()
+        t_img, t_txt = teacher_targets(self.cache, rows, idx, device, cfg.data.teacher_normalized)
+        img_ids = torch.from_numpy(rows.image_ids[idx]).to(device)
+        hashes = torch.from_numpy(rows.caption_hash[idx]).to(device)
+        tokens = {k: v.to(device) for k, v in self.model.tokenizer(batch.captions).items()}
+        with autocast(device, cfg.precision):
+            s_img, s_txt = self.ddp_model(batch.pixels.to(device, non_blocking=True), tokens)
+        losses = self.criterion(s_img.float(), s_txt.float(), t_img, t_txt, img_ids,
+                                queue=self.queue.active(device), captions_hash=hashes)
+        total, info = self.balancer(losses)
+        self._pending = (t_img, img_ids, t_txt, hashes)
+        return StepOutput(total, losses, info, items=len(idx))
+
+    def after_step(self, out: StepOutput, step: int) -> None:
+        if self.cfg.queue.mode == "fifo":  # after backward: the active queue tensors are views (pipeline.distill.queue)
+            t_img, img_ids, t_txt, hashes = self._pending
+            env = self.env
+            self.queue.enqueue(gather_rows(t_img, env), gather_rows(img_ids, env), gather_rows(t_txt, env),
+                               gather_rows(img_ids, env), gather_rows(hashes, env))
+        self._pending = None
+
+    def end_epoch(self, epoch: int, step: int, log) -> None:
+        self.balancer.end_window()
+        log.log("balancer", step, {"epoch": epoch, **{f"w_{k}": v for k, v in self.balancer.weights.items()}})
+
+    def validate(self):
+        if self.val_manifest is None:
+            return None
+        return student_recall(self.model, self.val_manifest, self.cfg.eval_batch_size)
+
+    def state_dict(self) -> dict:
+        queues = [self.queue.state_dict()]
+        if self.env.enabled:  # every rank's queue goes into the one file rank 0 writes
+            queues = [None] * self.env.world
+            torch.distributed.all_gather_object(queues, self.queue.state_dict())
+        return {"queue": queues, "balancer": self.balancer.state_dict(), "student_config": self.scfg.to_dict()}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.queue.load_state_dict(ckpt["queue"][self.env.rank])
+        self.balancer.load_state_dict(ckpt["balancer"])

@@ -36,6 +36,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # no fp16: the trainers use no loss scaling
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.features.cache.format import SHARD_RE, CacheMeta
 from pipeline.common.errors import PipelineError
-from pipeline.data.manifest import Reject, read_rejects
+from pipeline.data.manifest import Manifest, Reject, read_rejects
 
 
 class ShardedRows:
@@ -191,3 +191,16 @@ class FeatureCache:
 
 
 __all__ = ["FeatureCache", "ShardedRows"]
+
+
+def open_cached_split(manifest_dir: str | Path, cache_dir: str | Path, split: str, required: bool = True):
+    """(manifest, its cache) of one split; (None, None) when either is missing and not ``required``."""
+    from pipeline.common import paths
+
+    manifest_path, split_dir = paths.manifest_path(manifest_dir, split), paths.cache_split_dir(cache_dir, split)
+    if not manifest_path.exists() or not split_dir.exists():
+        if required:
+            raise PipelineError(f"need {manifest_path} and a cache in {split_dir}; run `make teacher-features`")
+        return None, None
+    manifest = Manifest.read(manifest_path)
+    return manifest, FeatureCache(split_dir, expect_manifest_hash=manifest.content_hash)
