@@ -247,7 +247,7 @@ def test_lit_tokens_are_the_feature_map_behind_the_teacher_embedding():
     assert student.feat_dim == 1280
 
 
-# ---- exact resume of the shared loop ----------------------------------------------------------------------
+# ---- exact resume of the one training loop (pipeline.train.loop) through the classification adapter ----------------------------------------------------------------------
 def test_loop_resume_is_exact(tmp_path):
     x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
 
@@ -259,7 +259,6 @@ def test_loop_resume_is_exact(tmp_path):
             steps_per_epoch=4,
             lr=1e-2,
             weight_decay=0.0,
-            seed=0,
             warmup_steps=2,
             max_steps=max_steps,
             log_every=1,
@@ -273,7 +272,7 @@ def test_loop_resume_is_exact(tmp_path):
         def loss(b):
             return F.cross_entropy(model(x[b]), y[b])
 
-        fit(tmp_path / name, model, settings, batches, loss, None, resume=resume, progress=False)
+        fit(tmp_path / name, model, settings, 0, batches, loss, None, resume=resume, progress=False)
         return model
 
     straight = run("a", 0)

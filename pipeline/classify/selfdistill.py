@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from pipeline.retrieval.metrics import recall_at_k
 from pipeline.classify.config import ClassifyConfig
 from pipeline.classify.head import soft_cross_entropy, topk_accuracy
-from pipeline.classify.loop import LoopResult, LoopSettings, epoch_order, fit, seed_all
+from pipeline.classify.loop import LoopResult, LoopSettings, epoch_order, fit
+from pipeline.train.state import seed_all
 from pipeline.classify.student import ImageClassifier, ImageRows, epoch_loader, predict
 from pipeline.classify.trainers import Split
 
@@ -87,21 +88,11 @@ def train_generation(
         logits, _, ok = predict(model, val.images.locations, cfg.eval_batch_size, cfg.data.workers)
         return topk_accuracy(torch.from_numpy(logits[ok]), torch.from_numpy(val.images.labels[ok]))
 
-    settings = LoopSettings(
-        d.epochs,
-        len(train) // bs,
-        d.lr,
-        d.weight_decay,
-        seed,
-        d.warmup_steps,
-        d.grad_clip,
-        cfg.log_every,
-        cfg.max_steps,
-        desc=f"gen {generation}",
-    )
-    return fit(
-        run_dir, model, settings, batches, loss_fn, evaluate if val is not None else None, resume, progress
-    )
+    settings = LoopSettings(d.epochs, len(train) // bs, d.lr, d.weight_decay, warmup_steps=d.warmup_steps,
+                            grad_clip=d.grad_clip, log_every=cfg.log_every, max_steps=cfg.max_steps, score="top1",
+                            desc=f"gen {generation}")
+    return fit(run_dir, model, settings, seed, batches, loss_fn, evaluate if val is not None else None, resume,
+               progress)
 
 
 def fit_linear_map(

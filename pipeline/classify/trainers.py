@@ -18,7 +18,8 @@ from pipeline.data.manifest import Manifest
 from pipeline.classify.config import ClassifyConfig
 from pipeline.classify.head import LinearProbe, RepresentationHead, topk_accuracy
 from pipeline.classify.labels import LabelledImages, labelled_images
-from pipeline.classify.loop import LoopSettings, atomic_save, epoch_order, fit
+from pipeline.classify.loop import LoopSettings, epoch_order, fit
+from pipeline.train.state import atomic_save
 from pipeline.classify.store import TokenSplit, read_prompts, split_path
 from pipeline.common import io
 from pipeline.common import paths
@@ -221,9 +222,9 @@ def _fit_rows(cfg: ClassifyConfig, section, desc: str, run_dir: Path, model, row
         for s in range(start * bs, (len(order) // bs) * bs, bs):
             yield order[s : s + bs]
 
-    settings = LoopSettings(section.epochs, len(rows) // bs, section.lr, section.weight_decay, cfg.seed,
-                            log_every=cfg.log_every, desc=desc)
-    return fit(run_dir, model, settings, batches, loss_fn, evaluate, resume, progress)
+    settings = LoopSettings(section.epochs, len(rows) // bs, section.lr, section.weight_decay,
+                            log_every=cfg.log_every, score="top1", desc=desc)
+    return fit(run_dir, model, settings, cfg.seed, batches, loss_fn, evaluate, resume, progress)
 
 
 @torch.no_grad()

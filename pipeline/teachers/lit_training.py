@@ -8,7 +8,7 @@ best held-out RSUM (val manifest, or a held-out slice of the train images) is th
 
 from __future__ import annotations
 
-import copy
+import shutil
 import math
 import time
 from pathlib import Path
@@ -18,10 +18,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pipeline.common import paths
+from pipeline.common.runlog import read_metrics
+from pipeline.train.loop import LoopSettings, Objective, StepOutput, best_checkpoint, fit
+from pipeline.train.state import load_checkpoint
+
 from pipeline.common import io
 from pipeline.common.errors import PipelineError
 from pipeline.retrieval.metrics import recall_at_k
-from pipeline.train.schedule import Schedule
 from pipeline.train.contrastive import false_negative_mask, symmetric_infonce
 from pipeline.data.manifest import Manifest
 from pipeline.teachers.lit import (
@@ -109,6 +113,41 @@ def _infonce(heads: LitHeads, img: torch.Tensor, txt: torch.Tensor, same: torch.
     return 0.5 * (i2t + t2i)
 
 
+class LitHeadsObjective(Objective):
+    """The LiT heads on the one training loop: symmetric InfoNCE over cached frozen-tower features, batches
+    in a seeded per-epoch order (so an interrupted ``build-lit`` resumes exactly), held-out RSUM per epoch."""
+
+    def __init__(self, heads: LitHeads, img_feats: torch.Tensor, txt_feats: torch.Tensor, row_img: torch.Tensor,
+                 row_ids: torch.Tensor, cap_ids: torch.Tensor, batch_size: int, weight_decay: float, seed: int,
+                 held_out: SplitFeatures | None, device: torch.device):
+        self.model = heads
+        self.img_feats, self.txt_feats, self.row_img = img_feats, txt_feats, row_img
+        self.row_ids, self.cap_ids = row_ids, cap_ids
+        self.batch_size, self.weight_decay, self.seed = batch_size, weight_decay, seed
+        self.held_out, self.device = held_out, device
+
+    def parameters(self):  # weight decay on the projection matrices only
+        named = list(self.model.named_parameters())
+        return [{"params": [p for n, p in named if n.endswith("proj.weight")], "weight_decay": self.weight_decay},
+                {"params": [p for n, p in named if not n.endswith("proj.weight")], "weight_decay": 0.0}]
+
+    def epoch_batches(self, epoch: int, start: int):
+        order = torch.randperm(len(self.txt_feats), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return order.to(self.device).split(self.batch_size)[start:]
+
+    def step(self, batch, step: int) -> StepOutput:
+        r, c = self.row_ids[batch], self.cap_ids[batch]
+        loss = _infonce(self.model, self.img_feats[self.row_img[batch]], self.txt_feats[batch],
+                        false_negative_mask(r, r, c, c))
+        return StepOutput(loss, items=len(batch))
+
+    def validate(self):
+        if self.held_out is None:
+            return None
+        self.model.eval()
+        return evaluate_heads(self.model, self.held_out, self.device)
+
+
 def train_lit_heads(
     train_manifest: str | Path | Manifest,
     out_path: str | Path,
@@ -129,7 +168,8 @@ def train_lit_heads(
 
     Without ``val_manifest``, ``holdout_fraction`` of the train images are held out for choosing the
     epoch (none when that leaves fewer than 2 images on either side: the last epoch is kept).
-    Returns the training summary that is also stored in the checkpoint.
+    Training runs in ``<out stem>.run/`` (checkpoints, metrics); a killed run resumes there when its settings
+    are the same. Returns the training summary that is also stored in the checkpoint.
     """
     start = time.perf_counter()
     out_path = Path(out_path)
@@ -173,51 +213,29 @@ def train_lit_heads(
     torch.manual_seed(seed)  # here, after tower loading, so a rerun from cached features is identical
     heads = LitHeads(width, dropout=dropout).to(dev)
     heads.set_input_stats(img_feats, txt_feats)
-    decay = [p for n, p in heads.named_parameters() if n.endswith("proj.weight")]
-    no_decay = [p for n, p in heads.named_parameters() if not n.endswith("proj.weight")]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     steps_per_epoch = math.ceil(len(rows) / batch_size)
-    total_steps = epochs * steps_per_epoch
-    warmup = min(total_steps // 10, 10 * steps_per_epoch)
-    sched = Schedule(total_steps, warmup, "cosine").scheduler(opt)
-    gen = torch.Generator().manual_seed(seed)
-    best = {"epoch": 0, "metrics": None, "state": None}
-    history = []
-    bar = tqdm(range(1, epochs + 1), unit="epoch", desc="LiT heads", disable=not progress)
-    for epoch in bar:
-        heads.train()
-        total = 0.0
-        for batch in torch.randperm(len(rows), generator=gen).to(dev).split(batch_size):
-            r, c = row_ids[batch], cap_ids[batch]
-            same = false_negative_mask(r, r, c, c)
-            loss = _infonce(heads, img_feats[row_img[batch]], txt_feats[batch], same)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(batch)
-        heads.eval()
-        record = {"epoch": epoch, "loss": total / len(rows)}
-        if va is not None:
-            metrics = evaluate_heads(heads, va, dev)
-            record.update(metrics)
-            if best["metrics"] is None or metrics["rsum"] > best["metrics"]["rsum"]:
-                best = {"epoch": epoch, "metrics": metrics, "state": copy.deepcopy(heads.state_dict())}
-            bar.set_postfix(loss=f"{record['loss']:.3f}", rsum=f"{record['rsum']:.1f}",
-                            best=f"{best['metrics']['rsum']:.1f}@{best['epoch']}")
-        else:
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-        history.append(record)
-    bar.close()
-    if best["state"] is not None:
-        heads.load_state_dict(best["state"])
-    else:
-        best = {"epoch": epochs, "metrics": None}
+    settings = LoopSettings(epochs, steps_per_epoch, lr, weight_decay,
+                            warmup_steps=min(epochs * steps_per_epoch // 10, 10 * steps_per_epoch),
+                            decay="cosine", log_every=steps_per_epoch, score="rsum", desc="LiT heads",
+                            report_val=False)
+    objective = LitHeadsObjective(heads, img_feats, txt_feats, row_img, row_ids, cap_ids, batch_size, weight_decay,
+                                  seed, va, dev)
+    run_dir = out_path.with_name(f"{out_path.stem}.run")
+    run_config = {"train": train.content_hash, "val": val.content_hash if val is not None else val_source,
+                  "width": width, "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+                  "weight_decay": weight_decay, "dropout": dropout, "holdout_fraction": holdout_fraction}
+    last = paths.last_checkpoint(run_dir)
+    resume = last.exists() and load_checkpoint(last).get("config") == run_config
+    if last.exists() and not resume:  # another run's leftovers (other data or settings): start over
+        shutil.rmtree(run_dir)
+    # One progress line per epoch would be noise here (60 epochs of a few steps): the bar is off.
+    result = fit(run_dir, objective, settings, config=run_config, resume=resume, progress=False)
+    heads.load_state_dict(best_checkpoint(run_dir)["model"])
     heads.eval()
+    history = [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(run_dir)]
 
     summary = {
-        "width": width, "epochs": epochs, "best_epoch": best["epoch"], "lr": lr, "batch_size": batch_size,
+        "width": width, "epochs": epochs, "best_epoch": result.best_epoch + 1, "lr": lr, "batch_size": batch_size,
         "weight_decay": weight_decay, "dropout": dropout, "seed": seed, "device": str(dev),
         "temperature": float(1.0 / heads.logit_scale.detach().clamp(max=math.log(100.0)).exp()),
         "train_manifest": {"source": train.source, "content_hash": train.content_hash},
@@ -225,11 +243,12 @@ def train_lit_heads(
         "val_source": val_source,
         "val_pairs": int(len(va.usable_rows())) if va is not None else 0,
         "val_images": int(len(va.image_ids)) if va is not None else 0,
-        "val": best["metrics"],
-        "final_train_loss": history[-1]["loss"],
+        "val": result.best_val,
+        "final_train_loss": _last_train_loss(run_dir),
         "image_failures": len(failures),
         "image_failure_examples": [f"{i}: {r}" for i, r in failures[:MAX_FAILURES_IN_SUMMARY]],
         "feature_cache": "reused" if tr_reused and va_reused else "computed",
+        "resumed": resume,
     }
     total_s = time.perf_counter() - start
     summary["time_s"] = {"features": round(feature_s, 2), "training": round(total_s - feature_s, 2),
@@ -239,4 +258,6 @@ def train_lit_heads(
     return summary
 
 
-__all__ = ["train_lit_heads", "split_features", "feature_cache_path", "SplitFeatures"]
+def _last_train_loss(run_dir: Path) -> float | None:
+    train = read_metrics(run_dir, "train")
+    return train[-1]["loss"] if train else None

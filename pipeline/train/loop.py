@@ -51,6 +51,7 @@ class LoopSettings:
     max_steps: int = 0  # stop after this many steps in total (0: all epochs); the schedule does not shrink
     score: str = "rsum"  # the validation key that picks the best epoch (higher is better)
     desc: str = "epoch"
+    report_val: bool = True  # print each epoch's validation line
     hint: str = "Try a lower optim.lr."  # added to the non-finite-loss error
 
     @property
@@ -142,10 +143,12 @@ def fit(run_dir: Path, objective: Objective, settings: LoopSettings, *, config: 
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     last, best = paths.last_checkpoint(run_dir), paths.best_checkpoint(run_dir)
     model = objective.model
-    params = objective.parameters()
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    groups = objective.parameters()  # parameters, or AdamW parameter groups
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     scheduler = settings.schedule().scheduler(optimizer)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_score": -1.0, "best_epoch": -1,
              "best_val": None}
@@ -221,6 +224,7 @@ def fit(run_dir: Path, objective: Objective, settings: LoopSettings, *, config: 
             objective.train_mode()
             if val is not None:
                 log.log("val", state["global_step"], {"epoch": epoch, **val})
+            if val is not None and settings.report_val:
                 print(f"{settings.desc} {epoch + 1}: val " + ", ".join(
                     f"{k} {v:.1f}" for k, v in val.items() if k in (settings.score, "i2t_r1", "t2i_r1", "top1")))
             # Without validation the latest epoch counts as best; with it, the highest score (rank 0 decides).
