@@ -1,8 +1,9 @@
 """Stage-2 step throughput: the real distillation step vs a bare student step, and cache vs online teacher.
 
-(a) samples/s of the training step as ``pipeline.distill.trainer`` runs it - cache gather (``teacher_targets``),
-    tokenisation, student forward, all four losses (``MultiscaleDistillLoss``) against a full
-    ``NegativeQueue``, the dynamic balancer, backward, grad clipping, AdamW + LR schedule, enqueue -
+(a) samples/s of the training step that stage 2 runs - ``pipeline.train.loop.train_step`` driving
+    ``DistillObjective.step`` (cache gather, tokenisation, student forward, all four losses against a full
+    ``NegativeQueue``, the dynamic balancer), backward, grad clipping, AdamW + LR schedule, enqueue, timed
+    through the objective's clock hook -
     against the same student's bare step: forward, feature loss against preloaded targets, backward,
     AdamW, on preloaded pixels and tokens. Target ratio >= 0.95. The real step runs twice: on preloaded
     (already augmented) pixels, which isolates the step's own overhead, and fed by the trainer's
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -50,18 +52,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench_features import build_teacher, environment, table  # noqa: E402
-from pipeline.distill.balancer import make_balancer  # noqa: E402
-from pipeline.features.cache import CacheMeta, FeatureCache, shard_name, write_shard  # noqa: E402
+from pipeline.common import config as cfgio  # noqa: E402
+from pipeline.common.distributed import DistEnv  # noqa: E402
+from pipeline.common.precision import autocast  # noqa: E402
 from pipeline.data.images import load_rgb  # noqa: E402
-from pipeline.distill.losses import FeatureDistillLoss, LossConfig, MultiscaleDistillLoss  # noqa: E402
 from pipeline.data.manifest import Manifest  # noqa: E402
-from pipeline.distill.queue import NegativeQueue, QueueBatch  # noqa: E402
-from pipeline.students import build_student, get_preset  # noqa: E402
-from pipeline.teachers.base import Teacher  # noqa: E402
-from pipeline.distill.data import (  # noqa: E402
-    AlignedRows, Batch, EpochOrder, PairDataset, align, make_loader, teacher_targets,
+from pipeline.distill.data import Batch  # noqa: E402
+from pipeline.distill.losses import FeatureDistillLoss  # noqa: E402
+from pipeline.distill.queue import QueueBatch  # noqa: E402
+from pipeline.distill.trainer import (  # noqa: E402
+    DataSection, DistillConfig, DistillObjective, OptimSection, QueueSection,
 )
-from pipeline.distill.trainer import BalancerSection, DataSection, OptimSection, QueueSection  # noqa: E402
+from pipeline.features.cache import CacheMeta, FeatureCache, shard_name, write_shard  # noqa: E402
+from pipeline.teachers.base import Teacher  # noqa: E402
+from pipeline.train.loop import LoopSettings, make_optimizer, train_step  # noqa: E402
 
 REAL_CACHE = Path("artifacts/cache/openmoji/lit/train")
 OPENMOJI_TRAIN = Path("data/openmoji/train.parquet")
@@ -83,25 +87,44 @@ def random_cache(manifest: Manifest, out: Path, width: int) -> FeatureCache:
     return FeatureCache(out)
 
 
-def load_data(args, width: int, tmp: Path) -> tuple[str, Manifest, FeatureCache]:
+@dataclass
+class BenchData:
+    """Where the benchmark's train split lives, laid out as the trainer reads it (manifest dir + cache dir)."""
+
+    source: str
+    manifest_dir: Path
+    cache_dir: Path
+    split: str = "train"
+
+
+def _as_split(manifest: Manifest, tmp: Path, split: str) -> Path:
+    """A copy of ``manifest`` as ``<tmp>/manifests/<split>.parquet`` (its image root is absolute)."""
+    manifest.write(tmp / "manifests" / f"{split}.parquet")
+    return tmp / "manifests"
+
+
+def load_data(args, width: int, tmp: Path) -> BenchData:
     if args.cache:
+        split_dir = Path(args.cache)
         manifest = Manifest.read(args.manifest or OPENMOJI_TRAIN)
-        return f"cache {args.cache}", manifest, FeatureCache(args.cache)
+        return BenchData(f"cache {args.cache}", _as_split(manifest, tmp, split_dir.name), split_dir.parent,
+                         split_dir.name)
     # summary.json is written once the last shard is: a cache still being built is not used
     generate = args.manifest == "generate"  # --smoke: never the real cache or openmoji
     if (REAL_CACHE / "summary.json").exists() and OPENMOJI_TRAIN.exists() and not args.manifest:
-        return f"stage-1 cache {REAL_CACHE}", Manifest.read(OPENMOJI_TRAIN), FeatureCache(REAL_CACHE)
+        return BenchData(f"stage-1 cache {REAL_CACHE}", OPENMOJI_TRAIN.parent, REAL_CACHE.parent)
     if not generate and (args.manifest or OPENMOJI_TRAIN.exists()):
         path = Path(args.manifest or OPENMOJI_TRAIN)
         manifest = Manifest.read(path)
-        return f"{path} + random targets", manifest, random_cache(manifest, tmp, width)
+        random_cache(manifest, tmp / "cache" / "train", width)
+        return BenchData(f"{path} + random targets", _as_split(manifest, tmp, "train"), tmp / "cache")
     from tests.gen_cache import make_dataset
 
     needed = (args.warmup + args.steps + 2) * args.batch_size  # one round's rows within one epoch
     # about 1.2 train rows per image (60% of images in train, 1-3 captions each)
     manifest_dir = make_dataset(tmp / "shapes", n_images=max(40 if generate else 200, math.ceil(needed / 1.1)))
-    manifest = Manifest.read(manifest_dir / "train.parquet")
-    return "generated shapes + random targets", manifest, random_cache(manifest, tmp, width)
+    random_cache(Manifest.read(manifest_dir / "train.parquet"), tmp / "cache" / "train", width)
+    return BenchData("generated shapes + random targets", manifest_dir, tmp / "cache")
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -134,29 +157,28 @@ class Clock:
 
 # ---------------------------------------------------------------------------------------------- bench
 class DistillBench:
-    """The trainer's pieces, built as ``pipeline.distill.trainer._train`` builds them, plus a bare baseline."""
+    """Stage 2's own objective (``DistillObjective``) and step (``pipeline.train.loop.train_step``), timed through
+    the objective's clock hook, next to a bare baseline step of the same student."""
 
-    def __init__(self, args, rows: AlignedRows, cache: FeatureCache, teacher: Teacher, tmp: Path):
-        self.args, self.rows, self.cache, self.teacher = args, rows, cache, teacher
+    def __init__(self, args, data: BenchData, teacher: Teacher, tmp: Path):
+        self.args, self.teacher = args, teacher
         self.device = torch.device(args.device)
         torch.manual_seed(0)
-        self.scfg = get_preset(args.student, embed_dim=cache.width)
-        self.model = build_student(self.scfg).to(self.device).train()
-        self.dataset = PairDataset(rows, self.model.image_transform(train=True), 0,
-                                   preload=DataSection.preload, preload_size=int(self.scfg.image_size * 1.15))
-        self.sampler = EpochOrder(len(rows), 0)
-        self.loader = make_loader(self.dataset, self.sampler, args.batch_size, args.workers, 0,
-                                  self.device.type == "cuda")
-        self.criterion = MultiscaleDistillLoss(LossConfig())  # all four losses, the paper's settings
-        self.queue = NegativeQueue.create(tmp / "queue", args.queue_size, cache.width, with_hash=True)
-        b = BalancerSection()
-        self.balancer = make_balancer("dynamic", self.criterion.names, temperature=b.temperature,
-                                      window_steps=b.window_steps, ema=b.ema)
-        o = self.optim = OptimSection()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
+        cfg = cfgio.load(DistillConfig, None, [
+            f"data.manifest_dir={data.manifest_dir}", f"data.cache_dir={data.cache_dir}",
+            f"data.train_split={data.split}", "data.val_split=none", f"data.workers={args.workers}",
+            f"student={args.student}", f"optim.batch_size={args.batch_size}", f"queue.size={args.queue_size}",
+            "seed=0", f"device={args.device}"])
+        self.objective = o = DistillObjective(cfg, tmp, self.device, DistEnv())
+        self.rows, self.cache, self.model = o.rows, o.cache, o.model.train()
+        self.dataset, self.sampler, self.loader, self.queue = o.dataset, o.sampler, o.loader, o.queue
+        self.optim = OptimSection()
+        settings = LoopSettings(self.optim.epochs, o.steps_per_epoch, self.optim.lr, self.optim.weight_decay,
+                                decay="constant", grad_clip=self.optim.grad_clip)
+        self.optimizer, self.scheduler, self.params = make_optimizer(o, settings)
         self.fd = FeatureDistillLoss()
         self._fill_queue()
+        self._step = 0
 
     def _fill_queue(self) -> None:
         """Random cache rows in every slot (trainer's random mode), so CD sees K negatives from step 1."""
@@ -186,7 +208,7 @@ class DistillBench:
         for _ in range(n):
             batch = next(it)
             idx = batch.rows.numpy()
-            t_img, t_txt = teacher_targets(self.cache, self.rows, idx, self.device)
+            t_img, t_txt = self.objective.targets(idx, batch)
             item = {"batch": batch, "pixels": batch.pixels.to(self.device),
                     "tokens": {k: v.to(self.device) for k, v in self.model.tokenizer(batch.captions).items()},
                     "t_img": t_img, "t_txt": t_txt}
@@ -200,36 +222,21 @@ class DistillBench:
         return out
 
     # -- steps ---------------------------------------------------------------------------------
-    def real_step(self, batch: Batch, targets: Callable, clock: Clock, pixels: torch.Tensor | None = None):
-        """One step of pipeline.distill.trainer's loop body (no logging or checkpoints); keep the two in sync."""
-        rows, device, model = self.rows, self.device, self.model
-        idx = batch.rows.numpy()
-        with clock("targets"):
-            t_img, t_txt = targets(idx, batch)
-        with clock("tokenize"):
-            img_ids = torch.from_numpy(rows.image_ids[idx]).to(device)
-            hashes = torch.from_numpy(rows.caption_hash[idx]).to(device)
-            tokens = {k: v.to(device) for k, v in model.tokenizer(batch.captions).items()}
-        with clock("forward"), self.autocast():
-            if pixels is None:
-                pixels = batch.pixels.to(device, non_blocking=True)
-            s_img, s_txt = model(pixels, tokens)
-        with clock("losses"):
-            losses = self.criterion(s_img.float(), s_txt.float(), t_img, t_txt, img_ids,
-                                    queue=self.queue.active(device), captions_hash=hashes)
-        with clock("balancer"):
-            total, _ = self.balancer(losses)
-            if not torch.isfinite(total):
-                raise RuntimeError(f"non-finite loss in the benchmark: {losses}")
-        with clock("backward"):
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-        with clock("clip + optimizer"):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.optim.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-        with clock("enqueue"):
-            self.queue.enqueue(t_img, img_ids, t_txt, img_ids, hashes)
+    def real_step(self, batch: Batch, targets: Callable | None, clock: Clock, pixels: torch.Tensor | None = None):
+        """One step exactly as training runs it (``train_step`` + ``DistillObjective.step``); ``targets``
+        replaces the cache gather (the online teacher), ``pixels`` the batch's pixels (already on the device)."""
+        o = self.objective
+        o.clock = clock
+        if targets is not None:
+            o.targets = targets
+        if pixels is not None:
+            batch = dataclasses.replace(batch, pixels=pixels)
+        try:
+            train_step(o, self.optimizer, self.scheduler, self.params, self.optim.grad_clip, batch, self._step,
+                       clock)
+        finally:
+            o.__dict__.pop("targets", None)
+        self._step += 1
 
     def bare_step(self, item: dict, clock: Clock) -> None:
         with clock("forward"), self.autocast():
@@ -243,11 +250,8 @@ class DistillBench:
             self.optimizer.step()
 
     def autocast(self):
-        """The trainer's precision=auto: bf16 autocast on CUDA, plain fp32 on CPU."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-
-    def cached_targets(self, idx: np.ndarray, batch: Batch):
-        return teacher_targets(self.cache, self.rows, idx, self.device)
+        """The trainer's precision (auto: bf16 autocast on CUDA, full precision on CPU)."""
+        return autocast(self.device, self.objective.cfg.precision)
 
     # -- configurations ------------------------------------------------------------------------
     def one_step(self, kind: str, item: dict, clock: Clock) -> None:
@@ -255,7 +259,7 @@ class DistillBench:
             if kind == "bare":
                 self.bare_step(item, clock)
             elif kind == "preloaded":
-                self.real_step(item["batch"], self.cached_targets, clock, item["pixels"])
+                self.real_step(item["batch"], None, clock, item["pixels"])
             else:  # online: the teacher encodes the batch inside the step
                 t, pix = self.teacher, item["teacher_pixels"]
 
@@ -287,7 +291,7 @@ class DistillBench:
             with c.step():
                 with c("data wait"):
                     batch = next(source)
-                self.real_step(batch, self.cached_targets, c)
+                self.real_step(batch, None, c)
         source.close()  # shuts the workers down before anything else runs
 
     def loader_alone(self, batches: int) -> float:
@@ -340,13 +344,13 @@ def main() -> None:
         tmp = Path(tmp_name)
         spec, teacher = build_teacher(args.teacher)
         teacher.to(args.device)
-        source, manifest, cache = load_data(args, teacher.width, tmp)
+        data = load_data(args, teacher.width, tmp)
+        t0 = time.perf_counter()
+        bench = DistillBench(args, data, teacher, tmp / "run")
+        source, cache, rows = data.source, bench.cache, bench.rows
         if cache.width != teacher.width:
             raise SystemExit(f"cache width {cache.width} != teacher width {teacher.width}: "
                              "pick a matching --teacher")
-        rows = align(manifest, cache)
-        t0 = time.perf_counter()
-        bench = DistillBench(args, rows, cache, teacher, tmp)
         print(f"student {args.student}, batch {args.batch_size}, queue {args.queue_size} x {cache.width}, "
               f"{args.workers} loader workers, {args.threads} torch threads, device {args.device}; "
               f"data: {source} ({len(rows)} rows); online teacher {spec} ({teacher.name}); "

@@ -17,13 +17,22 @@ from pipeline.retrieval.index import (
     gpu_available,
     knn_recall,
     load_index,
-    retrieval_metrics,
     save_index,
     search,
 )
 from pipeline.retrieval.metrics import brute_force_recall, recall_at_k, truncate_captions
 
 E = np.eye(4, dtype=np.float32)
+
+
+def retrieval_metrics(image_emb, text_emb, idx, index_spec: str = "auto", *, ks=(1, 5, 10),
+                      max_captions_per_image=None) -> dict:
+    """Stage 3's evaluation path (``pipeline.retrieval.evaluate.retrieval``) on bare arrays."""
+    from pipeline.features.encode import SplitEmbeddings
+    from pipeline.retrieval.evaluate import retrieval
+
+    emb = SplitEmbeddings(np.arange(len(image_emb)), image_emb, np.arange(len(text_emb)), text_emb, np.asarray(idx), [])
+    return retrieval(emb, index_spec, max_captions_per_image, gpu=False, ks=ks)[0]
 
 
 @pytest.fixture(autouse=True, scope="module")

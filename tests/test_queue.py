@@ -182,34 +182,6 @@ def test_partial_queue_state_roundtrip(tmp_path):
     np.testing.assert_array_equal(r.contents("txt")["ids"], q.contents("txt")["ids"])
 
 
-def test_memmap_reopen(tmp_path):
-    q = NegativeQueue.create(tmp_path / "q", size=8, dim=D, with_hash=True)
-    ni, nt = NaiveFifo(8), NaiveFifo(8)
-    start = 0
-    for n in [5, 6]:
-        emb, ids, h = rows(n, start)
-        q.enqueue(emb, ids, emb, ids, h)
-        ni.push(emb, ids)
-        nt.push(emb, ids, h)
-        start += n
-    q.flush()
-    del q
-    r = NegativeQueue.open(tmp_path / "q")
-    assert r.with_hash and r.size == 8 and r.dim == D
-    assert_same_as_naive(r, ni, nt)
-    emb, ids, h = rows(4, start)
-    r.enqueue(emb, ids, emb, ids, h)
-    ni.push(emb, ids)
-    nt.push(emb, ids, h)
-    assert_same_as_naive(r, ni, nt)
-    assert_device_equals_memmap(r)
-    with pytest.raises(PipelineError):
-        NegativeQueue.open(tmp_path / "missing")
-    (tmp_path / "q" / "txt_hash.bin").unlink()
-    with pytest.raises(PipelineError):
-        NegativeQueue.open(tmp_path / "q")
-
-
 def test_refill_random_from_sampler(tmp_path):
     cache = rows(50, 0)
     rng = np.random.default_rng(0)

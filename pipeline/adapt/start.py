@@ -26,6 +26,7 @@ from torch import nn
 
 from pipeline.common import paths
 from pipeline.common.errors import PipelineError
+from pipeline.teachers import parse_spec
 from pipeline.students import (
     MINILM, ImageTowerSpec, StudentConfig, StudentModel, TextTowerSpec, TransformSettings, build_student,
     load_student_model,
@@ -51,22 +52,20 @@ def load_start(spec: str, device: str | torch.device = "cpu") -> StartPoint:
         start = _from_student(arg, spec)
     elif kind not in ("lit", "openclip", "hf") and Path(spec).exists():
         start = _from_student(spec, spec)
-    elif kind == "lit":
-        start = _from_lit(arg or None, spec)
-    elif kind == "openclip":
-        arch, _, pretrained = arg.partition("/")
-        if not arch:
-            raise PipelineError("openclip start needs an architecture, e.g. "
-                                "openclip:ViT-B-32/laion2b_s34b_b79k")
-        start = StartPoint(openclip_student(arch, pretrained or None), spec, "openclip")
-    elif kind == "hf":
-        raise PipelineError(
-            "hf: start points are not supported: student exports have no Hugging Face CLIP/SigLIP "
-            "tower kind, "
-            "so the adapted model could not be evaluated; use an openclip: or student: start point")
     else:
-        raise PipelineError(f"unknown start point {spec!r}: expected student:PATH, lit[:ckpt] or "
-                            "openclip:ARCH[/TAG|/CKPT] (or the path of a student export)")
+        try:
+            teacher = parse_spec(spec)  # the teachers' own spec parser
+        except PipelineError as exc:
+            raise PipelineError(f"unknown start point {spec!r}: expected student:PATH (or the path of a student "
+                                f"export) or a teacher spec ({exc})") from None
+        if teacher.kind == "lit":
+            start = _from_lit(teacher.arg, spec)
+        elif teacher.kind == "openclip":
+            start = StartPoint(openclip_student(teacher.arg, teacher.tag), spec, "openclip")
+        else:
+            raise PipelineError(
+                "hf: start points are not supported: student exports have no Hugging Face CLIP/SigLIP tower "
+                "kind, so the adapted model could not be evaluated; use an openclip: or student: start point")
     start.model.to(device).train()
     return start
 

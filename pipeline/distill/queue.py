@@ -15,7 +15,7 @@ Two ways to fill it (method.md 1.1):
 
 Trainer contract::
 
-    q = NegativeQueue.create(run_dir / "queue", size=8192, dim=D, with_hash=True)   # or .open(dir)
+    q = NegativeQueue.create(run_dir / "queue", size=8192, dim=D, with_hash=True)
     neg = q.active(device)             # ActiveQueue: only the filled slots, never empty ones
     losses = crit(..., queue=neg)
     total.backward()
@@ -34,7 +34,6 @@ Rows of one image share its teacher image embedding; a trainer may enqueue uniqu
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,8 +202,8 @@ class _Ring:
 class NegativeQueue:
     """K teacher embeddings per modality in memmap-backed FIFO rings (see the module docstring).
 
-    Build with ``NegativeQueue.create(...)`` (fresh, empty) or ``NegativeQueue.open(directory)`` (the
-    files and pointers left by the last ``flush()``).
+    Build with ``NegativeQueue.create(...)`` (fresh, empty); a resumed run restores the checkpoint's contents
+    with ``load_state_dict``.
     """
 
     def __init__(self, directory: str | os.PathLike, size: int, dim: int, *, with_hash: bool = False,
@@ -235,23 +234,6 @@ class NegativeQueue:
         q = cls(directory, size, dim, with_hash=with_hash, dtype=dtype, cpu_zero_copy=cpu_zero_copy,
                 _mode="w+")
         q.flush()
-        return q
-
-    @classmethod
-    def open(cls, directory: str | os.PathLike, *, cpu_zero_copy: bool = True) -> "NegativeQueue":
-        """Reopen a queue from its files, with the pointers and fill of its last ``flush()``."""
-        meta_path = Path(directory) / META_FILE
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as e:
-            raise PipelineError(f"cannot open negative queue in {directory}: {e}") from None
-        try:
-            q = cls(directory, meta["size"], meta["dim"], with_hash=meta["with_hash"], dtype=meta["dtype"],
-                    cpu_zero_copy=cpu_zero_copy, _mode="r+")
-            for m in _MODALITIES:
-                q.rings[m].ptr, q.rings[m].fill = int(meta[m]["ptr"]), int(meta[m]["fill"])
-        except (OSError, ValueError, KeyError) as e:  # missing/truncated .bin file or a damaged queue.json
-            raise PipelineError(f"cannot open negative queue in {directory}: {e!r}") from None
         return q
 
     # -- filling -------------------------------------------------------------------------------
@@ -334,7 +316,7 @@ class NegativeQueue:
 
     # -- persistence ---------------------------------------------------------------------------
     def flush(self) -> None:
-        """Write the memmaps to disk and the pointers to ``queue.json`` (atomically), for ``open()``."""
+        """Write the memmaps to disk, and the shape and fill to ``queue.json`` (for people inspecting a run)."""
         for r in self.rings.values():
             r.flush()
         meta = {"size": self.size, "dim": self.dim, "with_hash": self.with_hash, "dtype": self.dtype,

@@ -215,20 +215,28 @@ class DistillObjective(Objective):
             self._refill_queue(epoch * self.steps_per_epoch)
         return self.loader
 
+    def targets(self, idx: np.ndarray, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's embeddings of the batch rows, from the cache (a benchmark swaps in an online teacher)."""
+        return teacher_targets(self.cache, self.rows, idx, self.device, self.cfg.data.teacher_normalized)
+
     def step(self, batch, step: int) -> StepOutput:
-        cfg, rows, device = self.cfg, self.rows, self.device
+        cfg, rows, device, clock = self.cfg, self.rows, self.device, self.clock
         if cfg.queue.mode == "random" and cfg.queue.refill_every and step % cfg.queue.refill_every == 0:
             self._refill_queue(step)
         idx = batch.rows.numpy()
-        t_img, t_txt = teacher_targets(self.cache, rows, idx, device, cfg.data.teacher_normalized)
-        img_ids = torch.from_numpy(rows.image_ids[idx]).to(device)
-        hashes = torch.from_numpy(rows.caption_hash[idx]).to(device)
-        tokens = {k: v.to(device) for k, v in self.model.tokenizer(batch.captions).items()}
-        with autocast(device, cfg.precision):
+        with clock("targets"):
+            t_img, t_txt = self.targets(idx, batch)
+        with clock("tokenize"):
+            img_ids = torch.from_numpy(rows.image_ids[idx]).to(device)
+            hashes = torch.from_numpy(rows.caption_hash[idx]).to(device)
+            tokens = {k: v.to(device) for k, v in self.model.tokenizer(batch.captions).items()}
+        with clock("forward"), autocast(device, cfg.precision):
             s_img, s_txt = self.ddp_model(batch.pixels.to(device, non_blocking=True), tokens)
-        losses = self.criterion(s_img.float(), s_txt.float(), t_img, t_txt, img_ids,
-                                queue=self.queue.active(device), captions_hash=hashes)
-        total, info = self.balancer(losses)
+        with clock("losses"):
+            losses = self.criterion(s_img.float(), s_txt.float(), t_img, t_txt, img_ids,
+                                    queue=self.queue.active(device), captions_hash=hashes)
+        with clock("balancer"):
+            total, info = self.balancer(losses)
         self._pending = (t_img, img_ids, t_txt, hashes)
         return StepOutput(total, losses, info, items=len(idx))
 

@@ -37,7 +37,7 @@ from pipeline.common.errors import PipelineError
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.retrieval.index import BuiltIndex, IndexSpec, build_index, choose_index, load_index, save_index, search
 from pipeline.data.manifest import Manifest
-from pipeline.retrieval.metrics import recall_at_k, truncate_captions
+from pipeline.retrieval.metrics import DEFAULT_KS, check_inputs, recall_at_k, truncate_captions
 from pipeline.students import StudentEncoder, count_params, load_student
 from pipeline.teachers import Teacher, load_teacher
 from pipeline.teachers.base import to_device
@@ -79,7 +79,7 @@ class Galleries:
 
 
 def retrieval(emb: SplitEmbeddings, index: str = "exact", max_captions_per_image: int | None = None,
-              gpu: bool | str = "auto") -> tuple[dict[str, Any], Galleries]:
+              gpu: bool | str = "auto", ks: Sequence[int] = DEFAULT_KS) -> tuple[dict[str, Any], Galleries]:
     """Recall@1/5/10 both ways + RSUM over FAISS galleries that are kept (so they can be saved).
 
     Returns:
@@ -88,6 +88,7 @@ def retrieval(emb: SplitEmbeddings, index: str = "exact", max_captions_per_image
     """
     if len(emb.image_emb) == 0 or len(emb.text_emb) == 0:
         raise PipelineError(f"nothing to evaluate: {len(emb.image_emb)} images, {len(emb.text_emb)} captions")
+    check_inputs(emb.image_emb, emb.text_emb, emb.text_image_idx, ks)  # before indexing with them
     n_captions = len(emb.text_emb)
     keep = (np.arange(n_captions) if max_captions_per_image is None
             else truncate_captions(emb.text_image_idx, max_captions_per_image))
@@ -108,7 +109,7 @@ def retrieval(emb: SplitEmbeddings, index: str = "exact", max_captions_per_image
         searches.append({**built[which].params, "k": int(k), "search_seconds": seconds})
         return scores, ids
 
-    out: dict[str, Any] = recall_at_k(emb.image_emb, text_emb, text_image_idx, search=backend)
+    out: dict[str, Any] = recall_at_k(emb.image_emb, text_emb, text_image_idx, ks, search=backend)
     out.update(n_captions_dropped=int(n_captions - len(keep)), max_captions_per_image=max_captions_per_image,
                index={"i2t": searches[0], "t2i": searches[1]},
                exact=all(s["factory"] == "Flat" for s in searches))

@@ -3,7 +3,7 @@
 All vectors are float32 and L2-normalised and the metric is inner product (= cosine).
 :func:`choose_index` holds every rule for picking an index in one place; the chosen
 :class:`IndexSpec` and the facts of the build (``BuiltIndex.params``) are plain dicts meant to be
-stored next to the results they produced. :func:`retrieval_metrics` is the evaluation entry point.
+stored next to the results they produced. :func:`pipeline.retrieval.evaluate.retrieval` is the evaluation entry point.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
 
 from pipeline.common.errors import PipelineError
-from pipeline.retrieval.metrics import DEFAULT_KS, check_embeddings, recall_at_k
+from pipeline.retrieval.metrics import check_embeddings
 from pipeline.common import io
 
 # ---- index-choice rules (read with choose_index) ----------------------------------------------
@@ -321,56 +321,3 @@ def knn_recall(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
 # ---- evaluation entry point -------------------------------------------------------------------
 
 
-class FaissSearch:
-    """Search backend for :func:`pipeline.retrieval.metrics.recall_at_k` that records each index it built."""
-
-    def __init__(self, index_spec: IndexSpec | str | None = None, gpu: bool | str = "auto"):
-        self.index_spec, self.gpu = index_spec, gpu
-        self.builds: list[dict[str, Any]] = []
-
-    def spec_for(self, n_vectors: int, dim: int) -> IndexSpec:
-        if isinstance(self.index_spec, IndexSpec):
-            return self.index_spec
-        return choose_index(n_vectors, dim, factory=self.index_spec)
-
-    def __call__(self, gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        gpu = self.gpu if k <= GPU_MAX_K else False  # an image with thousands of captions needs a long list
-        built = build_index(gallery, self.spec_for(*gallery.shape), gpu=gpu)
-        start = time.perf_counter()
-        scores, ids = search(built, queries, k)
-        seconds = round(time.perf_counter() - start, 3)
-        self.builds.append({**built.params, "k": int(k), "search_seconds": seconds})
-        return scores, ids
-
-
-def retrieval_metrics(
-    image_emb: np.ndarray,
-    text_emb: np.ndarray,
-    text_image_idx: np.ndarray,
-    index_spec: IndexSpec | str | None = None,
-    *,
-    ks: Sequence[int] = DEFAULT_KS,
-    max_captions_per_image: int | None = None,
-    gpu: bool | str = "auto",
-) -> dict[str, Any]:
-    """Image->text and text->image Recall@K and RSUM through FAISS (method.md section 2).
-
-    Args:
-        image_emb, text_emb, text_image_idx, ks, max_captions_per_image: as in
-            :func:`pipeline.retrieval.metrics.recall_at_k`.
-        index_spec: None = :func:`choose_index` per gallery (exact for benchmark sizes); a factory
-            string = that index for both galleries; an IndexSpec = used as is for both.
-        gpu: see :func:`build_index`.
-
-    Returns:
-        The recall dict of :func:`pipeline.retrieval.metrics.recall_at_k` plus ``exact`` (both searches exact)
-        and ``index``: ``{"i2t": params, "t2i": params}`` for the caption and image galleries.
-    """
-    backend = FaissSearch(index_spec, gpu)
-    out: dict[str, Any] = recall_at_k(
-        image_emb, text_emb, text_image_idx, ks, max_captions_per_image=max_captions_per_image, search=backend
-    )
-    # recall_at_k searches the caption gallery (image->text) first, then the image gallery.
-    out["index"] = dict(zip(("i2t", "t2i"), backend.builds))
-    out["exact"] = all(b["factory"] == "Flat" for b in backend.builds)
-    return out

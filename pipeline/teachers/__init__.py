@@ -8,35 +8,56 @@ Specs:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pipeline.common.errors import PipelineError
 from pipeline.teachers.base import Teacher
 
 DEFAULT_LIT_CHECKPOINT = "artifacts/teachers/lit-openmoji.pt"
 
 
-def load_teacher(spec: str, device: str = "cpu") -> Teacher:
-    """Build a teacher from a spec string (see module docstring)."""
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A parsed teacher spec: ``kind`` (lit | openclip | hf), its main argument and, for open_clip, the tag."""
+
+    kind: str
+    arg: str | None
+    tag: str | None = None
+
+
+def parse_spec(spec: str) -> TeacherSpec:
+    """The one parser of teacher specs (module docstring); every command that takes a teacher uses it."""
     kind, _, arg = spec.partition(":")
     if kind == "lit":
-        from pipeline.teachers.lit import LitTeacher
-
-        teacher = LitTeacher.load(arg or DEFAULT_LIT_CHECKPOINT)
-    elif kind == "openclip":
-        from pipeline.teachers.openclip import OpenClipTeacher
-
-        arch, _, pretrained = arg.partition("/")
+        return TeacherSpec("lit", arg or DEFAULT_LIT_CHECKPOINT)
+    if kind == "openclip":
+        arch, _, tag = arg.partition("/")
         if not arch:
             raise PipelineError("openclip teacher needs an architecture, e.g. openclip:ViT-B-32/laion2b_s34b_b79k")
-        teacher = OpenClipTeacher(arch, pretrained or None)
-    elif kind == "hf":
-        from pipeline.teachers.hf import HFTeacher
-
+        return TeacherSpec("openclip", arch, tag or None)
+    if kind == "hf":
         if not arg:
             raise PipelineError("hf teacher needs a model name or directory, e.g. hf:openai/clip-vit-base-patch32")
-        teacher = HFTeacher(arg)
+        return TeacherSpec("hf", arg)
+    raise PipelineError(f"unknown teacher spec {spec!r}: expected lit[:ckpt], openclip:ARCH[/TAG] or hf:NAME")
+
+
+def load_teacher(spec: str, device: str = "cpu") -> Teacher:
+    """Build a teacher from a spec string (see module docstring)."""
+    s = parse_spec(spec)
+    if s.kind == "lit":
+        from pipeline.teachers.lit import LitTeacher
+
+        teacher = LitTeacher.load(s.arg)
+    elif s.kind == "openclip":
+        from pipeline.teachers.openclip import OpenClipTeacher
+
+        teacher = OpenClipTeacher(s.arg, s.tag)
     else:
-        raise PipelineError(f"unknown teacher spec {spec!r}: expected lit[:ckpt], openclip:ARCH[/TAG] or hf:NAME")
+        from pipeline.teachers.hf import HFTeacher
+
+        teacher = HFTeacher(s.arg)
     return teacher.to(device)
 
 
-__all__ = ["Teacher", "load_teacher", "DEFAULT_LIT_CHECKPOINT"]
+__all__ = ["Teacher", "TeacherSpec", "load_teacher", "parse_spec", "DEFAULT_LIT_CHECKPOINT"]

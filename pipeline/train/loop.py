@@ -14,6 +14,7 @@ of (seed, epoch, position) on the objective's side (``epoch_batches(epoch, start
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -72,10 +73,16 @@ class StepOutput:
     items: int = 0  # samples this step (per process), for the logged rate
 
 
+def no_clock(name: str) -> contextlib.AbstractContextManager:
+    """The default phase timer: times nothing. Benchmarks pass one that records (bench/bench_distill.py)."""
+    return contextlib.nullcontext()
+
+
 class Objective:
     """What one kind of training adds to the loop. ``model`` is what the checkpoints call "model"."""
 
     model: torch.nn.Module
+    clock = staticmethod(no_clock)  # phase timer an objective may use inside ``step``
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """What the optimizer updates (default: the model's trainable parameters)."""
@@ -134,6 +141,35 @@ class TrainResult:
     export_path: Optional[Path]
 
 
+def make_optimizer(objective: Objective, settings: LoopSettings):
+    """(AdamW, its LR scheduler, the flat parameter list for clipping) for an objective."""
+    groups = objective.parameters()  # parameters, or AdamW parameter groups
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    return optimizer, settings.schedule().scheduler(optimizer), params
+
+
+def train_step(objective: Objective, optimizer, scheduler, params: list, grad_clip: float, batch: Any, step: int,
+               clock=no_clock) -> tuple[StepOutput, torch.Tensor]:
+    """One optimisation step: the objective's losses, the non-finite check, backward, clipping, optimizer and
+    scheduler step, the objective's after-step work. Returns (the step's output, the gradient norm)."""
+    out = objective.step(batch, step)
+    if not torch.isfinite(out.total):
+        bad = {k: float(v.detach()) for k, v in out.losses.items()}
+        raise NonFiniteLoss(f"loss became non-finite at step {step}: {bad}")
+    with clock("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+    with clock("clip + optimizer"):
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0
+                     else torch.tensor(math.nan))
+        optimizer.step()
+        scheduler.step()
+    with clock("after step"):
+        objective.after_step(out, step)
+    return out, grad_norm
+
+
 def fit(run_dir: Path, objective: Objective, settings: LoopSettings, *, config: Optional[dict] = None,
         resume: bool = False, progress: bool = True, env: DistEnv = DistEnv()) -> LoopResult:
     """Train ``objective.model`` in place (resuming from ``run_dir``'s last checkpoint when asked).
@@ -146,10 +182,7 @@ def fit(run_dir: Path, objective: Objective, settings: LoopSettings, *, config: 
     run_dir.mkdir(parents=True, exist_ok=True)
     last, best = paths.last_checkpoint(run_dir), paths.best_checkpoint(run_dir)
     model = objective.model
-    groups = objective.parameters()  # parameters, or AdamW parameter groups
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
-    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
-    scheduler = settings.schedule().scheduler(optimizer)
+    optimizer, scheduler, params = make_optimizer(objective, settings)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_score": -1.0, "best_epoch": -1,
              "best_val": None}
     if resume:
@@ -187,19 +220,12 @@ def fit(run_dir: Path, objective: Objective, settings: LoopSettings, *, config: 
             for batch in objective.epoch_batches(epoch, state["step_in_epoch"]):
                 if state["step_in_epoch"] >= per_epoch or state["global_step"] >= total_steps:
                     break
-                out = objective.step(batch, state["global_step"])
-                if not torch.isfinite(out.total):
-                    bad = {k: float(v.detach()) for k, v in out.losses.items()}
-                    raise NonFiniteLoss(
-                        f"loss became non-finite at step {state['global_step']} (epoch {epoch + 1}): {bad}; "
-                        f"stopped. Last good checkpoint: {last if last.exists() else 'none yet'}. {settings.hint}")
-                optimizer.zero_grad(set_to_none=True)
-                out.total.backward()
-                grad_norm = (torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-                             if settings.grad_clip > 0 else torch.tensor(math.nan))
-                optimizer.step()
-                scheduler.step()
-                objective.after_step(out, state["global_step"])
+                try:
+                    out, grad_norm = train_step(objective, optimizer, scheduler, params, settings.grad_clip, batch,
+                                                state["global_step"])
+                except NonFiniteLoss as exc:
+                    raise NonFiniteLoss(f"{exc} (epoch {epoch + 1}); stopped. Last good checkpoint: "
+                                        f"{last if last.exists() else 'none yet'}. {settings.hint}") from None
                 state["step_in_epoch"] += 1
                 state["global_step"] += 1
                 window_items += out.items * env.world
@@ -250,4 +276,5 @@ def best_checkpoint(run_dir: Path) -> dict:
     return load_checkpoint(best if best.exists() else paths.last_checkpoint(run_dir))
 
 
-__all__ = ["Objective", "StepOutput", "LoopSettings", "LoopResult", "NonFiniteLoss", "TrainResult", "fit", "best_checkpoint"]
+__all__ = ["Objective", "StepOutput", "LoopSettings", "LoopResult", "NonFiniteLoss", "TrainResult", "fit",
+           "best_checkpoint", "make_optimizer", "train_step", "no_clock"]

@@ -1,0 +1,58 @@
+"""What every stage-2 loss shares: its inputs, float32 maths, id tensors, shape checks, caption hashes."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.common.errors import PipelineError
+
+if TYPE_CHECKING:  # typing only: the queue module does not depend on the losses
+    from pipeline.distill.queue import ActiveQueue
+
+
+@dataclass
+class LossInputs:
+    """One step's inputs to every loss (B = batch rows, D = teacher width)."""
+
+    s_img: Tensor  # (B, D) student embeddings, L2-normalised
+    s_txt: Tensor
+    t_img: Tensor  # (B, D) cached teacher embeddings of the same rows, L2-normalised
+    t_txt: Tensor
+    img_ids: Tensor  # (B,) int64 image_id of each row (rows of one image share it)
+    queue: "ActiveQueue | None" = None  # the negatives (pipeline.distill.queue), for losses that use them
+    captions_hash: Tensor | None = None  # (B,) optional int64 caption hashes (``caption_hashes``)
+
+
+def caption_hashes(captions: Sequence[str]) -> np.ndarray:
+    """Stable int64 hash per caption, for false-negative masking of identical captions.
+
+    Case and runs of whitespace are ignored: the usual text towers (CLIP BPE, uncased BERT) map such
+    variants to (nearly) the same embedding, so treating them as negatives is the same mistake.
+    """
+    out = np.empty(len(captions), dtype=np.int64)
+    for i, c in enumerate(captions):
+        key = " ".join(str(c).split()).casefold().encode("utf-8")
+        out[i] = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little", signed=True)
+    return out
+
+
+def _f32(x: Tensor) -> Tensor:
+    return x.float()
+
+
+def _ids(x: Tensor | np.ndarray | Sequence[int] | None, device: torch.device) -> Tensor | None:
+    if x is None:
+        return None
+    return torch.as_tensor(x, dtype=torch.int64, device=device)
+
+
+def _check_pair(a: Tensor, b: Tensor, what: str) -> None:
+    if a.ndim != 2 or a.shape != b.shape:
+        raise PipelineError(f"{what}: expected two (B, D) tensors of equal shape, got {tuple(a.shape)} "
+                            f"and {tuple(b.shape)}")
