@@ -45,7 +45,7 @@ from pipeline.data.manifest import Manifest
 from pipeline.retrieval.validate import student_recall
 from pipeline.students import ImageTransform, StudentModel, export_student, export_torchscript
 from pipeline.train.loop import LoopSettings, Objective, StepOutput, TrainResult, best_checkpoint, fit
-from pipeline.train.state import TRAINING_PRECISIONS, prepare_run_dir, seed_all
+from pipeline.train.state import TRAINING_PRECISIONS, RunOptions, prepare_run_dir, seed_all
 
 MODES = ("supervised", "mean_teacher")
 
@@ -99,9 +99,8 @@ class AdaptOptim:
 
 
 @dataclass(frozen=True)
-class AdaptConfig:
+class AdaptConfig(RunOptions):
     name: str = "adapt"
-    runs_dir: str = "runs"
     start: str = "student:runs/openmoji-lite/export/student.pt"  # pipeline.adapt.start.load_start
     trainable: str = "all"  # all | projections | text (pipeline.adapt.start.set_trainable)
     mode: str = "mean_teacher"  # mean_teacher | supervised
@@ -114,13 +113,6 @@ class AdaptConfig:
     consistency: ConsistencySection = field(default_factory=ConsistencySection)
     augment: AugmentSection = field(default_factory=AugmentSection)
     optim: AdaptOptim = field(default_factory=AdaptOptim)
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
-    log_every: int = 10
-    checkpoint_every: int = 0  # extra checkpoints every N steps (0: at epoch ends only)
-    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
-    eval_batch_size: int = 128
 
 
 def check_config(cfg: AdaptConfig) -> None:

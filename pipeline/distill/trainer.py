@@ -31,7 +31,7 @@ from pipeline.features.cache import open_cached_split
 from pipeline.retrieval.validate import student_recall
 from pipeline.students import StudentConfig, build_student, export_student, export_torchscript, get_preset
 from pipeline.train.loop import LoopSettings, Objective, StepOutput, TrainResult, best_checkpoint, fit
-from pipeline.train.state import TRAINING_PRECISIONS, prepare_run_dir, seed_all
+from pipeline.train.state import TRAINING_PRECISIONS, RunOptions, prepare_run_dir, seed_all
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,8 @@ class OptimSection:  # defaults: the paper's schedule (method.md 1.6)
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(RunOptions):
     name: str = "default"
-    runs_dir: str = "runs"
     student: str = "lite"  # preset name (pipeline.students.PRESETS)
     student_overrides: dict = field(default_factory=dict)  # merged into the preset's config
     data: DataSection = field(default_factory=DataSection)
@@ -87,13 +86,6 @@ class DistillConfig:
     queue: QueueSection = field(default_factory=QueueSection)
     balancer: BalancerSection = field(default_factory=BalancerSection)
     optim: OptimSection = field(default_factory=OptimSection)
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
-    log_every: int = 10
-    checkpoint_every: int = 0  # extra checkpoints every N steps (0: at epoch ends only)
-    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
-    eval_batch_size: int = 128
 
 
 def student_config(cfg: DistillConfig, width: int) -> StudentConfig:
