@@ -59,9 +59,11 @@ def load_start(spec: str, device: str | torch.device = "cpu") -> StartPoint:
             raise PipelineError(f"unknown start point {spec!r}: expected student:PATH (or the path of a student "
                                 f"export) or a teacher spec ({exc})") from None
         if teacher.kind == "lit":
-            start = _from_lit(teacher.arg, spec)
+            start = _from_lit(teacher.arg or None, spec)
         elif teacher.kind == "openclip":
-            start = StartPoint(openclip_student(teacher.arg, teacher.tag), spec, "openclip")
+            from pipeline.teachers.openclip import split_arg
+
+            start = StartPoint(openclip_student(*split_arg(teacher.arg)), spec, "openclip")
         else:
             raise PipelineError(
                 "hf: start points are not supported: student exports have no Hugging Face CLIP/SigLIP tower "

@@ -8,6 +8,7 @@ Specs:
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 from pipeline.common.errors import PipelineError
@@ -16,48 +17,38 @@ from pipeline.teachers.base import Teacher
 DEFAULT_LIT_CHECKPOINT = "artifacts/teachers/lit-openmoji.pt"
 
 
+# Spec kind -> the backend class ("module:Class"); each class parses its own argument (``from_spec``).
+# A new backend is one module with a Teacher subclass plus one line here.
+BACKENDS = {
+    "lit": "pipeline.teachers.lit:LitTeacher",
+    "openclip": "pipeline.teachers.openclip:OpenClipTeacher",
+    "hf": "pipeline.teachers.hf:HFTeacher",
+}
+
+
 @dataclass(frozen=True)
 class TeacherSpec:
-    """A parsed teacher spec: ``kind`` (lit | openclip | hf), its main argument and, for open_clip, the tag."""
-
-    kind: str
-    arg: str | None
-    tag: str | None = None
+    kind: str  # a key of BACKENDS
+    arg: str  # everything after "kind:" (may be empty)
 
 
 def parse_spec(spec: str) -> TeacherSpec:
     """The one parser of teacher specs (module docstring); every command that takes a teacher uses it."""
     kind, _, arg = spec.partition(":")
-    if kind == "lit":
-        return TeacherSpec("lit", arg or DEFAULT_LIT_CHECKPOINT)
-    if kind == "openclip":
-        arch, _, tag = arg.partition("/")
-        if not arch:
-            raise PipelineError("openclip teacher needs an architecture, e.g. openclip:ViT-B-32/laion2b_s34b_b79k")
-        return TeacherSpec("openclip", arch, tag or None)
-    if kind == "hf":
-        if not arg:
-            raise PipelineError("hf teacher needs a model name or directory, e.g. hf:openai/clip-vit-base-patch32")
-        return TeacherSpec("hf", arg)
-    raise PipelineError(f"unknown teacher spec {spec!r}: expected lit[:ckpt], openclip:ARCH[/TAG] or hf:NAME")
+    if kind not in BACKENDS:
+        raise PipelineError(f"unknown teacher spec {spec!r}: expected lit[:ckpt], openclip:ARCH[/TAG] or hf:NAME")
+    return TeacherSpec(kind, arg)
+
+
+def backend(kind: str) -> type:
+    module, _, cls = BACKENDS[kind].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def load_teacher(spec: str, device: str = "cpu") -> Teacher:
     """Build a teacher from a spec string (see module docstring)."""
     s = parse_spec(spec)
-    if s.kind == "lit":
-        from pipeline.teachers.lit import LitTeacher
-
-        teacher = LitTeacher.load(s.arg)
-    elif s.kind == "openclip":
-        from pipeline.teachers.openclip import OpenClipTeacher
-
-        teacher = OpenClipTeacher(s.arg, s.tag)
-    else:
-        from pipeline.teachers.hf import HFTeacher
-
-        teacher = HFTeacher(s.arg)
-    return teacher.to(device)
+    return backend(s.kind).from_spec(s.arg).to(device)
 
 
-__all__ = ["Teacher", "TeacherSpec", "load_teacher", "parse_spec", "DEFAULT_LIT_CHECKPOINT"]
+__all__ = ["Teacher", "TeacherSpec", "BACKENDS", "backend", "load_teacher", "parse_spec", "DEFAULT_LIT_CHECKPOINT"]

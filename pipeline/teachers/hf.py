@@ -68,6 +68,13 @@ class HFTeacher(Teacher):
         self.name = f"hf-{tail}"
         self._weights_digest: str | None = None
 
+
+    @classmethod
+    def from_spec(cls, arg: str) -> "HFTeacher":
+        if not arg:
+            raise PipelineError("hf teacher needs a model name or directory, e.g. hf:openai/clip-vit-base-patch32")
+        return cls(arg)
+
     def modules(self) -> list[torch.nn.Module]:
         return [self.model]
 

@@ -271,6 +271,13 @@ class LitTeacher(Teacher):
         return save_heads(path, self.heads, self.summary)
 
     @classmethod
+    def from_spec(cls, arg: str) -> "LitTeacher":
+        """``lit[:CHECKPOINT]``: the default checkpoint is the one `make teacher` trains."""
+        from pipeline.teachers import DEFAULT_LIT_CHECKPOINT
+
+        return cls.load(arg or DEFAULT_LIT_CHECKPOINT)
+
+    @classmethod
     def load(cls, path: str | Path) -> "LitTeacher":
         heads, summary = load_heads(path)
         teacher = cls(heads, summary=summary)

@@ -18,6 +18,14 @@ from pipeline.teachers.base import Teacher, state_dict_digest
 from pipeline.common.precision import autocast, check_precision
 
 
+def split_arg(arg: str) -> tuple[str, str | None]:
+    """``ARCH[/TAG|/CHECKPOINT|/DIR]`` -> (architecture, tag or path or None)."""
+    arch, _, pretrained = arg.partition("/")
+    if not arch:
+        raise PipelineError("openclip teacher needs an architecture, e.g. openclip:ViT-B-32/laion2b_s34b_b79k")
+    return arch, pretrained or None
+
+
 class OpenClipTeacher(Teacher):
     """Frozen open_clip model with its eval preprocessing and tokenizer.
 
@@ -64,6 +72,10 @@ class OpenClipTeacher(Teacher):
         self.arch = arch
         self.name = "openclip-" + arch.replace("hf-hub:", "").replace("/", "-").replace(":", "-")
         self._weights_digest: str | None = None
+
+    @classmethod
+    def from_spec(cls, arg: str) -> "OpenClipTeacher":
+        return cls(*split_arg(arg))
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.model]
