@@ -412,3 +412,39 @@ def test_caption_hashes():
     assert h.dtype == np.int64
     assert h[0] == h[1] == h[3] and h[0] != h[2]
     assert (caption_hashes(["A cat."]) == h[2]).all()  # stable across calls (no Python hash salt)
+
+
+# ---- registry: a new loss is one module plus one registration line --------------------------------------
+def test_a_registered_extra_loss_is_enabled_by_config_and_reaches_the_balancer():
+    from torch import nn
+
+    from pipeline.common import config as cfgio
+    from pipeline.distill.balancer import make_balancer
+    from pipeline.distill.losses import REGISTRY, LossInputs, register
+    from pipeline.distill.trainer import DistillConfig
+
+    class CosineGap(nn.Module):  # what "one new module" would hold
+        def __init__(self, scale: float):
+            super().__init__()
+            self.scale = scale
+
+        def of(self, x: LossInputs) -> dict:
+            gap = self.scale * (1 - (x.s_img * x.t_img).sum(-1)).mean()
+            return {"cosgap": gap}
+
+    register("cosgap", lambda c: CosineGap(**c.extra["cosgap"]))  # the one registration line
+    try:
+        s_img, s_txt, t_img, t_txt = batch(b=4, seed=30)
+        ids = torch.arange(4)
+        cfg = cfgio.load(DistillConfig, None, ["losses.cd=false", "losses.extra={cosgap: {scale: 2.0}}"])
+        assert cfg.losses.enabled == ("fd", "sd", "hnd", "cosgap")
+        out = MultiscaleDistillLoss(cfg.losses)(s_img, s_txt, t_img, t_txt, ids)
+        expected = 2.0 * (1 - (s_img * t_img).sum(-1)).mean()
+        assert list(out) == ["fd", "sd", "hnd", "cosgap"] and torch.allclose(out["cosgap"], expected)
+        total, _ = make_balancer("dynamic", cfg.losses.enabled)(out)
+        assert torch.isfinite(total)
+        with pytest.raises(PipelineError, match="not registered"):
+            LossConfig(extra={"nosuch": {}})
+    finally:
+        REGISTRY.pop("cosgap")
+    assert "cosgap" not in LossConfig().enabled

@@ -41,6 +41,8 @@ from pipeline.common.errors import PipelineError
 # a GPU run of the same settings are one run (the device each ran on is recorded).
 BOOKKEEPING_KEYS = ("name", "runs_dir", "device", "log_every", "checkpoint_every", "data.workers",
                     "eval_batch_size")
+# Keys added after runs were first hashed: left out at their default value, so existing runs keep their keys.
+ADDED_KEYS = {"losses.extra": {}}
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 EVAL_DIR = "eval"  # a run's stage-3 folder, <runs_dir>/<name>/eval (pipeline.retrieval.evaluate outputs)
 
@@ -183,7 +185,8 @@ def override_strings(sets: dict[str, Any]) -> list[str]:
 def run_key(config: Any) -> str:
     """Hash of a resolved DistillConfig without :data:`BOOKKEEPING_KEYS`: equal keys train the same run."""
     flat = cfgio.flatten(cfgio.to_dict(config))  # tuples hash like lists: json writes both as arrays
-    kept = {k: v for k, v in flat.items() if k not in BOOKKEEPING_KEYS}
+    kept = {k: v for k, v in flat.items()
+            if k not in BOOKKEEPING_KEYS and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
     blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

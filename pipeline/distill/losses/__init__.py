@@ -30,7 +30,7 @@ own image and text embeddings, teacher targets unused), the "no distillation" ro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from torch import Tensor, nn
@@ -60,7 +60,7 @@ register("sd", lambda c: SimilarityDistillLoss())
 register("hnd", lambda c: HardNegativeDistillLoss(c.margin))
 register("pair", lambda c: PairContrastiveLoss(c.pair_tau))
 
-LOSS_NAMES = tuple(REGISTRY)
+LOSS_NAMES = tuple(REGISTRY)  # the built-in losses, switched by LossConfig's own flags
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,8 @@ class LossConfig:
     """Which losses are on, and their hyper-parameters (defaults: the paper's DSMD, method.md 1.6).
 
     ``pair`` (off by default) trains on the ground-truth pairs without the teacher (PairContrastiveLoss).
+    ``extra`` turns on losses registered beyond the built-in ones, each with its own parameters:
+    ``extra: {my_loss: {weight: 2}}`` in YAML (its builder reads ``config.extra["my_loss"]``).
     """
 
     cd: bool = True
@@ -80,6 +82,7 @@ class LossConfig:
     cross_modal: bool = False
     fd_kind: str = "l1"  # l1 (method.md 1.2) | mse (CLIP-KD's feature distillation)
     pair_tau: float = 0.05
+    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Checked here, not only when the loss is built, so a typo fails even while that loss is off.
@@ -87,11 +90,16 @@ class LossConfig:
             raise PipelineError(f"losses.fd_kind must be one of {', '.join(FD_KINDS)}, not {self.fd_kind!r}")
         if self.pair_tau <= 0:
             raise PipelineError(f"losses.pair_tau must be > 0, got {self.pair_tau}")
+        unknown = sorted(set(self.extra) - (set(REGISTRY) - set(LOSS_NAMES)))
+        if unknown:
+            raise PipelineError(f"losses.extra: {unknown} are not registered extra losses (registered: "
+                                f"{sorted(set(REGISTRY) - set(LOSS_NAMES)) or 'none'}; built-in ones have "
+                                "their own switches)")
 
     @property
     def enabled(self) -> tuple[str, ...]:
         """Names of the enabled losses, in a fixed order (the keys ``MultiscaleDistillLoss`` returns)."""
-        return tuple(n for n in LOSS_NAMES if getattr(self, n))
+        return tuple(n for n in REGISTRY if (getattr(self, n) if n in LOSS_NAMES else n in self.extra))
 
 
 class MultiscaleDistillLoss(nn.Module):
