@@ -21,6 +21,7 @@ from stages.emoji_labels import emoji_labels  # noqa: E402
 from stages.evaluate import evaluate  # noqa: E402
 from stages.experiments import experiments  # noqa: E402
 from stages.search import search  # noqa: E402
+from stages.students import students  # noqa: E402
 from stages.teacher_features import teacher_features  # noqa: E402
 
 app = typer.Typer(
@@ -43,6 +44,7 @@ app.command("rephead")(rephead)
 app.command("self-distill")(self_distill)
 app.command("class-folder")(class_folder)
 app.command("experiments")(experiments)
+app.command("students")(students)
 
 
 def main() -> None:

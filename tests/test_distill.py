@@ -206,3 +206,23 @@ def test_checkpoints_and_exports_carrying_pickled_objects_are_refused(shapes, tm
     with pytest.raises(PipelineError, match="refusing classifier export"):
         load_classifier(tmp_path / "classifier.pt")
     assert not marker.exists()
+
+
+def test_hub_preset_offline_refuses_in_one_line_and_random_init_runs_and_says_so(shapes, tmp_path):
+    env = {**subprocess_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hub-cache")}
+    runs = tmp_path / "runs"
+    args = distill_args(shapes, runs, "base", "student=dsmd-base", "max_steps=1")
+    proc = subprocess.run([sys.executable, "-m", "stages.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "timm/vit_base_patch16_224.augreg_in21k" in errors[0] and "init: random" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+    args = distill_args(shapes, runs, "random", "student=tinyvit5m-minilm", "student_overrides={init: random}",
+                        "max_steps=1")
+    proc = subprocess.run([sys.executable, "-m", "stages.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "starts from random weights (init: random)" in proc.stdout and "(init random)" in proc.stdout
+    assert '"init": "random"' in (runs / "random" / "config.json").read_text()

@@ -80,10 +80,12 @@ def test_text_pooling_ignores_padding(tiny):
 @pytest.fixture(scope="module")
 def costs() -> dict:
     """describe() of every preset at D = 512 (the LiT teacher's width), built once on the meta device."""
-    return {name: describe(name, embed_dim=512) for name in ("tiny", "small", "dsmd-base")}
+    from pipeline.students.config import PRESETS
+
+    return {name: describe(name, embed_dim=512) for name in PRESETS}
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "dsmd-base"])
+@pytest.mark.parametrize("name", sorted(__import__("pipeline.students.config", fromlist=["PRESETS"]).PRESETS))
 def test_every_preset_builds_with_positive_costs(costs, name):
     info = costs[name]  # meta device: allocates nothing, so dsmd-base is cheap
     for part in ("image", "text"):
@@ -91,13 +93,38 @@ def test_every_preset_builds_with_positive_costs(costs, name):
     assert info["params"]["total"] == info["params"]["image"] + info["params"]["text"]
 
 
-def test_tiny_preset_builds_fast():
-    import time
+def test_hub_presets_name_weights_the_installed_registries_know():
+    """Every pretrained tag a preset names is in timm's registry and every Hub text tower's architecture is
+    a transformers model type (checked without downloading anything)."""
+    import timm
+    from transformers import CONFIG_MAPPING, AutoConfig
 
-    build_student(get_preset("tiny", D))  # warm imports
-    start = time.perf_counter()
-    build_student(get_preset("tiny", D))
-    assert time.perf_counter() - start < 1.0
+    from pipeline.students.config import HUB, HUB_PREFIX, PRESETS
+
+    tags = set(timm.list_pretrained())
+    hub_images = hub_texts = 0
+    for name in PRESETS:
+        cfg = get_preset(name, D)
+        if cfg.image.weights == HUB:
+            hub_images += 1
+            assert cfg.image.name in tags, (name, cfg.image.name)
+        if cfg.text.pretrained and cfg.text.pretrained.startswith(HUB_PREFIX):
+            hub_texts += 1
+            arch = dict(cfg.text.config)
+            assert arch.get("model_type", "bert") in CONFIG_MAPPING
+            assert AutoConfig.for_model(arch.pop("model_type", "bert"), **arch).vocab_size == 30522  # MiniLM's vocab
+    assert hub_images >= 6 and hub_texts >= 2
+    assert get_preset("dsmd-base", D).image.name == "vit_base_patch16_224.augreg_in21k"
+
+
+def test_preset_table_lists_every_preset_with_its_weight_source():
+    from pipeline.students.catalogue import preset_table
+    from pipeline.students.config import PRESETS
+
+    table = preset_table(D)
+    for name in PRESETS:
+        assert f"| `{name}` |" in table
+    assert "Hub timm/tiny_vit_5m_224.dist_in22k" in table and "Hub bert-base-uncased" in table
 
 
 def _transformer_flops(tokens: int, width: int, ffn: int, layers: int) -> int:

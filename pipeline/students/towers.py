@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.common.config import deep_merge
 from pipeline.common.errors import PipelineError, first_line
-from pipeline.students.config import ImageTowerSpec, TextTowerSpec
+from pipeline.students.config import HUB, HUB_PREFIX, ImageTowerSpec, TextTowerSpec
 from pipeline.students.preprocess import TransformSettings, resolve_tokenizer_dir
 
 # Errors that timm / transformers / open_clip raise for a bad name, bad kwargs or mismatched weights.
@@ -54,12 +54,16 @@ def _timm_tower(spec: ImageTowerSpec, image_size: int, load_weights: bool) -> tu
 
     kwargs = dict(spec.kwargs)
     packaged = spec.weights in PACKAGED_IMAGE_WEIGHTS
-    if spec.weights and load_weights and not packaged and not Path(spec.weights).is_file():
+    hub = spec.weights == HUB
+    if spec.weights and load_weights and not (packaged or hub) and not Path(spec.weights).is_file():
         raise PipelineError(f"image tower weights file not found: {spec.weights}")
-    try:
-        model = timm.create_model(spec.name, num_classes=0, **kwargs)
-    except _BUILD_ERRORS as exc:
-        raise PipelineError(f"cannot build timm image tower {spec.name!r}: {first_line(exc)}") from exc
+    if hub and load_weights:
+        model = _timm_from_hub(spec.name, kwargs)
+    else:
+        try:
+            model = timm.create_model(spec.name, num_classes=0, **kwargs)
+        except _BUILD_ERRORS as exc:
+            raise PipelineError(f"cannot build timm image tower {spec.name!r}: {first_line(exc)}") from exc
     if packaged and load_weights:
         PACKAGED_IMAGE_WEIGHTS[spec.weights](model, spec.name)
     elif spec.weights and load_weights:
@@ -83,6 +87,20 @@ def _timm_tower(spec: ImageTowerSpec, image_size: int, load_weights: bool) -> tu
     # which timm exposes as head_hidden_size; older models only have num_features.
     width = getattr(model, "head_hidden_size", None) or model.num_features
     return model, int(width), norm
+
+
+def _timm_from_hub(name: str, kwargs: dict) -> nn.Module:
+    """timm's pretrained weights for the tag in ``name``, from the Hugging Face Hub or its local cache."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:  # offline and not cached, no such tag, network errors
+        raise PipelineError(
+            f"cannot load the pretrained image weights timm/{name} ({first_line(exc)[:120]}): with a network, "
+            f"unset HF_HUB_OFFLINE (make exports HF_HUB_OFFLINE=1; run make with HF_HUB_OFFLINE=0) to fetch them "
+            f"into the Hub cache; offline, set image.weights to a local .pth/.safetensors file, or "
+            f"--set 'student_overrides={{init: random}}' to start from random weights on purpose") from None
 
 
 def _load_timm_file(model: nn.Module, path: str) -> None:
@@ -267,17 +285,50 @@ def build_text_tower(
     return _open_clip_text_tower(spec, max_text_len, load_weights)
 
 
+def _hf_from_hub(spec: TextTowerSpec, overrides: dict, load_weights: bool) -> nn.Module:
+    """A Hub text encoder: its weights when loading, else its architecture from ``spec.config`` (offline)."""
+    from transformers import AutoConfig, AutoModel
+
+    repo = spec.pretrained.removeprefix(HUB_PREFIX)
+    arch = dict(overrides)
+    model_type = arch.pop("model_type", "bert")
+    if spec.num_layers is not None:
+        arch["num_hidden_layers"] = spec.num_layers
+    if not load_weights:
+        if not spec.config:  # no architecture given: the repo's own config (from the Hub or its cache)
+            try:
+                return AutoModel.from_config(AutoConfig.from_pretrained(repo, **arch))
+            except OSError as exc:
+                raise PipelineError(f"cannot read the config of {repo} ({first_line(exc)[:120]}): give its "
+                                    "architecture in text.config, or fetch it with a network") from None
+        return AutoModel.from_config(AutoConfig.for_model(model_type, **arch))
+    extra = {"num_hidden_layers": spec.num_layers} if spec.num_layers is not None else {}
+    try:
+        with quiet_transformers():
+            return AutoModel.from_pretrained(repo, dtype=torch.float32, **extra)
+    except OSError as exc:  # offline and not cached, no such repo, network errors
+        raise PipelineError(
+            f"cannot load the pretrained text encoder {repo} ({first_line(exc)[:120]}): with a network, unset "
+            f"HF_HUB_OFFLINE (make exports HF_HUB_OFFLINE=1; run make with HF_HUB_OFFLINE=0) to fetch it into "
+            f"the Hub cache; offline, set text.pretrained to a local model directory, or "
+            f"--set 'student_overrides={{init: random}}' to start from random weights on purpose") from None
+
+
 # Keys of a transformers config that describe the file, not the architecture.
 _CONFIG_NOISE = ("transformers_version", "architectures", "dtype", "torch_dtype")
 
 
 def _hf_text_tower(spec: TextTowerSpec, max_text_len: int, vocab_size: int, load_weights: bool):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only; never a hub lookup here
+    hub = bool(spec.pretrained) and spec.pretrained.startswith(HUB_PREFIX)
+    if not hub:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only; never a hub lookup here
     from transformers import AutoConfig, AutoModel
 
     overrides = dict(spec.config)
     try:
-        if spec.pretrained:
+        if hub:
+            model = _hf_from_hub(spec, overrides, load_weights)
+        elif spec.pretrained:
             path = resolve_tokenizer_dir(spec.pretrained)
             full = AutoConfig.from_pretrained(path)
             if spec.num_layers is not None:
