@@ -377,3 +377,60 @@ def test_channels_last_does_not_change_results():
     with torch.no_grad():
         torch.testing.assert_close(plain.encode_image(pixels), nhwc.encode_image(pixels),
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_hub_preset_loads_its_weights_from_the_local_hub_cache(tmp_path, monkeypatch):
+    """A pretrained tag resolves through the Hub cache offline (random weights stand in for the real file)."""
+    import os
+
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    name = "tiny_vit_5m_224.dist_in22k"
+    torch.manual_seed(1)
+    source = timm.create_model(name, pretrained=False, num_classes=0)
+    repo = source.pretrained_cfg["hf_hub_id"]
+    base = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
+    revision = "0" * 40
+    (base / "snapshots" / revision).mkdir(parents=True)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(revision)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
+              os.fspath(base / "snapshots" / revision / "model.safetensors"))
+    model = build_student(get_preset("tinyvit5m-minilm", D))
+    got = model.image_tower.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in source.state_dict().items())
+
+
+def test_hub_text_tower_loads_from_the_local_hub_cache(tmp_path, monkeypatch):
+    """``hub:REPO`` text towers and tokenizers resolve through the Hub cache (the packaged MiniLM stands in)."""
+    import shutil
+
+    import huggingface_hub.constants as hub_constants
+
+    from pipeline.students.config import TextTowerSpec
+    from pipeline.students.preprocess import resolve_tokenizer_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    base = tmp_path / "hub" / "models--someone--minilm"
+    revision = "1" * 40
+    shutil.copytree(resolve_tokenizer_dir("minilm"), base / "snapshots" / revision)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(revision)
+    spec = TextTowerSpec(kind="hf", pretrained="hub:someone/minilm", num_layers=2, tokenizer="hub:someone/minilm")
+    model = build_student(get_preset("tiny", D).replace(text=spec, max_text_len=32))
+    reference = build_student(get_preset("lite", D))  # packaged MiniLM, first 2 layers
+    got, want = model.text_tower.state_dict(), reference.text_tower.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    missing = TextTowerSpec(kind="hf", pretrained="hub:someone/not-cached", tokenizer="minilm")
+    with pytest.raises(PipelineError, match="someone/not-cached"):
+        build_student(get_preset("tiny", D).replace(text=missing, max_text_len=32))

@@ -66,7 +66,7 @@ def _timm_tower(spec: ImageTowerSpec, image_size: int, load_weights: bool) -> tu
             raise PipelineError(f"cannot build timm image tower {spec.name!r}: {first_line(exc)}") from exc
     if packaged and load_weights:
         PACKAGED_IMAGE_WEIGHTS[spec.weights](model, spec.name)
-    elif spec.weights and load_weights:
+    elif spec.weights and load_weights and not hub:
         _load_timm_file(model, spec.weights)
     patch_embed = getattr(model, "patch_embed", None)
     grid_size = getattr(patch_embed, "img_size", None)
