@@ -22,6 +22,7 @@ from stages.evaluate import evaluate  # noqa: E402
 from stages.experiments import experiments  # noqa: E402
 from stages.search import search  # noqa: E402
 from stages.students import students  # noqa: E402
+from stages.verify import verify  # noqa: E402
 from stages.teacher_features import teacher_features  # noqa: E402
 
 app = typer.Typer(
@@ -45,6 +46,7 @@ app.command("self-distill")(self_distill)
 app.command("class-folder")(class_folder)
 app.command("experiments")(experiments)
 app.command("students")(students)
+app.command("verify")(verify)
 
 
 def main() -> None:

@@ -7,10 +7,14 @@ replaces, never a half-written file under the real name that a reader would acce
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
+
+from pipeline.common.errors import PipelineError
 
 
 def tmp_path(path: str | Path) -> Path:
@@ -18,11 +22,29 @@ def tmp_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
+CHECKSUM_SUFFIX = ".blake2b"
+
+
+def file_checksum(path: str | Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | Path, fsync: bool = False, checksum: bool = False) -> Iterator[Path]:
     """Yields the temporary path to write; renames it to ``path`` when the block succeeds.
 
     ``fsync``: flush the data to disk before the rename publishes it (large files others will read).
+    ``checksum``: also record the file's BLAKE2b in ``<path>.blake2b`` (checkpoints, exports), which
+    ``verify_file`` compares. A full disk ends in a one-line error, with the previous file untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,10 +54,30 @@ def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
         if fsync:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+        digest = file_checksum(tmp) if checksum else None
+        if digest is not None:  # the old sidecar goes first: a kill between the two leaves none, not a wrong one
+            checksum_path(path).unlink(missing_ok=True)
         os.replace(tmp, path)
-    except BaseException:
+        if digest is not None:
+            write_text(checksum_path(path), digest + "\n")
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise PipelineError(f"no space left on the device writing {path}; the previous version is "
+                                "untouched. Free space and rerun (finished work is kept)") from None
         raise
+
+
+def verify_file(path: str | Path) -> str | None:
+    """None when ``path`` matches its recorded checksum; else what is wrong (missing, no checksum, differs)."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    try:
+        recorded = checksum_path(path).read_text().strip()
+    except OSError:
+        return "no checksum recorded"
+    return None if file_checksum(path) == recorded else "content differs from its checksum (changed or damaged)"
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -69,7 +69,7 @@ def export_student(
         "meta": meta or {},
         "versions": _versions(),
     }
-    with io.atomic_path(path) as tmp:
+    with io.atomic_path(path, checksum=True) as tmp:
         torch.save(payload, tmp)
     return Path(path)
 

@@ -63,7 +63,7 @@ def seed_all(seed: int) -> None:
 
 def atomic_save(obj, path: Path) -> Path:
     """torch.save to a temporary name, then rename: a kill never leaves a half-written checkpoint."""
-    with io.atomic_path(path) as tmp:
+    with io.atomic_path(path, checksum=True) as tmp:
         torch.save(obj, tmp)
     return path
 
@@ -74,6 +74,9 @@ def load_checkpoint(path: Path, what: str = "checkpoint", map_location="cpu", mm
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{what} not found: {path}")
+    problem = io.verify_file(path) if io.checksum_path(path).exists() else None  # older files: read as they are
+    if problem:
+        raise PipelineError(f"damaged {what} {path}: {problem}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:

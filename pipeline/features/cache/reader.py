@@ -8,7 +8,8 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from pipeline.features.cache.format import SHARD_RE, CacheMeta
+from pipeline.features.cache.format import SHARD_RE, CacheMeta, shard_name
+from pipeline.features.cache.integrity import LEGACY, verify_shard
 from pipeline.common.errors import PipelineError
 from pipeline.data.manifest import Manifest, Reject, read_rejects
 
@@ -75,6 +76,23 @@ def _sort_order(keys: np.ndarray) -> np.ndarray | None:
     return np.argsort(keys, kind="stable")
 
 
+_LEGACY_NOTED: set[Path] = set()
+
+
+def _check_content(shard_paths: list[Path], force: bool) -> None:
+    """Refuse a cache whose shard content differs from its recorded checksums (see ``integrity``)."""
+    for path in shard_paths:
+        problems = verify_shard(path, force=force)
+        if problems == [LEGACY]:
+            if path.parent not in _LEGACY_NOTED:  # old caches stay usable; say once that they are unchecked
+                _LEGACY_NOTED.add(path.parent)
+                print(f"note: {path.parent}: {LEGACY}")
+        elif problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise PipelineError(f"damaged cache shard {path}: {problems[0]}{more}; rebuild it "
+                                "(delete the file and rerun teacher-features)")
+
+
 class FeatureCache:
     """A complete cache directory (one dataset x teacher x split).
 
@@ -82,6 +100,9 @@ class FeatureCache:
         directory: the split's cache directory.
         expect_fingerprint: refuse the cache unless its teacher fingerprint equals this.
         expect_manifest_hash: refuse the cache unless it was built from this manifest content.
+        verify: None (default) checks each shard's content in full when it is new here (just written or
+            copied; ``pipeline.features.cache.integrity``) and cheaply otherwise; True checks every shard
+            in full; False skips content checks (the attribute and shard-list checks always run).
     """
 
     def __init__(
@@ -89,6 +110,7 @@ class FeatureCache:
         directory: str | Path,
         expect_fingerprint: str | None = None,
         expect_manifest_hash: str | None = None,
+        verify: bool | None = None,
     ):
         self.directory = Path(directory)
         shard_paths = sorted(p for p in self.directory.glob("shard-*.h5") if SHARD_RE.match(p.name))
@@ -97,7 +119,12 @@ class FeatureCache:
         metas, image_parts, text_parts, ids = [], [], [], {"image_id": [], "sample_id": [], "text_image_id": []}
         norms: dict[str, list] = {"image_norm": [], "text_norm": []}
         for path in shard_paths:
-            with h5py.File(path, "r") as f:
+            try:
+                f = h5py.File(path, "r")
+            except OSError as exc:  # truncated, or not HDF5 at all
+                raise PipelineError(f"unreadable cache shard {path} ({str(exc).splitlines()[0]}); delete it and "
+                                    "rerun teacher-features") from None
+            with f:
                 metas.append(CacheMeta.from_attrs(f.attrs))
                 image_parts.append(_memmap(path, f["image"]))
                 text_parts.append(_memmap(path, f["text"]))
@@ -108,12 +135,20 @@ class FeatureCache:
         self.meta = metas[0]
         for path, m in zip(shard_paths, metas):
             if m != self.meta:  # every shard of one cache carries identical attributes
-                raise PipelineError(f"{path.name} belongs to a different cache than {shard_paths[0].name}")
-        if len(shard_paths) != self.meta.total_shards:
+                differ = [f"{k} {getattr(m, k)!r} vs {getattr(self.meta, k)!r}" for k in m.__dataclass_fields__
+                          if getattr(m, k) != getattr(self.meta, k)]
+                raise PipelineError(f"{path} belongs to another cache than {shard_paths[0].name} "
+                                    f"({'; '.join(differ[:2])}); remove it or rebuild the cache")
+        expected = [shard_name(i, self.meta.total_shards) for i in range(self.meta.total_shards)]
+        missing = [n for n in expected if n not in {p.name for p in shard_paths}]
+        if missing or len(shard_paths) != self.meta.total_shards:
+            what = f"missing {', '.join(missing[:3])}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             raise PipelineError(
-                f"cache {self.directory} is incomplete: {len(shard_paths)} of {self.meta.total_shards} shards; "
-                "rerun teacher-features to finish it"
-            )
+                f"cache {self.directory} is incomplete: {len(shard_paths)} of {self.meta.total_shards} shards "
+                f"({what or 'shards of another shard count'}); rerun teacher-features to finish it, or copy "
+                "the missing files")
+        if verify is not False:
+            _check_content(shard_paths, force=bool(verify))
         if expect_fingerprint is not None and expect_fingerprint != self.meta.teacher_fingerprint:
             raise PipelineError(
                 f"cache {self.directory} was made by teacher {self.meta.teacher_fingerprint}, "

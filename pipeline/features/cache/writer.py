@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 
 from pipeline.features.cache.format import CacheMeta
+from pipeline.features.cache.integrity import checksum_attrs, stamp_path
 from pipeline.common import io
 
 
@@ -30,15 +31,21 @@ def write_shard(
     path = Path(path)
     dtype = np.dtype(meta.dtype)
     # fsync: make the data durable before the rename publishes it
+    arrays = {
+        "image": np.ascontiguousarray(image, dtype=dtype).reshape(-1, meta.width),
+        "text": np.ascontiguousarray(text, dtype=dtype).reshape(-1, meta.width),
+        "image_id": np.asarray(image_id, dtype=np.int64),
+        "sample_id": np.asarray(sample_id, dtype=np.int64),
+        "text_image_id": np.asarray(text_image_id, dtype=np.int64),
+    }
+    for name, norms in (("image_norm", image_norm), ("text_norm", text_norm)):
+        if norms is not None:
+            arrays[name] = np.asarray(norms, dtype=np.float32)
     with io.atomic_path(path, fsync=True) as tmp, h5py.File(tmp, "w") as f:
-        # No chunks/compression: contiguous storage is what makes np.memmap reads possible.
-        f.create_dataset("image", data=np.ascontiguousarray(image, dtype=dtype).reshape(-1, meta.width))
-        f.create_dataset("text", data=np.ascontiguousarray(text, dtype=dtype).reshape(-1, meta.width))
-        f.create_dataset("image_id", data=np.asarray(image_id, dtype=np.int64))
-        f.create_dataset("sample_id", data=np.asarray(sample_id, dtype=np.int64))
-        f.create_dataset("text_image_id", data=np.asarray(text_image_id, dtype=np.int64))
-        for name, norms in (("image_norm", image_norm), ("text_norm", text_norm)):
-            if norms is not None:
-                f.create_dataset(name, data=np.asarray(norms, dtype=np.float32))
+        for name, array in arrays.items():
+            # No chunks/compression: contiguous storage is what makes np.memmap reads possible.
+            f.create_dataset(name, data=array)
         f.attrs.update(meta.to_attrs())
+        f.attrs.update(checksum_attrs(arrays))  # of what was meant to be written: a reader compares
+    stamp_path(path).unlink(missing_ok=True)  # a rewritten shard is new here: the next open checks it in full
     return path

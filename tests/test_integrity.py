@@ -1,0 +1,165 @@
+"""Stored data proves its integrity: damaged, truncated, missing or foreign cache shards are refused with the
+file and the problem; checkpoints and exports carry checksums; a full disk leaves the previous files intact."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pipeline.common import io
+from pipeline.common.errors import PipelineError
+from pipeline.data.manifest import Manifest
+from pipeline.features.cache import FeatureCache
+from pipeline.features.cache.integrity import STAMP_SUFFIX, is_stamped
+from pipeline.features.job import FeatureJob, run_feature_job
+from pipeline.train.state import atomic_save, load_checkpoint
+from tests.fake_teacher import FakeTeacher
+from tests.gen_cache import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+ARRAYS = ("image", "text", "image_id", "sample_id", "text_image_id", "image_norm", "text_norm")
+
+
+def build(root: Path, seed: int = 0) -> Path:
+    """The train split of a generated dataset cached in 3 shards (4 images each)."""
+    manifests = make_dataset(root / "data", n_images=20)
+    out = root / "cache" / "train"
+    job = FeatureJob(Manifest.read(manifests / "train.parquet"), "shapes", "train", out, shard_size=4,
+                     num_workers=0)
+    run_feature_job(job, FakeTeacher(width=8, seed=seed), progress=False)
+    return out
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def change(shard: Path, name: str) -> None:
+    """Rewrite one dataset in place (the file stays valid HDF5): swap two rows, or nudge a 1-row array."""
+    with h5py.File(shard, "r+") as f:
+        data = f[name][()]
+        if len(data) > 1 and not np.array_equal(data[0], data[1]):
+            data[[0, 1]] = data[[1, 0]]
+        else:
+            data = data + 1
+        f[name][...] = data
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    return build(tmp_path)
+
+
+def test_a_new_cache_is_checked_in_full_once_then_cheaply(cache):
+    shards = sorted(cache.glob("shard-*.h5"))
+    assert len(shards) == 3 and all(is_stamped(s) for s in shards)  # the job read its shards back when done
+    for s in cache.glob(f"*{STAMP_SUFFIX}"):
+        s.unlink()
+    FeatureCache(cache)
+    assert all(is_stamped(s) for s in shards)
+    result = cli("verify", cache.parent)
+    assert result.returncode == 0 and result.stdout.count("ok ") == 3, result.stdout
+
+
+@pytest.mark.parametrize("name", ARRAYS)
+def test_a_changed_array_is_refused_by_open_and_reported_by_verify(cache, name):
+    FeatureCache(cache)  # stamped while intact
+    shard = sorted(cache.glob("shard-*.h5"))[1]
+    change(shard, name)
+    with pytest.raises(PipelineError, match=f"damaged cache shard {shard}: {name} differs") as err:
+        FeatureCache(cache)
+    assert "\n" not in str(err.value)
+    result = cli("verify", cache)
+    assert result.returncode == 1
+    assert f"damaged   {shard}: {name} differs" in result.stdout and result.stdout.count("ok ") == 2
+
+
+def test_verify_flag_rechecks_a_stamped_shard(cache):
+    FeatureCache(cache)
+    shard = sorted(cache.glob("shard-*.h5"))[0]
+    stat = shard.stat()
+    change(shard, "text")
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: the stamp still matches
+    FeatureCache(cache, verify=False)  # cheap open: attributes and shard list only
+    with pytest.raises(PipelineError, match="text differs"):
+        FeatureCache(cache, verify=True)
+
+
+def test_truncated_missing_and_foreign_shards_name_the_file(tmp_path, cache):
+    shards = sorted(cache.glob("shard-*.h5"))
+    other = build(tmp_path / "other", seed=1)  # another teacher: same layout, other fingerprint
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    shutil.copy(sorted(other.glob("shard-*.h5"))[2], copy / shards[2].name)
+    with pytest.raises(PipelineError, match=f"{copy / shards[2].name} belongs to another cache.*teacher_fingerprint"):
+        FeatureCache(copy)
+    (copy / shards[2].name).unlink()
+    with pytest.raises(PipelineError, match=f"incomplete: 2 of 3 shards \\(missing {shards[2].name}\\)"):
+        FeatureCache(copy)
+    result = cli("verify", copy)
+    assert result.returncode == 1 and f"missing   {copy / shards[2].name}" in result.stdout
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    with pytest.raises(PipelineError, match=f"unreadable cache shard {shards[1]}"):
+        FeatureCache(cache)
+
+
+def test_a_copied_cache_is_checked_again_where_it_lands(tmp_path, cache):
+    FeatureCache(cache)
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(cache, copy)  # the stamps travel, but they describe the original files
+    assert not any(is_stamped(s) for s in copy.glob("shard-*.h5"))
+    change(sorted(copy.glob("shard-*.h5"))[0], "image_id")
+    with pytest.raises(PipelineError, match="image_id differs"):
+        FeatureCache(copy)
+    FeatureCache(cache)  # the original is untouched
+
+
+def test_checkpoints_carry_checksums_and_a_damaged_one_is_refused(tmp_path):
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    atomic_save({"model": {"w": torch.arange(1000.0)}, "state": {"global_step": 3}}, path)
+    assert io.verify_file(path) is None and load_checkpoint(path)["state"]["global_step"] == 3
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match="damaged checkpoint .*differs from its checksum"):
+        load_checkpoint(path)
+    result = cli("verify", tmp_path / "run")
+    assert result.returncode == 1 and f"damaged   {path}" in result.stdout
+
+
+def test_a_full_disk_leaves_the_previous_file_and_no_partial_one(tmp_path, monkeypatch, cache):
+    path = tmp_path / "last.pt"
+    atomic_save({"step": torch.tensor(1)}, path)
+    before = path.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(PipelineError, match="no space left on the device writing") as err:
+        atomic_save({"step": torch.tensor(2)}, path)
+    assert "\n" not in str(err.value) and path.read_bytes() == before
+    assert io.verify_file(path) is None and not io.tmp_path(path).exists()
+
+    from pipeline.features.cache import writer
+
+    shard = sorted(cache.glob("shard-*.h5"))[0]
+    intact = shard.read_bytes()
+    meta = FeatureCache(cache).meta
+    monkeypatch.setattr(writer.h5py, "File", full)
+    with pytest.raises(PipelineError, match="no space left"):
+        writer.write_shard(shard, meta, np.zeros((1, 8)), [1], np.zeros((1, 8)), [1], [1])
+    assert shard.read_bytes() == intact and not io.tmp_path(shard).exists()
+    assert not list(cache.glob(f"*{STAMP_SUFFIX}.tmp"))
