@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pipeline.common import config as cfgio
+from pipeline.common import io
 from pipeline.common.errors import PipelineError
 from pipeline.distill.trainer import DistillConfig, train
 from tests.gen_cache import make_cache, make_dataset
@@ -194,12 +195,15 @@ def test_checkpoints_and_exports_carrying_pickled_objects_are_refused(shapes, tm
     last = result.run_dir / "checkpoints" / "last.pt"
     ckpt = torch.load(last, weights_only=True)  # a real checkpoint is plain: this load is the proof
     torch.save({**ckpt, "state": _RunsCode(marker)}, last)
+    with pytest.raises(PipelineError, match="damaged checkpoint"):  # its recorded checksum catches it first
+        train(cfg, resume=True, progress=False)
+    io.checksum_path(last).unlink()  # a file handed over without a checksum: the unpickler is the guard
     with pytest.raises(PipelineError, match="refusing checkpoint") as err:
         train(cfg, resume=True, progress=False)
     assert "\n" not in str(err.value) and str(last) in str(err.value)
 
     export = torch.load(result.export_path, weights_only=True)
-    torch.save({**export, "meta": _RunsCode(marker)}, tmp_path / "student.pt")
+    torch.save({**export, "meta": _RunsCode(marker)}, tmp_path / "student.pt")  # no checksum file beside it
     with pytest.raises(PipelineError, match="refusing student export"):
         load_student(tmp_path / "student.pt")
     torch.save({"format": "x", "blob": _RunsCode(marker)}, tmp_path / "classifier.pt")
