@@ -1,7 +1,10 @@
-"""Cache-read benchmark: random 4,096-row batch gathers from a 1M x 512 fp16 cache.
+"""Cache benchmark on a 1M x 512 fp16 cache: random 4,096-row gathers, and what integrity checks cost.
 
-Compares the memory-mapped reader (pipeline.features.cache.FeatureCache) with h5py's own fancy-index
-read of the same rows (the baseline), in one run. Target: <= 5 ms per gather via the reader.
+(a) Reads: the memory-mapped reader (``FeatureCache``) against h5py's own fancy-index read of the same rows
+    (the baseline), in one run. Target: <= 5 ms per gather via the reader.
+(b) Integrity: the checksums ``write_shard`` computes, as a share of the shard write they belong to
+    (target: within 2% of the write path), and the time of a full verification of the cache
+    (every array read back and hashed, as the first open after a copy or ``clipdistill verify`` does).
 
     .venv/bin/python bench/bench_cache.py [--rows 1000000] [--width 512] [--batch 4096]
 """
@@ -17,16 +20,20 @@ import h5py
 import numpy as np
 
 from pipeline.features.cache import CacheMeta, FeatureCache, shard_name, write_shard
+from pipeline.features.cache.integrity import checksum_attrs, shard_problems
 
 
-def build_cache(directory: Path, rows: int, width: int) -> None:
+def build_cache(directory: Path, rows: int, width: int) -> float:
+    """Write the cache; returns the seconds of the ``write_shard`` call alone (checksums, HDF5, fsync)."""
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((rows, width), dtype=np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     ids = np.arange(rows, dtype=np.int64)
     meta = CacheMeta("bench", "bench", width, "float16", "bench", "bench", "train", rows, 1)
-    write_shard(directory / shard_name(0, 1), meta, emb.astype(np.float16), ids, emb[:1].astype(np.float16),
-                ids[:1], ids[:1])
+    image, text = emb.astype(np.float16), emb[:1].astype(np.float16)
+    t0 = time.perf_counter()
+    write_shard(directory / shard_name(0, 1), meta, image, ids, text, ids[:1], ids[:1])
+    return time.perf_counter() - t0
 
 
 def timed(fn, repeats: int) -> np.ndarray:
@@ -50,9 +57,19 @@ def main() -> None:
         args.rows, args.width, args.batch, args.repeats = 5000, 64, 256, 5
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
+        write_s = build_cache(d, args.rows, args.width)
+        print(f"wrote a {args.rows:,} x {args.width} fp16 cache shard in {write_s:.2f}s")
+        shard = next(d.glob("shard-*.h5"))
+        with h5py.File(shard, "r") as f:
+            arrays = {name: f[name][()] for name in f}
         t0 = time.perf_counter()
-        build_cache(d, args.rows, args.width)
-        print(f"built {args.rows:,} x {args.width} fp16 cache in {time.perf_counter() - t0:.1f}s")
+        checksum_attrs(arrays)  # what write_shard adds to a write
+        checksum_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        problems = shard_problems(shard)  # a full verification: read back + hash every array
+        verify_s = time.perf_counter() - t0
+        assert problems == [], problems
+        shard_bytes = shard.stat().st_size
         cache = FeatureCache(d)
         rng = np.random.default_rng(1)
         batches = [rng.integers(0, args.rows, args.batch) for _ in range(args.repeats)]
@@ -73,6 +90,11 @@ def main() -> None:
         print(f"{name:<32}{np.median(ms):>10.2f}{np.percentile(ms, 90):>10.2f}")
     print(f"speed-up of reader over h5py: {np.median(h5_ms) / np.median(reader_ms):.1f}x; "
           f"target <= 5 ms: {'met' if np.median(reader_ms) <= 5 else 'NOT met'}")
+    share = checksum_s / max(write_s - checksum_s, 1e-9)
+    print(f"checksums while writing: {checksum_s:.2f}s of a {write_s:.2f}s write_shard call -> ratio "
+          f"{share:.3f} of the rest of the write (stage 1 adds the teacher's forward on top: bench_features.py)")
+    print(f"full verification of the {args.rows:,} x {args.width} cache: {verify_s:.2f}s "
+          f"({shard_bytes / verify_s / 1e9:.2f} GB/s)")
 
 
 if __name__ == "__main__":

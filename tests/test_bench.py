@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # benchmark -> a line it must print (its headline ratio against the baseline measured in the same run)
 EXPECTED = {
-    "bench_cache.py": "speed-up of reader over h5py:",
+    "bench_cache.py": "full verification of the",
     "bench_features.py": "ratio end to end / model only (items/s):",
     "bench_distill.py": "step overhead (cache gather",
     "bench_eval.py": "recall@10 vs exact",
