@@ -163,3 +163,44 @@ def test_a_full_disk_leaves_the_previous_file_and_no_partial_one(tmp_path, monke
         writer.write_shard(shard, meta, np.zeros((1, 8)), [1], np.zeros((1, 8)), [1], [1])
     assert shard.read_bytes() == intact and not io.tmp_path(shard).exists()
     assert not list(cache.glob(f"*{STAMP_SUFFIX}.tmp"))
+
+
+def test_a_shard_held_by_a_live_process_is_left_to_it_and_a_stale_lock_is_taken_over(tmp_path):
+    manifests = make_dataset(tmp_path / "data", n_images=20)
+    out = tmp_path / "cache" / "train"
+    job = FeatureJob(Manifest.read(manifests / "train.parquet"), "shapes", "train", out, shard_size=4,
+                     num_workers=0)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out.mkdir(parents=True)
+        (out / "shard-00001-of-00003.h5.lock").write_text(str(holder.pid))
+        s = run_feature_job(job, FakeTeacher(width=8), progress=False)
+        assert s.shards_busy == ["shard-00001-of-00003.h5"] and not s.complete
+        assert not (out / "shard-00001-of-00003.h5").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    s = run_feature_job(job, FakeTeacher(width=8), progress=False)  # the holder is gone: its lock is stale
+    assert s.shards_written == ["shard-00001-of-00003.h5"] and s.complete
+    assert not list(out.glob("*.lock"))
+    FeatureCache(out, verify=True)
+
+
+def test_two_processes_writing_the_same_cache_at_once_leave_a_sound_cache(tmp_path):
+    manifests = make_dataset(tmp_path / "data", n_images=40)
+    out = tmp_path / "cache" / "train"
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from pipeline.data.manifest import Manifest\n"
+            "from pipeline.features.job import FeatureJob, run_feature_job\n"
+            "from tests.fake_teacher import FakeTeacher\n"
+            f"job = FeatureJob(Manifest.read({str(manifests / 'train.parquet')!r}), 'shapes', 'train', "
+            f"__import__('pathlib').Path({str(out)!r}), shard_size=2, num_workers=0)\n"
+            "s = run_feature_job(job, FakeTeacher(width=8), progress=False)\n"
+            "print(len(s.shards_written), len(s.shards_busy), len(s.shards_skipped))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    written = sum(int(o.strip().splitlines()[-1].split()[0]) for o in outs)
+    cache = FeatureCache(out, verify=True)  # every shard complete and matching its checksums
+    assert written == cache.meta.total_shards and len(cache.image) > 0  # each shard written once
+    assert not list(out.glob("*.lock")) and not list(out.glob("*.tmp"))

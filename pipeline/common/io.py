@@ -80,6 +80,49 @@ def verify_file(path: str | Path) -> str | None:
     return None if file_checksum(path) == recorded else "content differs from its checksum (changed or damaged)"
 
 
+@contextlib.contextmanager
+def exclusive(path: str | Path) -> Iterator[bool]:
+    """Claim ``<path>.lock`` for this process while the block runs; yields False when a live process holds it.
+
+    A lock left by a process that no longer runs (killed) is taken over.
+    """
+    lock = Path(str(path) + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _holder_alive(lock):
+                yield False
+                return
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
+
+
+def _holder_alive(lock: Path) -> bool:
+    try:
+        pid = int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return True  # being written this instant: treat as held
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -59,6 +59,7 @@ class FeatureSummary:
     out_dir: Path
     shards_written: list[str] = field(default_factory=list)
     shards_skipped: list[str] = field(default_factory=list)
+    shards_busy: list[str] = field(default_factory=list)  # being written by another live process
     images: int = 0
     texts: int = 0
     rejects: int = 0
@@ -178,7 +179,8 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
     known = teacher.known_embeddings(job.manifest) if pending else None
     known_images = known.image_lookup() if known else {}
     known_captions = known.caption_lookup() if known else {}
-    for s in pending:
+
+    def write_one_shard(s: int) -> None:
         idx = shard_range(s)
         locations = [job.manifest.resolve(paths[i]) for i in idx]
         rejects: list[Reject] = list(caption_rejects) if s == 0 else []  # recorded once, with shard 0
@@ -203,6 +205,16 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
         summary.images += int(ok.sum())
         summary.texts += len(text_rows)
         summary.rejects += len(rejects)
+
+    for s in pending:
+        path = job.out_dir / shard_name(s, total)
+        with io.exclusive(path) as mine:  # two processes on one shard: one writes, the other leaves it
+            if not mine or path.exists():  # another process holds it, or finished it meanwhile
+                (summary.shards_busy if not mine else summary.shards_skipped).append(path.name)
+                if not mine:
+                    tqdm.write(f"note: {path.name} is being written by another process; left to it")
+                continue
+            write_one_shard(s)
     bar.close()
     summary.seconds = time.perf_counter() - start
     done = [p for p in job.out_dir.glob("shard-*.h5") if SHARD_RE.match(p.name)]
