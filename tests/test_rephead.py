@@ -567,3 +567,70 @@ def test_captions_few_shot_and_retrieval_in_process(tiny):
     with pytest.raises(PipelineError, match="class names"):
         run_step1(bad, progress=False)
     assert len(folder) == 36
+
+
+def _popen(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "stages.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_after(proc: subprocess.Popen, marker: Path, timeout: float = 240) -> None:
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), proc.stdout.read()[-2000:]
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_rephead_and_self_distill_killed_with_sigkill_resume_to_the_straight_result(tiny):
+    """Both classification commands, SIGKILLed mid-run through the real CLI, resume to identical weights."""
+    from stages.classify import class_folder
+
+    if not (tiny / "manifests" / "test.parquet").exists():
+        class_folder(tiny / "folder", out=tiny / "manifests", split_fractions=None)
+    longer = {"head": {"dim": 16, "heads": 2, "epochs": 40, "batch_size": 8},
+              "distill": {"generations": 1, "image_size": 32, "epochs": 6, "batch_size": 4, "warmup_steps": 2}}
+    straight, killed = _config(tiny, name="kill-straight", **longer), _config(tiny, name="kill-resumed", **longer)
+    if not (tiny / "tokens" / "summary.json").exists():
+        assert _cli_in_process("teacher-tokens", "-c", str(straight), "--no-progress").exit_code == 0
+    runs = tiny / "runs"
+
+    # step 1: the head's first checkpoint appears, then the process dies
+    for cfg in (straight,):
+        r = _cli("rephead", "-c", str(cfg), "--no-progress")
+        assert r.returncode == 0, r.stderr[-2000:]
+    proc = _popen("rephead", "-c", str(killed), "--no-progress")
+    _kill_after(proc, runs / "kill-resumed" / "head" / "checkpoints" / "last.pt")
+    assert not (runs / "kill-resumed" / "probe" / "result.json").exists(), "the kill must land before the end"
+    r = _cli("rephead", "-c", str(killed), "--no-progress", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for part in ("head", "probe"):
+        a = _weights(runs / "kill-straight" / part / "checkpoints" / "last.pt")
+        b = _weights(runs / "kill-resumed" / part / "checkpoints" / "last.pt")
+        assert a["state"] == b["state"] and all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+
+    # step 2: a student generation is killed after its first checkpoint
+    r = _cli("self-distill", "-c", str(straight), "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    proc = _popen("self-distill", "-c", str(killed), "--no-progress")
+    gen = runs / "kill-resumed" / "text" / "gen-1"
+    _kill_after(proc, gen / "checkpoints" / "last.pt")
+    assert not (gen / "result.json").exists(), "the kill must land before the end"
+    r = _cli("self-distill", "-c", str(killed), "--no-progress", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for kind in ("text", "notext"):
+        a = _weights(runs / "kill-straight" / kind / "gen-1" / "checkpoints" / "last.pt")
+        b = _weights(runs / "kill-resumed" / kind / "gen-1" / "checkpoints" / "last.pt")
+        assert a["state"] == b["state"] and all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    res_a = json.loads((runs / "kill-straight" / "results.json").read_text())["students"]
+    res_b = json.loads((runs / "kill-resumed" / "results.json").read_text())["students"]
+    assert [g["test"] for g in res_a["text"]] == [g["test"] for g in res_b["text"]]

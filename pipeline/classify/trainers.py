@@ -19,7 +19,7 @@ from pipeline.classify.config import ClassifyConfig
 from pipeline.classify.head import LinearProbe, RepresentationHead, topk_accuracy
 from pipeline.classify.labels import LabelledImages, labelled_images
 from pipeline.classify.loop import LoopSettings, epoch_order, fit
-from pipeline.train.state import atomic_save
+from pipeline.train.state import atomic_save, seed_all
 from pipeline.classify.store import TokenSplit, read_prompts, split_path
 from pipeline.common import io
 from pipeline.common import paths
@@ -158,6 +158,7 @@ def train_head(
     """Step 1: cross-entropy on class labels, image tokens + text queries from the cache."""
     q_train = queries_for(cfg, train, classes)
     q_val = queries_for(cfg, val, classes) if val is not None else None
+    seed_all(cfg.seed)  # the head's initialisation is part of the run: the same in every process
     head = build_head(cfg, train.tokens, len(classes)).to(device)
     rows = _head_rows(q_train, len(train), subset)
     labels = torch.from_numpy(train.images.labels)
@@ -195,6 +196,7 @@ def train_probe(
     """The text-free teacher: a linear probe on the pooled teacher image features."""
     feats = torch.from_numpy(train.tokens.pooled(train.positions))
     rows = np.arange(len(train)) if subset is None else np.asarray(subset)
+    seed_all(cfg.seed)
     probe = LinearProbe(feats.shape[1], len(classes))
     probe.set_input_stats(feats[rows])
     probe.to(device)
