@@ -81,6 +81,8 @@ def evaluate(
     workers: int = typer.Option(2, help="DataLoader workers decoding images."),
     latency_repeats: int = typer.Option(20, help="Single-item passes per latency median (0: skip speed)."),
     report: bool = typer.Option(True, help="Write report.md and the figures (--no-report: results only)."),
+    verify: bool = typer.Option(False, "--verify", help="Check every cache shard's content in full, even "
+                                "shards verified before (default: only shards new to this place)."),
 ) -> None:
     """Retrieval R@1/5/10 + RSUM of the teacher and students on a split (method.md section 2) + a report."""
     from pipeline.features.cache import FeatureCache
@@ -94,7 +96,8 @@ def evaluate(
     manifest = Manifest.read(paths.manifest_path(manifest_dir, split))
     if not paths.cache_split_dir(cache_dir, split).is_dir():
         raise PipelineError(f"no {split} cache in {cache_dir}; run `clipdistill teacher-features` for it")
-    cache = FeatureCache(paths.cache_split_dir(cache_dir, split), expect_manifest_hash=manifest.content_hash)
+    cache = FeatureCache(paths.cache_split_dir(cache_dir, split), expect_manifest_hash=manifest.content_hash,
+                         verify=True if verify else None)
     exports = _exports(runs, runs_dir)
     skipped = {} if runs else _foreign(exports, cache)  # runs named by the user are never skipped silently
     exports = [e for e in exports if e not in skipped]

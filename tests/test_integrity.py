@@ -204,3 +204,22 @@ def test_two_processes_writing_the_same_cache_at_once_leave_a_sound_cache(tmp_pa
     cache = FeatureCache(out, verify=True)  # every shard complete and matching its checksums
     assert written == cache.meta.total_shards and len(cache.image) > 0  # each shard written once
     assert not list(out.glob("*.lock")) and not list(out.glob("*.tmp"))
+
+
+def test_eval_verify_flag_rechecks_stamped_shards_through_the_command(tmp_path):
+    """`clipdistill eval --verify` reads every shard back even when its stamp says it was checked."""
+    manifests = make_dataset(tmp_path / "data", n_images=20)
+    out = tmp_path / "cache"
+    m = Manifest.read(manifests / "test.parquet")
+    run_feature_job(FeatureJob(m, "shapes", "test", out / "test", num_workers=0), FakeTeacher(width=8),
+                    progress=False)
+    shard = next((out / "test").glob("shard-*.h5"))
+    stat = shard.stat()
+    change(shard, "text")
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the damage keeps size and mtime
+    args = ["eval", "--cache-dir", out, "--manifest-dir", manifests, "--runs-dir", tmp_path / "none",
+            "--out", tmp_path / "eval", "--latency-repeats", 0, "--workers", 0]
+    plain = cli(*args)
+    assert plain.returncode == 0, plain.stderr[-1500:]  # the stamp vouches for the unchanged identity
+    checked = cli(*args, "--verify")
+    assert checked.returncode == 2 and "damaged cache shard" in checked.stderr and "text differs" in checked.stderr
