@@ -42,6 +42,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import torch  # noqa: E402
 
+import pipeline.features.cache.writer as shard_writer  # noqa: E402
 import pipeline.features.job as features  # noqa: E402
 from pipeline.features.job import FeatureJob, run_feature_job  # noqa: E402
 from pipeline.data.loader import iter_image_batches  # noqa: E402
@@ -167,11 +168,14 @@ def timed_stage(clock: Clock):
     saved = {attr: getattr(features, attr) for attr in names.values()}
     for phase, attr in names.items():
         setattr(features, attr, clock.wrap(phase, saved[attr]))
+    checksums = shard_writer.checksum_attrs  # inside write_shard: the integrity cost of the write path
+    shard_writer.checksum_attrs = clock.wrap("checksums", checksums)
     try:
         yield
     finally:
         for attr, fn in saved.items():
             setattr(features, attr, fn)
+        shard_writer.checksum_attrs = checksums
 
 
 def run_end_to_end(teacher: Teacher, manifest: Manifest, args, out: Path) -> tuple[float, int, int, Clock]:
@@ -281,7 +285,7 @@ def main() -> None:
     s = e_clock.seconds
     wait = s["image_phase"] - s["encode_images"]
     text_other = s["text_phase"] - s.get("encode_texts", 0.0) - s.get("tokenize", 0.0)
-    timed_phases = ("image_phase", "text_phase", "hdf5_write", "rejects_write", "summary")
+    timed_phases = ("image_phase", "text_phase", "hdf5_write", "rejects_write", "summary")  # checksums: in write
     rest = e_sec - sum(s.get(k, 0.0) for k in timed_phases)
     parts = [
         ("encode_images (model)", s["encode_images"], m_img_s),
@@ -289,7 +293,8 @@ def main() -> None:
         ("tokenize", s.get("tokenize", 0.0), 0.0),
         ("encode_texts (model)", s.get("encode_texts", 0.0), m_txt_s),
         ("text loop other", text_other, 0.0),
-        ("HDF5 shard write (+fsync)", s["hdf5_write"], 0.0),
+        ("HDF5 shard write (+fsync, checksums)", s["hdf5_write"], 0.0),
+        ("  of which checksums", s.get("checksums", 0.0), 0.0),
         ("rejects parquet", s.get("rejects_write", 0.0), 0.0),
         ("summary.json (cache reopen)", s.get("summary", 0.0), 0.0),
         ("setup (grouping, meta)", rest, 0.0),
@@ -297,6 +302,11 @@ def main() -> None:
     print(f"\nwhere the end-to-end time goes (fastest round, {e_sec:.2f}s; model only {m_sec:.2f}s):")
     print(table([[name, f"{sec:.3f}", f"{100 * sec / e_sec:.1f}%", f"{base:.3f}" if base else "-"]
                  for name, sec, base in parts], ["phase", "seconds", "share", "model only"]))
+    integrity = s.get("checksums", 0.0) + s.get("summary", 0.0)
+    print(f"checksums while writing: {s.get('checksums', 0.0):.4f}s = "
+          f"{100 * s.get('checksums', 0.0) / e_sec:.2f}% of the end-to-end time; with the full read-back check "
+          f"when the split completes (summary phase, a fixed cost that a tiny model exaggerates): "
+          f"{100 * integrity / e_sec:.2f}%; target for the checksums <= 2%")
     slow = s["encode_images"] / m_img_s
     print(f"model calls inside the job are {slow:.2f}x (images) / "
           f"{s.get('encode_texts', 0.0) / max(m_txt_s, 1e-9):.2f}x (texts) their model-only time: "
