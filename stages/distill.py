@@ -17,9 +17,17 @@ def distill(
     resume: bool = typer.Option(False, "--resume", help="Continue the named run from its last checkpoint."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    verify: bool = typer.Option(False, "--verify", help="Check every cache shard's content in full before "
+                                "training, even shards verified before."),
 ) -> None:
     """Distil a student from a teacher-feature cache (method.md section 1); writes runs/<name>/."""
+    import os
+
     from pipeline.distill.trainer import DistillConfig, train
+    from pipeline.features.cache.reader import VERIFY_ENV
+
+    if verify:
+        os.environ[VERIFY_ENV] = "1"
 
     sets = list(overrides) + ([f"name={name}"] if name else [])
     cfg = cfgio.load(DistillConfig, config, sets)

@@ -223,3 +223,19 @@ def test_eval_verify_flag_rechecks_stamped_shards_through_the_command(tmp_path):
     assert plain.returncode == 0, plain.stderr[-1500:]  # the stamp vouches for the unchanged identity
     checked = cli(*args, "--verify")
     assert checked.returncode == 2 and "damaged cache shard" in checked.stderr and "text differs" in checked.stderr
+
+
+def test_distill_verify_flag_refuses_a_damaged_stamped_cache(tmp_path):
+    from tests.gen_cache import make_cache
+
+    manifests = make_dataset(tmp_path / "data")
+    cache_dir = make_cache(manifests, tmp_path / "cache")
+    shard = next((cache_dir / "train").glob("shard-*.h5"))
+    stat = shard.stat()
+    change(shard, "image")
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    sets = [f"data.manifest_dir={manifests}", f"data.cache_dir={cache_dir}", f"runs_dir={tmp_path / 'runs'}",
+            "student=tiny", "max_steps=1", "optim.batch_size=8", "queue.size=16", "data.workers=0"]
+    args = ["distill", "--no-progress", "--verify"] + [a for s in sets for a in ("--set", s)]
+    result = cli(*args)
+    assert result.returncode == 2 and "damaged cache shard" in result.stderr and "image differs" in result.stderr

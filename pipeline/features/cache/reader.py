@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -76,6 +77,7 @@ def _sort_order(keys: np.ndarray) -> np.ndarray | None:
     return np.argsort(keys, kind="stable")
 
 
+VERIFY_ENV = "CLIPDISTILL_VERIFY"
 _LEGACY_NOTED: set[Path] = set()
 
 
@@ -147,6 +149,8 @@ class FeatureCache:
                 f"cache {self.directory} is incomplete: {len(shard_paths)} of {self.meta.total_shards} shards "
                 f"({what or 'shards of another shard count'}); rerun teacher-features to finish it, or copy "
                 "the missing files")
+        if verify is None and os.environ.get(VERIFY_ENV) == "1":  # `distill --verify` (also reaches DDP ranks)
+            verify = True
         if verify is not False:
             _check_content(shard_paths, force=bool(verify))
         if expect_fingerprint is not None and expect_fingerprint != self.meta.teacher_fingerprint:
