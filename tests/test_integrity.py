@@ -239,3 +239,33 @@ def test_distill_verify_flag_refuses_a_damaged_stamped_cache(tmp_path):
     args = ["distill", "--no-progress", "--verify"] + [a for s in sets for a in ("--set", s)]
     result = cli(*args)
     assert result.returncode == 2 and "damaged cache shard" in result.stderr and "image differs" in result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 60 MiB tmpfs: room for one epoch's checkpoints of the tiny student, not for the next one's."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and tmpfs mounts to fill a real disk")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_during_training_ends_in_one_line_and_keeps_the_last_checkpoint(tmp_path, small_disk):
+    from tests.gen_cache import make_cache
+
+    manifests = make_dataset(tmp_path / "data")
+    cache_dir = make_cache(manifests, tmp_path / "cache")
+    sets = [f"data.manifest_dir={manifests}", f"data.cache_dir={cache_dir}", f"runs_dir={small_disk}",
+            "student=tiny", "optim.epochs=3", "optim.batch_size=8", "queue.size=16", "data.workers=0"]
+    result = cli(*(["distill", "--no-progress"] + [a for s in sets for a in ("--set", s)]))
+    last = small_disk / "default" / "checkpoints" / "last.pt"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "no space left on the device writing" in errors[0], \
+        result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert io.verify_file(last) is None  # the previous complete checkpoint, intact
+    assert load_checkpoint(last)["state"]["epoch"] >= 1
+    assert not list(small_disk.rglob("*.tmp"))

@@ -61,11 +61,23 @@ def atomic_path(path: str | Path, fsync: bool = False, checksum: bool = False) -
         if digest is not None:
             write_text(checksum_path(path), digest + "\n")
     except BaseException as exc:
+        # Writers report a full disk in their own ways (torch's zip writer: a RuntimeError about positions),
+        # so the disk itself is asked, before the partial file is removed and frees the space again.
+        full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (
+            isinstance(exc, (OSError, RuntimeError)) and _disk_full(path.parent))
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if full:
             raise PipelineError(f"no space left on the device writing {path}; the previous version is "
                                 "untouched. Free space and rerun (finished work is kept)") from None
         raise
+
+
+def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < margin
 
 
 def verify_file(path: str | Path) -> str | None:
