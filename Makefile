@@ -52,6 +52,13 @@ endif
 
 dataset: $(DATA_DIR)/test.parquet  ## build the built-in openmoji dataset (manifests + rendered images)
 
+CORPUS_DIR ?= data/emoji-corpus
+$(CORPUS_DIR)/train.parquet: | $(STAMP)
+	$(CLI) build-corpus --out $(CORPUS_DIR) --npm-cache $(ARTIFACTS)/npm
+
+.PHONY: corpus
+corpus: $(CORPUS_DIR)/train.parquet  ## render the multi-style emoji corpus from npm icon packages (teacher data)
+
 $(ARTIFACTS)/teachers/lit-$(DATASET).pt: $(DATA_DIR)/test.parquet
 	$(CLI) build-lit --manifest $(DATA_DIR)/train.parquet --out $@
 

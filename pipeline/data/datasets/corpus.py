@@ -1,0 +1,182 @@
+"""A multi-style emoji corpus from npm icon packages: the "pretraining data" of a teacher that has seen the
+concepts of the openmoji benchmark in other art styles (issue 12).
+
+Each style is an Iconify JSON package (``icons.json``: SVG bodies by icon name; ``chars.json``, where present:
+code points -> icon name). An icon becomes an emoji through ``chars.json`` or, failing that, through its name
+(Iconify names are CLDR names in kebab case). Captions are the CLDR name and aliases, as for openmoji. Icons
+with no emoji are rejects with the reason; packages whose licence is not on the allow-list are refused.
+
+Layout of ``--out``: ``images/<style>/<code points>.png``, ``svg/<style>/...``, ``train.parquet`` (every row is
+training data for a teacher: no openmoji image is in it), ``rejects.parquet``, ``summary.json`` (per style:
+icons, emoji, images, captions), ``ATTRIBUTION.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.common import io
+from pipeline.common.errors import PipelineError
+from pipeline.common.paths import REJECTS, manifest_path
+from pipeline.data.datasets.openmoji import (
+    RenderError, base_key, captions_for, image_id_for, lookup_entry, render_svg, sample_id_for,
+)
+from pipeline.data.manifest import Manifest, Reject
+
+# style -> npm package (licences as published; checked again from each package's info.json)
+STYLES = {
+    "noto": "@iconify-json/noto",
+    "twemoji": "@iconify-json/twemoji",
+    "fluent-flat": "@iconify-json/fluent-emoji-flat",
+    "fluent-3d": "@iconify-json/fluent-emoji",
+    "fluent-hc": "@iconify-json/fluent-emoji-high-contrast",
+    "emojione": "@iconify-json/emojione",
+    "fxemoji": "@iconify-json/fxemoji",
+}
+ALLOWED_LICENCES = ("Apache-2.0", "MIT", "CC-BY-4.0", "ISC", "CC-BY-SA-4.0")
+
+
+@dataclass
+class IconSet:
+    style: str
+    package: str
+    version: str
+    licence: str
+    licence_url: str
+    width: int
+    height: int
+    icons: dict[str, dict]  # name -> {"body", optional "width"/"height"}
+    by_name: dict[str, str] = field(default_factory=dict)  # icon name -> code point stem ("1f600")
+
+
+def fetch_package(package: str, cache_dir: Path) -> Path:
+    """The unpacked npm package (``npm pack`` into ``cache_dir`` once; reused afterwards)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    slug = package.lstrip("@").replace("/", "-")
+    unpacked = cache_dir / slug
+    if (unpacked / "package" / "icons.json").is_file():
+        return unpacked / "package"
+    tarballs = sorted(cache_dir.glob(f"{slug}-*.tgz"))
+    if not tarballs:
+        if shutil.which("npm") is None:
+            raise PipelineError(f"npm is needed to fetch {package} (or put {slug}-VERSION.tgz in {cache_dir})")
+        proc = subprocess.run(["npm", "pack", package, "--pack-destination", str(cache_dir), "--silent"],
+                              capture_output=True, text=True, timeout=600)
+        tarballs = sorted(cache_dir.glob(f"{slug}-*.tgz"))
+        if proc.returncode != 0 or not tarballs:
+            detail = (proc.stderr.strip().splitlines() or ["no tarball written"])[-1]
+            raise PipelineError(f"npm pack {package} failed: {detail}")
+    tmp = unpacked.with_name(unpacked.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(tarballs[-1]) as tf:
+        tf.extractall(tmp, filter="data")
+    shutil.rmtree(unpacked, ignore_errors=True)
+    tmp.replace(unpacked)
+    return unpacked / "package"
+
+
+def read_icon_set(style: str, package: str, root: Path) -> IconSet:
+    try:
+        icons = json.loads((root / "icons.json").read_text())
+        pkg = json.loads((root / "package.json").read_text())
+        info = json.loads((root / "info.json").read_text()) if (root / "info.json").is_file() else {}
+        chars = json.loads((root / "chars.json").read_text()) if (root / "chars.json").is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{package} in {root} is not an Iconify JSON package: {exc}") from None
+    licence = (info.get("license") or {}).get("spdx") or pkg.get("license") or "unknown"
+    if licence not in ALLOWED_LICENCES:
+        raise PipelineError(f"{package} is licensed {licence}, not one of {ALLOWED_LICENCES}; leave it out")
+    return IconSet(style, package, str(pkg.get("version", "")), licence, (info.get("license") or {}).get("url", ""),
+                   int(icons.get("width", 16)), int(icons.get("height", 16)), icons["icons"],
+                   {name: stem for stem, name in chars.items()})
+
+
+def _names_to_stems(emoji_data: dict) -> dict[str, str]:
+    """CLDR short code in kebab case -> code point stem, e.g. "grinning-face" -> "1f600"."""
+    out = {}
+    for seq, entry in emoji_data.items():
+        name = entry.get("en")
+        if name:
+            kebab = name.strip(":").lower().replace("_", "-")
+            out.setdefault(kebab, "-".join(f"{ord(c):x}" for c in seq if ord(c) != 0xFE0F))
+    return out
+
+
+def _svg(icon: dict, width: int, height: int) -> str:
+    w, h = icon.get("width", width), icon.get("height", height)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="{icon.get("left", 0)} {icon.get("top", 0)} {w} {h}" '
+            f'width="{w}" height="{h}">{icon["body"]}</svg>')
+
+
+@dataclass
+class CorpusBuild:
+    paths: dict[str, Path]
+    summary: dict
+
+
+def build_corpus(out_dir: Path, styles: list[str], cache_dir: Path, size: int = 112, limit: int | None = None,
+                 exclude: Manifest | None = None) -> CorpusBuild:
+    """Render every style's emoji icons and write the corpus manifest (module docstring)."""
+    import emoji
+
+    unknown = [s for s in styles if s not in STYLES]
+    if unknown:
+        raise PipelineError(f"unknown styles {unknown}; choose from {sorted(STYLES)}")
+    by_kebab = _names_to_stems(emoji.EMOJI_DATA)
+    excluded = {base_key(Path(p).stem) for p in exclude.table.column("image_path").to_pylist()} if exclude else set()
+    rows: list[dict] = []
+    rejects: list[Reject] = []
+    summary: dict = {"size": size, "excluded_concepts": len(excluded), "styles": {}}
+    sets = []
+    for style in styles:
+        icon_set = read_icon_set(style, STYLES[style], fetch_package(STYLES[style], cache_dir))
+        sets.append(icon_set)
+        counts = {"icons": len(icon_set.icons), "emoji": 0, "excluded": 0, "images": 0, "captions": 0}
+        for name in sorted(icon_set.icons)[:limit]:
+            where = f"{icon_set.package}:{name}"
+            stem = icon_set.by_name.get(name) or by_kebab.get(name)
+            entry = lookup_entry(stem, emoji.EMOJI_DATA) if stem else None
+            if entry is None:
+                rejects.append(Reject(where, "no emoji for this icon name"))
+                continue
+            counts["emoji"] += 1
+            if base_key(stem) in excluded:
+                counts["excluded"] += 1
+                continue
+            rel = f"images/{style}/{stem}.png"
+            svg = out_dir / "svg" / style / f"{stem}.svg"
+            io.write_text(svg, _svg(icon_set.icons[name], icon_set.width, icon_set.height))
+            try:
+                render_svg(svg, out_dir / rel, size)
+            except RenderError as exc:
+                rejects.append(Reject(where, f"render failed: {exc}", rel))
+                continue
+            key = f"{style}/{stem}"
+            captions = captions_for(entry, [int(c, 16) for c in stem.split("-")])
+            for caption in captions:
+                rows.append({"sample_id": sample_id_for(key, caption), "image_id": image_id_for(key),
+                             "image_path": rel, "caption": caption, "split": "train", "label": None,
+                             "source_row": where})
+            counts["images"] += 1
+            counts["captions"] += len(captions)
+        summary["styles"][style] = counts
+    source = "emoji corpus " + " ".join(f"{s.package}@{s.version}" for s in sets) + f" size={size}"
+    manifest = Manifest.from_rows(rows, source=source, image_root=".", rejects=rejects)  # paths relative to out
+    paths = {"train": manifest.write(manifest_path(out_dir, "train")),
+             "rejects": manifest.write_rejects(out_dir / REJECTS)}
+    summary.update(images=sum(c["images"] for c in summary["styles"].values()), pairs=len(rows),
+                   rejects=len(rejects))
+    paths["summary"] = io.write_json(out_dir / "summary.json", summary)
+    lines = ["# Attribution", "", "Emoji art from these npm packages (Iconify JSON), rendered with resvg; captions "
+             "are Unicode CLDR names (PyPI `emoji`).", ""]
+    lines += [f"- `{s.package}` {s.version}: {s.licence} ({s.licence_url or 'see the package'})" for s in sets]
+    paths["attribution"] = io.write_text(out_dir / "ATTRIBUTION.md", "\n".join(lines) + "\n")
+    return CorpusBuild(paths, summary)
+
+
+__all__ = ["STYLES", "ALLOWED_LICENCES", "build_corpus", "fetch_package", "read_icon_set", "CorpusBuild"]
