@@ -12,7 +12,7 @@ ARTIFACTS   ?= artifacts
 CACHE_DIR   ?= $(ARTIFACTS)/cache
 STAMP       := $(VENV)/.installed
 # Exact versions CI tested (tools/lock.py); LOCK= installs from pyproject's ranges instead. EXTRAS=dev,gpu on GPUs.
-LOCK        ?= requirements.lock
+LOCK        ?= constraints.txt
 EXTRAS      ?= dev
 PIP_LOCK    := $(if $(LOCK),-c $(LOCK))
 
@@ -34,9 +34,9 @@ $(STAMP): pyproject.toml $(LOCK)
 
 install: $(STAMP)  ## create .venv and install the locked versions (+ test extras; EXTRAS=dev,gpu for GPUs)
 
-lock: $(STAMP)  ## re-resolve requirements.lock from pyproject.toml (after changing dependencies), then reinstall
-	$(PY) tools/lock.py --out requirements.lock --extras dev,gpu
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c requirements.lock
+lock: $(STAMP)  ## re-resolve constraints.txt from pyproject.toml (after changing dependencies), then reinstall
+	$(PY) tools/lock.py --out constraints.txt --extras dev,gpu
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)  ## run the test suite
@@ -153,6 +153,7 @@ bench: $(STAMP)  ## run the benchmarks (cache read, feature stage, distill step,
 	$(PY) bench/bench_features.py
 	$(PY) bench/bench_distill.py
 	$(PY) bench/bench_eval.py
+	$(PY) bench/bench_startup.py
 
 clean:  ## remove generated data and artifacts (keeps .venv)
 	rm -rf $(ARTIFACTS) $(RUNS_DIR) data/openmoji/images data/openmoji/*.parquet

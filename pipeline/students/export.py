@@ -74,10 +74,10 @@ def export_student(
     return Path(path)
 
 
-def _read(path: str | Path, mmap: bool = False) -> dict:
+def _read(path: str | Path, mmap: bool = False, verify: bool = True) -> dict:
     from pipeline.train.state import load_checkpoint
 
-    payload = load_checkpoint(Path(path), "student export", mmap=mmap)
+    payload = load_checkpoint(Path(path), "student export", mmap=mmap, verify=verify)
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise PipelineError(f"{path} is not a student export (expected format {EXPORT_FORMAT})")
     return payload
@@ -85,7 +85,7 @@ def _read(path: str | Path, mmap: bool = False) -> dict:
 
 def export_meta(path: str | Path) -> dict:
     """The export's ``meta`` (teacher fingerprint, dataset, run) without reading its weights into memory."""
-    return _read(path, mmap=True).get("meta", {})
+    return _read(path, mmap=True, verify=False).get("meta", {})  # not hashed twice: loading it checks
 
 
 def load_student_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[StudentModel, dict]:

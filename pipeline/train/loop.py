@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from abc import ABC, abstractmethod
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,7 @@ def no_clock(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class Objective:
+class Objective(ABC):
     """What one kind of training adds to the loop. ``model`` is what the checkpoints call "model"."""
 
     model: torch.nn.Module
@@ -88,12 +89,13 @@ class Objective:
         """What the optimizer updates (default: the model's trainable parameters)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    @abstractmethod
     def epoch_batches(self, epoch: int, start: int) -> Iterable[Any]:
         """The epoch's batches from step ``start`` on (a resumed epoch skips what was done)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def step(self, batch: Any, step: int) -> StepOutput:
-        raise NotImplementedError
+        """One batch's named losses and the total that is backpropagated."""
 
     def after_step(self, out: StepOutput, step: int) -> None:
         """After the optimizer step: queue or EMA updates."""

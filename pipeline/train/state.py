@@ -68,13 +68,16 @@ def atomic_save(obj, path: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, what: str = "checkpoint", map_location="cpu", mmap: bool = False) -> dict:
+def load_checkpoint(path: Path, what: str = "checkpoint", map_location="cpu", mmap: bool = False,
+                    verify: bool = True) -> dict:
     """Read a file this project wrote with torch.save: tensors and plain types only (``weights_only=True``),
     so a file carrying a pickled object (which could run code) is refused with a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{what} not found: {path}")
-    problem = io.verify_file(path) if io.checksum_path(path).exists() else None  # older files: read as they are
+    # Older files have no checksum and are read as they are; ``verify=False`` for a peek at small metadata
+    # (the full load that follows checks the file).
+    problem = io.verify_file(path) if verify and io.checksum_path(path).exists() else None
     if problem:
         raise PipelineError(f"damaged {what} {path}: {problem}")
     try:
