@@ -34,43 +34,70 @@ $(STAMP): pyproject.toml $(LOCK)
 
 install: $(STAMP)  ## create .venv and install the locked versions (+ test extras; EXTRAS=dev,gpu for GPUs)
 
-lock: $(STAMP)  ## re-resolve constraints.txt from pyproject.toml (after changing dependencies), then reinstall
+# Needs only a venv with pip (not a passing install: a changed pyproject is what makes the old lock fail).
+lock:  ## re-resolve constraints.txt from pyproject.toml (after changing dependencies), then reinstall
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) tools/lock.py --out constraints.txt --extras dev,gpu
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c constraints.txt
+	$(PY) tools/lock.py --check --out constraints.txt --check-extras $(EXTRAS)
 	touch $(STAMP)
 
 test: $(STAMP)  ## run the test suite
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --durations=15
 
 # ---- stage 0: built-in dataset and offline teacher ---------------------------------------
-$(DATA_DIR)/test.parquet: | $(STAMP)
-ifeq ($(DATASET),openmoji)
-	$(CLI) build-openmoji --out $(DATA_DIR)
-else
+# Built-in datasets: openmoji (the benchmark) and emoji-corpus (the teacher's world: six other art styles of every
+# emoji from npm + openmoji's train split; its test split is openmoji's, row for row).
+OPENMOJI_DIR := data/openmoji
+CORPUS_DIR   := data/emoji-corpus
+
+$(OPENMOJI_DIR)/test.parquet: | $(STAMP)
+	$(CLI) build-openmoji --out $(OPENMOJI_DIR)
+
+$(CORPUS_DIR)/test.parquet: $(OPENMOJI_DIR)/test.parquet
+	$(CLI) build-corpus --out $(CORPUS_DIR) --npm-cache $(ARTIFACTS)/npm --benchmark $(OPENMOJI_DIR)
+
+ifeq ($(filter $(DATA_DIR),$(OPENMOJI_DIR) $(CORPUS_DIR)),)
+$(DATA_DIR)/test.parquet:
 	@echo "error: no manifests in $(DATA_DIR); build them with 'clipdistill build-manifest ... --out $(DATA_DIR)' (README)" >&2; exit 2
 endif
 
-dataset: $(DATA_DIR)/test.parquet  ## build the built-in openmoji dataset (manifests + rendered images)
+dataset: $(DATA_DIR)/test.parquet  ## build the dataset DATASET names (openmoji; emoji-corpus = make corpus)
 
-CORPUS_DIR ?= data/emoji-corpus
-$(CORPUS_DIR)/train.parquet: | $(STAMP)
-	$(CLI) build-corpus --out $(CORPUS_DIR) --npm-cache $(ARTIFACTS)/npm
-
-.PHONY: corpus
-corpus: $(CORPUS_DIR)/train.parquet  ## render the multi-style emoji corpus from npm icon packages (teacher data)
+.PHONY: corpus lit-teacher
+corpus: $(CORPUS_DIR)/test.parquet  ## render the multi-style emoji corpus from npm packages (the teacher's world)
 
 $(ARTIFACTS)/teachers/lit-$(DATASET).pt: $(DATA_DIR)/test.parquet
 	$(CLI) build-lit --manifest $(DATA_DIR)/train.parquet --out $@
 
-teacher: $(ARTIFACTS)/teachers/lit-$(DATASET).pt  ## train the offline LiT teacher heads
+lit-teacher: $(ARTIFACTS)/teachers/lit-$(DATASET).pt  ## train the LiT teacher's heads (frozen towers; the demo's teacher)
+
+# The strong teacher: EfficientNet-Lite2 + MiniLM-L6 fine-tuned on the corpus pairs (configs/teacher-emoji.yaml;
+# about 40 minutes on a 2-core CPU). Resumes after an interruption; the copy is its export (weights, recipe, data hash).
+STRONG_TEACHER := $(ARTIFACTS)/teachers/emoji-strong.pt
+TEACHER_CONFIG ?= configs/teacher-emoji.yaml
+TEACHER_RUNS   := $(ARTIFACTS)/teachers/runs
+TEACHER_RUN    := $(notdir $(basename $(TEACHER_CONFIG)))
+
+$(STRONG_TEACHER): $(CORPUS_DIR)/test.parquet $(TEACHER_CONFIG)
+	$(CLI) distill --config $(TEACHER_CONFIG) --name $(TEACHER_RUN) --set runs_dir=$(TEACHER_RUNS) \
+		$(if $(wildcard $(TEACHER_RUNS)/$(TEACHER_RUN)/checkpoints/last.pt),--resume)
+	cp $(TEACHER_RUNS)/$(TEACHER_RUN)/export/student.pt.blake2b $@.blake2b
+	cp $(TEACHER_RUNS)/$(TEACHER_RUN)/export/student.pt $@
+
+teacher: $(STRONG_TEACHER)  ## train the strong teacher (use it with TEACHER=strong DATASET=emoji-corpus)
 
 # ---- stage 1: teacher features ---------------------------------------------------------
-TEACHER_SPEC := $(if $(filter lit,$(TEACHER)),lit:$(ARTIFACTS)/teachers/lit-$(DATASET).pt,$(TEACHER))
+# TEACHER: lit (LiT heads on DATASET), strong (the fine-tuned corpus teacher) or any spec (openclip:..., hf:...)
+TEACHER_SPEC := $(if $(filter lit,$(TEACHER)),lit:$(ARTIFACTS)/teachers/lit-$(DATASET).pt,$(if \
+                $(filter strong,$(TEACHER)),dual:$(STRONG_TEACHER),$(TEACHER)))
+TEACHER_FILE := $(if $(filter lit,$(TEACHER)),$(ARTIFACTS)/teachers/lit-$(DATASET).pt,$(if \
+                $(filter strong,$(TEACHER)),$(STRONG_TEACHER)))
 # Path-safe folder name for a teacher spec (make targets cannot contain ':'): openclip:A/B -> openclip-A-B
 TEACHER_NAME := $(subst /,-,$(subst :,-,$(TEACHER)))
 FEATURES_STAMP := $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME)/.complete
 
-$(FEATURES_STAMP): $(DATA_DIR)/test.parquet $(if $(filter lit,$(TEACHER)),$(ARTIFACTS)/teachers/lit-$(DATASET).pt)
+$(FEATURES_STAMP): $(DATA_DIR)/test.parquet $(TEACHER_FILE)
 	$(CLI) teacher-features --teacher $(TEACHER_SPEC) --manifest-dir $(DATA_DIR) --out $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME)
 	touch $@
 
@@ -134,7 +161,7 @@ RH_CONFIG   ?= configs/openmoji-rephead.yaml
 LABELS_DIR  ?= data/openmoji-groups
 
 .PHONY: emoji-labels teacher-tokens rephead self-distill
-$(LABELS_DIR)/test.parquet: data/openmoji/test.parquet
+$(LABELS_DIR)/test.parquet: $(OPENMOJI_DIR)/test.parquet
 	$(CLI) emoji-labels --manifest-dir data/openmoji --out $(LABELS_DIR)
 
 emoji-labels: $(LABELS_DIR)/test.parquet  ## openmoji manifests labelled with Unicode emoji groups (images reused)

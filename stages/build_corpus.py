@@ -14,12 +14,15 @@ def build_corpus(
     out: Path = typer.Option(Path("data/emoji-corpus"), help="Output folder: images/, train.parquet, summary.json."),
     styles: str = typer.Option("noto,twemoji,fluent-flat,fluent-hc,emojione,fxemoji",
                                help="Comma-separated styles (npm Iconify packages; see `--styles help`)."),
-    size: int = typer.Option(112, help="Rendered PNG width and height in pixels."),
+    size: int = typer.Option(224, help="Rendered PNG width and height in pixels (openmoji's is 224)."),
     npm_cache: Path = typer.Option(Path("artifacts/npm"), help="Where npm tarballs are fetched to and unpacked."),
     exclude_concepts: Optional[Path] = typer.Option(
         None, help="A manifest whose concepts (emoji, all their variants) are left out, e.g. "
                    "data/openmoji/test.parquet for the zero-shot-concept teacher."),
     limit: Optional[int] = typer.Option(None, help="Only the first N icons per style (quick trials)."),
+    benchmark: Optional[Path] = typer.Option(
+        None, help="A benchmark dataset folder (data/openmoji): write the teacher's world, train = corpus + the "
+                   "benchmark's train split, val = a 4% corpus slice, test = the benchmark's test split."),
 ) -> None:
     """Render every style's emoji icons and write their manifest (every row is teacher training data)."""
     from pipeline.data.datasets.corpus import STYLES, build_corpus as build
@@ -33,9 +36,12 @@ def build_corpus(
     if not wanted:
         raise PipelineError("--styles names no style")
     exclude = Manifest.read(exclude_concepts) if exclude_concepts else None
-    result = build(out, wanted, npm_cache, size=size, limit=limit, exclude=exclude)
+    result = build(out, wanted, npm_cache, size=size, limit=limit, exclude=exclude, benchmark=benchmark)
     s = result.summary
     for style, c in s["styles"].items():
         typer.echo(f"  {style:<12} {c['icons']:>5} icons, {c['emoji']:>5} emoji, {c['excluded']:>4} excluded, "
                    f"{c['images']:>5} images, {c['captions']:>5} captions")
     typer.echo(f"  total        {s['images']} images, {s['pairs']} pairs, {s['rejects']} rejects -> {out}")
+    for split, styles_seen in s["splits"].items():
+        seen = ", ".join(f"{st} {c['images']}/{c['pairs']}" for st, c in styles_seen.items())
+        typer.echo(f"  {split:<12} images/pairs: {seen}")

@@ -1,4 +1,4 @@
-"""Stage 0b: train the offline LiT teacher's heads on a dataset's train split (`make teacher`)."""
+"""Stage 0b: train the offline LiT teacher's heads on a dataset's train split (`make lit-teacher`)."""
 
 from __future__ import annotations
 

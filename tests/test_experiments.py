@@ -137,6 +137,16 @@ def test_results_tables_match_the_runs(swept):
     assert "batch too big, seed 0" in doc and "batch size 100000" in doc
     assert "Wall-clock:" in doc and "--only methods" in doc and "--only ablation" in doc
     assert (swept.doc.parent / "results" / "tiny-methods.png").stat().st_size > 0
+    # the headline numbers in summary.json are the same aggregates, computed from the same results
+    summary = json.loads((swept.doc.parent / "results" / "summary.json").read_text())["sweeps"]["tiny"]
+    assert summary["teacher"]["metrics"]["rsum"] == round(teacher["metrics"]["rsum"], 3)
+    row = summary["tables"]["methods"]["no distillation"]
+    rsums = [by_seed[s]["metrics"]["rsum"] for s in (0, 1)]
+    assert row["rsum"]["n"] == 2 and row["rsum"]["mean"] == round(statistics.mean(rsums), 3)
+    assert row["rsum"]["std"] == round(statistics.stdev(rsums), 3)
+    assert row["pct_of_teacher_rsum"]["mean"] == round(statistics.mean(pct), 3)
+    assert summary["tables"]["ablation"]["batch too big"]["rsum"]["n"] == 0
+    assert "batch size 100000" in summary["tables"]["ablation"]["batch too big"]["errors"][0]
 
 
 def test_rerun_skips_finished_runs_and_keeps_hand_written_text(swept, data, monkeypatch):

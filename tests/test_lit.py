@@ -158,7 +158,7 @@ def test_fingerprint_tracks_heads(trained):
 def test_load_teacher_spec_and_missing_checkpoint(trained):
     teacher = load_teacher(f"lit:{trained['ckpt']}")
     assert isinstance(teacher, LitTeacher) and teacher.fingerprint() == trained["teacher"].fingerprint()
-    with pytest.raises(PipelineError, match="make teacher"):
+    with pytest.raises(PipelineError, match="make lit-teacher"):
         load_teacher(f"lit:{trained['root'] / 'nope.pt'}")
     (trained["root"] / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(PipelineError, match="cannot read"):

@@ -42,10 +42,11 @@ class AlignedRows:
         return len(self.sample_ids)
 
 
-def align(manifest: Manifest, cache: FeatureCache) -> AlignedRows:
-    """Keep the rows the cache has targets for; the others were stage-1 rejects."""
+def align(manifest: Manifest, cache: FeatureCache | None) -> AlignedRows:
+    """Keep the rows the cache has targets for; the others were stage-1 rejects. Without a cache (training on
+    the pairs alone, e.g. a teacher) every row is kept and the cache row indices are empty."""
     sample_ids = manifest.column("sample_id").astype(np.int64)
-    cached = np.isin(sample_ids, cache.sample_ids)
+    cached = np.isin(sample_ids, cache.sample_ids) if cache is not None else np.ones(len(sample_ids), bool)
     if not cached.any():
         raise PipelineError("no manifest row has a cached teacher target: is the cache for this dataset/split?")
     t = manifest.table
@@ -58,8 +59,8 @@ def align(manifest: Manifest, cache: FeatureCache) -> AlignedRows:
         sample_ids=sample_ids[keep],
         captions=captions,
         locations=[manifest.resolve(paths[int(i)]) for i in keep],
-        image_rows=cache.image_rows(image_ids),
-        text_rows=cache.text_rows(sample_ids[keep]),
+        image_rows=cache.image_rows(image_ids) if cache is not None else np.empty(0, np.int64),
+        text_rows=cache.text_rows(sample_ids[keep]) if cache is not None else np.empty(0, np.int64),
         caption_hash=caption_hashes(captions),
         dropped=int((~cached).sum()),
     )

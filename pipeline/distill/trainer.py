@@ -25,8 +25,9 @@ from pipeline.distill.balancer import make_balancer
 from pipeline.distill.data import (
     EpochOrder, PairDataset, align, check_teacher_norms, gather_targets, make_loader, teacher_targets,
 )
-from pipeline.distill.losses import LossConfig, MultiscaleDistillLoss
+from pipeline.distill.losses import TEACHER_FREE_LOSSES, LossConfig, MultiscaleDistillLoss
 from pipeline.distill.queue import NegativeQueue, QueueBatch
+from pipeline.data.manifest import Manifest
 from pipeline.features.cache import open_cached_split
 from pipeline.retrieval.validate import student_recall
 from pipeline.students import StudentConfig, build_student, export_student, export_torchscript, get_preset
@@ -37,7 +38,9 @@ from pipeline.train.state import TRAINING_PRECISIONS, RunOptions, prepare_run_di
 @dataclass(frozen=True)
 class DataSection:
     manifest_dir: str = "data/openmoji"
-    cache_dir: str = "artifacts/cache/openmoji/lit"  # holds one folder per split
+    # Holds one folder per split. Empty: no teacher; only teacher-free losses (losses.pair) may be on. This is
+    # how the strong teacher itself is trained (configs/teacher-emoji.yaml), and a pairs-only baseline.
+    cache_dir: str = "artifacts/cache/openmoji/lit"
     train_split: str = "train"
     val_split: str = "val"  # validated every epoch when its manifest and cache exist
     workers: int = 1
@@ -88,11 +91,18 @@ class DistillConfig(RunOptions):
     optim: OptimSection = field(default_factory=OptimSection)
 
 
-def student_config(cfg: DistillConfig, width: int) -> StudentConfig:
-    base = get_preset(cfg.student, embed_dim=width).to_dict()
+def student_config(cfg: DistillConfig, width: int | None) -> StudentConfig:
+    """The preset with the run's overrides; ``width`` (the teacher's, None without a teacher) wins."""
+    base = get_preset(cfg.student, embed_dim=width or 512).to_dict()
     cfgio.deep_merge(base, dict(cfg.student_overrides))
-    base["embed_dim"] = width  # the student always projects to the teacher's width
+    if width is not None:
+        base["embed_dim"] = width  # the student always projects to the teacher's width
     return StudentConfig.from_dict(base)
+
+
+def teacher_free(losses: LossConfig) -> bool:
+    """True when no enabled loss reads teacher targets (so the run needs no cache)."""
+    return set(losses.enabled) <= set(TEACHER_FREE_LOSSES)
 
 
 def train(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -124,10 +134,11 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
         max_steps=cfg.max_steps, score="rsum", desc="epoch", hint="Try a lower optim.lr or precision=fp32.")
     if env.is_main:
         o = objective
-        print(f"run {run_dir}: {len(o.rows)} pairs ({o.rows.dropped} without cached targets), "
+        teacher = f"{o.rows.dropped} without cached targets" if o.cache else "no teacher"
+        print(f"run {run_dir}: {len(o.rows)} pairs ({teacher}), "
               f"{o.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, student {o.scfg.name} "
               f"(init {o.scfg.init}) "
-              f"-> width {o.cache.width}, losses {list(o.criterion.names)}, balancer {cfg.balancer.kind}, "
+              f"-> width {o.scfg.embed_dim}, losses {list(o.criterion.names)}, balancer {cfg.balancer.kind}, "
               f"device {device}")
     if env.is_main and objective.scfg.init == "random":
         print(f"note: student {objective.scfg.name} starts from random weights (init: random), not its "
@@ -139,10 +150,15 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
     if env.is_main:
         model = objective.model
         model.load_state_dict(best_checkpoint(run_dir)["model"])
+        cache = objective.cache
         export_path = export_student(model, objective.scfg, paths.student_export(run_dir), meta={
-            "teacher_fingerprint": objective.cache.meta.teacher_fingerprint, "dataset": objective.cache.meta.dataset,
+            "teacher_fingerprint": cache.meta.teacher_fingerprint if cache else None,
+            "dataset": cache.meta.dataset if cache else Path(cfg.data.manifest_dir).name,
             "best_epoch": result.best_epoch, "best_val_rsum": result.best_score, "run": cfg.name,
             "student_init": objective.scfg.init,
+            # what made it: the whole run config and the training manifest's content hash (a teacher trained
+            # this way is identified by these, and its weights, in every cache built from it)
+            "recipe": cfgio.to_dict(cfg), "train_data": objective.data_fingerprint,
         })
         try:  # TorchScript encoders for deployment without this package; optional (tracing limits)
             export_torchscript(model, run_dir / "export")
@@ -160,14 +176,25 @@ class DistillObjective(Objective):
 
     def __init__(self, cfg: DistillConfig, run_dir: Path, device: torch.device, env: DistEnv):
         self.cfg, self.device, self.env = cfg, device, env
-        # ---- data: manifest rows aligned to cached teacher targets ---------------------------------------
-        train_manifest, self.cache = open_cached_split(cfg.data.manifest_dir, cfg.data.cache_dir,
-                                                       cfg.data.train_split, required=True)
-        self.val_manifest, _ = open_cached_split(cfg.data.manifest_dir, cfg.data.cache_dir, cfg.data.val_split,
-                                                 required=False)
+        # ---- data: manifest rows aligned to cached teacher targets (or the bare pairs: no teacher) -----------
+        if cfg.data.cache_dir:
+            train_manifest, self.cache = open_cached_split(cfg.data.manifest_dir, cfg.data.cache_dir,
+                                                           cfg.data.train_split, required=True)
+            self.val_manifest, _ = open_cached_split(cfg.data.manifest_dir, cfg.data.cache_dir, cfg.data.val_split,
+                                                     required=False)
+            check_teacher_norms(self.cache, cfg.data.teacher_normalized)
+        else:
+            if not teacher_free(cfg.losses):
+                needs = sorted(set(cfg.losses.enabled) - set(TEACHER_FREE_LOSSES))
+                raise PipelineError(f"losses {needs} need teacher targets: set data.cache_dir to a teacher-features "
+                                    f"cache, or train on the pairs alone (only {list(TEACHER_FREE_LOSSES)} on)")
+            self.cache = None
+            train_manifest = Manifest.read(paths.manifest_path(cfg.data.manifest_dir, cfg.data.train_split))
+            val_path = paths.manifest_path(cfg.data.manifest_dir, cfg.data.val_split)
+            self.val_manifest = Manifest.read(val_path) if val_path.exists() else None
+        self.data_fingerprint = train_manifest.content_hash
         self.rows = rows = align(train_manifest, self.cache)
-        check_teacher_norms(self.cache, cfg.data.teacher_normalized)
-        self.scfg = student_config(cfg, self.cache.width)
+        self.scfg = student_config(cfg, self.cache.width if self.cache else None)
         self.model = model = build_student(self.scfg).to(device)
         self.dataset = PairDataset(rows, model.image_transform(train=True), cfg.seed, preload=cfg.data.preload,
                                    preload_size=int(self.scfg.image_size * 1.15))
@@ -179,8 +206,10 @@ class DistillObjective(Objective):
                                   device.type == "cuda")
         # ---- losses, queue, balancer -----------------------------------------------------------------------
         self.criterion = MultiscaleDistillLoss(cfg.losses)
-        self.queue = NegativeQueue.create(run_dir / "queue" / f"rank{env.rank}", cfg.queue.size, self.cache.width,
-                                          with_hash=True, dtype=cfg.queue.dtype)
+        self.queue = None  # the queue holds teacher targets: none without a teacher
+        if self.cache is not None:
+            self.queue = NegativeQueue.create(run_dir / "queue" / f"rank{env.rank}", cfg.queue.size,
+                                              self.cache.width, with_hash=True, dtype=cfg.queue.dtype)
         b = cfg.balancer
         self.balancer = make_balancer(b.kind, self.criterion.names, temperature=b.temperature,
                                       window_steps=b.window_steps, ema=b.ema, weights=b.weights)
@@ -208,17 +237,21 @@ class DistillObjective(Objective):
         q = self.cfg.queue
         self.sampler.set_epoch(epoch, start=start * self.cfg.optim.batch_size)
         self.dataset.epoch = epoch
-        if q.mode == "random" and start == 0 and not q.refill_every:
+        if self.queue is not None and q.mode == "random" and start == 0 and not q.refill_every:
             self._refill_queue(epoch * self.steps_per_epoch)
         return self.loader
 
     def targets(self, idx: np.ndarray, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's embeddings of the batch rows, from the cache (a benchmark swaps in an online teacher)."""
+        """The teacher's embeddings of the batch rows, from the cache (a benchmark swaps in an online teacher);
+        (None, None) without a teacher (only teacher-free losses are on then)."""
+        if self.cache is None:
+            return None, None
         return teacher_targets(self.cache, self.rows, idx, self.device, self.cfg.data.teacher_normalized)
 
     def step(self, batch, step: int) -> StepOutput:
         cfg, rows, device, clock = self.cfg, self.rows, self.device, self.clock
-        if cfg.queue.mode == "random" and cfg.queue.refill_every and step % cfg.queue.refill_every == 0:
+        if (self.queue is not None and cfg.queue.mode == "random" and cfg.queue.refill_every
+                and step % cfg.queue.refill_every == 0):
             self._refill_queue(step)
         idx = batch.rows.numpy()
         with clock("targets"):
@@ -231,14 +264,15 @@ class DistillObjective(Objective):
             s_img, s_txt = self.ddp_model(batch.pixels.to(device, non_blocking=True), tokens)
         with clock("losses"):
             losses = self.criterion(s_img.float(), s_txt.float(), t_img, t_txt, img_ids,
-                                    queue=self.queue.active(device), captions_hash=hashes)
+                                    queue=self.queue.active(device) if self.queue else None,
+                                    captions_hash=hashes)
         with clock("balancer"):
             total, info = self.balancer(losses)
         self._pending = (t_img, img_ids, t_txt, hashes)
         return StepOutput(total, losses, info, items=len(idx))
 
     def after_step(self, out: StepOutput, step: int) -> None:
-        if self.cfg.queue.mode == "fifo":  # after backward: the active queue tensors are views (pipeline.distill.queue)
+        if self.queue is not None and self.cfg.queue.mode == "fifo":  # after backward: the active queue tensors are views (pipeline.distill.queue)
             t_img, img_ids, t_txt, hashes = self._pending
             env = self.env
             self.queue.enqueue(gather_rows(t_img, env), gather_rows(img_ids, env), gather_rows(t_txt, env),
@@ -255,12 +289,14 @@ class DistillObjective(Objective):
         return student_recall(self.model, self.val_manifest, self.cfg.eval_batch_size)
 
     def state_dict(self) -> dict:
-        queues = [self.queue.state_dict()]
+        own = self.queue.state_dict() if self.queue is not None else None
+        queues = [own]
         if self.env.enabled:  # every rank's queue goes into the one file rank 0 writes
             queues = [None] * self.env.world
-            torch.distributed.all_gather_object(queues, self.queue.state_dict())
+            torch.distributed.all_gather_object(queues, own)
         return {"queue": queues, "balancer": self.balancer.state_dict(), "student_config": self.scfg.to_dict()}
 
     def load_state_dict(self, ckpt: dict) -> None:
-        self.queue.load_state_dict(ckpt["queue"][self.env.rank])
+        if self.queue is not None:
+            self.queue.load_state_dict(ckpt["queue"][self.env.rank])
         self.balancer.load_state_dict(ckpt["balancer"])

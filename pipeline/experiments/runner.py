@@ -269,6 +269,11 @@ def evaluate_teacher(plan: Plan, ctx: EvalContext, log: Log = print, measure_spe
         from pipeline.students import lit_teacher_cost
 
         record["flops"] = lit_teacher_cost(embed_dim=ctx.cache.width)["flops"]
+    elif (s.teacher_spec or "").startswith("dual:"):  # a dual-encoder teacher is measured like a student
+        from pipeline.students import flops_per_item
+        from pipeline.teachers import load_teacher
+
+        record["flops"] = flops_per_item(load_teacher(s.teacher_spec).model)
     return record
 
 
@@ -416,9 +421,9 @@ def run_sweep(
                else {key: read_record(plan.run_dir(key)) for key in plan.runs})
 
     results = Path(results)
-    blocks, figures, failed = {}, [], []
+    blocks, figures, failed, rows_by_table = {}, [], [], {}
     for table in plan.tables:
-        rows = tables.row_stats(plan, table, records)
+        rows_by_table[table.id] = rows = tables.row_stats(plan, table, records)
         failed += [f"{table.id} / {r.label} / {e}" for r in rows for e in r.errors]
         link = None
         if figures_dir is not None:
@@ -430,5 +435,10 @@ def run_sweep(
         blocks[table.id] = tables.section(table, rows, teacher, command,
                                           tables.wall_clock(plan, table, records), link)
     tables.update_document(results, blocks, title="Results")
-    log(f"wrote {len(blocks)} table(s) to {results}" + (f"; {len(failed)} cell(s) failed" if failed else ""))
+    summary_path = results.parent / "results" / "summary.json"
+    data_summary = Path(plan.base.data.manifest_dir) / "summary.json"  # counts per split and style, if the data has them
+    data_counts = json.loads(data_summary.read_text()) if data_summary.is_file() else None
+    tables.update_summary(summary_path, sweep.name, tables.summary_entry(plan, rows_by_table, teacher, data_counts))
+    log(f"wrote {len(blocks)} table(s) to {results} and the headline numbers to {summary_path}"
+        + (f"; {len(failed)} cell(s) failed" if failed else ""))
     return SweepOutcome(plan, records, teacher, results, figures, failed)

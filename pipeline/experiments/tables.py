@@ -226,3 +226,59 @@ def update_document(path: Path, blocks: dict[str, str], title: str) -> Path:
 
 def relative_link(target: Path, document: Path) -> str:
     return Path(os.path.relpath(Path(target).resolve(), Path(document).resolve().parent)).as_posix()
+
+
+# ---- docs/results/summary.json: the headline numbers, written by the code that computes them -------------------
+
+
+def _stats(values: Sequence[float]) -> dict:
+    out = {"n": len(values), "values": [round(v, 3) for v in values]}
+    if values:
+        out["mean"] = round(statistics.mean(values), 3)
+        out["std"] = round(statistics.stdev(values), 3) if len(values) > 1 else 0.0
+    return out
+
+
+def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]], teacher: Optional[dict],
+                  dataset_summary: Optional[dict] = None) -> dict:
+    """One sweep's headline numbers: the teacher, then per table and row RSUM/R@1 mean, std and seeds, the row's
+    % of the teacher's RSUM and the teacher's FLOPs per item over the row's (how much cheaper the student is)."""
+    t_rsum = teacher["metrics"]["rsum"] if teacher else None
+    t_flops = (teacher or {}).get("flops") or {}
+    entry: dict = {
+        "sweep": str(plan.sweep.path), "eval_split": plan.sweep.eval.split,
+        "manifest_dir": plan.base.data.manifest_dir, "cache_dir": plan.base.data.cache_dir,
+        "teacher": None if teacher is None else {
+            "name": teacher.get("name"), "metrics": {m: round(teacher["metrics"][m], 3) for m in METRICS},
+            "params": (teacher.get("params") or {}).get("total"), "flops": t_flops or None},
+        "tables": {},
+    }
+    if dataset_summary:
+        entry["data"] = dataset_summary
+    for table_id, rows in rows_by_table.items():
+        table = {}
+        for r in rows:
+            rsum = r.values("rsum")
+            row = {"seeds_planned": r.planned, "rsum": _stats(rsum), "i2t_r1": _stats(r.values("i2t_r1")),
+                   "t2i_r1": _stats(r.values("t2i_r1")), "flops": r.flops, "errors": r.errors}
+            if t_rsum and rsum:
+                row["pct_of_teacher_rsum"] = _stats([100.0 * v / t_rsum for v in rsum])
+            if t_flops.get("total") and r.flops and r.flops.get("total"):
+                row["teacher_flops_ratio"] = round(t_flops["total"] / r.flops["total"], 3)
+            table[r.label] = row
+        entry["tables"][table_id] = table
+    return entry
+
+
+def update_summary(path: Path, sweep_name: str, entry: dict) -> Path:
+    """Replace this sweep's entry in the summary file, keeping the other sweeps' entries."""
+    import json
+
+    data: dict = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise PipelineError(f"{path} is not valid JSON ({exc}); fix or delete it") from None
+    data.setdefault("sweeps", {})[sweep_name] = entry
+    return io.write_json(path, data)

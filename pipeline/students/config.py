@@ -195,6 +195,20 @@ def _lite(embed_dim: int) -> StudentConfig:
     )
 
 
+def _lite2_minilm6(embed_dim: int) -> StudentConfig:
+    # The strong emoji teacher's architecture (`make teacher`, configs/teacher-emoji.yaml): EfficientNet-Lite2
+    # with its ImageNet weights and all 6 MiniLM layers, both fine-tuned. 160 px keeps its training on a 2-core
+    # CPU to about 10 minutes per corpus epoch; EfficientNet-Lite2's own resolution is 260 px (a GPU setting).
+    # No flips: emoji have left/right meaning ("facing right"); stronger crops than a student's, since the
+    # teacher learns from pairs, not from targets computed on the uncropped image.
+    return StudentConfig(
+        name="lite2-minilm6",
+        image=ImageTowerSpec(kind="timm", name="tf_efficientnet_lite2", weights="efficientnet-lite2"),
+        text=_minilm(6), embed_dim=embed_dim, image_size=160, max_text_len=32, freeze_text_embeddings=True,
+        train_crop_scale=(0.6, 1.0), train_hflip=0.0,
+    )
+
+
 # Architectures of the Hub text towers the presets name, so they build (and are described) offline;
 # the weights come from the Hub. Both use BERT's uncased WordPiece vocabulary, which is MiniLM's.
 MINILM_L12 = {"model_type": "bert", "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -245,7 +259,7 @@ def _vit_s16(embed_dim: int) -> StudentConfig:
                                       config=MINILM_L12, tokenizer=MINILM), embed_dim)
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "lite": _lite, "mnv4s-minilm": _mnv4_small,
+PRESETS = {"tiny": _tiny, "small": _small, "lite": _lite, "lite2-minilm6": _lite2_minilm6, "mnv4s-minilm": _mnv4_small,
            "mci0-minilm": _mobileclip_s0_like, "tinyvit5m-minilm": _tinyvit5m, "tinyvit11m-minilm": _tinyvit11m,
            "vits16-minilm12": _vit_s16, "dsmd-base": _dsmd_base}
 DEFAULT_PRESET = "lite"

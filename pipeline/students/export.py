@@ -141,6 +141,19 @@ class StudentEncoder(Teacher):
         }
 
 
+class DualEncoderTeacher(StudentEncoder):
+    """``dual:EXPORT``: a dual encoder this project trained (architecture of a student preset, fine-tuned on
+    pairs; ``make teacher``) used as a teacher. The export's meta carries its recipe and training-data hash."""
+
+    @classmethod
+    def from_spec(cls, arg: str) -> "DualEncoderTeacher":
+        if not arg:
+            raise PipelineError("teacher spec dual:EXPORT needs the export's path, e.g. "
+                                "dual:artifacts/teachers/emoji-strong.pt (make teacher)")
+        model, meta = load_student_model(arg)
+        return cls(model, name=f"dual-{model.config.name}", meta=meta)
+
+
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> StudentEncoder:
     """Load an export written by ``export_student`` as a ``Teacher``-compatible encoder."""
     model, meta = load_student_model(path, device)

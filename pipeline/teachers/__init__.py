@@ -4,6 +4,8 @@ Specs:
     lit[:CHECKPOINT]                 offline default: frozen EfficientNet-Lite + MiniLM + trained heads
     openclip:ARCH[/PRETRAINED_TAG]   open_clip model; PRETRAINED_TAG may be a local checkpoint path
     hf:NAME_OR_DIR                   Hugging Face CLIP / SigLIP model from the hub or a local directory
+    dual:EXPORT                      a dual encoder trained by this project (a student export), e.g. the strong
+                                     emoji teacher `make teacher` fine-tunes: artifacts/teachers/emoji-strong.pt
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ BACKENDS = {
     "lit": "pipeline.teachers.lit:LitTeacher",
     "openclip": "pipeline.teachers.openclip:OpenClipTeacher",
     "hf": "pipeline.teachers.hf:HFTeacher",
+    "dual": "pipeline.students.export:DualEncoderTeacher",
 }
 
 
@@ -36,7 +39,8 @@ def parse_spec(spec: str) -> TeacherSpec:
     """The one parser of teacher specs (module docstring); every command that takes a teacher uses it."""
     kind, _, arg = spec.partition(":")
     if kind not in BACKENDS:
-        raise PipelineError(f"unknown teacher spec {spec!r}: expected lit[:ckpt], openclip:ARCH[/TAG] or hf:NAME")
+        raise PipelineError(f"unknown teacher spec {spec!r}: expected lit[:ckpt], openclip:ARCH[/TAG], "
+                            "hf:NAME or dual:EXPORT")
     return TeacherSpec(kind, arg)
 
 

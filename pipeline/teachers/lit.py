@@ -272,7 +272,7 @@ class LitTeacher(Teacher):
 
     @classmethod
     def from_spec(cls, arg: str) -> "LitTeacher":
-        """``lit[:CHECKPOINT]``: the default checkpoint is the one `make teacher` trains."""
+        """``lit[:CHECKPOINT]``: the default checkpoint is the one `make lit-teacher` trains."""
         from pipeline.teachers import DEFAULT_LIT_CHECKPOINT
 
         return cls.load(arg or DEFAULT_LIT_CHECKPOINT)
@@ -323,7 +323,7 @@ def load_heads(path: str | Path) -> tuple[LitHeads, dict]:
     path = Path(path)
     if not path.exists():
         raise PipelineError(
-            f"LiT teacher checkpoint not found: {path}; run `make teacher` "
+            f"LiT teacher checkpoint not found: {path}; run `make lit-teacher` "
             "(or `clipdistill build-lit --manifest <train.parquet> --out <ckpt>`) to train it"
         )
     try:
@@ -336,7 +336,7 @@ def load_heads(path: str | Path) -> tuple[LitHeads, dict]:
     if cfg.get("image_model") != IMAGE_MODEL or cfg.get("text_model") != TEXT_MODEL:
         raise PipelineError(
             f"{path} was trained for towers {cfg.get('image_model')} + {cfg.get('text_model')}, "
-            f"this version uses {IMAGE_MODEL} + {TEXT_MODEL}; retrain with `make teacher`"
+            f"this version uses {IMAGE_MODEL} + {TEXT_MODEL}; retrain with `make lit-teacher`"
         )
     heads = LitHeads(int(cfg["width"]), int(cfg["image_dim"]), int(cfg["text_dim"]))
     heads.load_state_dict(ckpt["heads"], strict=True)

@@ -9,6 +9,12 @@ with no emoji are rejects with the reason; packages whose licence is not on the 
 Layout of ``--out``: ``images/<style>/<code points>.png``, ``svg/<style>/...``, ``train.parquet`` (every row is
 training data for a teacher: no openmoji image is in it), ``rejects.parquet``, ``summary.json`` (per style:
 icons, emoji, images, captions), ``ATTRIBUTION.md``.
+
+With a benchmark (``--benchmark data/openmoji``) the folder becomes the teacher's world, a dataset of its own:
+``train`` = the corpus minus a validation slice + the benchmark's train split; ``val`` = that slice (every
+``VAL_EVERY``-th corpus image by a hash of its key: other styles of concepts the train split also shows);
+``test`` = the benchmark's test split, row for row. The benchmark's val and test images are never training
+data, and its val split is not used at all (model selection happens on the corpus slice).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import shutil
 import subprocess
 import tarfile
 from dataclasses import dataclass, field
+import hashlib
+import os
 from pathlib import Path
 
 from pipeline.common import io
@@ -39,6 +47,8 @@ STYLES = {
     "fxemoji": "@iconify-json/fxemoji",
 }
 ALLOWED_LICENCES = ("Apache-2.0", "MIT", "CC-BY-4.0", "ISC", "CC-BY-SA-4.0")
+VAL_EVERY = 25  # one corpus image in 25 (4%) is the world's validation split
+BENCHMARK_STYLE = "openmoji"  # the style name benchmark rows are counted under
 
 
 @dataclass
@@ -119,8 +129,8 @@ class CorpusBuild:
     summary: dict
 
 
-def build_corpus(out_dir: Path, styles: list[str], cache_dir: Path, size: int = 112, limit: int | None = None,
-                 exclude: Manifest | None = None) -> CorpusBuild:
+def build_corpus(out_dir: Path, styles: list[str], cache_dir: Path, size: int = 224, limit: int | None = None,
+                 exclude: Manifest | None = None, benchmark: Path | None = None) -> CorpusBuild:
     """Render every style's emoji icons and write the corpus manifest (module docstring)."""
     import emoji
 
@@ -166,11 +176,18 @@ def build_corpus(out_dir: Path, styles: list[str], cache_dir: Path, size: int = 
             counts["captions"] += len(captions)
         summary["styles"][style] = counts
     source = "emoji corpus " + " ".join(f"{s.package}@{s.version}" for s in sets) + f" size={size}"
-    manifest = Manifest.from_rows(rows, source=source, image_root=".", rejects=rejects)  # paths relative to out
-    paths = {"train": manifest.write(manifest_path(out_dir, "train")),
-             "rejects": manifest.write_rejects(out_dir / REJECTS)}
     summary.update(images=sum(c["images"] for c in summary["styles"].values()), pairs=len(rows),
                    rejects=len(rejects))
+    by_split = {"train": rows}
+    if benchmark is not None:
+        by_split = world_splits(rows, benchmark, out_dir)
+        source += f" + benchmark {benchmark}"
+    paths = {}
+    for split, split_rows in by_split.items():  # image paths relative to the output folder
+        manifest = Manifest.from_rows(split_rows, source=source, image_root=".", rejects=rejects)
+        paths[split] = manifest.write(manifest_path(out_dir, split))
+    paths["rejects"] = manifest.write_rejects(out_dir / REJECTS)
+    summary["splits"] = split_counts(by_split)
     paths["summary"] = io.write_json(out_dir / "summary.json", summary)
     lines = ["# Attribution", "", "Emoji art from these npm packages (Iconify JSON), rendered with resvg; captions "
              "are Unicode CLDR names (PyPI `emoji`).", ""]
@@ -179,4 +196,44 @@ def build_corpus(out_dir: Path, styles: list[str], cache_dir: Path, size: int = 
     return CorpusBuild(paths, summary)
 
 
-__all__ = ["STYLES", "ALLOWED_LICENCES", "build_corpus", "fetch_package", "read_icon_set", "CorpusBuild"]
+def world_splits(corpus_rows: list[dict], benchmark: Path, out_dir: Path) -> dict[str, list[dict]]:
+    """The teacher-world splits (module docstring): corpus + benchmark train, a corpus val slice, benchmark test."""
+    from pipeline.common.paths import manifest_path as split_path
+
+    def is_val(row: dict) -> bool:
+        digest = hashlib.blake2b(row["image_path"].encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % VAL_EVERY == 0
+
+    out = {"train": [dict(r) for r in corpus_rows if not is_val(r)],
+           "val": [{**r, "split": "val"} for r in corpus_rows if is_val(r)], "test": []}
+    for split in ("train", "test"):
+        path = split_path(benchmark, split)
+        if not path.is_file():
+            raise PipelineError(f"benchmark {benchmark} has no {split} split ({path}); build it first "
+                                "(make dataset)")
+        m = Manifest.read(path)
+        for row in m.table.to_pylist():  # same ids and captions; the path is re-rooted at the output folder
+            row["image_path"] = os.path.relpath(m.resolve(row["image_path"]), out_dir.resolve())
+            out[split].append(row)
+    return {k: v for k, v in out.items() if v}
+
+
+def row_style(row: dict) -> str:
+    parts = Path(row["image_path"]).parts
+    return parts[1] if len(parts) > 2 and parts[0] == "images" else BENCHMARK_STYLE
+
+
+def split_counts(by_split: dict[str, list[dict]]) -> dict:
+    """Per split and style: images and pairs (what every model trained on the folder saw)."""
+    counts: dict = {}
+    for split, rows in by_split.items():
+        styles: dict = {}
+        for row in rows:
+            c = styles.setdefault(row_style(row), {"images": set(), "pairs": 0})
+            c["images"].add(row["image_id"])
+            c["pairs"] += 1
+        counts[split] = {st: {"images": len(c["images"]), "pairs": c["pairs"]} for st, c in sorted(styles.items())}
+    return counts
+
+
+__all__ = ["STYLES", "ALLOWED_LICENCES", "build_corpus", "world_splits", "split_counts", "fetch_package", "read_icon_set", "CorpusBuild"]

@@ -61,6 +61,7 @@ register("hnd", lambda c: HardNegativeDistillLoss(c.margin))
 register("pair", lambda c: PairContrastiveLoss(c.pair_tau))
 
 LOSS_NAMES = tuple(REGISTRY)  # the built-in losses, switched by LossConfig's own flags
+TEACHER_FREE_LOSSES = ("pair",)  # losses that never read teacher targets: a run with only these needs no cache
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,6 @@ class MultiscaleDistillLoss(nn.Module):
         return {n: loss.of(inputs)[n] for n, loss in self.parts.items()}
 
 
-__all__ = ["REGISTRY", "register", "LOSS_NAMES", "LossConfig", "LossInputs", "MultiscaleDistillLoss", "caption_hashes",
+__all__ = ["REGISTRY", "register", "LOSS_NAMES", "TEACHER_FREE_LOSSES", "LossConfig", "LossInputs", "MultiscaleDistillLoss", "caption_hashes",
            "ContrastiveDistillLoss", "FeatureDistillLoss", "SimilarityDistillLoss", "HardNegativeDistillLoss",
            "PairContrastiveLoss", "queue_contrastive", "max_violation_triplet", "FD_KINDS"]
