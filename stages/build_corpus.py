@@ -20,6 +20,8 @@ def build_corpus(
         None, help="A manifest whose concepts (emoji, all their variants) are left out, e.g. "
                    "data/openmoji/test.parquet for the zero-shot-concept teacher."),
     limit: Optional[int] = typer.Option(None, help="Only the first N icons per style (quick trials)."),
+    captions: str = typer.Option("name", help="Caption kinds, comma-separated: name (CLDR name and aliases), "
+                                              "keywords (+ one caption of CLDR keywords, npm cldr-annotations-full)."),
     benchmark: Optional[Path] = typer.Option(
         None, help="A benchmark dataset folder (data/openmoji): write the teacher's world, train = corpus + the "
                    "benchmark's train split, val = a 4% corpus slice, test = the benchmark's test split."),
@@ -36,7 +38,8 @@ def build_corpus(
     if not wanted:
         raise PipelineError("--styles names no style")
     exclude = Manifest.read(exclude_concepts) if exclude_concepts else None
-    result = build(out, wanted, npm_cache, size=size, limit=limit, exclude=exclude, benchmark=benchmark)
+    result = build(out, wanted, npm_cache, size=size, limit=limit, exclude=exclude, benchmark=benchmark,
+                   captions=tuple(c.strip() for c in captions.split(",") if c.strip()))
     s = result.summary
     for style, c in s["styles"].items():
         typer.echo(f"  {style:<12} {c['icons']:>5} icons, {c['emoji']:>5} emoji, {c['excluded']:>4} excluded, "

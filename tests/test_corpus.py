@@ -87,3 +87,42 @@ def test_build_corpus_refuses_bad_licences_and_missing_packages_in_one_line(tmp_
     assert result.returncode == 2 and "npm is needed to fetch @iconify-json/twemoji" in result.stderr
     result = cli("build-corpus", "--styles", "nosuch", "--npm-cache", cache, "--out", tmp_path / "c")
     assert result.returncode == 2 and "unknown styles ['nosuch']" in result.stderr
+
+
+def annotations_tarball(cache: Path, package: str, folder: str, annotations: dict) -> None:
+    """``npm pack`` output of a CLDR annotations package (cldr-json layout, English only)."""
+    files = {f"package/{folder}/en/annotations.json": {folder: {"identity": {"language": "en"},
+                                                               "annotations": annotations}},
+             "package/package.json": {"name": package, "version": "48.2.0", "license": "Unicode-3.0"}}
+    cache.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(cache / f"{package}-48.2.0.tgz", "w:gz") as tf:
+        for name, content in files.items():
+            data = json.dumps(content).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, stdio.BytesIO(data))
+
+
+def test_keyword_captions_come_from_cldr_annotations(tmp_path):
+    cache = tmp_path / "npm"
+    npm_tarball(cache, "@iconify-json/noto", "2.0.0", "Apache-2.0",
+                {"grinning-face": SQUARE, "red-heart": SQUARE, "waving-hand-light-skin-tone": SQUARE})
+    annotations_tarball(cache, "cldr-annotations-full", "annotations",
+                        {"😀": {"default": ["face", "grin"], "tts": ["grinning face"]}, "❤": {"default": []}})
+    annotations_tarball(cache, "cldr-annotations-derived-full", "annotationsDerived",
+                        {"👋🏻": {"default": ["hello", "wave"], "tts": ["waving hand: light skin tone"]}})
+    out = tmp_path / "corpus"
+    result = cli("build-corpus", "--styles", "noto", "--npm-cache", cache, "--out", out, "--size", 16,
+                 "--captions", "name,keywords")
+    assert result.returncode == 0, result.stderr[-2000:]
+    captions: dict = {}
+    for r in Manifest.read(out / "train.parquet").table.to_pylist():
+        captions.setdefault(Path(r["image_path"]).stem, []).append(r["caption"])
+    assert captions["1f600"][0] == "grinning face" and captions["1f600"][-1] == "face, grin"
+    assert captions["1f44b-1f3fb"][-1] == "hello, wave"  # skin-tone variants from the derived package
+    assert not any("," in c for c in captions["2764"])  # no keywords, no keyword caption
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["captions"] == ["name", "keywords"] and summary["styles"]["noto"]["keyword_captions"] == 2
+    assert "`cldr-annotations-full` 48.2.0: Unicode-3.0" in (out / "ATTRIBUTION.md").read_text()
+    bad = cli("build-corpus", "--styles", "noto", "--npm-cache", cache, "--out", out, "--captions", "keywords,emoji")
+    assert bad.returncode == 2 and "caption kinds ['emoji']" in bad.stderr

@@ -3,8 +3,15 @@ concepts of the openmoji benchmark in other art styles (issue 12).
 
 Each style is an Iconify JSON package (``icons.json``: SVG bodies by icon name; ``chars.json``, where present:
 code points -> icon name). An icon becomes an emoji through ``chars.json`` or, failing that, through its name
-(Iconify names are CLDR names in kebab case). Captions are the CLDR name and aliases, as for openmoji. Icons
-with no emoji are rejects with the reason; packages whose licence is not on the allow-list are refused.
+(Iconify names are CLDR names in kebab case). Captions are the CLDR name and aliases, as for openmoji, and with
+``captions=("name", "keywords")`` also one caption of another kind: the CLDR keyword annotations of the emoji
+(npm ``cldr-annotations-full`` and ``-derived-full`` for skin-tone and ZWJ sequences), e.g. "cheerful, face,
+grin, happy, smile". Icons with no emoji are rejects with the reason; packages whose licence is not on the
+allow-list are refused.
+
+Left out on purpose: the PNG packages ``emoji-datasource-*``. Their Google and Twitter images are the Noto and
+Twemoji art the SVG packages above already render (at any size), Facebook's images have no clear licence and
+Apple's are not licensed for this use (the package README says so).
 
 Layout of ``--out``: ``images/<style>/<code points>.png``, ``svg/<style>/...``, ``train.parquet`` (every row is
 training data for a teacher: no openmoji image is in it), ``rejects.parquet``, ``summary.json`` (per style:
@@ -47,6 +54,8 @@ STYLES = {
     "fxemoji": "@iconify-json/fxemoji",
 }
 ALLOWED_LICENCES = ("Apache-2.0", "MIT", "CC-BY-4.0", "ISC", "CC-BY-SA-4.0")
+ANNOTATIONS = ("cldr-annotations-full", "cldr-annotations-derived-full")  # keyword captions (Unicode-3.0 data)
+CAPTION_KINDS = ("name", "keywords")
 VAL_EVERY = 25  # one corpus image in 25 (4%) is the world's validation split
 BENCHMARK_STYLE = "openmoji"  # the style name benchmark rows are counted under
 
@@ -64,12 +73,12 @@ class IconSet:
     by_name: dict[str, str] = field(default_factory=dict)  # icon name -> code point stem ("1f600")
 
 
-def fetch_package(package: str, cache_dir: Path) -> Path:
-    """The unpacked npm package (``npm pack`` into ``cache_dir`` once; reused afterwards)."""
+def fetch_package(package: str, cache_dir: Path, marker: str = "icons.json") -> Path:
+    """The unpacked npm package (``npm pack`` into ``cache_dir`` once; reused afterwards while ``marker`` is there)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     slug = package.lstrip("@").replace("/", "-")
     unpacked = cache_dir / slug
-    if (unpacked / "package" / "icons.json").is_file():
+    if (unpacked / "package" / marker).is_file():
         return unpacked / "package"
     tarballs = sorted(cache_dir.glob(f"{slug}-*.tgz"))
     if not tarballs:
@@ -123,6 +132,25 @@ def _svg(icon: dict, width: int, height: int) -> str:
             f'width="{w}" height="{h}">{icon["body"]}</svg>')
 
 
+def read_keywords(cache_dir: Path) -> tuple[dict[str, str], list[str]]:
+    """Emoji sequence (without VS16) -> its English CLDR keywords as one caption; and the attribution lines."""
+    keywords: dict[str, str] = {}
+    credits = []
+    for package, folder in zip(ANNOTATIONS, ("annotations", "annotationsDerived")):
+        root = fetch_package(package, cache_dir, marker=f"{folder}/en/annotations.json")
+        try:
+            data = json.loads((root / folder / "en" / "annotations.json").read_text())
+            pkg = json.loads((root / "package.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"{package} in {root} is not a CLDR annotations package: {exc}") from None
+        for seq, entry in data[folder]["annotations"].items():
+            words = [w for w in entry.get("default", []) if w.strip()]
+            if words:
+                keywords.setdefault(seq.replace("\ufe0f", ""), ", ".join(words))
+        credits.append(f"- `{package}` {pkg.get('version', '')}: {pkg.get('license', 'unknown')} (keyword captions)")
+    return keywords, credits
+
+
 @dataclass
 class CorpusBuild:
     paths: dict[str, Path]
@@ -130,18 +158,23 @@ class CorpusBuild:
 
 
 def build_corpus(out_dir: Path, styles: list[str], cache_dir: Path, size: int = 224, limit: int | None = None,
-                 exclude: Manifest | None = None, benchmark: Path | None = None) -> CorpusBuild:
+                 exclude: Manifest | None = None, benchmark: Path | None = None,
+                 captions: tuple[str, ...] = ("name",)) -> CorpusBuild:
     """Render every style's emoji icons and write the corpus manifest (module docstring)."""
     import emoji
 
     unknown = [s for s in styles if s not in STYLES]
     if unknown:
         raise PipelineError(f"unknown styles {unknown}; choose from {sorted(STYLES)}")
+    bad = [c for c in captions if c not in CAPTION_KINDS] or ([] if "name" in captions else ["(name is required)"])
+    if bad:
+        raise PipelineError(f"caption kinds {bad}: choose from {list(CAPTION_KINDS)}, name included")
+    keywords, keyword_credits = read_keywords(cache_dir) if "keywords" in captions else ({}, [])
     by_kebab = _names_to_stems(emoji.EMOJI_DATA)
     excluded = {base_key(Path(p).stem) for p in exclude.table.column("image_path").to_pylist()} if exclude else set()
     rows: list[dict] = []
     rejects: list[Reject] = []
-    summary: dict = {"size": size, "excluded_concepts": len(excluded), "styles": {}}
+    summary: dict = {"size": size, "captions": list(captions), "excluded_concepts": len(excluded), "styles": {}}
     sets = []
     for style in styles:
         icon_set = read_icon_set(style, STYLES[style], fetch_package(STYLES[style], cache_dir))
@@ -167,13 +200,19 @@ def build_corpus(out_dir: Path, styles: list[str], cache_dir: Path, size: int = 
                 rejects.append(Reject(where, f"render failed: {exc}", rel))
                 continue
             key = f"{style}/{stem}"
-            captions = captions_for(entry, [int(c, 16) for c in stem.split("-")])
-            for caption in captions:
+            cps = [int(c, 16) for c in stem.split("-")]
+            texts = captions_for(entry, cps)
+            tags = keywords.get("".join(map(chr, cps)).replace("\ufe0f", ""))
+            if tags and tags not in texts:
+                texts.append(tags)
+            if keywords:
+                counts["keyword_captions"] = counts.get("keyword_captions", 0) + bool(tags)
+            for caption in texts:
                 rows.append({"sample_id": sample_id_for(key, caption), "image_id": image_id_for(key),
                              "image_path": rel, "caption": caption, "split": "train", "label": None,
                              "source_row": where})
             counts["images"] += 1
-            counts["captions"] += len(captions)
+            counts["captions"] += len(texts)
         summary["styles"][style] = counts
     source = "emoji corpus " + " ".join(f"{s.package}@{s.version}" for s in sets) + f" size={size}"
     summary.update(images=sum(c["images"] for c in summary["styles"].values()), pairs=len(rows),
@@ -192,6 +231,7 @@ def build_corpus(out_dir: Path, styles: list[str], cache_dir: Path, size: int = 
     lines = ["# Attribution", "", "Emoji art from these npm packages (Iconify JSON), rendered with resvg; captions "
              "are Unicode CLDR names (PyPI `emoji`).", ""]
     lines += [f"- `{s.package}` {s.version}: {s.licence} ({s.licence_url or 'see the package'})" for s in sets]
+    lines += keyword_credits
     paths["attribution"] = io.write_text(out_dir / "ATTRIBUTION.md", "\n".join(lines) + "\n")
     return CorpusBuild(paths, summary)
 
