@@ -74,25 +74,40 @@ lit-teacher: $(ARTIFACTS)/teachers/lit-$(DATASET).pt  ## train the LiT teacher's
 
 # The strong teacher: EfficientNet-Lite2 + MiniLM-L6 fine-tuned on the corpus pairs (configs/teacher-emoji.yaml;
 # about 40 minutes on a 2-core CPU). Resumes after an interruption; the copy is its export (weights, recipe, data hash).
+# teacher-zs: the same recipe on a corpus without openmoji's test concepts (the zero-shot-concept teacher).
 STRONG_TEACHER := $(ARTIFACTS)/teachers/emoji-strong.pt
+ZS_TEACHER     := $(ARTIFACTS)/teachers/emoji-strong-zs.pt
+CORPUS_ZS_DIR  := data/emoji-corpus-zs
 TEACHER_CONFIG ?= configs/teacher-emoji.yaml
 TEACHER_RUNS   := $(ARTIFACTS)/teachers/runs
-TEACHER_RUN    := $(notdir $(basename $(TEACHER_CONFIG)))
+
+# $(call train_teacher,RUN NAME,CORPUS DIR): train (or resume) the run, then copy its export (checksum first).
+define train_teacher
+	$(CLI) distill --config $(TEACHER_CONFIG) --name $(1) --set runs_dir=$(TEACHER_RUNS) \
+		--set data.manifest_dir=$(2) $(if $(wildcard $(TEACHER_RUNS)/$(1)/checkpoints/last.pt),--resume)
+	cp $(TEACHER_RUNS)/$(1)/export/student.pt.blake2b $@.blake2b
+	cp $(TEACHER_RUNS)/$(1)/export/student.pt $@
+endef
 
 $(STRONG_TEACHER): $(CORPUS_DIR)/test.parquet $(TEACHER_CONFIG)
-	$(CLI) distill --config $(TEACHER_CONFIG) --name $(TEACHER_RUN) --set runs_dir=$(TEACHER_RUNS) \
-		$(if $(wildcard $(TEACHER_RUNS)/$(TEACHER_RUN)/checkpoints/last.pt),--resume)
-	cp $(TEACHER_RUNS)/$(TEACHER_RUN)/export/student.pt.blake2b $@.blake2b
-	cp $(TEACHER_RUNS)/$(TEACHER_RUN)/export/student.pt $@
+	$(call train_teacher,emoji-teacher,$(CORPUS_DIR))
 
+$(CORPUS_ZS_DIR)/test.parquet: $(OPENMOJI_DIR)/test.parquet
+	$(CLI) build-corpus --out $(CORPUS_ZS_DIR) --npm-cache $(ARTIFACTS)/npm --benchmark $(OPENMOJI_DIR) \
+		--exclude-concepts $(OPENMOJI_DIR)/test.parquet
+
+$(ZS_TEACHER): $(CORPUS_ZS_DIR)/test.parquet $(TEACHER_CONFIG)
+	$(call train_teacher,emoji-teacher-zs,$(CORPUS_ZS_DIR))
+
+.PHONY: teacher-zs
 teacher: $(STRONG_TEACHER)  ## train the strong teacher (use it with TEACHER=strong DATASET=emoji-corpus)
+teacher-zs: $(ZS_TEACHER)  ## the same teacher without openmoji's test concepts (TEACHER=strong-zs)
 
 # ---- stage 1: teacher features ---------------------------------------------------------
-# TEACHER: lit (LiT heads on DATASET), strong (the fine-tuned corpus teacher) or any spec (openclip:..., hf:...)
-TEACHER_SPEC := $(if $(filter lit,$(TEACHER)),lit:$(ARTIFACTS)/teachers/lit-$(DATASET).pt,$(if \
-                $(filter strong,$(TEACHER)),dual:$(STRONG_TEACHER),$(TEACHER)))
+# TEACHER: lit (LiT heads on DATASET), strong (the fine-tuned corpus teacher), strong-zs, or any spec (hf:...)
 TEACHER_FILE := $(if $(filter lit,$(TEACHER)),$(ARTIFACTS)/teachers/lit-$(DATASET).pt,$(if \
-                $(filter strong,$(TEACHER)),$(STRONG_TEACHER)))
+                $(filter strong,$(TEACHER)),$(STRONG_TEACHER),$(if $(filter strong-zs,$(TEACHER)),$(ZS_TEACHER))))
+TEACHER_SPEC := $(if $(filter lit,$(TEACHER)),lit:$(TEACHER_FILE),$(if $(filter strong%,$(TEACHER)),dual:$(TEACHER_FILE),$(TEACHER)))
 # Path-safe folder name for a teacher spec (make targets cannot contain ':'): openclip:A/B -> openclip-A-B
 TEACHER_NAME := $(subst /,-,$(subst :,-,$(TEACHER)))
 FEATURES_STAMP := $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME)/.complete

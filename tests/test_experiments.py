@@ -178,6 +178,23 @@ def test_rerun_skips_finished_runs_and_keeps_hand_written_text(swept, data, monk
     assert table_rows(new, "ablation") == table_rows(doc, "ablation") and "batch size 100000" in new
 
 
+def test_a_teacher_only_table_trains_nothing_and_reports_the_teacher(data, tmp_path, monkeypatch):
+    sweep = tmp_path / "teacher.yaml"
+    sweep.write_text((SWEEP.read_text().split("tables:")[0]) + (
+        "tables:\n  - id: zero-shot\n    title: Teacher alone\n    teacher: true\n"))
+    monkeypatch.chdir(ROOT)
+    result = cli("experiments", "--sweep", sweep, "--runs-dir", tmp_path / "runs", "--results", tmp_path / "R.md",
+                 "--set", f"data.manifest_dir={data.manifests}", "--set", f"data.cache_dir={data.cache}")
+    assert result.exit_code == 0, result.output
+    assert list(table_rows((tmp_path / "R.md").read_text(), "zero-shot")) == ["teacher (teacher-fake)"]
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())["sweeps"]["tiny"]
+    assert summary["teacher"]["metrics"]["rsum"] > 0 and summary["tables"]["zero-shot"] == {}
+    no_teacher = tmp_path / "none.yaml"
+    no_teacher.write_text(SWEEP.read_text().split("tables:")[0] + "tables:\n  - id: empty\n")
+    bad = cli("experiments", "--sweep", no_teacher, "--dry-run")
+    assert bad.exit_code != 0 and "no rows (and no teacher: true)" in str(bad.exception)
+
+
 # ---- planning and documents, no training -------------------------------------------------------------
 
 

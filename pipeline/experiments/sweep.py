@@ -161,8 +161,8 @@ def load_sweep(path: str | Path) -> Sweep:
                 raise PipelineError(f"{rwhere}: each row needs a unique, non-empty label (got {label!r})")
             labels.add(label)
             rows.append(SweepRow(label, _sets(row.get("set"), rwhere)))
-        if not rows:
-            raise PipelineError(f"{where} ({tid}): no rows")
+        if not rows and not raw.get("teacher", False):  # a table of the teacher alone is fine
+            raise PipelineError(f"{where} ({tid}): no rows (and no teacher: true)")
         tables.append(SweepTable(tid, str(raw.get("title") or tid), str(raw.get("description") or ""),
                                  tuple(dict.fromkeys(seeds)), tuple(rows), bool(raw.get("teacher", False)),
                                  bool(raw.get("cost", False))))
