@@ -16,7 +16,7 @@ from pipeline.common import paths
 def teacher_features(
     manifest_dir: Path = typer.Option(..., help="Directory holding <split>.parquet manifests."),
     out: Path = typer.Option(..., help="Cache directory for this dataset x teacher; one subfolder per split."),
-    teacher: str = typer.Option("lit", help="Teacher spec: lit or lit:CKPT, openclip:ARCH/TAG (or ARCH/CHECKPOINT), hf:NAME or hf:DIR, dual:EXPORT."),
+    teacher: str = typer.Option("lit", help="Teacher spec: lit or lit:CKPT, openclip:ARCH/TAG (or ARCH/CHECKPOINT), hf:NAME or hf:DIR, dual:EXPORT, ensemble:SPEC+SPEC."),
     splits: str = typer.Option("train,val,test", help="Comma-separated splits to cache (missing ones are skipped)."),
     dataset: Optional[str] = typer.Option(None, help="Dataset name recorded in the cache (default: folder name)."),
     shard_size: int = typer.Option(4096, help="Unique images per shard file (the unit of resume)."),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipeline.data.images import ImageDecodeError, load_rgb
 
@@ -42,7 +42,8 @@ class _ImageDataset(Dataset):
 def _collate(items) -> ImageBatch:
     ok = [(i, x) for i, x, err in items if err is None]
     failures = [(i, err) for i, _, err in items if err is not None]
-    pixels = torch.stack([x for _, x in ok]) if ok else None
+    # a tensor per image, or a dict of them (an ensemble's members' inputs): stacked per key
+    pixels = default_collate([x for _, x in ok]) if ok else None
     return ImageBatch([i for i, _ in ok], pixels, failures)
 
 

@@ -6,6 +6,8 @@ Specs:
     hf:NAME_OR_DIR                   Hugging Face CLIP / SigLIP model from the hub or a local directory
     dual:EXPORT                      a dual encoder trained by this project (a student export), e.g. the strong
                                      emoji teacher `make teacher` fine-tunes: artifacts/teachers/emoji-strong.pt
+    ensemble:SPEC_A+SPEC_B[+...]     several teachers as one (their unit embeddings concatenated / sqrt(M);
+                                     pipeline.teachers.ensemble says why)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ BACKENDS = {
     "openclip": "pipeline.teachers.openclip:OpenClipTeacher",
     "hf": "pipeline.teachers.hf:HFTeacher",
     "dual": "pipeline.students.export:DualEncoderTeacher",
+    "ensemble": "pipeline.teachers.ensemble:EnsembleTeacher",
 }
 
 
@@ -40,7 +43,7 @@ def parse_spec(spec: str) -> TeacherSpec:
     kind, _, arg = spec.partition(":")
     if kind not in BACKENDS:
         raise PipelineError(f"unknown teacher spec {spec!r}: expected lit[:ckpt], openclip:ARCH[/TAG], "
-                            "hf:NAME or dual:EXPORT")
+                            "hf:NAME, dual:EXPORT or ensemble:SPEC+SPEC")
     return TeacherSpec(kind, arg)
 
 

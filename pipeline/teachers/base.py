@@ -90,7 +90,7 @@ class Teacher(ABC):
     @torch.no_grad()
     def encode_images_with_norms(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L2-normalised embeddings (B, D), their norms before normalising (B,))."""
-        return split_norm(self._encode_images(pixels.to(self.device, non_blocking=True)))
+        return split_norm(self._encode_images(to_device(pixels, self.device)))  # a tensor, or a dict (ensembles)
 
     @torch.no_grad()
     def encode_texts_with_norms(self, tokens: Any) -> tuple[torch.Tensor, torch.Tensor]:
