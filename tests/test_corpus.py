@@ -24,8 +24,13 @@ def npm_tarball(cache: Path, package: str, version: str, licence: str, icons: di
              "package/info.json": {"license": {"title": licence, "spdx": licence}}}
     if chars is not None:
         files["package/chars.json"] = chars
-    cache.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(cache / f"{package.lstrip('@').replace('/', '-')}-{version}.tgz", "w:gz") as tf:
+    write_tarball(cache / f"{package.lstrip('@').replace('/', '-')}-{version}.tgz", files)
+
+
+def write_tarball(path: Path, files: dict) -> None:
+    """A gzipped tar of JSON files, as ``npm pack`` writes a package."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tf:
         for name, content in files.items():
             data = json.dumps(content).encode()
             info = tarfile.TarInfo(name)
@@ -94,13 +99,7 @@ def annotations_tarball(cache: Path, package: str, folder: str, annotations: dic
     files = {f"package/{folder}/en/annotations.json": {folder: {"identity": {"language": "en"},
                                                                "annotations": annotations}},
              "package/package.json": {"name": package, "version": "48.2.0", "license": "Unicode-3.0"}}
-    cache.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(cache / f"{package}-48.2.0.tgz", "w:gz") as tf:
-        for name, content in files.items():
-            data = json.dumps(content).encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, stdio.BytesIO(data))
+    write_tarball(cache / f"{package}-48.2.0.tgz", files)
 
 
 def test_keyword_captions_come_from_cldr_annotations(tmp_path):
