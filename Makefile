@@ -37,7 +37,7 @@ install: $(STAMP)  ## create .venv and install the locked versions (+ test extra
 # Needs only a venv with pip (not a passing install: a changed pyproject is what makes the old lock fail).
 lock:  ## re-resolve constraints.txt from pyproject.toml (after changing dependencies), then reinstall
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) tools/lock.py --out constraints.txt --extras dev,gpu
+	$(PY) tools/lock.py --out constraints.txt --extras dev,gpu,deploy
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c constraints.txt
 	$(PY) tools/lock.py --check --out constraints.txt --check-extras $(EXTRAS)
 	touch $(STAMP)

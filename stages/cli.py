@@ -21,6 +21,7 @@ from stages.distill import distill  # noqa: E402
 from stages.emoji_labels import emoji_labels  # noqa: E402
 from stages.evaluate import evaluate  # noqa: E402
 from stages.experiments import experiments  # noqa: E402
+from stages.export_onnx import export_onnx  # noqa: E402
 from stages.search import search  # noqa: E402
 from stages.students import students  # noqa: E402
 from stages.verify import verify  # noqa: E402
@@ -49,6 +50,7 @@ app.command("class-folder")(class_folder)
 app.command("experiments")(experiments)
 app.command("students")(students)
 app.command("verify")(verify)
+app.command("export-onnx")(export_onnx)
 
 
 def main() -> None:

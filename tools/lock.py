@@ -8,7 +8,7 @@ The lock is a pip constraints file (``name==version`` lines), made from pip's ow
 pip rather than pip-tools or uv: it is the installer `make install` runs anyway, it honours this machine's pip
 configuration (local wheel indexes, the torch cap), and it needs nothing else installed.
 
-    python tools/lock.py [--out constraints.txt] [--extras dev,gpu]     # `make lock`: resolve anew
+    python tools/lock.py [--out constraints.txt] [--extras dev,gpu,deploy]  # `make lock`: resolve anew
     python tools/lock.py --check [--lock constraints.txt]              # installed == locked?
 """
 
@@ -129,7 +129,7 @@ def check(lock: Path, extras: list[str]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "constraints.txt")
-    ap.add_argument("--extras", default="dev,gpu", help="extras resolved into the lock")
+    ap.add_argument("--extras", default="dev,gpu,deploy", help="extras resolved into the lock")
     ap.add_argument("--check", action="store_true", help="compare the installed packages with the lock")
     ap.add_argument("--check-extras", default="dev", help="extras whose packages --check compares")
     args = ap.parse_args()

@@ -310,12 +310,25 @@ def evaluate_student(
         run_dir=str(run_dir.resolve()) if run_dir and (run_dir / "metrics.jsonl").exists() else None,
         student_preset=encoder.model.config.name, params=count_parameters(encoder),
         speed=measure_speed(encoder, image_locations, captions, speed) if speed else None,
+        speed_onnx=_onnx_speed(export_path, image_locations, captions, speed),
         device=device_description(encoder.device),
     )
     if out_dir is not None:
         teacher = _teacher_arrays(teacher_cache, emb) if teacher_cache is not None else {}
         save_outputs(out_dir, record, emb, galleries, image_locations, captions, teacher)
     return record
+
+
+def _onnx_speed(export_path: Path, image_locations: Sequence[str], captions: Sequence[str],
+                speed: SpeedSettings | None) -> dict[str, Any] | None:
+    """The same latency measurement for the export's ONNX graphs under onnxruntime (CPU), when
+    ``clipdistill export-onnx`` wrote them; None otherwise."""
+    from pipeline.students.onnx import IMAGE_GRAPH, OnnxStudent, onnx_dir
+
+    if not speed or not (onnx_dir(export_path) / IMAGE_GRAPH).is_file():
+        return None
+    return measure_speed(OnnxStudent.load(export_path, threads=torch.get_num_threads()), image_locations, captions,
+                         speed)
 
 
 def _teacher_arrays(cache: FeatureCache, emb: SplitEmbeddings) -> dict[str, np.ndarray]:

@@ -101,9 +101,11 @@ def speed_table(results: Sequence[dict]) -> str:
         if not s:
             rows.append([r["name"], r.get("device") or "-", "-", "-", "-", "-", towers])
             continue
-        rows.append([r["name"], s["device"], f"{1e3 * s['image_latency_s']:.2f}",
-                     f"{1e3 * s['text_latency_s']:.2f}", f"{s['image_throughput']:.0f}",
-                     f"{s['text_throughput']:.0f}", towers])
+        for label, s in ((r["name"], s), (f"{r['name']} (ONNX, onnxruntime)", r.get("speed_onnx"))):
+            if s:  # the ONNX row only where `clipdistill export-onnx` wrote the graphs
+                rows.append([label, s["device"], f"{1e3 * s['image_latency_s']:.2f}",
+                             f"{1e3 * s['text_latency_s']:.2f}", f"{s['image_throughput']:.0f}",
+                             f"{s['text_throughput']:.0f}", towers])
     return _markdown(header, rows, text_columns=2)
 
 

@@ -1,0 +1,77 @@
+"""ONNX export through the real command: two graphs with dynamic batch and caption length, parity with torch
+on real inputs, and onnxruntime latency next to torch's in stage 3's record and report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.manifest import Manifest
+from pipeline.retrieval.evaluate import SpeedSettings, evaluate_student
+from pipeline.retrieval.report import speed_table
+from pipeline.students.export import load_student_model
+from pipeline.students.onnx import OnnxStudent, onnx_dir
+from tests.gen_cache import make_dataset
+from tests.test_distill import ROOT, subprocess_env
+
+pytest.importorskip("onnxruntime")
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    data = make_dataset(root / "data", n_images=15)
+    result = run("distill", "--name", "s", "--no-progress", "--set", f"data.manifest_dir={data}",
+                 "--set", f"runs_dir={root / 'runs'}", "--set", "student=tiny", "--set", "optim.batch_size=4",
+                 "--set", "optim.epochs=1", "--set", "data.workers=0", "--set", "data.cache_dir=",
+                 "--set", "losses.cd=false", "--set", "losses.fd=false", "--set", "losses.sd=false",
+                 "--set", "losses.hnd=false", "--set", "losses.pair=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    export = root / "runs" / "s" / "export" / "student.pt"
+    result = run("export-onnx", export, "--manifest", data / "test.parquet", "--items", 8, "--repeats", 2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return data, export, result.stdout
+
+
+def test_graphs_match_torch_on_real_inputs_with_any_batch_and_caption_length(exported):
+    data, export, stdout = exported
+    parity = json.loads((onnx_dir(export) / "parity.json").read_text())
+    assert parity["parity"]["image_min_cosine"] >= 0.999 and parity["parity"]["text_min_cosine"] >= 0.999
+    assert "of " + str(data / "test.parquet") in parity["source"] and "onnxruntime  latency" in stdout
+    model, _ = load_student_model(export)
+    onnx = OnnxStudent(model, onnx_dir(export))
+    size = model.config.image_size
+    for batch in (1, 5):  # dynamic batch
+        pixels = torch.rand(batch, 3, size, size)
+        with torch.no_grad():
+            ref = torch.nn.functional.normalize(model.image_features(pixels), dim=-1)
+        np.testing.assert_allclose(onnx.encode_images(pixels).numpy(), ref.numpy(), atol=1e-4)
+    for captions in (["a"], ["a red circle", "a much longer caption with many more words in it than the other"]):
+        tokens = model.tokenizer(captions)  # a different padded length each time
+        with torch.no_grad():
+            ref = torch.nn.functional.normalize(model.text_features(tokens), dim=-1)
+        np.testing.assert_allclose(onnx.encode_texts(tokens).numpy(), ref.numpy(), atol=1e-4)
+
+
+def test_eval_reports_onnxruntime_latency_next_to_torch(exported):
+    data, export, _ = exported
+    record = evaluate_student(export, Manifest.read(data / "test.parquet"), workers=0,
+                              speed=SpeedSettings(repeats=2, warmup=1, batch=4, batch_repeats=1))
+    assert record["speed"]["image_latency_s"] > 0 and record["speed_onnx"]["image_latency_s"] > 0
+    table = speed_table([record])
+    assert f"| {record['name']} (ONNX, onnxruntime) |" in table and f"| {record['name']} |" in table
+
+
+def test_a_missing_export_is_a_one_line_error(tmp_path):
+    result = run("export-onnx", tmp_path / "nope.pt")
+    assert result.returncode == 2 and "nope.pt" in result.stderr and "Traceback" not in result.stderr
