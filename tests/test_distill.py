@@ -230,3 +230,17 @@ def test_hub_preset_offline_refuses_in_one_line_and_random_init_runs_and_says_so
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "starts from random weights (init: random)" in proc.stdout and "(init random)" in proc.stdout
     assert '"init": "random"' in (runs / "random" / "config.json").read_text()
+
+
+def test_min_steps_stretches_small_datasets_and_moves_the_decay_points(shapes, tmp_path):
+    from pipeline.distill.trainer import OptimSection, schedule_for
+
+    assert schedule_for(OptimSection(epochs=6, decay_epochs=(4,), min_steps=0), 10) == (6, (4,))
+    assert schedule_for(OptimSection(epochs=6, decay_epochs=(4,), min_steps=60), 10) == (6, (4,))  # reached
+    assert schedule_for(OptimSection(epochs=6, decay_epochs=(4,), min_steps=600), 10) == (60, (40,))
+    assert schedule_for(OptimSection(epochs=3, decay_epochs=(1, 2), min_steps=100), 7) == (15, (5, 10))
+    proc = cli(distill_args(shapes, tmp_path, "stretch", "optim.min_steps=1000", "max_steps=1"),
+               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "(stretched from 3 to reach optim.min_steps=1000)" in out

@@ -8,6 +8,7 @@ validates (Recall@K/RSUM on the val split), checkpoints and keeps the best epoch
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,9 @@ class OptimSection:  # defaults: the paper's schedule (method.md 1.6)
     decay_factor: float = 0.1
     warmup_steps: int = 0
     grad_clip: float = 1.0
+    # A floor of optimiser steps: a dataset too small to reach it in `epochs` trains for more epochs, with the
+    # decay points moved in proportion (schedule_for), so small datasets are not undertrained. 0: off.
+    min_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,15 @@ def student_config(cfg: DistillConfig, width: int | None) -> StudentConfig:
     if width is not None:
         base["embed_dim"] = width  # the student always projects to the teacher's width
     return StudentConfig.from_dict(base)
+
+
+def schedule_for(optim: OptimSection, steps_per_epoch: int) -> tuple[int, tuple[int, ...]]:
+    """(epochs, decay epochs) of a run: as configured, or stretched to reach ``optim.min_steps`` steps."""
+    epochs, decay = optim.epochs, tuple(optim.decay_epochs)
+    if optim.min_steps <= 0 or epochs * steps_per_epoch >= optim.min_steps:
+        return epochs, decay
+    stretched = math.ceil(optim.min_steps / steps_per_epoch)
+    return stretched, tuple(max(1, round(d * stretched / epochs)) for d in decay)
 
 
 def teacher_free(losses: LossConfig) -> bool:
@@ -126,17 +139,20 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
         raise PipelineError(f"queue.mode must be fifo or random, not {cfg.queue.mode!r}")
     seed_all(cfg.seed + env.rank)
     objective = DistillObjective(cfg, run_dir, device, env)
+    epochs, decay_epochs = schedule_for(cfg.optim, objective.steps_per_epoch)
     settings = LoopSettings(
-        epochs=cfg.optim.epochs, steps_per_epoch=objective.steps_per_epoch, lr=cfg.optim.lr,
+        epochs=epochs, steps_per_epoch=objective.steps_per_epoch, lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps, decay="step",
-        decay_epochs=tuple(cfg.optim.decay_epochs), decay_factor=cfg.optim.decay_factor,
+        decay_epochs=decay_epochs, decay_factor=cfg.optim.decay_factor,
         grad_clip=cfg.optim.grad_clip, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         max_steps=cfg.max_steps, score="rsum", desc="epoch", hint="Try a lower optim.lr or precision=fp32.")
     if env.is_main:
         o = objective
         teacher = f"{o.rows.dropped} without cached targets" if o.cache else "no teacher"
         print(f"run {run_dir}: {len(o.rows)} pairs ({teacher}), "
-              f"{o.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, student {o.scfg.name} "
+              f"{o.steps_per_epoch} steps/epoch x {epochs} epochs"
+              f"{f' (stretched from {cfg.optim.epochs} to reach optim.min_steps={cfg.optim.min_steps})' if epochs != cfg.optim.epochs else ''}"
+              f", student {o.scfg.name} "
               f"(init {o.scfg.init}) "
               f"-> width {o.scfg.embed_dim}, losses {list(o.criterion.names)}, balancer {cfg.balancer.kind}, "
               f"device {device}")
