@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pickle
 
 import numpy as np
@@ -226,6 +228,30 @@ def test_train_transform_is_seeded_and_picklable(tiny):
     assert torch.equal(run(train, 1), run(clone, 1))
     assert not torch.equal(run(train, 1), run(train, 2))
     assert run(train, 3).shape == (3, 32, 32)
+
+
+def test_photometric_augmentation_is_opt_in_and_leaves_default_runs_unchanged(tiny):
+    from pipeline.students.preprocess import ImageTransform
+
+    img = Image.new("RGB", (64, 64), (200, 30, 90))
+    base = tiny.transform_settings
+    plain = ImageTransform(base, train=True)
+    off = ImageTransform(dataclasses.replace(base, color_jitter=0.0, grayscale=0.0), train=True)
+    gray = ImageTransform(dataclasses.replace(base, grayscale=1.0), train=True)
+    jitter = ImageTransform(dataclasses.replace(base, color_jitter=1.0), train=True)
+
+    def run(t, seed=0):
+        torch.manual_seed(seed)
+        return t(img)
+
+    assert torch.equal(run(plain), run(off))  # no extra random draws when off
+    g = run(gray) * torch.tensor(base.std)[:, None, None] + torch.tensor(base.mean)[:, None, None]
+    torch.testing.assert_close(g[0], g[1], atol=1e-5, rtol=0)  # grayscale: equal channels
+    assert not torch.allclose(run(jitter, 1), run(plain, 1))
+    cfg = get_preset("tiny").replace(train_color_jitter=0.5, train_grayscale=0.2)
+    assert build_student(cfg).transform_settings.color_jitter == 0.5
+    with pytest.raises(PipelineError, match="train_grayscale is a probability"):
+        get_preset("tiny").replace(train_grayscale=1.5)
 
 
 def test_tokenizer_returns_dict_of_tensors_and_rejects_bad_input(tiny):

@@ -99,6 +99,10 @@ class StudentConfig:
     # strong crops would ask the student to map different content to one target.
     train_crop_scale: tuple[float, float] = (0.7, 1.0)
     train_hflip: float = 0.5
+    # Photometric augmentation (pipeline.students.preprocess.TransformSettings), for models trained on pairs
+    # (a teacher) rather than on targets of the un-augmented image: jitter strength and grayscale probability.
+    train_color_jitter: float = 0.0
+    train_grayscale: float = 0.0
     # pretrained: load every tower's named weights (a one-line error when they cannot be had);
     # random: start both towers from random initialisation, on purpose (the run's log says so).
     init: str = "pretrained"
@@ -118,8 +122,11 @@ class StudentConfig:
             raise PipelineError("a timm image tower needs a model name (image.name), e.g. resnet18")
         if self.text.num_layers is not None and self.text.num_layers < 1:
             raise PipelineError(f"student text num_layers must be >= 1, got {self.text.num_layers}")
-        if not 0 <= self.train_hflip <= 1:
-            raise PipelineError(f"student train_hflip is a probability, got {self.train_hflip}")
+        for key in ("train_hflip", "train_grayscale"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise PipelineError(f"student {key} is a probability, got {getattr(self, key)}")
+        if not 0 <= self.train_color_jitter <= 2:
+            raise PipelineError(f"student train_color_jitter is a strength in [0, 2], got {self.train_color_jitter}")
         lo, hi = self.train_crop_scale
         if not 0 < lo <= hi <= 1:
             raise PipelineError(f"student train_crop_scale needs 0 < lo <= hi <= 1, got {(lo, hi)}")

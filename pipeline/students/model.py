@@ -105,6 +105,8 @@ def build_student(
         text_tower, text_width, text_spec = build_text_tower(
             config.text, config.max_text_len, tokenizer.vocab_size, load_weights=load_weights
         )
+        transform = dataclasses.replace(transform, color_jitter=config.train_color_jitter,
+                                        grayscale=config.train_grayscale)
         if config.channels_last:
             image_tower.to(memory_format=torch.channels_last)  # 4-d conv weights only
         if config.freeze_text_embeddings:

@@ -38,6 +38,10 @@ class TransformSettings:
     crop_pct: float = 0.875  # eval: resize the shorter side to size / crop_pct, then center-crop size
     train_scale: tuple[float, float] = (0.7, 1.0)
     hflip: float = 0.5
+    # Photometric training augmentation, off by default (no extra random draws then, so runs stay as they were):
+    # colour jitter of strength s (brightness, contrast and saturation 0.4 s, hue 0.1 s) and random grayscale.
+    color_jitter: float = 0.0
+    grayscale: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -53,7 +57,7 @@ class TransformSettings:
 class ImageTransform:
     """PIL RGB image -> normalised (3, size, size) float tensor.
 
-    ``train=True``: random resized crop + horizontal flip (randomness from torch's RNG, so the trainer's
+    ``train=True``: random resized crop + horizontal flip (+ colour jitter and grayscale when set; randomness from torch's RNG, so the trainer's
     per-item seeding makes it reproducible); ``train=False``: resize + center crop. Pickles as its
     settings, so DataLoader workers rebuild the torchvision pipeline themselves.
     """
@@ -73,6 +77,11 @@ class ImageTransform:
             geometry = [T.RandomResizedCrop(s.size, scale=s.train_scale, interpolation=interp)]
             if s.hflip > 0:
                 geometry.append(T.RandomHorizontalFlip(s.hflip))
+            if s.color_jitter > 0:
+                c = s.color_jitter
+                geometry.append(T.ColorJitter(0.4 * c, 0.4 * c, 0.4 * c, min(0.5, 0.1 * c)))
+            if s.grayscale > 0:
+                geometry.append(T.RandomGrayscale(s.grayscale))
         else:
             geometry = [T.Resize(math.floor(s.size / s.crop_pct), interpolation=interp), T.CenterCrop(s.size)]
         return T.Compose([*geometry, T.ToTensor(), T.Normalize(s.mean, s.std)])
