@@ -146,7 +146,7 @@ def part_b(args: argparse.Namespace) -> dict:
     for name, s in (("exact", choose_index(n, d)), ("approx", spec)):
         if name == "exact" and not s.exact:
             s = choose_index(n, d, factory="Flat")
-        built = build_index(gallery, s, gpu=False)
+        built = build_index(gallery, s, gpu=False, calibrate=not args.no_calibrate)
         t_search, (_, ids) = best_time(lambda: search(built, queries, k), 1)
         results[name] = {"params": built.params, "search_s": t_search, "qps": args.queries / t_search,
                          "ids": ids}
@@ -184,6 +184,7 @@ def main() -> None:
     p.add_argument("--intrinsic-dim", type=int, default=32, help="(b) dimension of the within-cluster spread")
     p.add_argument("--factory", default=None, help="(b) FAISS factory string instead of choose_index's pick")
     p.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads (0 = FAISS default)")
+    p.add_argument("--no-calibrate", action="store_true", help="(b) keep the static nprobe (nlist / 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     p.add_argument("--smoke", action="store_true", help="seconds-long run (the tests run it)")

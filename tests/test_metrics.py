@@ -218,6 +218,31 @@ def test_approximate_index_recall_relative_to_exact(make_spec, min_recall):
     assert knn_recall(rng.integers(0, 3000, exact_ids.shape), exact_ids, 10) < 0.05
 
 
+def test_calibrated_nprobe_is_the_smallest_reaching_the_target_on_fresh_queries():
+    from pipeline.retrieval.index import CALIBRATION_RECALL
+
+    gallery = clustered(4, 20000, 32, n_clusters=200)
+    static = build_index(gallery, IndexSpec("IVF256,Flat", nprobe=256))  # every list: exact
+    tuned = build_index(gallery, IndexSpec("IVF256,Flat", nprobe=256), calibrate=True)
+    nprobe = tuned.params["nprobe"]
+    cal = tuned.params["calibration"]
+    assert static.params["nprobe"] == 256 and "calibration" not in static.params
+    assert nprobe < 256 and nprobe & (nprobe - 1) == 0 and tuned.spec.nprobe == nprobe
+    assert cal["sample_recall_at_10"] >= CALIBRATION_RECALL
+    rng = np.random.default_rng(9)  # queries the calibration never saw
+    queries = renorm(gallery[rng.choice(20000, 300, replace=False)] + 0.6 * rng.standard_normal((300, 32)) / 32**0.5)
+    _, exact_ids = search(static, queries, 10)
+    assert knn_recall(search(tuned, queries, 10)[1], exact_ids, 10) >= 0.95
+    # the next smaller nprobe misses the target on the calibration sample (so the choice is the smallest)
+    if nprobe > 1:
+        from pipeline.retrieval.index import CALIBRATION_QUERIES, calibration_queries
+
+        q = calibration_queries(gallery, CALIBRATION_QUERIES)
+        faiss_params = __import__("faiss").ParameterSpace()
+        faiss_params.set_index_parameter(tuned.index, "nprobe", nprobe // 2)
+        assert knn_recall(tuned.index.search(q, 10)[1], search(static, q, 10)[1], 10) < CALIBRATION_RECALL
+
+
 def test_approximate_retrieval_metrics_close_to_exact():
     images = clustered(2, 3000, 32, n_clusters=40)
     rng = np.random.default_rng(3)

@@ -94,8 +94,8 @@ def retrieval(emb: SplitEmbeddings, index: str = "exact", max_captions_per_image
             else truncate_captions(emb.text_image_idx, max_captions_per_image))
     text_emb, text_image_idx = emb.text_emb[keep], emb.text_image_idx[keep]
     built = {
-        "text": build_index(text_emb, index_spec(index, *text_emb.shape), gpu=gpu),
-        "image": build_index(emb.image_emb, index_spec(index, *emb.image_emb.shape), gpu=gpu),
+        "text": build_index(text_emb, index_spec(index, *text_emb.shape), gpu=gpu, calibrate=True),
+        "image": build_index(emb.image_emb, index_spec(index, *emb.image_emb.shape), gpu=gpu, calibrate=True),
     }
     searches: list[dict[str, Any]] = []
 

@@ -12,7 +12,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,15 @@ HNSW_EF_SEARCH = 128
 # centroids). Scanning the lists is memory-bound, so IVF only beats exact batched (BLAS) search
 # when it reads a small fraction of the gallery: ~1.5% here.
 IVF_LISTS_PER_SQRT_N = 4
-IVF_PROBE_FRACTION = 64  # nprobe = nlist / 64
+IVF_PROBE_FRACTION = 64  # nprobe = nlist / 64 before calibration (and for indexes built without it)
 IVF_MIN_NPROBE = 16
+# nprobe calibration (build_index(calibrate=True), what stage 3 does): the smallest power of two whose
+# k-recall@10 against exact search reaches CALIBRATION_RECALL on CALIBRATION_QUERIES queries made from the
+# gallery itself (a gallery vector plus noise, cosine ~0.9 to it), so no query set, and no test query, is used.
+# The target sits above the 0.95 goal to leave room for the sample's noise.
+CALIBRATION_RECALL = 0.97
+CALIBRATION_QUERIES = 256
+CALIBRATION_K = 10
 TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39 per centroid and samples down above 256
 PQ_CENTROIDS = 256  # 8-bit PQ codes: each sub-quantizer is a 256-centroid k-means
 PQ_SUBQUANTIZERS = (64, 32, 16, 8)  # code bytes per vector, most accurate first
@@ -214,7 +221,8 @@ def _apply_search_params(built: BuiltIndex) -> None:
         space.set_index_parameter(built.index, "efSearch", built.spec.ef_search)
 
 
-def build_index(vectors: np.ndarray, spec: IndexSpec, gpu: bool | str = "auto", seed: int = 0) -> BuiltIndex:
+def build_index(vectors: np.ndarray, spec: IndexSpec, gpu: bool | str = "auto", seed: int = 0,
+                calibrate: bool = False) -> BuiltIndex:
     """Build (train if needed, add) an inner-product index over L2-normalised ``vectors``.
 
     Args:
@@ -222,6 +230,7 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, gpu: bool | str = "auto", 
         spec: From :func:`choose_index`.
         gpu: "auto" = GPU FAISS when available and the index type supports it; True = require it.
         seed: Seed of the training sample (IVF/PQ).
+        calibrate: IVF only: replace the spec's nprobe by the calibrated one (``calibrate_nprobe``).
     """
     vectors = check_embeddings(vectors, "gallery vectors")
     n, dim = vectors.shape
@@ -255,7 +264,40 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, gpu: bool | str = "auto", 
     }
     built = BuiltIndex(index, spec, params, on_gpu, resources)
     _apply_search_params(built)
+    if calibrate and spec.nprobe is not None:
+        calibrate_nprobe(built, vectors, seed)
     return built
+
+
+def calibration_queries(gallery: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` queries near random gallery vectors (added noise of norm ~0.5: cosine ~0.9 to the source)."""
+    rng = np.random.default_rng([seed, 7])
+    rows = rng.choice(len(gallery), size=min(n, len(gallery)), replace=False)
+    d = gallery.shape[1]
+    q = gallery[rows] + rng.standard_normal((len(rows), d)).astype(np.float32) * (0.5 / d**0.5)
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def calibrate_nprobe(built: BuiltIndex, gallery: np.ndarray, seed: int = 0) -> int:
+    """Set the IVF index's nprobe to the smallest power of two reaching ``CALIBRATION_RECALL`` (constants above);
+    records the value, the sample's recall and the rule in ``built.params``. Returns the chosen nprobe."""
+    nlist = _nlist(built.spec.factory) or 1
+    queries = calibration_queries(gallery, CALIBRATION_QUERIES, seed)
+    k = min(CALIBRATION_K, len(gallery))
+    _, exact = faiss.knn(queries, np.ascontiguousarray(gallery, dtype=np.float32), k, faiss.METRIC_INNER_PRODUCT)
+    space = faiss.GpuParameterSpace() if built.on_gpu else faiss.ParameterSpace()
+    nprobe, recall = 1, 0.0
+    while True:
+        space.set_index_parameter(built.index, "nprobe", nprobe)
+        recall = knn_recall(built.index.search(queries, k)[1], exact, k)
+        if recall >= CALIBRATION_RECALL or nprobe >= nlist:
+            break
+        nprobe = min(nlist, nprobe * 2)
+    built.spec = replace(built.spec, nprobe=nprobe, reason=built.spec.reason + "; nprobe calibrated")
+    built.params.update(nprobe=nprobe, calibration={
+        "target_recall_at_10": CALIBRATION_RECALL, "sample_recall_at_10": round(recall, 4),
+        "queries": len(queries), "rule": "smallest power-of-two nprobe reaching the target on gallery-noise queries"})
+    return nprobe
 
 
 def search(built: BuiltIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
