@@ -13,6 +13,7 @@ import typer  # noqa: E402
 from pipeline.common.errors import PipelineError  # noqa: E402
 from stages.adapt import adapt  # noqa: E402
 from stages.build_corpus import build_corpus  # noqa: E402
+from stages.build_icons import build_icons  # noqa: E402
 from stages.build_lit import build_lit  # noqa: E402
 from stages.build_manifest import build_manifest  # noqa: E402
 from stages.build_openmoji import build_openmoji  # noqa: E402
@@ -36,6 +37,7 @@ app = typer.Typer(
 app.command("build-manifest")(build_manifest)
 app.command("build-openmoji")(build_openmoji)
 app.command("build-corpus")(build_corpus)
+app.command("build-icons")(build_icons)
 app.command("build-lit")(build_lit)
 app.command("teacher-features")(teacher_features)
 app.command("distill")(distill)
