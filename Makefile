@@ -67,10 +67,14 @@ dataset: $(DATA_DIR)/test.parquet  ## build the dataset DATASET names (openmoji;
 .PHONY: corpus lit-teacher
 corpus: $(CORPUS_DIR)/test.parquet  ## render the multi-style emoji corpus from npm packages (the teacher's world)
 
-$(ARTIFACTS)/teachers/lit-$(DATASET).pt: $(DATA_DIR)/test.parquet
-	$(CLI) build-lit --manifest $(DATA_DIR)/train.parquet --out $@
+# The LiT teacher's heads train on LIT_DATA's train split (default: DATASET; LIT_DATA=emoji-corpus: the corpus).
+LIT_DATA := $(or $(LIT_DATA),$(DATASET))
+LIT_FILE := $(ARTIFACTS)/teachers/lit-$(LIT_DATA).pt
 
-lit-teacher: $(ARTIFACTS)/teachers/lit-$(DATASET).pt  ## train the LiT teacher's heads (frozen towers; the demo's teacher)
+$(LIT_FILE): data/$(LIT_DATA)/test.parquet
+	$(CLI) build-lit --manifest data/$(LIT_DATA)/train.parquet --out $@
+
+lit-teacher: $(LIT_FILE)  ## train the LiT teacher's heads (frozen towers; the demo's teacher)
 
 # The strong teacher: EfficientNet-Lite2 + MiniLM-L6 fine-tuned on the corpus pairs (configs/teacher-emoji.yaml;
 # about 40 minutes on a 2-core CPU). Resumes after an interruption; the copy is its export (weights, recipe, data hash).
@@ -105,11 +109,11 @@ teacher-zs: $(ZS_TEACHER)  ## the same teacher without openmoji's test concepts 
 
 # ---- stage 1: teacher features ---------------------------------------------------------
 # TEACHER: lit (LiT heads on DATASET), strong (the fine-tuned corpus teacher), strong-zs, or any spec (hf:...)
-TEACHER_FILE := $(if $(filter lit,$(TEACHER)),$(ARTIFACTS)/teachers/lit-$(DATASET).pt,$(if \
+TEACHER_FILE := $(if $(filter lit,$(TEACHER)),$(LIT_FILE),$(if \
                 $(filter strong,$(TEACHER)),$(STRONG_TEACHER),$(if $(filter strong-zs,$(TEACHER)),$(ZS_TEACHER))))
 TEACHER_SPEC := $(if $(filter lit,$(TEACHER)),lit:$(TEACHER_FILE),$(if $(filter strong%,$(TEACHER)),dual:$(TEACHER_FILE),$(TEACHER)))
 # Path-safe folder name for a teacher spec (make targets cannot contain ':'): openclip:A/B -> openclip-A-B
-TEACHER_NAME := $(subst /,-,$(subst :,-,$(TEACHER)))
+TEACHER_NAME := $(subst /,-,$(subst :,-,$(TEACHER)))$(if $(and $(filter lit,$(TEACHER)),$(filter-out $(DATASET),$(LIT_DATA))),-$(LIT_DATA))
 FEATURES_STAMP := $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME)/.complete
 
 $(FEATURES_STAMP): $(DATA_DIR)/test.parquet $(TEACHER_FILE)
@@ -124,8 +128,10 @@ RUN         ?= $(notdir $(basename $(CONFIG)))
 RUNS_DIR    ?= runs
 STUDENT_EXPORT := $(RUNS_DIR)/$(RUN)/export/student.pt
 
+# The data and cache come from DATASET and TEACHER (the cache this rule depends on), whatever the config names.
 $(STUDENT_EXPORT): $(FEATURES_STAMP) $(CONFIG)
 	$(CLI) distill --config $(CONFIG) --name $(RUN) --set runs_dir=$(RUNS_DIR) \
+		--set data.manifest_dir=$(DATA_DIR) --set data.cache_dir=$(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME) \
 		$(if $(wildcard $(RUNS_DIR)/$(RUN)/checkpoints/last.pt),--resume)
 
 distill: $(STUDENT_EXPORT)  ## train the default student from the cache (resumes an interrupted run)
