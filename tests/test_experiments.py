@@ -189,6 +189,12 @@ def test_a_teacher_only_table_trains_nothing_and_reports_the_teacher(data, tmp_p
     assert list(table_rows((tmp_path / "R.md").read_text(), "zero-shot")) == ["teacher (teacher-fake)"]
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())["sweeps"]["tiny"]
     assert summary["teacher"]["metrics"]["rsum"] > 0 and summary["tables"]["zero-shot"] == {}
+    # a later run of another table (--only) keeps this table's entry
+    from pipeline.experiments.tables import update_summary
+
+    update_summary(tmp_path / "results" / "summary.json", "tiny", {**summary, "tables": {"other": {}}})
+    kept = json.loads((tmp_path / "results" / "summary.json").read_text())["sweeps"]["tiny"]["tables"]
+    assert set(kept) == {"zero-shot", "other"}
     no_teacher = tmp_path / "none.yaml"
     no_teacher.write_text(SWEEP.read_text().split("tables:")[0] + "tables:\n  - id: empty\n")
     bad = cli("experiments", "--sweep", no_teacher, "--dry-run")

@@ -271,7 +271,8 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]], teacher:
 
 
 def update_summary(path: Path, sweep_name: str, entry: dict) -> Path:
-    """Replace this sweep's entry in the summary file, keeping the other sweeps' entries."""
+    """Update this sweep's entry in the summary file: its tables written now replace their old versions, its
+    other tables (a run with --only) and the other sweeps' entries are kept."""
     import json
 
     data: dict = {}
@@ -280,5 +281,7 @@ def update_summary(path: Path, sweep_name: str, entry: dict) -> Path:
             data = json.loads(path.read_text())
         except ValueError as exc:
             raise PipelineError(f"{path} is not valid JSON ({exc}); fix or delete it") from None
-    data.setdefault("sweeps", {})[sweep_name] = entry
+    sweeps = data.setdefault("sweeps", {})
+    tables = {**(sweeps.get(sweep_name) or {}).get("tables", {}), **entry["tables"]}
+    sweeps[sweep_name] = {**entry, "tables": tables}
     return io.write_json(path, data)
