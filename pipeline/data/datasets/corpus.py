@@ -151,6 +151,16 @@ def read_keywords(cache_dir: Path) -> tuple[dict[str, str], list[str]]:
     return keywords, credits
 
 
+def render_icon(icon_set: IconSet, name: str, out_dir: Path, file_stem: str, size: int) -> str:
+    """Write icon ``name``'s SVG and its ``size`` px PNG under ``out_dir``; returns the PNG's path relative to
+    ``out_dir`` (``images/<style>/<file_stem>.png``). RenderError when resvg cannot rasterise it."""
+    rel = f"images/{icon_set.style}/{file_stem}.png"
+    svg = out_dir / "svg" / icon_set.style / f"{file_stem}.svg"
+    io.write_text(svg, _svg(icon_set.icons[name], icon_set.width, icon_set.height))
+    render_svg(svg, out_dir / rel, size)
+    return rel
+
+
 @dataclass
 class CorpusBuild:
     paths: dict[str, Path]
@@ -191,13 +201,10 @@ def build_corpus(out_dir: Path, styles: list[str], cache_dir: Path, size: int = 
             if base_key(stem) in excluded:
                 counts["excluded"] += 1
                 continue
-            rel = f"images/{style}/{stem}.png"
-            svg = out_dir / "svg" / style / f"{stem}.svg"
-            io.write_text(svg, _svg(icon_set.icons[name], icon_set.width, icon_set.height))
             try:
-                render_svg(svg, out_dir / rel, size)
+                rel = render_icon(icon_set, name, out_dir, stem, size)
             except RenderError as exc:
-                rejects.append(Reject(where, f"render failed: {exc}", rel))
+                rejects.append(Reject(where, f"render failed: {exc}", f"images/{style}/{stem}.png"))
                 continue
             key = f"{style}/{stem}"
             cps = [int(c, 16) for c in stem.split("-")]
@@ -276,4 +283,4 @@ def split_counts(by_split: dict[str, list[dict]]) -> dict:
     return counts
 
 
-__all__ = ["STYLES", "ALLOWED_LICENCES", "build_corpus", "world_splits", "split_counts", "fetch_package", "read_icon_set", "CorpusBuild"]
+__all__ = ["STYLES", "ALLOWED_LICENCES", "build_corpus", "world_splits", "split_counts", "render_icon", "fetch_package", "read_icon_set", "CorpusBuild"]

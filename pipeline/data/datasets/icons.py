@@ -15,8 +15,8 @@ from pathlib import Path
 from pipeline.common import io
 from pipeline.common.errors import PipelineError
 from pipeline.common.paths import REJECTS, manifest_path
-from pipeline.data.datasets.corpus import _svg, fetch_package, read_icon_set, split_counts
-from pipeline.data.datasets.openmoji import RenderError, assign_splits, int63, render_svg
+from pipeline.data.datasets.corpus import fetch_package, read_icon_set, render_icon, split_counts
+from pipeline.data.datasets.openmoji import RenderError, assign_splits, int63
 from pipeline.data.manifest import Manifest, Reject, write_rejects
 
 ICON_SETS = {"mdi": "@iconify-json/mdi", "tabler": "@iconify-json/tabler", "lucide": "@iconify-json/lucide"}
@@ -50,13 +50,11 @@ def build_icons(out_dir: Path, sets: list[str], cache_dir: Path, size: int = 224
         loaded.append(icon_set)
         for icon in sorted(icon_set.icons)[:limit]:
             caption = caption_of(icon)
-            rel = f"images/{name}/{icon}.png"
-            svg = out_dir / "svg" / name / f"{icon}.svg"
-            io.write_text(svg, _svg(icon_set.icons[icon], icon_set.width, icon_set.height))
             try:
-                render_svg(svg, out_dir / rel, size)
+                rel = render_icon(icon_set, icon, out_dir, icon, size)
             except RenderError as exc:
-                rejects.append(Reject(f"{icon_set.package}:{icon}", f"render failed: {exc}", rel, caption))
+                rejects.append(Reject(f"{icon_set.package}:{icon}", f"render failed: {exc}",
+                                      f"images/{name}/{icon}.png", caption))
                 continue
             key = f"{name}/{icon}"
             rows.append({"sample_id": int63(f"icons:{key}\n{caption}"), "image_id": int63(f"icons:{key}"),
