@@ -12,7 +12,7 @@ ARTIFACTS   ?= artifacts
 CACHE_DIR   ?= $(ARTIFACTS)/cache
 STAMP       := $(VENV)/.installed
 # Exact versions CI tested (tools/lock.py); LOCK= installs from pyproject's ranges instead. EXTRAS=dev,gpu on GPUs.
-LOCK        ?= constraints.txt
+LOCK        ?= requirements.lock
 EXTRAS      ?= dev
 PIP_LOCK    := $(if $(LOCK),-c $(LOCK))
 
@@ -35,11 +35,11 @@ $(STAMP): pyproject.toml $(LOCK)
 install: $(STAMP)  ## create .venv and install the locked versions (+ test extras; EXTRAS=dev,gpu for GPUs)
 
 # Needs only a venv with pip (not a passing install: a changed pyproject is what makes the old lock fail).
-lock:  ## re-resolve constraints.txt from pyproject.toml (after changing dependencies), then reinstall
+lock:  ## re-resolve requirements.lock from pyproject.toml (after changing dependencies), then reinstall
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) tools/lock.py --out constraints.txt --extras dev,gpu,deploy
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c constraints.txt
-	$(PY) tools/lock.py --check --out constraints.txt --check-extras $(EXTRAS)
+	$(PY) tools/lock.py --out requirements.lock --extras dev,gpu,deploy
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c requirements.lock
+	$(PY) tools/lock.py --check --out requirements.lock --check-extras $(EXTRAS)
 	touch $(STAMP)
 
 test: $(STAMP)  ## run the test suite

@@ -1,4 +1,4 @@
-"""constraints.txt: well formed, covers every dependency, and its check catches a drifted install."""
+"""requirements.lock: well formed, covers every dependency, and its check catches a drifted install."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCK = ROOT / "constraints.txt"
+LOCK = ROOT / "requirements.lock"
 spec = importlib.util.spec_from_file_location("lock_tool", ROOT / "tools" / "lock.py")
 lock_tool = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(lock_tool)
