@@ -23,7 +23,10 @@ def teacher_features(
     shard_index: Optional[int] = typer.Option(None, help="This process's index among --num-shards (default: $RANK or 0)."),
     num_shards: Optional[int] = typer.Option(None, help="Number of parallel processes (default: $WORLD_SIZE or 1)."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
-    workers: int = typer.Option(2, help="DataLoader workers decoding images."),
+    workers: int = typer.Option(2, help="DataLoader workers reading (and, off the device path, decoding) images."),
+    decode: str = typer.Option("auto", help="Where images are decoded and preprocessed: auto (on the GPU when "
+                               "there is one and the teacher's preprocessing has a tensor form; JPEGs via nvJPEG), "
+                               "cpu (PIL in the workers), device (also on a CPU device)."),
     dtype: str = typer.Option("float16", help="Stored embedding dtype: float16 or float32."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     progress: bool = typer.Option(True, help="Show progress bars."),
@@ -39,14 +42,18 @@ def teacher_features(
     present = paths.present_splits(manifest_dir, wanted)
     if not present:
         raise PipelineError(f"no manifests for splits {wanted} in {manifest_dir}")
+    from pipeline.features.device_input import choose_decode
+
     model = load_teacher(teacher, device=resolve_device(device))
-    typer.echo(f"teacher {model.fingerprint()} (width {model.width}) on {model.device}")
+    on_device = choose_decode(decode, model.device, model.tensor_preprocess())  # a bad --decode fails here
+    typer.echo(f"teacher {model.fingerprint()} (width {model.width}) on {model.device}; images decoded "
+               f"{'on the device' if on_device else 'in CPU workers'}")
     for split in present:
         manifest = Manifest.read(paths.manifest_path(manifest_dir, split))
         job = FeatureJob(
             manifest=manifest, dataset=dataset or manifest_dir.name, split=split, out_dir=paths.cache_split_dir(out, split),
             shard_size=shard_size, shard_index=shard_index, num_shards=num_shards,
-            batch_size=batch_size, num_workers=workers, dtype=dtype,
+            batch_size=batch_size, num_workers=workers, dtype=dtype, decode=decode,
         )
         s = run_feature_job(job, model, progress=progress)
         size = sum(p.stat().st_size for p in job.out_dir.glob("shard-*.h5"))

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from pipeline.data.loader import iter_image_batches
 from pipeline.data.manifest import Manifest
+from pipeline.features.device_input import TensorPreprocess, iter_device_batches
 from pipeline.teachers.base import Teacher
 
 Progress = Callable[[int], None]
@@ -20,26 +22,60 @@ Progress = Callable[[int], None]
 
 def encode_image_locations(encoder: Teacher, locations: Sequence[str], batch_size: int = 64, workers: int = 2,
                            dtype=np.float32, on_progress: Progress | None = None,
-                           norms_out: np.ndarray | None = None):
+                           norms_out: np.ndarray | None = None, device_preprocess: TensorPreprocess | None = None):
     """Returns (embeddings (N, D) with zero rows for failures, ok mask (N,), [(position, reason)]).
 
     ``norms_out`` (N,), if given, receives each embedding's norm before L2 normalisation.
+    ``device_preprocess``: decode JPEGs and preprocess on the encoder's device (``features.device_input``)
+    instead of in the DataLoader workers.
     """
     emb = np.zeros((len(locations), encoder.width), dtype=dtype)
     ok = np.zeros(len(locations), dtype=bool)
     failures: list[tuple[int, str]] = []
-    pin = encoder.device.type == "cuda"
-    for batch in iter_image_batches(locations, encoder.image_transform(), batch_size, workers, pin):
-        if batch.pixels is not None:
-            unit, norm = encoder.encode_images_with_norms(batch.pixels)
-            emb[batch.positions] = unit.cpu().numpy()
+    if device_preprocess is not None:
+        batches = iter_device_batches(locations, device_preprocess, encoder.device, batch_size, workers)
+    else:
+        batches = iter_image_batches(locations, encoder.image_transform(), batch_size, workers,
+                                     encoder.device.type == "cuda")
+
+    def store(batch, result) -> None:
+        if result is not None:
+            unit, norm = result.get()
+            emb[batch.positions] = unit
             if norms_out is not None:
-                norms_out[batch.positions] = norm.cpu().numpy()
+                norms_out[batch.positions] = norm
             ok[batch.positions] = True
-        failures += batch.failures
+        failures.extend(batch.failures)
         if on_progress:
             on_progress(len(batch.positions) + len(batch.failures))
+
+    # One batch in flight: batch k's results are copied back only after batch k+1 is queued, so on a GPU
+    # the host reads, decodes and launches the next batch while the device still computes this one.
+    pending = None
+    for batch in batches:
+        result = _HostCopy(*encoder.encode_images_with_norms(batch.pixels)) if batch.pixels is not None else None
+        if pending is not None:
+            store(*pending)
+        pending = (batch, result)
+    if pending is not None:
+        store(*pending)
     return emb, ok, failures
+
+
+class _HostCopy:
+    """Device tensors copied to the host without blocking; ``get`` waits for the copy only."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        cuda = tensors[0].device.type == "cuda"
+        self.tensors = [t.to("cpu", non_blocking=cuda) for t in tensors]
+        self.event = torch.cuda.Event() if cuda else None
+        if self.event is not None:
+            self.event.record()
+
+    def get(self) -> list[np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [t.numpy() for t in self.tensors]
 
 
 def encode_captions(encoder: Teacher, captions: Sequence[str], batch_size: int = 256, dtype=np.float32,

@@ -8,8 +8,10 @@ rerun, so a killed job resumes where it stopped (at shard granularity).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from tqdm import tqdm
 import pipeline
 from pipeline.features.cache.format import SHARD_RE, CacheMeta, shard_name
 from pipeline.features.cache.writer import write_shard
+from pipeline.features.device_input import choose_decode
 from pipeline.common.errors import PipelineError
 from pipeline.features.encode import encode_captions, encode_image_locations
 from pipeline.data.manifest import Manifest, Reject, write_rejects
@@ -42,6 +45,7 @@ class FeatureJob:
     text_batch_size: int = 256
     num_workers: int = 2
     dtype: str = "float16"
+    decode: str = "auto"  # auto | cpu | device: where images are decoded and preprocessed (features.device_input)
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
@@ -103,7 +107,7 @@ def _check_existing(path: Path, expected: CacheMeta) -> None:
 
 
 def _encode_shard_images(teacher: Teacher, job: FeatureJob, locations: list[str], known_rows: list,
-                         known: KnownEmbeddings | None, progress) -> tuple:
+                         known: KnownEmbeddings | None, progress, device_preprocess) -> tuple:
     """-> (embeddings, ok mask, norms, failures) for a shard's images, encoding only the unknown ones."""
     emb = np.zeros((len(locations), teacher.width), dtype=job.dtype)
     norms = np.zeros(len(locations), np.float32)
@@ -117,7 +121,7 @@ def _encode_shard_images(teacher: Teacher, job: FeatureJob, locations: list[str]
     sub_norms = np.zeros(len(todo), np.float32)
     sub, sub_ok, sub_failures = encode_image_locations(
         teacher, [locations[i] for i in todo], job.batch_size, job.num_workers, dtype=job.dtype,
-        on_progress=progress, norms_out=sub_norms)
+        on_progress=progress, norms_out=sub_norms, device_preprocess=device_preprocess)
     emb[todo], norms[todo], ok[todo] = sub, sub_norms, sub_ok
     return emb, ok, norms, [(int(todo[p]), reason) for p, reason in sub_failures]
 
@@ -179,13 +183,17 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
     known = teacher.known_embeddings(job.manifest) if pending else None
     known_images = known.image_lookup() if known else {}
     known_captions = known.caption_lookup() if known else {}
+    preprocess = teacher.tensor_preprocess()
+    device_preprocess = preprocess if choose_decode(job.decode, teacher.device, preprocess) else None
 
-    def write_one_shard(s: int) -> None:
+    def encode_shard(s: int):
+        """Encode shard ``s``; returns the function that writes it (run on the writer thread)."""
         idx = shard_range(s)
         locations = [job.manifest.resolve(paths[i]) for i in idx]
         rejects: list[Reject] = list(caption_rejects) if s == 0 else []  # recorded once, with shard 0
         emb, ok, image_norm, failures = _encode_shard_images(
-            teacher, job, locations, [known_images.get(int(image_ids[i])) for i in idx], known, bar.update)
+            teacher, job, locations, [known_images.get(int(image_ids[i])) for i in idx], known, bar.update,
+            device_preprocess)
         for pos, reason in failures:
             rows = captions.get(int(image_ids[idx[pos]]), [])
             rejects += [Reject(f"sample_id={sid}", reason, paths[idx[pos]], cap) for sid, cap in rows]
@@ -195,26 +203,44 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
         text, text_norm = _encode_shard_captions(teacher, job, [c for _, c, _ in text_rows], known_captions,
                                                  known, bar.update)
         path = job.out_dir / shard_name(s, total)
-        write_rejects(rejects, path.with_name(path.name.replace(".h5", ".rejects.parquet")))
-        write_shard(
-            path, meta, emb[ok], kept_ids,
-            text, np.array([r[0] for r in text_rows], np.int64), np.array([r[2] for r in text_rows], np.int64),
-            image_norm=image_norm[ok], text_norm=text_norm,
-        )
-        summary.shards_written.append(path.name)
-        summary.images += int(ok.sum())
-        summary.texts += len(text_rows)
-        summary.rejects += len(rejects)
 
-    for s in pending:
-        path = job.out_dir / shard_name(s, total)
-        with io.exclusive(path) as mine:  # two processes on one shard: one writes, the other leaves it
+        def write() -> None:
+            write_rejects(rejects, path.with_name(path.name.replace(".h5", ".rejects.parquet")))
+            write_shard(
+                path, meta, emb[ok], kept_ids,
+                text, np.array([r[0] for r in text_rows], np.int64), np.array([r[2] for r in text_rows], np.int64),
+                image_norm=image_norm[ok], text_norm=text_norm,
+            )
+            summary.shards_written.append(path.name)
+            summary.images += int(ok.sum())
+            summary.texts += len(text_rows)
+            summary.rejects += len(rejects)
+        return write
+
+    # Shard k is written (HDF5, checksums, fsync) on a thread while shard k+1 is encoded, so the device never
+    # waits for the disk; at most one write is in flight, and a shard's lock is held until its file is renamed
+    # into place (a killed job leaves no partial shard either way: write_shard is atomic).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        in_flight = None
+        for s in pending:
+            path = job.out_dir / shard_name(s, total)
+            lock = contextlib.ExitStack()
+            mine = lock.enter_context(io.exclusive(path))  # two processes on one shard: one writes it
             if not mine or path.exists():  # another process holds it, or finished it meanwhile
+                lock.close()
                 (summary.shards_busy if not mine else summary.shards_skipped).append(path.name)
                 if not mine:
                     tqdm.write(f"note: {path.name} is being written by another process; left to it")
                 continue
-            write_one_shard(s)
+            with contextlib.ExitStack() as on_error:
+                on_error.callback(lock.close)
+                write = encode_shard(s)
+                if in_flight is not None:
+                    in_flight.result()  # re-raises a failed write before more work is queued
+                in_flight = writer.submit(_write_then_release, write, lock)
+                on_error.pop_all()  # queued: the writer releases the lock
+        if in_flight is not None:
+            in_flight.result()
     bar.close()
     summary.seconds = time.perf_counter() - start
     done = [p for p in job.out_dir.glob("shard-*.h5") if SHARD_RE.match(p.name)]
@@ -222,6 +248,11 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
     if summary.complete:
         _write_summary(job, meta, summary)
     return summary
+
+
+def _write_then_release(write, lock: contextlib.ExitStack) -> None:
+    with lock:
+        write()
 
 
 def _write_summary(job: FeatureJob, meta: CacheMeta, summary: FeatureSummary) -> None:

@@ -8,6 +8,7 @@ architecture code (timm / transformers / open_clip), not the training code or th
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -122,6 +123,14 @@ class StudentEncoder(Teacher):
 
     def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         return self.model.image_transform(train=False)
+
+    def tensor_preprocess(self):
+        from pipeline.features.device_input import INTERPOLATIONS, TensorPreprocess
+
+        s = self.model.transform_settings  # eval: ImageTransform's Resize(floor(size / crop_pct)) + CenterCrop(size)
+        if s.interpolation not in INTERPOLATIONS:
+            return None
+        return TensorPreprocess(math.floor(s.size / s.crop_pct), s.size, s.interpolation, s.mean, s.std)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.model.tokenizer(texts)

@@ -51,6 +51,11 @@ class Teacher(ABC):
     def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """PIL RGB image -> CHW float tensor; picklable so DataLoader workers can run it."""
 
+    def tensor_preprocess(self):
+        """``image_transform`` as tensor ops (``features.device_input.TensorPreprocess``), so stage 1 can decode
+        and preprocess on the GPU; None when it has no such form (stage 1 then preprocesses in CPU workers)."""
+        return None
+
     @abstractmethod
     def tokenize(self, texts: list[str]) -> Any:
         """Captions -> model inputs (a tensor or a dict of tensors), batched."""

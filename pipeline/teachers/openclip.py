@@ -83,6 +83,18 @@ class OpenClipTeacher(Teacher):
     def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         return self._transform
 
+    def tensor_preprocess(self):
+        from pipeline.features.device_input import INTERPOLATIONS, TensorPreprocess
+
+        cfg = self.preprocess_cfg
+        size = cfg.get("size", 224)
+        size = size if isinstance(size, int) else (size[0] if size[0] == size[1] else None)
+        # open_clip's eval transform for square 'shortest' models: Resize(size) + CenterCrop(size) + Normalize
+        if size is None or cfg.get("resize_mode", "shortest") != "shortest" \
+                or cfg.get("interpolation", "bicubic") not in INTERPOLATIONS:
+            return None
+        return TensorPreprocess(size, size, cfg.get("interpolation", "bicubic"), tuple(cfg["mean"]), tuple(cfg["std"]))
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self._tokenizer(list(texts))
 
