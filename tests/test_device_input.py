@@ -98,7 +98,24 @@ def _manifest(tmp_path: Path, locations: list[str]) -> Manifest:
     return Manifest.from_rows(rows, source="device-input test", image_root=str(tmp_path))
 
 
-def test_cache_from_both_paths_agrees_within_fp16_rounding(tmp_path, teacher):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG); bench/gpu_check.sh")
+
+
+@CUDA
+def test_nvjpeg_pixels_match_the_pil_path(tmp_path, teacher):
+    locations = make_images(tmp_path)
+    pil = next(iter_image_batches(locations, teacher.image_transform(), 16, 0))
+    dev = next(iter_device_batches(locations, teacher.tensor_preprocess(), torch.device("cuda"), 16, 0))
+    assert pil.positions == dev.positions
+    std = torch.tensor(teacher.tensor_preprocess().std).view(1, 3, 1, 1)
+    diff = (pil.pixels - dev.pixels.cpu()).abs() * std * 255
+    # nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: a few steps at edges, well under one on average
+    assert diff.mean().item() < 0.5 and diff.max().item() <= 8
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_cache_from_both_paths_agrees_within_fp16_rounding(tmp_path, teacher, device):
+    teacher.to(device)
     manifest = _manifest(tmp_path, make_images(tmp_path / "img"))
     caches = {}
     for decode in ("cpu", "device"):
@@ -115,6 +132,7 @@ def test_cache_from_both_paths_agrees_within_fp16_rounding(tmp_path, teacher):
     # within fp16 rounding: no component moves by more than one fp16 step at the vector's largest magnitude
     ulp = np.spacing(np.abs(a).max(axis=1)).astype(np.float32)[:, None]
     assert np.all(np.abs(a.astype(np.float32) - b.astype(np.float32)) <= ulp)
+    teacher.to("cpu")
 
 
 def _read_images(out: Path) -> tuple[np.ndarray, np.ndarray]:
