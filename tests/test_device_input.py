@@ -186,3 +186,24 @@ def test_a_failed_shard_write_surfaces_and_releases_its_lock(tmp_path, monkeypat
     assert not list((tmp_path / "cache").glob("*.lock"))  # the writer thread released the shard it held
     again = run_feature_job(job, FakeTeacher(), progress=False)
     assert again.complete and "shard-00000-of-00003.h5" in again.shards_written
+
+
+def test_device_path_reads_webdataset_tar_members(tmp_path, teacher):
+    import tarfile
+
+    from pipeline.data.readers.webdataset import read_webdataset
+
+    images = make_images(tmp_path / "img")[:3]
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "000000.tar", "w") as tf:
+        for i, path in enumerate(images):
+            tf.add(path, arcname=f"{i:06d}.jpg")
+            caption = tmp_path / f"{i}.txt"
+            caption.write_text(f"photo number {i}")
+            tf.add(caption, arcname=f"{i:06d}.txt")
+    manifest = read_webdataset(tmp_path / "shards", split_fractions="test=1")
+    assert all("::" in p for p in manifest.table.column("image_path").to_pylist())
+    out = tmp_path / "cache"
+    summary = run_feature_job(FeatureJob(manifest, "wds", "test", out, num_workers=0, decode="device"), teacher,
+                              progress=False)
+    assert summary.complete and summary.images == 3 and summary.rejects == 0
