@@ -17,6 +17,9 @@ def test_captions_and_concepts():
     assert caption_of("account-circle-outline") == "account circle outline"
     assert concept_of("account-circle-outline") == concept_of("account-circle") == "account circle"
     assert concept_of("bell-off-2") == "bell" and concept_of("off") == "off"  # never empty
+    # a modifier word that names the thing itself stays: "lock-open" is a lock, not "open"
+    assert concept_of("lock-open") == concept_of("lock-open-outline") == "lock open"
+    assert concept_of("plus-box") == "plus" and concept_of("lock") == "lock"
 
 
 def test_build_icons_keeps_every_concept_in_one_split(tmp_path):

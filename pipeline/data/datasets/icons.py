@@ -31,10 +31,11 @@ def caption_of(name: str) -> str:
 
 
 def concept_of(name: str) -> str:
-    """The concept key of an icon name: its words without variant tokens and trailing numbers."""
+    """The concept key of an icon name: its words without variant tokens and numbers after the first word
+    (the first word names the thing: "lock-open" is a lock, "bell-off" a bell, "plus-box" a plus sign)."""
     words = [t for t in re.split(r"[-_]+", name.lower()) if t]
-    core = [w for w in words if w not in VARIANT_TOKENS and not w.isdigit()]
-    return " ".join(core or words)
+    core = words[:1] + [w for w in words[1:] if w not in VARIANT_TOKENS and not w.isdigit()]
+    return " ".join(core)
 
 
 def build_icons(out_dir: Path, sets: list[str], cache_dir: Path, size: int = 224, limit: int | None = None) -> dict:
