@@ -75,3 +75,28 @@ def test_eval_reports_onnxruntime_latency_next_to_torch(exported):
 def test_a_missing_export_is_a_one_line_error(tmp_path):
     result = run("export-onnx", tmp_path / "nope.pt")
     assert result.returncode == 2 and "nope.pt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_int8_graphs_quantise_matrix_products_and_report_their_recall_cost(exported, tmp_path):
+    import shutil
+
+    import onnx
+
+    data, export, _ = exported
+    copy = tmp_path / "export" / "student.pt"  # its own folder: the module's other tests read the float graphs
+    copy.parent.mkdir()
+    shutil.copy(export, copy)
+    result = run("export-onnx", copy, "--manifest", data / "test.parquet", "--items", 8, "--repeats", 2, "--int8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "recall cost of int8" in result.stdout and "WARNING" not in result.stderr
+    record = json.loads((onnx_dir(copy) / "parity.json").read_text())["int8"]
+    assert set(record["recall"]) == {"float32", "int8"} and record["recall"]["int8"]["rsum"] > 0
+    assert record["parity"]["text_min_cosine"] > 0.95 and record["parity"]["image_min_cosine"] > 0.95
+    for name in ("image.int8.onnx", "text.int8.onnx"):
+        ops = {node.op_type for node in onnx.load(str(onnx_dir(copy) / name)).graph.node}
+        assert "ConvInteger" not in ops  # convolutions stay float (see INT8_OPS)
+    text_ops = {node.op_type for node in onnx.load(str(onnx_dir(copy) / "text.int8.onnx")).graph.node}
+    assert text_ops & {"MatMulInteger", "DynamicQuantizeMatMul"}
+    int8 = OnnxStudent.load(copy, variant="int8")
+    tokens = int8.tokenize(["a red circle"])
+    assert int8.encode_texts(tokens).shape == (1, int8.width)
