@@ -195,6 +195,11 @@ def test_a_teacher_only_table_trains_nothing_and_reports_the_teacher(data, tmp_p
     update_summary(tmp_path / "results" / "summary.json", "tiny", {**summary, "tables": {"other": {}}})
     kept = json.loads((tmp_path / "results" / "summary.json").read_text())["sweeps"]["tiny"]["tables"]
     assert set(kept) == {"zero-shot", "other"}
+    # a table the sweep file no longer has leaves the summary
+    update_summary(tmp_path / "results" / "summary.json", "tiny", {**summary, "tables": {"other": {}}},
+                   table_ids={"other"})
+    kept = json.loads((tmp_path / "results" / "summary.json").read_text())["sweeps"]["tiny"]["tables"]
+    assert set(kept) == {"other"}
     no_teacher = tmp_path / "none.yaml"
     no_teacher.write_text(SWEEP.read_text().split("tables:")[0] + "tables:\n  - id: empty\n")
     bad = cli("experiments", "--sweep", no_teacher, "--dry-run")

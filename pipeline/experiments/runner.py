@@ -438,7 +438,8 @@ def run_sweep(
     summary_path = results.parent / "results" / "summary.json"
     data_summary = Path(plan.base.data.manifest_dir) / "summary.json"  # counts per split and style, if the data has them
     data_counts = json.loads(data_summary.read_text()) if data_summary.is_file() else None
-    tables.update_summary(summary_path, sweep.name, tables.summary_entry(plan, rows_by_table, teacher, data_counts))
+    tables.update_summary(summary_path, sweep.name, tables.summary_entry(plan, rows_by_table, teacher, data_counts),
+                          table_ids={t.id for t in sweep.tables})
     log(f"wrote {len(blocks)} table(s) to {results} and the headline numbers to {summary_path}"
         + (f"; {len(failed)} cell(s) failed" if failed else ""))
     return SweepOutcome(plan, records, teacher, results, figures, failed)

@@ -270,9 +270,10 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]], teacher:
     return entry
 
 
-def update_summary(path: Path, sweep_name: str, entry: dict) -> Path:
+def update_summary(path: Path, sweep_name: str, entry: dict, table_ids: set[str] | None = None) -> Path:
     """Update this sweep's entry in the summary file: its tables written now replace their old versions, its
-    other tables (a run with --only) and the other sweeps' entries are kept."""
+    other tables (a run with --only) and the other sweeps' entries are kept. ``table_ids``: the tables the sweep
+    file has now; an old entry of a table it no longer has is dropped (the summary never reports a removed table)."""
     import json
 
     data: dict = {}
@@ -282,6 +283,9 @@ def update_summary(path: Path, sweep_name: str, entry: dict) -> Path:
         except ValueError as exc:
             raise PipelineError(f"{path} is not valid JSON ({exc}); fix or delete it") from None
     sweeps = data.setdefault("sweeps", {})
-    tables = {**(sweeps.get(sweep_name) or {}).get("tables", {}), **entry["tables"]}
+    old = (sweeps.get(sweep_name) or {}).get("tables", {})
+    if table_ids is not None:
+        old = {k: v for k, v in old.items() if k in table_ids}
+    tables = {**old, **entry["tables"]}
     sweeps[sweep_name] = {**entry, "tables": tables}
     return io.write_json(path, data)
