@@ -254,6 +254,21 @@ def test_photometric_augmentation_is_opt_in_and_leaves_default_runs_unchanged(ti
         get_preset("tiny").replace(train_grayscale=1.5)
 
 
+def test_training_only_augmentation_does_not_change_the_encoder_fingerprint():
+    # Caches made before the photometric fields existed must keep matching the same weights; the eval transform
+    # and the weights still do change it.
+    from pipeline.students.export import StudentEncoder
+
+    def fingerprint(cfg):
+        torch.manual_seed(0)
+        return StudentEncoder(build_student(cfg, load_weights=False)).fingerprint()
+
+    base = get_preset("tiny", D)
+    plain = fingerprint(base)
+    assert fingerprint(base.replace(train_color_jitter=0.5, train_grayscale=0.2)) == plain
+    assert fingerprint(base.replace(max_text_len=base.max_text_len + 8)) != plain
+
+
 def test_tokenizer_returns_dict_of_tensors_and_rejects_bad_input(tiny):
     tokens = tiny.tokenizer(CAPTIONS)
     assert set(tokens) == {"input_ids", "attention_mask"}

@@ -104,6 +104,10 @@ def load_student_model(path: str | Path, device: str | torch.device = "cpu") -> 
     return model.to(device).eval(), payload.get("meta", {})
 
 
+TRAIN_ONLY_CONFIG = ("train_color_jitter", "train_grayscale")
+TRAIN_ONLY_TRANSFORM = ("color_jitter", "grayscale")
+
+
 class StudentEncoder(Teacher):
     """A trained student behind the ``Teacher`` interface, so stage 3 evaluates both the same way.
 
@@ -142,10 +146,17 @@ class StudentEncoder(Teacher):
         return self.model.text_features(tokens)
 
     def fingerprint_parts(self) -> dict:
+        config, transform = self.model.resolved_config.to_dict(), self.model.transform_settings.to_dict()
+        # Training-only photometric augmentation never changes what the encoder computes (the weights digest covers
+        # its effect on training), and fingerprints from before these fields existed must keep matching their caches.
+        for key in TRAIN_ONLY_CONFIG:
+            config.pop(key, None)
+        for key in TRAIN_ONLY_TRANSFORM:
+            transform.pop(key, None)
         return {
             "weights": state_dict_digest(self.model),
-            "config": self.model.resolved_config.to_dict(),
-            "transform": self.model.transform_settings.to_dict(),
+            "config": config,
+            "transform": transform,
             "tokenizer": self.model.tokenizer.settings(),
         }
 
