@@ -52,6 +52,10 @@ LabelsFromParent = Annotated[
     bool, typer.Option("--labels-from-parent", help="folder: label images by their parent folder name.")
 ]
 SplitFractions = Annotated[Optional[str], typer.Option(help=_FRACTIONS_HELP)]
+Unpaired = Annotated[
+    bool, typer.Option("--unpaired", help="folder: keep images without a caption file as image-only rows "
+                       "(transfer data for distillation) instead of rejecting them; a folder of images alone works.")
+]
 
 
 def build_manifest(
@@ -70,6 +74,7 @@ def build_manifest(
     restval_to_train: RestvalToTrain = False,
     labels_from_parent: LabelsFromParent = False,
     split_fractions: SplitFractions = None,
+    unpaired: Unpaired = False,
 ) -> dict[str, Path]:
     """Read a dataset and write <out>/<split>.parquet manifests plus <out>/rejects.parquet."""
     given = {
@@ -78,6 +83,7 @@ def build_manifest(
         "delimiter": delimiter, "split": split, "split_fractions": split_fractions,
         # Flags are passed only when set, so an inapplicable flag is reported rather than ignored.
         "restval_to_train": restval_to_train or None, "labels_from_parent": labels_from_parent or None,
+        "unpaired": unpaired or None,
     }
     options = {k: v for k, v in given.items() if v is not None}
     reader = READERS.get(fmt)
@@ -111,6 +117,9 @@ def _print_summary(manifest: Manifest, paths: dict[str, Path]) -> None:
         n_images = len(part.unique_images()[0])
         typer.echo(f"  {name:<10} {len(part):>9} rows {n_images:>9} images  -> {paths[name]}")
     typer.echo(f"  {'total':<10} {len(manifest):>9} rows {len(manifest.unique_images()[0]):>9} images")
+    image_only = int(manifest.image_only_mask().sum())
+    if image_only:
+        typer.echo(f"  of which   {image_only:>9} image-only rows (declared unpaired: images without a caption)")
     typer.echo(f"  rejects    {len(manifest.rejects):>9} rows  -> {paths['rejects']}")
     groups: Counter[str] = Counter()
     examples: dict[str, list[str]] = {}

@@ -5,9 +5,13 @@ Schema (one row per (image, caption) pair):
     image_id   int64   id of the image; rows of the same image share it
     image_path string  image location, relative to the manifest's ``image_root`` unless absolute;
                        ``shard.tar::member`` addresses a member of a tar shard
-    caption    string
+    caption    string  null only in a declared image-only row (below)
     split      string  train / val / test / ...
     label      string  optional class label (null when the dataset has none)
+
+Image-only rows (an image without a caption: transfer data for distillation) are declared by the reader with
+``unpaired: True``; they keep a null caption. A row that is not declared so and has an empty caption is still a
+reject, so a missing caption is never mistaken for an unpaired image.
 
 Parquet key-value metadata records ``source`` (what it was built from), ``image_root`` and
 ``content_hash`` (sha256 over the canonical columns, so caches can detect a changed manifest).
@@ -77,14 +81,20 @@ class Manifest:
         image_root: str | Path = "",
         rejects: Iterable[Reject] = (),
     ) -> "Manifest":
-        """Build from dict rows; validates them (empty captions, duplicate sample ids -> rejects)."""
+        """Build from dict rows; validates them (empty captions, duplicate sample ids -> rejects). A row with
+        ``unpaired: True`` is a declared image-only row: it must have no caption and is kept with a null one."""
         rejects = list(rejects)
         kept: list[dict] = []
         seen_samples: set[int] = set()
         for row in rows:
             caption = (row.get("caption") or "").strip()
             where = str(row.get("source_row", row.get("sample_id")))
-            if not caption:
+            unpaired = bool(row.get("unpaired"))
+            if unpaired and caption:
+                rejects.append(Reject(where, "declared image-only (unpaired) but has a caption",
+                                      row.get("image_path"), caption))
+                continue
+            if not caption and not unpaired:
                 rejects.append(Reject(where, "empty caption", row.get("image_path"), row.get("caption")))
                 continue
             sid = int(row["sample_id"])
@@ -97,7 +107,7 @@ class Manifest:
                     "sample_id": sid,
                     "image_id": int(row["image_id"]),
                     "image_path": str(row["image_path"]),
-                    "caption": caption,
+                    "caption": caption or None,
                     "split": str(row.get("split") or "train"),
                     "label": None if row.get("label") is None else str(row["label"]),
                 }
@@ -116,6 +126,14 @@ class Manifest:
     def split(self, name: str) -> "Manifest":
         mask = pc.equal(self.table.column("split"), name)
         return Manifest(self.table.filter(mask), self.source, self.image_root)
+
+    def image_only_mask(self) -> np.ndarray:
+        """True for the declared image-only rows (null caption)."""
+        return self.table.column("caption").is_null().to_numpy(zero_copy_only=False)
+
+    def paired(self) -> "Manifest":
+        """The (image, caption) pairs, without the image-only rows."""
+        return Manifest(self.table.filter(pc.is_valid(self.table.column("caption"))), self.source, self.image_root)
 
     def column(self, name: str) -> np.ndarray:
         return self.table.column(name).to_numpy(zero_copy_only=False)

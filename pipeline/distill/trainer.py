@@ -156,6 +156,9 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
               f"(init {o.scfg.init}) "
               f"-> width {o.scfg.embed_dim}, losses {list(o.criterion.names)}, balancer {cfg.balancer.kind}, "
               f"device {device}")
+    if env.is_main and objective.rows.image_only:
+        print(f"note: the manifest's {objective.rows.image_only} image-only rows are not used: this trainer learns "
+              "from (image, caption) pairs")
     if env.is_main and objective.scfg.init == "random":
         print(f"note: student {objective.scfg.name} starts from random weights (init: random), not its "
               "pretrained ones")

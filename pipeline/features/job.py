@@ -76,7 +76,8 @@ class FeatureSummary:
 
 
 def _captions_by_image(manifest: Manifest) -> tuple[dict[int, list[tuple[int, str]]], list[Reject]]:
-    """image_id -> [(sample_id, caption)] in sample_id order; empty captions become rejects."""
+    """image_id -> [(sample_id, caption)] in sample_id order; empty captions become rejects. Declared image-only
+    rows (null caption) add no caption: their image is cached for the intra-modal losses."""
     groups: dict[int, list[tuple[int, str]]] = {}
     rejects = []
     t = manifest.table
@@ -86,7 +87,9 @@ def _captions_by_image(manifest: Manifest) -> tuple[dict[int, list[tuple[int, st
         t.column("caption").to_pylist(),
         t.column("image_path").to_pylist(),
     ):
-        if not cap or not cap.strip():
+        if cap is None:
+            continue  # image-only row
+        if not cap.strip():
             rejects.append(Reject(f"sample_id={sid}", "empty caption", path, cap))
             continue
         groups.setdefault(iid, []).append((sid, cap))

@@ -26,6 +26,7 @@ def read_folder(
     path: str | Path,
     labels_from_parent: bool = False,
     split_fractions: str | Mapping[str, float] | None = None,
+    unpaired: bool = False,
 ) -> Manifest:
     """Read an image folder with ``.txt`` caption sidecars (searched recursively).
 
@@ -34,6 +35,8 @@ def read_folder(
         labels_from_parent: label each image with its parent folder's name (ImageFolder layout,
             ``root/<class>/img.jpg``); images directly in the root are then rejected.
         split_fractions: hash-based split assignment on the relative image path; default all ``train``.
+        unpaired: an image without a caption file becomes a declared image-only row (transfer data) instead
+            of a reject; a folder of images without any sidecar is then a valid dataset.
 
     Returns:
         Manifest; ``source_row`` is ``relative/img.txt:LINE``. Images without a caption file, caption
@@ -67,7 +70,14 @@ def read_folder(
     for image_id, rel in enumerate(images):
         txt = _sidecar_of(rel)
         if txt not in sidecars:
-            rejects.append(Reject(rel, f"no caption file ({Path(txt).name})", rel))
+            if unpaired and labels_from_parent and Path(rel).parent == Path("."):
+                rejects.append(Reject(rel, "image is not inside a class folder", rel))
+            elif unpaired:  # sample ids stay those of the captioned rows: image-only rows number after them
+                rows.append({"image_id": image_id, "image_path": rel, "caption": None, "unpaired": True,
+                             "split": assign_split(rel, fractions),
+                             "label": Path(rel).parent.name if labels_from_parent else None, "source_row": rel})
+            else:
+                rejects.append(Reject(rel, f"no caption file ({Path(txt).name})", rel))
             continue
         if len(users[txt]) > 1:
             rejects.append(Reject(txt, f"ambiguous caption file: {txt} matches {users[txt]}", rel))
@@ -110,7 +120,14 @@ def read_folder(
 
     for txt in sorted(sidecars - users.keys()):
         rejects.append(Reject(txt, "image file not found (caption file without an image)"))
+    # Image-only rows get sample ids after every caption's, so declaring them never renumbers a pair.
+    for row in rows:
+        if row.get("unpaired"):
+            row["sample_id"] = sample_id
+            sample_id += 1
     options: dict[str, object] = {"labels_from_parent": labels_from_parent}
+    if unpaired:
+        options["unpaired"] = True
     if fractions:
         options["split_fractions"] = fractions
     source = describe_source("folder", root, **options)

@@ -1,0 +1,76 @@
+"""Image-only rows (issue 13's transfer data): declared by the reader, never confused with rejects, cached by
+stage 1 (their images, no caption), left out of pair training with a note."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.data.manifest import Manifest
+from pipeline.data.readers import read_dataset
+from pipeline.features.cache import FeatureCache
+from pipeline.features.job import FeatureJob, run_feature_job
+from stages.build_manifest import build_manifest
+from tests import datagen
+from tests.fake_teacher import FakeTeacher
+
+
+def test_declared_image_only_rows_are_kept_and_empty_captions_still_rejected():
+    rows = [
+        {"sample_id": 0, "image_id": 0, "image_path": "a.png", "caption": "a cat"},
+        {"sample_id": 1, "image_id": 1, "image_path": "b.png", "caption": "  "},  # a pair with no caption
+        {"sample_id": 2, "image_id": 2, "image_path": "c.png", "caption": None, "unpaired": True},
+        {"sample_id": 3, "image_id": 3, "image_path": "d.png", "caption": "has one", "unpaired": True},
+    ]
+    m = Manifest.from_rows(rows, source="test")
+    assert m.column("sample_id").tolist() == [0, 2]
+    assert m.image_only_mask().tolist() == [False, True]
+    assert m.paired().column("sample_id").tolist() == [0]
+    assert {r.source_row: r.reason for r in m.rejects} == {
+        "1": "empty caption", "3": "declared image-only (unpaired) but has a caption"}
+    # paired manifests hash as before: the image-only support changes nothing for them
+    assert Manifest.from_rows(rows[:1], source="x").content_hash == m.paired().content_hash
+
+
+def test_folder_unpaired_keeps_images_without_sidecars_without_renumbering_pairs(tmp_path):
+    g = datagen.make_folder(tmp_path, n_images=4, captions_per_image=2)
+    (g.image_root / "img_001.txt").unlink()
+    datagen.write_image(g.image_root / "extra" / "photo.png", 11)
+    plain = read_dataset("folder", path=g.image_root)
+    m = read_dataset("folder", path=g.image_root, unpaired=True)
+    assert sorted(r.reason for r in plain.rejects) == ["no caption file (img_001.txt)", "no caption file (photo.txt)"]
+    assert m.rejects == []
+    pairs = m.paired().table.select(["sample_id", "image_id", "caption"]).to_pylist()
+    assert pairs == plain.table.select(["sample_id", "image_id", "caption"]).to_pylist()
+    only = m.table.filter(m.table.column("caption").is_null()).to_pylist()
+    assert [(r["image_path"], r["sample_id"]) for r in only] == [("extra/photo.png", 6), ("img_001.png", 7)]
+
+
+def test_a_folder_of_images_alone_through_the_command(tmp_path, capsys):
+    root = tmp_path / "photos"
+    for i in range(3):
+        datagen.write_image(root / f"p{i}.png", i)
+    paths = build_manifest("folder", root, tmp_path / "out", unpaired=True)
+    assert "3 image-only rows" in capsys.readouterr().out
+    m = Manifest.read(paths["train"])
+    assert len(m) == 3 and m.image_only_mask().all()
+    with pytest.raises(Exception, match="does not apply"):
+        build_manifest("coco", root, tmp_path / "out2", unpaired=True)
+
+
+def test_stage1_caches_image_only_rows_and_stage2_uses_the_pairs(tmp_path):
+    from pipeline.distill.data import align
+
+    g = datagen.make_folder(tmp_path, n_images=6, captions_per_image=1)
+    for i in (1, 4):
+        (g.image_root / f"img_00{i}.txt").unlink()
+    m = read_dataset("folder", path=g.image_root, unpaired=True)
+    summary = run_feature_job(FeatureJob(m, "t", "train", tmp_path / "cache", num_workers=0), FakeTeacher(),
+                              progress=False)
+    assert summary.complete and summary.images == 6 and summary.texts == 4 and summary.rejects == 0
+    cache = FeatureCache(tmp_path / "cache")
+    image_only_ids = m.column("image_id")[m.image_only_mask()]
+    assert set(image_only_ids.tolist()) <= set(cache.image_ids.tolist())  # their images are cached targets
+    rows = align(m, cache)
+    assert len(rows) == 4 and rows.image_only == 2 and rows.dropped == 0
+    assert not np.isin(rows.image_ids, image_only_ids).any()
