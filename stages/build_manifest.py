@@ -52,6 +52,10 @@ LabelsFromParent = Annotated[
     bool, typer.Option("--labels-from-parent", help="folder: label images by their parent folder name.")
 ]
 SplitFractions = Annotated[Optional[str], typer.Option(help=_FRACTIONS_HELP)]
+UnpairedCol = Annotated[
+    Optional[str], typer.Option(help="tabular: optional flag column (1/0, true/false); flagged rows are image-only "
+                                "(an image without a caption: transfer data) and leave the caption empty.")
+]
 Unpaired = Annotated[
     bool, typer.Option("--unpaired", help="folder: keep images without a caption file as image-only rows "
                        "(transfer data for distillation) instead of rejecting them; a folder of images alone works.")
@@ -75,6 +79,7 @@ def build_manifest(
     labels_from_parent: LabelsFromParent = False,
     split_fractions: SplitFractions = None,
     unpaired: Unpaired = False,
+    unpaired_col: UnpairedCol = None,
 ) -> dict[str, Path]:
     """Read a dataset and write <out>/<split>.parquet manifests plus <out>/rejects.parquet."""
     given = {
@@ -83,7 +88,7 @@ def build_manifest(
         "delimiter": delimiter, "split": split, "split_fractions": split_fractions,
         # Flags are passed only when set, so an inapplicable flag is reported rather than ignored.
         "restval_to_train": restval_to_train or None, "labels_from_parent": labels_from_parent or None,
-        "unpaired": unpaired or None,
+        "unpaired": unpaired or None, "unpaired_col": unpaired_col,
     }
     options = {k: v for k, v in given.items() if v is not None}
     reader = READERS.get(fmt)

@@ -74,3 +74,23 @@ def test_stage1_caches_image_only_rows_and_stage2_uses_the_pairs(tmp_path):
     rows = align(m, cache)
     assert len(rows) == 4 and rows.image_only == 2 and rows.dropped == 0
     assert not np.isin(rows.image_ids, image_only_ids).any()
+
+
+def test_tabular_unpaired_flag_column(tmp_path):
+    for i in range(5):
+        datagen.write_image(tmp_path / f"i{i}.png", i)
+    (tmp_path / "pairs.csv").write_text(
+        "image_path,caption,unpaired\n"
+        "i0.png,a red square,0\n"
+        "i1.png,,1\n"            # image-only
+        "i2.png,a caption,yes\n"  # flagged but captioned: reject
+        "i3.png,,maybe\n"        # not a flag: reject
+        "i4.png,,\n")            # not flagged, no caption: the usual reject
+    m = read_dataset("tabular", path=tmp_path / "pairs.csv", unpaired_col="unpaired")
+    assert [(r["image_path"], r["caption"]) for r in m.table.to_pylist()] == [("i0.png", "a red square"),
+                                                                              ("i1.png", None)]
+    reasons = sorted(r.reason for r in m.rejects)
+    assert reasons == ["declared image-only (unpaired) but has a caption", "empty caption",
+                       "invalid unpaired flag 'maybe' in column 'unpaired' (use 1/0, true/false)"]
+    plain = read_dataset("tabular", path=tmp_path / "pairs.csv")  # without the option: image-only is a reject
+    assert len(plain) == 2 and not plain.image_only_mask().any()

@@ -51,6 +51,7 @@ def read_tabular(
     sample_id_col: str | None = None,
     split_fractions: str | Mapping[str, float] | None = None,
     delimiter: str | None = None,
+    unpaired_col: str | None = None,
 ) -> Manifest:
     """Read a table of image paths and captions.
 
@@ -63,13 +64,15 @@ def read_tabular(
             ``common.assign_split``); default: every row is ``train``.
         delimiter: field separator for text tables. TSV is read without quote handling (captions
             often contain bare ``"``), CSV with standard quoting.
+        unpaired_col: optional flag column (1/true/yes vs 0/false/no/empty): a flagged row is a declared
+            image-only row (an image without a caption, transfer data); it must leave the caption empty.
     """
     path = require_file(path, "table")
     root = require_dir(image_root, "image root") if image_root is not None else path.parent
     fractions = parse_split_fractions(split_fractions)
     if split_col and fractions:
         raise PipelineError("give either a split column or split fractions, not both")
-    cols = _Columns(image_col, caption_col, split_col, label_col, image_id_col, sample_id_col)
+    cols = _Columns(image_col, caption_col, split_col, label_col, image_id_col, sample_id_col, unpaired_col)
 
     suffix = path.suffix.lower()
     if suffix in PARQUET_SUFFIXES and delimiter is None:
@@ -88,7 +91,7 @@ def read_tabular(
     options = {
         "image_root": root, "image_col": image_col, "caption_col": caption_col, "split_col": split_col,
         "label_col": label_col, "image_id_col": image_id_col, "sample_id_col": sample_id_col,
-        "split_fractions": fractions, "delimiter": delimiter,
+        "split_fractions": fractions, "delimiter": delimiter, "unpaired_col": unpaired_col,
     }
     source = describe_source("tabular", path, **{k: v for k, v in options.items() if v is not None})
     return Manifest.from_rows(rows, source=source, image_root=root, rejects=rejects)
@@ -102,10 +105,11 @@ class _Columns:
     label: str | None
     image_id: str | None
     sample_id: str | None
+    unpaired: str | None = None
 
     @property
     def wanted(self) -> list[str]:
-        names = (self.image, self.caption, self.split, self.label, self.image_id, self.sample_id)
+        names = (self.image, self.caption, self.split, self.label, self.image_id, self.sample_id, self.unpaired)
         return list(dict.fromkeys(n for n in names if n))
 
 
@@ -165,7 +169,23 @@ class _RowBuilder:
         label = rec[cols.label] if cols.label else None
         if isinstance(label, str):
             label = label.strip() or None
-        return {"sample_id": sample_id, "image_id": image_id, "split": split, "label": label}
+        unpaired = _flag(rec[cols.unpaired]) if cols.unpaired else False
+        if unpaired is None:
+            return f"invalid unpaired flag {rec[cols.unpaired]!r} in column {cols.unpaired!r} (use 1/0, true/false)"
+        return {"sample_id": sample_id, "image_id": image_id, "split": split, "label": label, "unpaired": unpaired}
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "y"}, {"", "0", "false", "no", "n"}
+
+
+def _flag(value) -> bool | None:
+    """A table's boolean flag: True, False, or None when it is neither."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    return True if text in _TRUE else False if text in _FALSE else None
 
 
 def _check_columns(path: Path, present: list[str], wanted: list[str]) -> None:
