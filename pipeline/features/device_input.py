@@ -58,9 +58,8 @@ class TensorPreprocess:
         return batch.sub_(mean).div_(std)
 
 
-def is_jpeg(data: bytes | torch.Tensor) -> bool:
-    head = bytes(data[:3].tolist()) if isinstance(data, torch.Tensor) else data[:3]
-    return head == _JPEG_MAGIC
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == _JPEG_MAGIC
 
 
 def choose_decode(choice: str, device: torch.device, preprocess: TensorPreprocess | None) -> bool:
@@ -77,9 +76,8 @@ def choose_decode(choice: str, device: torch.device, preprocess: TensorPreproces
 class _EncodedDataset(Dataset):
     """Item = (position, kind, payload, error): JPEG bytes for the device to decode, or pixels PIL decoded."""
 
-    def __init__(self, locations: Sequence[str], jpeg_on_device: bool):
+    def __init__(self, locations: Sequence[str]):
         self.locations = list(locations)
-        self.jpeg_on_device = jpeg_on_device
 
     def __len__(self) -> int:
         return len(self.locations)
@@ -88,7 +86,7 @@ class _EncodedDataset(Dataset):
         location = self.locations[i]
         try:
             data = read_bytes(location)
-            if self.jpeg_on_device and is_jpeg(data):
+            if is_jpeg(data):
                 return i, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), None
             return i, "pixels", _pil_pixels(data, location), None
         except ImageDecodeError as exc:
@@ -154,7 +152,7 @@ def iter_device_batches(locations: Sequence[str], preprocess: TensorPreprocess, 
     """Like ``iter_image_batches``, with decoding and preprocessing on ``device``; failures reported, not raised."""
     if not locations:
         return
-    loader = DataLoader(_EncodedDataset(locations, jpeg_on_device=True), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(_EncodedDataset(locations), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=_collate, pin_memory=False,
                         prefetch_factor=4 if num_workers > 0 else None)
     pin = device.type == "cuda"
