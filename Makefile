@@ -35,9 +35,10 @@ $(STAMP): pyproject.toml $(LOCK)
 install: $(STAMP)  ## create .venv and install the locked versions (+ test extras; EXTRAS=dev,gpu for GPUs)
 
 # Needs only a venv with pip (not a passing install: a changed pyproject is what makes the old lock fail).
-lock:  ## re-resolve requirements.lock from pyproject.toml (after changing dependencies), then reinstall
+lock:  ## re-resolve requirements.lock (+ pylock.toml, PEP 751 with hashes) from pyproject.toml, then reinstall
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) tools/lock.py --out requirements.lock --extras dev,gpu,deploy
+	$(PY) -m pip lock -q -e '.[dev,gpu,deploy]' -c requirements.lock -o pylock.toml
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c requirements.lock
 	$(PY) tools/lock.py --check --out requirements.lock --check-extras $(EXTRAS)
 	touch $(STAMP)

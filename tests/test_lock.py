@@ -45,3 +45,14 @@ def test_check_reports_a_version_that_differs_from_the_lock(tmp_path):
     problems = lock_tool.check(bad, ["dev"])
     assert any(p.startswith("numpy: installed") and "locked 0.0.1" in p for p in problems)
     assert any(p.startswith("h5py ") and "not in bad.lock" in p for p in problems)
+
+
+def test_pylock_has_the_same_versions_as_requirements_lock_with_hashes():
+    # pylock.toml (PEP 751, `pip lock`) is the standard-format copy of the lock, with artifact URLs and sha256s;
+    # `make lock` writes both from one resolution, so they must never disagree.
+    tomllib = pytest.importorskip("tomllib")
+    packages = tomllib.loads((ROOT / "pylock.toml").read_text())["packages"]
+    pylock = {lock_tool.canonical(p["name"]): p["version"] for p in packages if "version" in p}
+    pins = {k: v for k, v in lock_tool.read_lock(LOCK).items() if k != "pip"}  # pip is not a project dependency
+    assert pylock == pins, "run `make lock`"
+    assert all(w["hashes"]["sha256"] for p in packages for w in p.get("wheels", []))
