@@ -87,6 +87,7 @@ TEACHER_CONFIG ?= configs/teacher-emoji.yaml
 TEACHER_RUNS   := $(ARTIFACTS)/teachers/runs
 
 # $(call train_teacher,RUN NAME,CORPUS DIR): train (or resume) the run, then copy its export (checksum first).
+# The run name carries the recipe (6 epochs), so changing the recipe starts a new run instead of resuming an old one.
 define train_teacher
 	$(CLI) distill --config $(TEACHER_CONFIG) --name $(1) --set runs_dir=$(TEACHER_RUNS) \
 		--set data.manifest_dir=$(2) $(if $(wildcard $(TEACHER_RUNS)/$(1)/checkpoints/last.pt),--resume)
@@ -95,14 +96,14 @@ define train_teacher
 endef
 
 $(STRONG_TEACHER): $(CORPUS_DIR)/test.parquet $(TEACHER_CONFIG)
-	$(call train_teacher,emoji-teacher,$(CORPUS_DIR))
+	$(call train_teacher,emoji-teacher-6ep,$(CORPUS_DIR))
 
 $(CORPUS_ZS_DIR)/test.parquet: $(OPENMOJI_DIR)/test.parquet
 	$(CLI) build-corpus --out $(CORPUS_ZS_DIR) --npm-cache $(ARTIFACTS)/npm --benchmark $(OPENMOJI_DIR) \
 		--exclude-concepts $(OPENMOJI_DIR)/test.parquet
 
 $(ZS_TEACHER): $(CORPUS_ZS_DIR)/test.parquet $(TEACHER_CONFIG)
-	$(call train_teacher,emoji-teacher-zs,$(CORPUS_ZS_DIR))
+	$(call train_teacher,emoji-teacher-zs-6ep,$(CORPUS_ZS_DIR))
 
 .PHONY: teacher-zs
 teacher: $(STRONG_TEACHER)  ## train the strong teacher (use it with TEACHER=strong DATASET=emoji-corpus)
