@@ -5,12 +5,13 @@ row indices once at start-up so a training step does one gather per modality.
 
 Determinism (exact resume): the epoch's row order comes from (seed, epoch), and each item's
 augmentation from (seed, epoch, position), independent of worker count and of where a resumed
-run starts. A resumed epoch simply starts its order at the saved position.
+run starts. A resumed epoch simply starts its order at the saved position. Transfer images (caption-less,
+``pipeline.distill.transfer``) ride in the same batches: item ``N + p`` is stream position ``p``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -23,6 +24,7 @@ from pipeline.common.errors import PipelineError
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.distill.losses import caption_hashes
 from pipeline.data.manifest import Manifest
+from pipeline.distill.transfer import TransferImages, TransferStream
 
 
 @dataclass
@@ -96,15 +98,18 @@ class EpochOrder(Sampler[int]):
 
 
 class PairDataset(Dataset):
-    """Item = (row index, student pixels or None, error). Captions are looked up by row index."""
+    """Item = (index, student pixels or None, error). Index < len(rows): a pair (captions are looked up by row);
+    index N + p: the transfer image at stream position p."""
 
     def __init__(self, rows: AlignedRows, transform: Callable, seed: int, preload: bool = False,
-                 preload_size: int | None = None):
+                 preload_size: int | None = None, transfer: TransferImages | None = None,
+                 stream: TransferStream | None = None):
         self.rows, self.transform, self.seed = rows, transform, seed
+        self.transfer, self.stream = transfer, stream
         self.epoch = 0
         self._images: dict[str, Image.Image] = {}
         if preload:  # small datasets: decode once, keep (downsized) in RAM, shared with forked workers
-            for loc in dict.fromkeys(rows.locations):
+            for loc in dict.fromkeys(rows.locations + (transfer.locations if transfer else [])):
                 try:
                     img = load_rgb(loc)
                 except ImageDecodeError:
@@ -116,34 +121,67 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def location(self, i: int) -> str:
+        n = len(self.rows)
+        if i < n:
+            return self.rows.locations[i]
+        return self.transfer.locations[int(self.stream.rows(np.array([i - n]))[0])]
+
     def __getitem__(self, i: int):
-        loc = self.rows.locations[i]
+        loc = self.location(i)
         try:
             img = self._images.get(loc) or load_rgb(loc)
         except ImageDecodeError as exc:
             return i, None, str(exc)
-        # Augmentation draws from a seed fixed by (seed, epoch, row): identical on resume, any workers.
+        # Augmentation draws from a seed fixed by (seed, epoch, index): identical on resume, any workers.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
             return i, self.transform(img), None
 
 
+class MixedBatches(Sampler[list]):
+    """Batches of ``batch_size`` pairs in the epoch order (last partial batch dropped), each followed by the
+    step's transfer images (indices ``N + stream position``); without a stream, plain pair batches."""
+
+    def __init__(self, order: EpochOrder, batch_size: int, n_pairs: int, stream: TransferStream | None = None):
+        self.order, self.batch_size, self.n_pairs, self.stream = order, batch_size, n_pairs, stream
+
+    def __iter__(self):
+        rows = list(self.order)
+        steps_per_epoch = len(self.order.order(self.order.epoch)) // self.batch_size  # whatever the start
+        first_step = self.order.epoch * steps_per_epoch + self.order.start // self.batch_size
+        for k in range(len(rows) // self.batch_size):
+            batch = rows[k * self.batch_size:(k + 1) * self.batch_size]
+            if self.stream is not None and self.stream.per_step:
+                batch += (self.n_pairs + self.stream.positions(first_step + k)).tolist()
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.order) // self.batch_size
+
+
 @dataclass
 class Batch:
     rows: torch.Tensor  # (B,) indices into AlignedRows
-    pixels: torch.Tensor
+    pixels: torch.Tensor  # (B + T, ...): the pairs' images, then the transfer images
     captions: list[str]
     failures: list[str]
+    transfer_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # (T,) pool rows
 
 
-def make_collate(rows: AlignedRows):
+def make_collate(rows: AlignedRows, stream: TransferStream | None = None):
+    n = len(rows)
+
     def collate(items) -> Batch:
-        ok = [(i, x) for i, x, err in items if err is None]
+        ok = [(i, x) for i, x, err in items if err is None and i < n]
+        extra = [(i - n, x) for i, x, err in items if err is None and i >= n]
         return Batch(
             rows=torch.tensor([i for i, _ in ok], dtype=torch.long),
-            pixels=torch.stack([x for _, x in ok]) if ok else torch.empty(0),
+            pixels=torch.stack([x for _, x in ok + extra]) if ok or extra else torch.empty(0),
             captions=[rows.captions[i] for i, _ in ok],
             failures=[err for _, _, err in items if err is not None],
+            transfer_rows=(torch.from_numpy(stream.rows(np.array([p for p, _ in extra], np.int64)))
+                           if extra else torch.empty(0, dtype=torch.long)),
         )
 
     return collate
@@ -152,9 +190,10 @@ def make_collate(rows: AlignedRows):
 def make_loader(dataset: PairDataset, sampler: EpochOrder, batch_size: int, workers: int, seed: int,
                 pin: bool) -> DataLoader:
     g = torch.Generator().manual_seed(seed)  # own generator: worker seeding never touches the global RNG
+    batches = MixedBatches(sampler, batch_size, len(dataset.rows), dataset.stream)
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-        collate_fn=make_collate(dataset.rows), pin_memory=pin, generator=g,
+        dataset, batch_sampler=batches, num_workers=workers,
+        collate_fn=make_collate(dataset.rows, dataset.stream), pin_memory=pin, generator=g,
         persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
     )
 

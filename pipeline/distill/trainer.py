@@ -27,6 +27,7 @@ from pipeline.distill.data import (
     EpochOrder, PairDataset, align, check_teacher_norms, gather_targets, make_loader, teacher_targets,
 )
 from pipeline.distill.losses import TEACHER_FREE_LOSSES, LossConfig, MultiscaleDistillLoss
+from pipeline.distill.transfer import TransferStream, load_transfer, transfer_batch_size
 from pipeline.distill.queue import NegativeQueue, QueueBatch
 from pipeline.data.manifest import Manifest
 from pipeline.features.cache import open_cached_split
@@ -49,6 +50,11 @@ class DataSection:
     # False: train against the teacher's raw (un-normalised) embeddings, the paper's ablation (method.md 1.6);
     # needs a cache that stores the norms.
     teacher_normalized: bool = True
+    # Transfer images (pipeline.distill.transfer): caption-less images distilled next to the pairs, in the
+    # image-only terms. Sources: [{manifest_dir, cache_dir, split}] (their captions are ignored) plus the
+    # training manifest's own image-only rows; each step adds round(transfer_ratio x batch_size) of them.
+    transfer: tuple = ()
+    transfer_ratio: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -156,9 +162,15 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
               f"(init {o.scfg.init}) "
               f"-> width {o.scfg.embed_dim}, losses {list(o.criterion.names)}, balancer {cfg.balancer.kind}, "
               f"device {device}")
-    if env.is_main and objective.rows.image_only:
-        print(f"note: the manifest's {objective.rows.image_only} image-only rows are not used: this trainer learns "
-              "from (image, caption) pairs")
+    if env.is_main and objective.transfer is not None:
+        t = objective.transfer
+        sources = ", ".join(f"{name} {n}" for name, n in t.per_source)
+        print(f"transfer: {len(t)} caption-less images ({sources}"
+              f"{f'; {t.skipped_paired} already pairs, skipped' if t.skipped_paired else ''}), "
+              f"{objective.stream.per_step} per step in the image-only losses and the image queue")
+    elif env.is_main and objective.rows.image_only:
+        print(f"note: the manifest's {objective.rows.image_only} image-only rows are not used: set "
+              "data.transfer_ratio > 0 to distil on them next to the pairs")
     if env.is_main and objective.scfg.init == "random":
         print(f"note: student {objective.scfg.name} starts from random weights (init: random), not its "
               "pretrained ones")
@@ -213,10 +225,12 @@ class DistillObjective(Objective):
             self.val_manifest = Manifest.read(val_path) if val_path.exists() else None
         self.data_fingerprint = train_manifest.content_hash
         self.rows = rows = align(train_manifest, self.cache)
+        self.transfer, self.stream = self._transfer(train_manifest)
         self.scfg = student_config(cfg, self.cache.width if self.cache else None)
         self.model = model = build_student(self.scfg).to(device)
         self.dataset = PairDataset(rows, model.image_transform(train=True), cfg.seed, preload=cfg.data.preload,
-                                   preload_size=int(self.scfg.image_size * 1.15))
+                                   preload_size=int(self.scfg.image_size * 1.15), transfer=self.transfer,
+                                   stream=self.stream)
         self.sampler = EpochOrder(len(rows), cfg.seed, env.rank, env.world)
         self.steps_per_epoch = len(self.sampler) // cfg.optim.batch_size
         if self.steps_per_epoch == 0:
@@ -237,6 +251,24 @@ class DistillObjective(Objective):
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         self._global_step = 0
+
+    def _transfer(self, train_manifest: Manifest):
+        """(pool, stream) of transfer images, or (None, None) when transfer_ratio is 0."""
+        cfg = self.cfg
+        per_step = transfer_batch_size(cfg.data.transfer_ratio, cfg.optim.batch_size)
+        if per_step == 0:
+            return None, None
+        if self.cache is None:
+            raise PipelineError("data.transfer_ratio > 0 needs a teacher cache (data.cache_dir): transfer images "
+                                "learn from the teacher's image embeddings alone")
+        if not set(self.cfg.losses.enabled) - set(TEACHER_FREE_LOSSES):
+            raise PipelineError("data.transfer_ratio > 0 needs a distillation loss on (cd, fd, sd or hnd): the "
+                                "pair loss cannot use caption-less images")
+        pool = load_transfer(cfg.data.transfer, (train_manifest, self.cache), self.rows.locations)
+        if pool is None:
+            raise PipelineError("data.transfer_ratio > 0 but there is no transfer image: name sources in "
+                                "data.transfer or declare image-only rows in the training manifest")
+        return pool, TransferStream(len(pool), per_step, self.cfg.seed, self.env.rank, self.env.world)
 
     def parameters(self):
         return list(self.model.parameters())  # AdamW skips the frozen ones (no gradient)
@@ -279,23 +311,35 @@ class DistillObjective(Objective):
             img_ids = torch.from_numpy(rows.image_ids[idx]).to(device)
             hashes = torch.from_numpy(rows.caption_hash[idx]).to(device)
             tokens = {k: v.to(device) for k, v in self.model.tokenizer(batch.captions).items()}
+        transfer = None
+        if self.transfer is not None and len(batch.transfer_rows):
+            with clock("targets"):
+                trows = batch.transfer_rows.numpy()
+                transfer = (torch.from_numpy(self.transfer.targets(trows)).to(device, non_blocking=True),
+                            torch.from_numpy(self.transfer.image_ids[trows]).to(device))
         with clock("forward"), autocast(device, cfg.precision):
-            s_img, s_txt = self.ddp_model(batch.pixels.to(device, non_blocking=True), tokens)
+            # one forward over the pairs' and the transfer images (one DDP call); split after
+            s_all, s_txt = self.ddp_model(batch.pixels.to(device, non_blocking=True), tokens)
+        s_img = s_all[:len(idx)]
         with clock("losses"):
             losses = self.criterion(s_img.float(), s_txt.float(), t_img, t_txt, img_ids,
                                     queue=self.queue.active(device) if self.queue else None,
-                                    captions_hash=hashes)
+                                    captions_hash=hashes,
+                                    transfer=(s_all[len(idx):].float(), *transfer) if transfer else None)
         with clock("balancer"):
             total, info = self.balancer(losses)
-        self._pending = (t_img, img_ids, t_txt, hashes)
-        return StepOutput(total, losses, info, items=len(idx))
+        q_img, q_ids = t_img, img_ids
+        if transfer:  # transfer images are image negatives too
+            q_img, q_ids = torch.cat([t_img, transfer[0]]), torch.cat([img_ids, transfer[1]])
+        self._pending = (q_img, q_ids, t_txt, img_ids, hashes)
+        return StepOutput(total, losses, info, items=len(idx) + (len(transfer[0]) if transfer else 0))
 
     def after_step(self, out: StepOutput, step: int) -> None:
         if self.queue is not None and self.cfg.queue.mode == "fifo":  # after backward: the active queue tensors are views (pipeline.distill.queue)
-            t_img, img_ids, t_txt, hashes = self._pending
+            q_img, q_ids, t_txt, txt_ids, hashes = self._pending
             env = self.env
-            self.queue.enqueue(gather_rows(t_img, env), gather_rows(img_ids, env), gather_rows(t_txt, env),
-                               gather_rows(img_ids, env), gather_rows(hashes, env))
+            self.queue.enqueue(gather_rows(q_img, env), gather_rows(q_ids, env), gather_rows(t_txt, env),
+                               gather_rows(txt_ids, env), gather_rows(hashes, env))
         self._pending = None
 
     def end_epoch(self, epoch: int, step: int, log) -> None:

@@ -121,15 +121,19 @@ class MultiscaleDistillLoss(nn.Module):
         return self.config.enabled
 
     def forward(self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor, img_ids: Tensor,
-                queue: "ActiveQueue | None" = None, captions_hash: Tensor | None = None) -> dict[str, Tensor]:
+                queue: "ActiveQueue | None" = None, captions_hash: Tensor | None = None,
+                transfer: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """Compute the enabled losses.
 
         Args:
             queue: the negatives for CD (``NegativeQueue.active(device)``). Required when CD is on; an
                 empty queue is allowed and gives CD = 0 (no negatives yet).
             captions_hash: optional (B,) int64 caption hashes; masks identical captions in CD, HND and pair.
+            transfer: optional (student, teacher, ids) of the step's transfer images (T, D), (T, D), (T,):
+                caption-less images that join the image-only terms (CD, FD, SD on images, HND image-image).
         """
-        inputs = LossInputs(s_img, s_txt, t_img, t_txt, img_ids, queue, captions_hash)
+        more = transfer if transfer is not None else (None, None, None)
+        inputs = LossInputs(s_img, s_txt, t_img, t_txt, img_ids, queue, captions_hash, *more)
         return {n: loss.of(inputs)[n] for n, loss in self.parts.items()}
 
 

@@ -27,6 +27,20 @@ class LossInputs:
     img_ids: Tensor  # (B,) int64 image_id of each row (rows of one image share it)
     queue: "ActiveQueue | None" = None  # the negatives (pipeline.distill.queue), for losses that use them
     captions_hash: Tensor | None = None  # (B,) optional int64 caption hashes (``caption_hashes``)
+    # Transfer images (no caption, pipeline.distill.transfer): they join the image-only terms, never the
+    # cross-modal ones. (T, D), (T, D), (T,); None without transfer data.
+    more_s_img: Tensor | None = None
+    more_t_img: Tensor | None = None
+    more_img_ids: Tensor | None = None
+
+    def images(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(student, teacher, ids) of every image of the step: the pairs' images, then the transfer images."""
+        if self.more_s_img is None or len(self.more_s_img) == 0:
+            return self.s_img, self.t_img, self.img_ids
+        ids = torch.as_tensor(self.img_ids, dtype=torch.int64, device=self.s_img.device)
+        more_ids = torch.as_tensor(self.more_img_ids, dtype=torch.int64, device=self.s_img.device)
+        return (torch.cat([self.s_img, self.more_s_img]), torch.cat([self.t_img, self.more_t_img]),
+                torch.cat([ids, more_ids]))
 
 
 def caption_hashes(captions: Sequence[str]) -> np.ndarray:

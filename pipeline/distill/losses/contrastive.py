@@ -69,7 +69,10 @@ class ContrastiveDistillLoss(nn.Module):
         queue_txt_ids: Tensor,
         captions_hash: Tensor | None = None,
         queue_txt_hash: Tensor | None = None,
+        all_images: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
+        """``all_images``: (student, teacher, ids) of every image of the step, pairs' and transfer images, for
+        the image term (default: the pairs' images); the cross-modal terms use the pairs only."""
         _check_pair(s_img, t_img, "contrastive distillation (image)")
         _check_pair(s_txt, t_txt, "contrastive distillation (text)")
         dev = s_img.device
@@ -83,8 +86,13 @@ class ContrastiveDistillLoss(nn.Module):
 
         img_mask = false_negative_mask(ids, qi_ids)
         txt_mask = false_negative_mask(ids, qt_ids, h, qh)
+        all_s, all_t, all_mask = s_img, t_img, img_mask
+        if all_images is not None and len(all_images[0]) != len(s_img):
+            all_s, all_t, all_ids = all_images
+            _check_pair(all_s, all_t, "contrastive distillation (all images)")
+            all_mask = false_negative_mask(_ids(all_ids, dev), qi_ids)
         out = {
-            "cd_img": queue_contrastive(s_img, t_img, queue_img, self.tau, img_mask),
+            "cd_img": queue_contrastive(all_s, all_t, queue_img, self.tau, all_mask),
             "cd_txt": queue_contrastive(s_txt, t_txt, queue_txt, self.tau, txt_mask),
         }
         if self.cross_modal:
@@ -100,4 +108,4 @@ class ContrastiveDistillLoss(nn.Module):
             raise PipelineError("contrastive distillation is enabled but no negative queue was given")
         q = x.queue
         return self(x.s_img, x.s_txt, x.t_img, x.t_txt, x.img_ids, q.img, q.txt, q.img_ids, q.txt_ids,
-                    x.captions_hash, q.txt_hash)
+                    x.captions_hash, q.txt_hash, all_images=x.images())

@@ -36,4 +36,5 @@ class FeatureDistillLoss(nn.Module):
         return {"fd_img": fi, "fd_txt": ft, "fd": fi + ft}
 
     def of(self, x: LossInputs) -> dict[str, Tensor]:
-        return self(x.s_img, x.s_txt, x.t_img, x.t_txt)
+        s_img, t_img, _ = x.images()  # the image term also covers transfer images
+        return self(s_img, x.s_txt, t_img, x.t_txt)

@@ -58,7 +58,10 @@ class HardNegativeDistillLoss(nn.Module):
         t_txt: Tensor,
         img_ids: Tensor,
         captions_hash: Tensor | None = None,
+        all_images: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
+        """``all_images``: (student, teacher, ids) of every image of the step, pairs' and transfer images, for
+        the image-image term (default: the pairs' images)."""
         _check_pair(s_img, t_img, "hard-negative distillation (image)")
         _check_pair(s_txt, t_txt, "hard-negative distillation (text)")
         dev = s_img.device
@@ -67,8 +70,15 @@ class HardNegativeDistillLoss(nn.Module):
         img_mask = false_negative_mask(ids, ids)  # includes the diagonal, as every row shares its own id
         txt_mask = false_negative_mask(ids, ids, h, h)
         m = self.margin
+        if all_images is not None and len(all_images[0]) != len(s_img):
+            all_s, all_t, all_ids = all_images
+            _check_pair(all_s, all_t, "hard-negative distillation (all images)")
+            all_ids = _ids(all_ids, dev)
+            img_img = max_violation_triplet(all_s, all_t, m, false_negative_mask(all_ids, all_ids))
+        else:
+            img_img = max_violation_triplet(s_img, t_img, m, img_mask)
         out = {
-            "hnd_img_img": max_violation_triplet(s_img, t_img, m, img_mask),
+            "hnd_img_img": img_img,
             "hnd_txt_txt": max_violation_triplet(s_txt, t_txt, m, txt_mask),
             "hnd_img_txt": max_violation_triplet(s_img, t_txt, m, txt_mask),
             "hnd_txt_img": max_violation_triplet(s_txt, t_img, m, txt_mask),
@@ -77,4 +87,4 @@ class HardNegativeDistillLoss(nn.Module):
         return out
 
     def of(self, x: LossInputs) -> dict[str, Tensor]:
-        return self(x.s_img, x.s_txt, x.t_img, x.t_txt, x.img_ids, x.captions_hash)
+        return self(x.s_img, x.s_txt, x.t_img, x.t_txt, x.img_ids, x.captions_hash, all_images=x.images())

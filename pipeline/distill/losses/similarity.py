@@ -23,4 +23,5 @@ class SimilarityDistillLoss(nn.Module):
         return {"sd_img": si, "sd_txt": st, "sd": si + st}
 
     def of(self, x: LossInputs) -> dict[str, Tensor]:
-        return self(x.s_img, x.s_txt, x.t_img, x.t_txt)
+        s_img, t_img, _ = x.images()  # the image term also covers transfer images
+        return self(s_img, x.s_txt, t_img, x.t_txt)

@@ -1,0 +1,151 @@
+"""Transfer images: images without a caption that stage 2 distils on next to the pairs (issue 13).
+
+Users hold far more images than pairs. A transfer image has a cached teacher embedding but no caption, so it
+can only feed the intra-modal terms (CD, FD and SD on images, the image-image hard-negative term) and the
+image queue; the cross-modal terms keep using the pairs. Sources: the training manifest's own declared
+image-only rows, and the images of any other (manifest, cache) split named in ``data.transfer`` (their
+captions, if any, are ignored). Every source must be cached by the same teacher as the pairs.
+
+Order (exact resume): a step's transfer rows are a pure function of (seed, step, rank): the transfer images
+are walked as an endless stream of seeded permutations, one per pass, and step ``s`` on rank ``r`` of
+``w`` takes stream positions ``((s * w + r) * T, ... + T)``. No state, so a resumed run draws the same rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.common.errors import PipelineError
+from pipeline.data.manifest import Manifest
+from pipeline.features.cache import FeatureCache, open_cached_split
+
+# Mixed into the permutation seed so the transfer stream never mirrors the pair order of the same seed.
+_STREAM_SALT = 0x7472616E
+
+
+@dataclass
+class TransferImages:
+    """The pool of transfer images: one row per unique image, with where its teacher target lives."""
+
+    image_ids: np.ndarray  # (N,) int64
+    locations: list[str]
+    caches: list[FeatureCache]  # one per source
+    source: np.ndarray  # (N,) index into caches
+    image_rows: np.ndarray  # (N,) row into caches[source].image
+    per_source: list[tuple[str, int]] = field(default_factory=list)  # (name, images kept) for the summary
+    skipped_paired: int = 0  # images left out because they are already training pairs
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def targets(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), D) float32 teacher image embeddings of transfer rows, gathered source by source."""
+        width = self.caches[0].width
+        out = np.empty((len(rows), width), np.float32)
+        src = self.source[rows]
+        for s in np.unique(src):
+            pick = src == s
+            out[pick] = self.caches[int(s)].image.gather(self.image_rows[rows[pick]]).astype(np.float32)
+        return out
+
+
+def _cached_images(manifest: Manifest, cache: FeatureCache, only_image_only: bool) -> tuple[np.ndarray, list[str]]:
+    """Unique (image id, location) of a manifest's rows whose image the cache holds (stage-1 rejects are not)."""
+    if only_image_only:
+        mask = manifest.image_only_mask()
+        ids = manifest.column("image_id").astype(np.int64)[mask]
+        paths = [p for p, m in zip(manifest.table.column("image_path").to_pylist(), mask) if m]
+        first = dict(zip(ids.tolist(), paths))
+        ids = np.asarray(sorted(first), np.int64)
+        paths = [first[i] for i in ids.tolist()]
+    else:
+        ids, paths = manifest.unique_images()
+    held = np.isin(ids, cache.image_ids)
+    return ids[held], [manifest.resolve(p) for p, h in zip(paths, held) if h]
+
+
+def load_transfer(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | None,
+                  paired_locations: Sequence[str]) -> TransferImages | None:
+    """Build the transfer pool from ``data.transfer`` entries and the training manifest's image-only rows.
+
+    ``sources``: dicts with ``manifest_dir``, ``cache_dir`` and optional ``split`` (default train). ``own``: the
+    training (manifest, cache), whose declared image-only rows join the pool. Images already among the
+    training pairs (same resolved location) are skipped: they would be counted twice. None: an empty pool.
+    """
+    caches: list[FeatureCache] = []
+    parts: list[tuple[str, np.ndarray, list[str]]] = []
+    if own is not None and own[0].image_only_mask().any():
+        ids, locs = _cached_images(own[0], own[1], only_image_only=True)
+        caches.append(own[1])
+        parts.append(("image-only rows of the training manifest", ids, locs))
+    for i, src in enumerate(sources):
+        if not isinstance(src, dict) or not {"manifest_dir", "cache_dir"} <= set(src) or \
+                set(src) - {"manifest_dir", "cache_dir", "split"}:
+            raise PipelineError(f"data.transfer[{i}] must be a mapping with manifest_dir, cache_dir and optional "
+                                f"split, not {src!r}")
+        split = src.get("split", "train")
+        manifest, cache = open_cached_split(src["manifest_dir"], src["cache_dir"], split, required=True)
+        ids, locs = _cached_images(manifest, cache, only_image_only=False)
+        caches.append(cache)
+        parts.append((f"{src['manifest_dir']}/{split}", ids, locs))
+    if not parts:
+        return None
+    fingerprints = {c.meta.teacher_fingerprint for c in caches}
+    if own is not None:
+        fingerprints.add(own[1].meta.teacher_fingerprint)
+    if len(fingerprints) > 1 or len({c.width for c in caches}) > 1:
+        raise PipelineError("data.transfer: every transfer cache must come from the training cache's teacher "
+                            f"(found teacher fingerprints {sorted(fingerprints)})")
+    paired = set(paired_locations)
+    image_ids, locations, source, image_rows, per_source, skipped = [], [], [], [], [], 0
+    seen: set[str] = set()
+    for s, (name, ids, locs) in enumerate(parts):
+        keep = [j for j, loc in enumerate(locs) if loc not in paired and loc not in seen]
+        skipped += sum(1 for loc in locs if loc in paired)
+        seen.update(locs[j] for j in keep)
+        kept_ids = ids[keep]
+        image_ids.append(kept_ids)
+        locations.extend(locs[j] for j in keep)
+        source.append(np.full(len(keep), s, np.int64))
+        image_rows.append(caches[s].image_rows(kept_ids) if len(keep) else np.empty(0, np.int64))
+        per_source.append((name, len(keep)))
+    pool = TransferImages(np.concatenate(image_ids), locations, caches, np.concatenate(source),
+                          np.concatenate(image_rows), per_source, skipped)
+    if len(pool) == 0:
+        raise PipelineError("data.transfer: no transfer image left (all rejected in stage 1, or already pairs)")
+    return pool
+
+
+def transfer_batch_size(ratio: float, batch_size: int) -> int:
+    """Transfer images per step: ``round(ratio x batch size)``; ratio 0 turns transfer off."""
+    if ratio < 0:
+        raise PipelineError(f"data.transfer_ratio must be >= 0, got {ratio}")
+    return int(round(ratio * batch_size))
+
+
+class TransferStream:
+    """Which transfer rows a step takes: an endless walk over seeded permutations of the pool."""
+
+    def __init__(self, n: int, per_step: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.per_step, self.seed, self.rank, self.world = n, per_step, seed, rank, world
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, lap: int) -> np.ndarray:
+        if lap not in self._perms:
+            if len(self._perms) > 4:  # a step spans at most two laps; keep the cache small
+                self._perms.clear()
+            self._perms[lap] = np.random.default_rng([self.seed, _STREAM_SALT, lap]).permutation(self.n)
+        return self._perms[lap]
+
+    def positions(self, step: int) -> np.ndarray:
+        """Stream positions of a step on this rank (unique across steps and ranks: the augmentation seed)."""
+        first = (step * self.world + self.rank) * self.per_step
+        return np.arange(first, first + self.per_step, dtype=np.int64)
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """Pool rows at stream positions."""
+        laps, offs = np.divmod(np.asarray(positions, np.int64), self.n)
+        return np.asarray([self._perm(int(l))[int(o)] for l, o in zip(laps, offs)], np.int64)

@@ -1,0 +1,193 @@
+"""Transfer images (issue 13): caption-less images distilled next to the pairs in the image-only terms.
+
+The stream of transfer rows, the pool (sources, duplicates, teacher checks), the losses against simple
+reference computations, and stage 2 through the real CLI: image-only manifest rows and another dataset's
+cache survive manifest -> cache -> training, fill the image queue, and a killed run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.common.errors import PipelineError
+from pipeline.data.manifest import Manifest
+from pipeline.distill.losses import LossConfig, MultiscaleDistillLoss
+from pipeline.distill.losses.contrastive import queue_contrastive
+from pipeline.distill.losses.hard_negative import max_violation_triplet
+from pipeline.distill.queue import ActiveQueue
+from pipeline.distill.transfer import TransferStream, load_transfer, transfer_batch_size
+from pipeline.features.cache import FeatureCache
+from pipeline.features.job import FeatureJob, run_feature_job
+from pipeline.train.contrastive import false_negative_mask
+from tests.fake_teacher import FakeTeacher
+from tests.gen_cache import make_cache, make_dataset
+from tests.test_distill import cli, distill_args, final_weights
+
+
+# ---- the stream ---------------------------------------------------------------------------------
+
+
+def test_stream_walks_seeded_permutations_and_never_repeats_a_position():
+    s = TransferStream(n=10, per_step=4, seed=3)
+    pos = np.concatenate([s.positions(k) for k in range(5)])
+    assert pos.tolist() == list(range(20))  # consecutive steps take consecutive positions
+    rows = s.rows(pos)
+    assert sorted(rows[:10].tolist()) == list(range(10)) and sorted(rows[10:20].tolist()) == list(range(10))
+    assert rows[:10].tolist() != rows[10:20].tolist()  # each pass is its own permutation
+    again = TransferStream(n=10, per_step=4, seed=3)
+    assert again.rows(again.positions(3)).tolist() == rows[12:16].tolist()  # a pure function of the step
+    r0, r1 = TransferStream(10, 4, 3, rank=0, world=2), TransferStream(10, 4, 3, rank=1, world=2)
+    both = np.concatenate([r0.positions(1), r1.positions(1)])
+    assert len(set(both.tolist())) == 8  # ranks never share a position
+    assert transfer_batch_size(0.5, 64) == 32 and transfer_batch_size(0, 64) == 0
+    with pytest.raises(PipelineError, match="transfer_ratio"):
+        transfer_batch_size(-1, 8)
+
+
+# ---- the pool -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    """Two shape datasets cached by the same fake teacher: the pairs, and the transfer images' source."""
+    root = tmp_path_factory.mktemp("transfer")
+    pairs = make_dataset(root / "pairs", n_images=40)
+    other = make_dataset(root / "other", n_images=30, seed=1)
+    return (pairs, make_cache(pairs, root / "pairs-cache")), (other, make_cache(other, root / "other-cache"))
+
+
+def test_pool_takes_every_cached_image_of_a_source_and_skips_images_that_are_pairs(worlds):
+    (pairs, pairs_cache), (other, other_cache) = worlds
+    own = Manifest.read(pairs / "train.parquet")
+    own_locs = [own.resolve(p) for p in own.table.column("image_path").to_pylist()]
+    pool = load_transfer([{"manifest_dir": str(other), "cache_dir": str(other_cache)}], None, own_locs)
+    other_train = Manifest.read(other / "train.parquet")
+    assert len(pool) == len(set(other_train.column("image_id").tolist())) == 18
+    assert pool.per_source == [(f"{other}/train", 18)] and pool.skipped_paired == 0
+    ref = FeatureCache(other_cache / "train").images_by_id(pool.image_ids[[3, 0]]).astype(np.float32)
+    assert np.array_equal(pool.targets(np.array([3, 0])), ref)  # targets are the source cache's rows
+    # the pairs' own split as a transfer source: every image is already a pair, so nothing is left
+    with pytest.raises(PipelineError, match="no transfer image left"):
+        load_transfer([{"manifest_dir": str(pairs), "cache_dir": str(pairs_cache)}], None, own_locs)
+    with pytest.raises(PipelineError, match=r"data.transfer\[0\] must be a mapping"):
+        load_transfer([{"manifest": "x"}], None, own_locs)
+    with pytest.raises(PipelineError, match="need .* and a cache"):
+        load_transfer([{"manifest_dir": str(other), "cache_dir": str(other_cache), "split": "nope"}], None, [])
+
+
+def test_pool_refuses_a_source_cached_by_another_teacher(worlds, tmp_path):
+    (pairs, pairs_cache), (other, _) = worlds
+    m = Manifest.read(other / "train.parquet")
+    run_feature_job(FeatureJob(m, "other", "train", tmp_path / "c" / "train", num_workers=0),
+                    FakeTeacher(width=16, seed=5), progress=False)
+    own = (Manifest.read(pairs / "train.parquet"), FeatureCache(pairs_cache / "train"))
+    with pytest.raises(PipelineError, match="same|teacher fingerprints"):
+        load_transfer([{"manifest_dir": str(other), "cache_dir": str(tmp_path / "c")}], own, [])
+
+
+# ---- the losses ---------------------------------------------------------------------------------
+
+
+def _unit(*shape, seed=0):
+    return torch.nn.functional.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_transfer_images_join_the_image_terms_and_nothing_else():
+    B, T, K, D = 6, 4, 10, 8
+    s_img, s_txt, t_img, t_txt = (_unit(B, D, seed=i) for i in range(4))
+    x_s, x_t = _unit(T, D, seed=7), _unit(T, D, seed=8)
+    ids, x_ids = torch.arange(B), torch.arange(100, 100 + T)
+    queue = ActiveQueue(img=_unit(K, D, seed=9), img_ids=torch.arange(K) + 50, txt=_unit(K, D, seed=10),
+                        txt_ids=torch.arange(K) + 50, txt_hash=None)
+    crit = MultiscaleDistillLoss(LossConfig(pair=True))
+    plain = crit(s_img, s_txt, t_img, t_txt, ids, queue=queue)
+    mixed = crit(s_img, s_txt, t_img, t_txt, ids, queue=queue, transfer=(x_s, x_t, x_ids))
+    parts = {n: crit.parts[n].of for n in crit.names}
+    from pipeline.distill.losses.common import LossInputs
+    full = {n: f(LossInputs(s_img, s_txt, t_img, t_txt, ids, queue, None, x_s, x_t, x_ids)) for n, f in parts.items()}
+    alone = {n: f(LossInputs(s_img, s_txt, t_img, t_txt, ids, queue)) for n, f in parts.items()}
+    all_s, all_t, all_ids = torch.cat([s_img, x_s]), torch.cat([t_img, x_t]), torch.cat([ids, x_ids])
+    # references over the concatenated images
+    assert torch.allclose(full["fd"]["fd_img"], (all_s - all_t).abs().mean())
+    assert torch.allclose(full["sd"]["sd_img"], (1 - (all_s * all_t).sum(1)).mean())
+    ref_cd = queue_contrastive(all_s, all_t, queue.img, 0.05, false_negative_mask(all_ids, queue.img_ids))
+    assert torch.allclose(full["cd"]["cd_img"], ref_cd)
+    ref_hnd = max_violation_triplet(all_s, all_t, 0.0, false_negative_mask(all_ids, all_ids))
+    assert torch.allclose(full["hnd"]["hnd_img_img"], ref_hnd)
+    # text and cross-modal terms are those of the pairs alone
+    for loss, part in (("cd", "cd_txt"), ("fd", "fd_txt"), ("sd", "sd_txt"), ("hnd", "hnd_txt_txt"),
+                       ("hnd", "hnd_img_txt"), ("hnd", "hnd_txt_img"), ("pair", "pair")):
+        assert torch.equal(full[loss][part], alone[loss][part]), part
+    assert torch.equal(mixed["pair"], plain["pair"]) and not torch.equal(mixed["fd"], plain["fd"])
+
+
+# ---- stage 2 through the CLI ----------------------------------------------------------------------
+
+
+def _with_image_only_rows(manifest_dir, out_dir, cache_dir, n_image_only=6):
+    """The pairs' manifests with the captions of some train images removed and declared image-only; cached."""
+    out_dir.mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        m = Manifest.read(manifest_dir / f"{split}.parquet")
+        rows = m.table.to_pylist()
+        if split == "train":
+            drop = sorted({r["image_id"] for r in rows})[:n_image_only]
+            kept = [r for r in rows if r["image_id"] not in drop]
+            rows = kept + [{**r, "caption": None, "unpaired": True}
+                           for r in {r["image_id"]: r for r in rows if r["image_id"] in drop}.values()]
+        Manifest.from_rows(rows, source="shapes", image_root=m.image_root).write(out_dir / f"{split}.parquet")
+        run_feature_job(FeatureJob(Manifest.read(out_dir / f"{split}.parquet"), "shapes", split,
+                                   cache_dir / split, num_workers=0), FakeTeacher(width=16), progress=False)
+    return out_dir, cache_dir
+
+
+def test_stage2_distils_on_image_only_rows_and_another_cache_and_resumes_exactly(worlds, tmp_path):
+    (pairs, _), (other, other_cache) = worlds
+    shapes = _with_image_only_rows(pairs, tmp_path / "m", tmp_path / "c")
+    runs = tmp_path / "runs"
+    extra = (f'data.transfer=[{{manifest_dir: "{other}", cache_dir: "{other_cache}"}}]', "data.transfer_ratio=0.5")
+    ref = cli(distill_args(shapes, runs, "straight", *extra), stdout=-1, text=True)
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out
+    # 6 image-only rows of the training manifest + the other dataset's 18 train images, 4 per step of 8 pairs
+    assert f"transfer: 24 caption-less images (image-only rows of the training manifest 6, {other}/train 18)" in out
+    assert "4 per step" in out
+    ckpt = final_weights(runs / "straight")
+    steps = ckpt["state"]["global_step"]
+    q = ckpt["queue"][0]
+    assert q["img"]["fill"] == min(24, steps * 12) and q["txt"]["fill"] == min(24, steps * 8)
+    # a killed run resumes to the same weights: the transfer rows are a function of the step
+    killed = cli(distill_args(shapes, runs, "killed", *extra), stdout=-3)
+    last = runs / "killed" / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not last.exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode != 0 and not (runs / "killed" / "export" / "student.pt").exists()
+    resumed = cli(distill_args(shapes, runs, "killed", *extra) + ["--resume"], stdout=-3)
+    assert resumed.wait(timeout=300) == 0
+    b = final_weights(runs / "killed")
+    assert b["state"] == ckpt["state"]
+    for key, value in ckpt["model"].items():
+        assert torch.equal(value, b["model"][key]), f"{key} differs after resume"
+    assert torch.equal(ckpt["queue"][0]["img"]["emb"], b["queue"][0]["img"]["emb"])
+
+
+def test_transfer_errors_are_one_line(worlds, tmp_path):
+    shapes = worlds[0]
+    runs = tmp_path / "runs"
+    for extra, msg in (
+        (("data.transfer_ratio=0.5",), "no transfer image"),
+        (("data.transfer_ratio=0.5", "losses.cd=false", "losses.fd=false", "losses.sd=false", "losses.hnd=false",
+          "losses.pair=true"), "needs a distillation loss"),
+    ):
+        proc = cli(distill_args(shapes, runs, "bad", *extra), stdout=-1, stderr=-2, text=True)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and msg in out and "Traceback" not in out, out
