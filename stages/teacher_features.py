@@ -28,6 +28,12 @@ def teacher_features(
                                "there is one and the teacher's preprocessing has a tensor form; JPEGs via nvJPEG), "
                                "cpu (PIL in the workers), device (also on a CPU device)."),
     dtype: str = typer.Option("float16", help="Stored embedding dtype: float16 or float32."),
+    views: int = typer.Option(0, help="Also cache the teacher's embeddings of K seeded random crops per image, with "
+                              "each crop's box, for stage 2 to replay exactly (data.views). 0: none."),
+    view_scale: str = typer.Option("0.35,1.0", help="Area range of the view crops, as fractions of the image."),
+    view_flip: bool = typer.Option(False, help="Also flip half the views left-right (off: emoji and icons have "
+                                   "left/right meaning)."),
+    view_seed: int = typer.Option(0, help="Seed of the views (a view is a function of seed, image id, index)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -44,7 +50,18 @@ def teacher_features(
         raise PipelineError(f"no manifests for splits {wanted} in {manifest_dir}")
     from pipeline.features.device_input import choose_decode
 
+    from pipeline.features.views import ViewSpec, teacher_view_transform
+
+    try:
+        scale = tuple(float(x) for x in view_scale.split(","))
+    except ValueError:
+        raise PipelineError(f"--view-scale must be two numbers like 0.35,1.0, not {view_scale!r}") from None
+    if len(scale) != 2:
+        raise PipelineError(f"--view-scale must be two numbers like 0.35,1.0, not {view_scale!r}")
+    spec = ViewSpec(views, view_seed, scale, flip=view_flip) if views else None
     model = load_teacher(teacher, device=resolve_device(device))
+    if spec:
+        teacher_view_transform(model)  # a teacher without a stated preprocessing fails here, not per shard
     on_device = choose_decode(decode, model.device, model.tensor_preprocess())  # a bad --decode fails here
     typer.echo(f"teacher {model.fingerprint()} (width {model.width}) on {model.device}; images decoded "
                f"{'on the device' if on_device else 'in CPU workers'}")
@@ -53,12 +70,12 @@ def teacher_features(
         job = FeatureJob(
             manifest=manifest, dataset=dataset or manifest_dir.name, split=split, out_dir=paths.cache_split_dir(out, split),
             shard_size=shard_size, shard_index=shard_index, num_shards=num_shards,
-            batch_size=batch_size, num_workers=workers, dtype=dtype, decode=decode,
+            batch_size=batch_size, num_workers=workers, dtype=dtype, decode=decode, views=spec,
         )
         s = run_feature_job(job, model, progress=progress)
         size = sum(p.stat().st_size for p in job.out_dir.glob("shard-*.h5"))
         typer.echo(
-            f"{split}: {s.images} images + {s.texts} captions encoded in {s.seconds:.1f}s "
+            f"{split}: {s.images} images{f' x {views} views' if views else ''} + {s.texts} captions encoded in {s.seconds:.1f}s "
             f"({s.items_per_second:.1f} items/s), {s.rejects} rejects, "
             f"{len(s.shards_written)} shards written, {len(s.shards_skipped)} already complete; "
             f"{'complete' if s.complete else 'partial (other shard processes pending)'} -> {job.out_dir} "

@@ -23,16 +23,17 @@ class ImageBatch:
 
 
 class _ImageDataset(Dataset):
-    def __init__(self, locations: Sequence[str], transform: Callable):
+    def __init__(self, locations: Sequence[str], transform: Callable | Sequence[Callable]):
         self.locations = list(locations)
-        self.transform = transform
+        self.transform = transform  # one for all, or one per location
 
     def __len__(self) -> int:
         return len(self.locations)
 
     def __getitem__(self, i: int):
         try:
-            return i, self.transform(load_rgb(self.locations[i])), None
+            transform = self.transform if callable(self.transform) else self.transform[i]
+            return i, transform(load_rgb(self.locations[i])), None
         except ImageDecodeError as exc:
             return i, None, str(exc)
         except Exception as exc:  # a transform that chokes on a weird image is a reject too
@@ -49,12 +50,13 @@ def _collate(items) -> ImageBatch:
 
 def iter_image_batches(
     locations: Sequence[str],
-    transform: Callable,
+    transform: Callable | Sequence[Callable],
     batch_size: int = 64,
     num_workers: int = 2,
     pin_memory: bool = False,
 ) -> Iterator[ImageBatch]:
-    """Yield decoded, preprocessed batches in order; failures are reported, never raised."""
+    """Yield decoded, preprocessed batches in order; failures are reported, never raised. ``transform``: one
+    for every image, or one per location."""
     if not locations:
         return iter(())
     loader = DataLoader(

@@ -25,6 +25,7 @@ from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.distill.losses import caption_hashes
 from pipeline.data.manifest import Manifest
 from pipeline.distill.transfer import TransferImages, TransferStream
+from pipeline.features.views import ViewTransform, pick_view
 
 
 @dataclass
@@ -97,15 +98,27 @@ class EpochOrder(Sampler[int]):
         return len(self.order(self.epoch)) - self.start
 
 
+@dataclass
+class ViewReplay:
+    """Cached augmented views to replay (features.views): the student's view transform, how many of the cached
+    views to use, and each pair row's / transfer row's recorded view parameters (N, K_cache, 5)."""
+
+    transform: ViewTransform
+    count: int
+    pair_params: np.ndarray
+    transfer_params: np.ndarray | None = None
+
+
 class PairDataset(Dataset):
-    """Item = (index, student pixels or None, error). Index < len(rows): a pair (captions are looked up by row);
-    index N + p: the transfer image at stream position p."""
+    """Item = (index, student pixels or None, error, view). Index < len(rows): a pair (captions are looked up by
+    row); index N + p: the transfer image at stream position p. View: which cached view the pixels replay
+    (-1 without view replay: the student's own random augmentation)."""
 
     def __init__(self, rows: AlignedRows, transform: Callable, seed: int, preload: bool = False,
                  preload_size: int | None = None, transfer: TransferImages | None = None,
-                 stream: TransferStream | None = None):
+                 stream: TransferStream | None = None, views: ViewReplay | None = None):
         self.rows, self.transform, self.seed = rows, transform, seed
-        self.transfer, self.stream = transfer, stream
+        self.transfer, self.stream, self.views = transfer, stream, views
         self.epoch = 0
         self._images: dict[str, Image.Image] = {}
         if preload:  # small datasets: decode once, keep (downsized) in RAM, shared with forked workers
@@ -121,22 +134,27 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def location(self, i: int) -> str:
-        n = len(self.rows)
+    def _source(self, i: int) -> tuple[str, np.ndarray | None]:
+        """(image location, its cached view parameters or None) of item ``i``."""
+        n, v = len(self.rows), self.views
         if i < n:
-            return self.rows.locations[i]
-        return self.transfer.locations[int(self.stream.rows(np.array([i - n]))[0])]
+            return self.rows.locations[i], v.pair_params[i] if v else None
+        row = int(self.stream.rows(np.array([i - n]))[0])
+        return self.transfer.locations[row], v.transfer_params[row] if v else None
 
     def __getitem__(self, i: int):
-        loc = self.location(i)
+        loc, params = self._source(i)
         try:
             img = self._images.get(loc) or load_rgb(loc)
         except ImageDecodeError as exc:
-            return i, None, str(exc)
+            return i, None, str(exc), -1
+        if params is not None:  # replay a cached view: exactly the crop the teacher embedded
+            view = pick_view(self.seed, self.epoch, i, self.views.count)
+            return i, self.views.transform(img, params[view]), None, view
         # Augmentation draws from a seed fixed by (seed, epoch, index): identical on resume, any workers.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
-            return i, self.transform(img), None
+            return i, self.transform(img), None, -1
 
 
 class MixedBatches(Sampler[list]):
@@ -167,21 +185,25 @@ class Batch:
     captions: list[str]
     failures: list[str]
     transfer_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # (T,) pool rows
+    views: np.ndarray | None = None  # (B + T,) replayed view of each image (-1: none), pairs then transfer
 
 
 def make_collate(rows: AlignedRows, stream: TransferStream | None = None):
     n = len(rows)
 
     def collate(items) -> Batch:
-        ok = [(i, x) for i, x, err in items if err is None and i < n]
-        extra = [(i - n, x) for i, x, err in items if err is None and i >= n]
+        ok = [(i, x) for i, x, err, _ in items if err is None and i < n]
+        extra = [(i - n, x) for i, x, err, _ in items if err is None and i >= n]
+        views = [v for i, _, err, v in items if err is None and i < n] + [
+            v for i, _, err, v in items if err is None and i >= n]
         return Batch(
             rows=torch.tensor([i for i, _ in ok], dtype=torch.long),
             pixels=torch.stack([x for _, x in ok + extra]) if ok or extra else torch.empty(0),
             captions=[rows.captions[i] for i, _ in ok],
-            failures=[err for _, _, err in items if err is not None],
+            failures=[err for _, _, err, _ in items if err is not None],
             transfer_rows=(torch.from_numpy(stream.rows(np.array([p for p, _ in extra], np.int64)))
                            if extra else torch.empty(0, dtype=torch.long)),
+            views=np.asarray(views, np.int64),
         )
 
     return collate
@@ -218,8 +240,13 @@ def gather_targets(cache: FeatureCache, image_rows: np.ndarray, text_rows: np.nd
 
 
 def teacher_targets(cache: FeatureCache, rows: AlignedRows, batch_rows: np.ndarray, device,
-                    normalized: bool = True) -> tuple:
-    """(t_img, t_txt) float32 tensors on ``device`` for the batch's rows, gathered from the memmaps."""
-    t_img, t_txt = gather_targets(cache, rows.image_rows[batch_rows], rows.text_rows[batch_rows], normalized)
+                    normalized: bool = True, views: np.ndarray | None = None) -> tuple:
+    """(t_img, t_txt) float32 tensors on ``device`` for the batch's rows, gathered from the memmaps. ``views``:
+    the replayed view of each row (the image target is then the teacher's embedding of that view)."""
+    if views is not None:
+        t_img = cache.views.gather(cache.view_rows(rows.image_rows[batch_rows], views)).astype(np.float32)
+        t_txt = cache.text.gather(rows.text_rows[batch_rows]).astype(np.float32)
+    else:
+        t_img, t_txt = gather_targets(cache, rows.image_rows[batch_rows], rows.text_rows[batch_rows], normalized)
     return (torch.from_numpy(t_img).to(device, non_blocking=True),
             torch.from_numpy(t_txt).to(device, non_blocking=True))

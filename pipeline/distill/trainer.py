@@ -24,10 +24,11 @@ from pipeline.common.errors import PipelineError
 from pipeline.common.precision import autocast, check_precision
 from pipeline.distill.balancer import make_balancer
 from pipeline.distill.data import (
-    EpochOrder, PairDataset, align, check_teacher_norms, gather_targets, make_loader, teacher_targets,
+    EpochOrder, PairDataset, ViewReplay, align, check_teacher_norms, gather_targets, make_loader, teacher_targets,
 )
 from pipeline.distill.losses import TEACHER_FREE_LOSSES, LossConfig, MultiscaleDistillLoss
 from pipeline.distill.transfer import TransferStream, load_transfer, transfer_batch_size
+from pipeline.features.views import student_view_transform
 from pipeline.distill.queue import NegativeQueue, QueueBatch
 from pipeline.data.manifest import Manifest
 from pipeline.features.cache import open_cached_split
@@ -55,6 +56,10 @@ class DataSection:
     # training manifest's own image-only rows; each step adds round(transfer_ratio x batch_size) of them.
     transfer: tuple = ()
     transfer_ratio: float = 0.0
+    # Cached augmented views (teacher-features --views K): each image replays one of the first `views` cached
+    # crops per epoch, and its target is the teacher's embedding of that crop. 0: the student's own random
+    # augmentation against the teacher's embedding of the whole image.
+    views: int = 0
 
 
 @dataclass(frozen=True)
@@ -228,9 +233,10 @@ class DistillObjective(Objective):
         self.transfer, self.stream = self._transfer(train_manifest)
         self.scfg = student_config(cfg, self.cache.width if self.cache else None)
         self.model = model = build_student(self.scfg).to(device)
+        self.views = self._views()
         self.dataset = PairDataset(rows, model.image_transform(train=True), cfg.seed, preload=cfg.data.preload,
                                    preload_size=int(self.scfg.image_size * 1.15), transfer=self.transfer,
-                                   stream=self.stream)
+                                   stream=self.stream, views=self.views)
         self.sampler = EpochOrder(len(rows), cfg.seed, env.rank, env.world)
         self.steps_per_epoch = len(self.sampler) // cfg.optim.batch_size
         if self.steps_per_epoch == 0:
@@ -270,6 +276,24 @@ class DistillObjective(Objective):
                                 "data.transfer or declare image-only rows in the training manifest")
         return pool, TransferStream(len(pool), per_step, self.cfg.seed, self.env.rank, self.env.world)
 
+    def _views(self) -> ViewReplay | None:
+        """The cached views to replay (data.views > 0), checked against the caches."""
+        k, cache = self.cfg.data.views, self.cache
+        if k == 0:
+            return None
+        if k < 0:
+            raise PipelineError(f"data.views must be >= 0, got {k}")
+        if cache is None or cache.view_count < k:
+            held = f"holds {cache.view_count} views per image" if cache is not None else "is not set (no teacher)"
+            raise PipelineError(f"data.views={k}, but the cache {held}: build it with teacher-features --views {k} "
+                                "(or more)")
+        if not self.cfg.data.teacher_normalized:
+            raise PipelineError("data.views needs normalised targets (data.teacher_normalized: true): views are "
+                                "cached without their norms")
+        return ViewReplay(student_view_transform(self.model.transform_settings), k,
+                          cache.view_params[self.rows.image_rows, :k],
+                          self.transfer.view_params(k) if self.transfer is not None else None)
+
     def parameters(self):
         return list(self.model.parameters())  # AdamW skips the frozen ones (no gradient)
 
@@ -297,7 +321,8 @@ class DistillObjective(Objective):
         (None, None) without a teacher (only teacher-free losses are on then)."""
         if self.cache is None:
             return None, None
-        return teacher_targets(self.cache, self.rows, idx, self.device, self.cfg.data.teacher_normalized)
+        views = batch.views[:len(idx)] if self.views is not None else None
+        return teacher_targets(self.cache, self.rows, idx, self.device, self.cfg.data.teacher_normalized, views)
 
     def step(self, batch, step: int) -> StepOutput:
         cfg, rows, device, clock = self.cfg, self.rows, self.device, self.clock
@@ -315,7 +340,8 @@ class DistillObjective(Objective):
         if self.transfer is not None and len(batch.transfer_rows):
             with clock("targets"):
                 trows = batch.transfer_rows.numpy()
-                transfer = (torch.from_numpy(self.transfer.targets(trows)).to(device, non_blocking=True),
+                tviews = batch.views[len(idx):] if self.views is not None else None
+                transfer = (torch.from_numpy(self.transfer.targets(trows, tviews)).to(device, non_blocking=True),
                             torch.from_numpy(self.transfer.image_ids[trows]).to(device))
         with clock("forward"), autocast(device, cfg.precision):
             # one forward over the pairs' and the transfer images (one DDP call); split after

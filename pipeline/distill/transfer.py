@@ -41,14 +41,33 @@ class TransferImages:
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def targets(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), D) float32 teacher image embeddings of transfer rows, gathered source by source."""
+    def targets(self, rows: np.ndarray, views: np.ndarray | None = None) -> np.ndarray:
+        """(len(rows), D) float32 teacher image embeddings of transfer rows, gathered source by source; with
+        ``views``, the teacher's embedding of that cached view of each row."""
         width = self.caches[0].width
         out = np.empty((len(rows), width), np.float32)
         src = self.source[rows]
         for s in np.unique(src):
-            pick = src == s
-            out[pick] = self.caches[int(s)].image.gather(self.image_rows[rows[pick]]).astype(np.float32)
+            pick, cache = src == s, self.caches[int(s)]
+            image_rows = self.image_rows[rows[pick]]
+            if views is None:
+                out[pick] = cache.image.gather(image_rows).astype(np.float32)
+            else:
+                out[pick] = cache.views.gather(cache.view_rows(image_rows, views[pick])).astype(np.float32)
+        return out
+
+    def view_params(self, count: int) -> np.ndarray:
+        """(N, count, 5) recorded parameters of the first ``count`` cached views of every row."""
+        out = np.empty((len(self), count, 5), np.float32)
+        for s, cache in enumerate(self.caches):
+            pick = self.source == s
+            if not pick.any():
+                continue
+            if cache.view_count < count:
+                raise PipelineError(f"data.views={count}, but transfer cache {cache.directory} holds "
+                                    f"{cache.view_count} views per image: rebuild it with teacher-features "
+                                    f"--views {count} (or more)")
+            out[pick] = cache.view_params[self.image_rows[pick], :count]
         return out
 
 

@@ -42,7 +42,8 @@ from pipeline.common.errors import PipelineError
 BOOKKEEPING_KEYS = ("name", "runs_dir", "device", "log_every", "checkpoint_every", "data.workers",
                     "eval_batch_size")
 # Keys added after runs were first hashed: left out at their default value, so existing runs keep their keys.
-ADDED_KEYS = {"losses.extra": {}, "optim.min_steps": 0, "data.transfer": (), "data.transfer_ratio": 0.0}
+ADDED_KEYS = {"losses.extra": {}, "optim.min_steps": 0, "data.transfer": (), "data.transfer_ratio": 0.0,
+              "data.views": 0}
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 EVAL_DIR = "eval"  # a run's stage-3 folder, <runs_dir>/<name>/eval (pipeline.retrieval.evaluate outputs)
 

@@ -22,20 +22,22 @@ Progress = Callable[[int], None]
 
 def encode_image_locations(encoder: Teacher, locations: Sequence[str], batch_size: int = 64, workers: int = 2,
                            dtype=np.float32, on_progress: Progress | None = None,
-                           norms_out: np.ndarray | None = None, device_preprocess: TensorPreprocess | None = None):
+                           norms_out: np.ndarray | None = None, device_preprocess: TensorPreprocess | None = None,
+                           transforms: Sequence[Callable] | None = None):
     """Returns (embeddings (N, D) with zero rows for failures, ok mask (N,), [(position, reason)]).
 
     ``norms_out`` (N,), if given, receives each embedding's norm before L2 normalisation.
     ``device_preprocess``: decode JPEGs and preprocess on the encoder's device (``features.device_input``)
-    instead of in the DataLoader workers.
+    instead of in the DataLoader workers. ``transforms``: one image transform per location, instead of the
+    encoder's own (cached augmented views: ``features.views``).
     """
     emb = np.zeros((len(locations), encoder.width), dtype=dtype)
     ok = np.zeros(len(locations), dtype=bool)
     failures: list[tuple[int, str]] = []
-    if device_preprocess is not None:
+    if device_preprocess is not None and transforms is None:
         batches = iter_device_batches(locations, device_preprocess, encoder.device, batch_size, workers)
     else:
-        batches = iter_image_batches(locations, encoder.image_transform(), batch_size, workers,
+        batches = iter_image_batches(locations, transforms or encoder.image_transform(), batch_size, workers,
                                      encoder.device.type == "cuda")
 
     def store(batch, result) -> None:

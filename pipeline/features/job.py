@@ -23,6 +23,7 @@ import pipeline
 from pipeline.features.cache.format import SHARD_RE, CacheMeta, shard_name
 from pipeline.features.cache.writer import write_shard
 from pipeline.features.device_input import choose_decode
+from pipeline.features.views import BoundView, ViewSpec, teacher_view_transform
 from pipeline.common.errors import PipelineError
 from pipeline.features.encode import encode_captions, encode_image_locations
 from pipeline.data.manifest import Manifest, Reject, write_rejects
@@ -46,6 +47,7 @@ class FeatureJob:
     num_workers: int = 2
     dtype: str = "float16"
     decode: str = "auto"  # auto | cpu | device: where images are decoded and preprocessed (features.device_input)
+    views: ViewSpec | None = None  # cached augmented views per image (features.views); None: the eval view only
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
@@ -129,6 +131,26 @@ def _encode_shard_images(teacher: Teacher, job: FeatureJob, locations: list[str]
     return emb, ok, norms, [(int(todo[p]), reason) for p, reason in sub_failures]
 
 
+def _encode_shard_views(teacher: Teacher, job: FeatureJob, locations: list[str], image_ids: np.ndarray,
+                        ok: np.ndarray, progress) -> tuple[np.ndarray, np.ndarray, list]:
+    """-> (views (n, K, D), params (n, K, 5), failures) for a shard's images; an image whose view fails is a
+    failure as a whole (its row would otherwise hold a zero target)."""
+    spec, K = job.views, job.views.count
+    transform = teacher_view_transform(teacher)
+    params = np.stack([spec.params(int(i)) for i in image_ids]) if len(image_ids) else np.zeros((0, K, 5), np.float32)
+    todo = np.flatnonzero(ok)
+    locs = [locations[i] for i in todo for _ in range(K)]
+    transforms = [BoundView(transform, params[i, k]) for i in todo for k in range(K)]
+    flat, flat_ok, flat_failures = encode_image_locations(
+        teacher, locs, job.batch_size, job.num_workers, dtype=job.dtype, on_progress=progress, transforms=transforms)
+    views = np.zeros((len(locations), K, teacher.width), dtype=job.dtype)
+    views[todo] = flat.reshape(len(todo), K, teacher.width)
+    failures = {}
+    for pos, reason in flat_failures:
+        failures.setdefault(int(todo[pos // K]), f"view {pos % K}: {reason}")
+    return views, params, sorted(failures.items())
+
+
 def _encode_shard_captions(teacher: Teacher, job: FeatureJob, captions: list[str], lookup: dict[str, int],
                            known: KnownEmbeddings | None, progress) -> tuple[np.ndarray, np.ndarray]:
     """-> (embeddings, norms) for a shard's captions, encoding only those the teacher does not know."""
@@ -166,6 +188,8 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
         shard_size=job.shard_size,
         total_shards=total,
         package_version=pipeline.__version__,
+        views=job.views.count if job.views else 0,
+        view_spec=job.views.to_json() if job.views else "",
     )
     summary = FeatureSummary(split=job.split, out_dir=job.out_dir)
     pending = []
@@ -180,7 +204,8 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
     def shard_range(s: int) -> range:
         return range(s * job.shard_size, min((s + 1) * job.shard_size, len(image_ids)))
 
-    work = sum(len(shard_range(s)) + sum(len(captions.get(int(image_ids[i]), ())) for i in shard_range(s))
+    per_image = 1 + meta.views  # the eval view, then K augmented views
+    work = sum(per_image * len(shard_range(s)) + sum(len(captions.get(int(image_ids[i]), ())) for i in shard_range(s))
                for s in pending)
     bar = tqdm(total=work, unit="item", desc=f"{job.dataset}/{job.split}", disable=not progress, smoothing=0.1)
     known = teacher.known_embeddings(job.manifest) if pending else None
@@ -197,6 +222,14 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
         emb, ok, image_norm, failures = _encode_shard_images(
             teacher, job, locations, [known_images.get(int(image_ids[i])) for i in idx], known, bar.update,
             device_preprocess)
+        views = params = None
+        if meta.views:
+            views, params, view_failures = _encode_shard_views(teacher, job, locations, image_ids[list(idx)], ok,
+                                                               bar.update)
+            for pos, _ in view_failures:
+                ok[pos] = False
+            failures = failures + view_failures
+            bar.update(meta.views * int((~ok).sum() - len(view_failures)))  # views never drawn for failures
         for pos, reason in failures:
             rows = captions.get(int(image_ids[idx[pos]]), [])
             rejects += [Reject(f"sample_id={sid}", reason, paths[idx[pos]], cap) for sid, cap in rows]
@@ -213,6 +246,8 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
                 path, meta, emb[ok], kept_ids,
                 text, np.array([r[0] for r in text_rows], np.int64), np.array([r[2] for r in text_rows], np.int64),
                 image_norm=image_norm[ok], text_norm=text_norm,
+                image_views=views[ok] if views is not None else None,
+                view_params=params[ok] if params is not None else None,
             )
             summary.shards_written.append(path.name)
             summary.images += int(ok.sum())

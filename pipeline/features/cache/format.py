@@ -13,6 +13,9 @@ caption of those images. Datasets (all contiguous, uncompressed, so they can be 
     text_image_id  (n_texts,)     int64             image of each caption
     image_norm     (n_images,)    float32           optional: norm of each image embedding before normalising
     text_norm      (n_texts,)     float32           optional: same for texts
+    image_views    (n_images, K, D) float16|float32 optional (--views K): the teacher's embeddings of K augmented
+                                                    views of each image (features/views.py)
+    view_params    (n_images, K, 5) float32         the views' crop boxes (fractions) and flip flags
 Attributes: see CacheMeta.
 """
 
@@ -43,6 +46,8 @@ class CacheMeta:
     shard_size: int  # unique images per shard
     total_shards: int
     normalised: bool = True
+    views: int = 0  # cached augmented views per image (0: none)
+    view_spec: str = ""  # ViewSpec as JSON (how the views were drawn)
     format_version: int = FORMAT_VERSION
     package_version: str = ""
 

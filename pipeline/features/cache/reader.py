@@ -120,6 +120,7 @@ class FeatureCache:
             raise PipelineError(f"no cache shards in {self.directory}; run `clipdistill teacher-features` first")
         metas, image_parts, text_parts, ids = [], [], [], {"image_id": [], "sample_id": [], "text_image_id": []}
         norms: dict[str, list] = {"image_norm": [], "text_norm": []}
+        view_parts, view_params = [], []
         for path in shard_paths:
             try:
                 f = h5py.File(path, "r")
@@ -134,6 +135,10 @@ class FeatureCache:
                     ids[key].append(f[key][()])
                 for key in norms:  # optional (caches written before norms were stored lack them)
                     norms[key].append(f[key][()] if key in f else None)
+                if "image_views" in f:  # (n, K, D) read as (n * K, D): row = image row * K + view
+                    v = _memmap(path, f["image_views"])
+                    view_parts.append(v.reshape(-1, v.shape[-1]))
+                    view_params.append(f["view_params"][()])
         self.meta = metas[0]
         for path, m in zip(shard_paths, metas):
             if m != self.meta:  # every shard of one cache carries identical attributes
@@ -174,6 +179,13 @@ class FeatureCache:
             None if any(p is None for p in parts) else np.concatenate(parts).astype(np.float32)
             for parts in (norms["image_norm"], norms["text_norm"])
         )
+        # Cached augmented views (features/views.py): K per image, or none.
+        self.view_count = self.meta.views
+        self.views = ShardedRows(view_parts, self.meta.width, dtype) if self.view_count else None
+        self.view_params = np.concatenate(view_params) if self.view_count else None
+        if self.view_count and len(self.views) != len(self.image) * self.view_count:
+            raise PipelineError(f"cache {self.directory}: {len(self.views)} view rows for {len(self.image)} images "
+                                f"x {self.view_count} views; rebuild it")
         self._image_order = _sort_order(self.image_ids)
         self._sample_order = _sort_order(self.sample_ids)
         self.shard_paths = shard_paths
@@ -201,6 +213,14 @@ class FeatureCache:
     def image_rows(self, image_ids) -> np.ndarray:
         """Row indices into ``image`` for the given image ids."""
         return self._rows(self.image_ids, self._image_order, image_ids, "image ids")
+
+    def view_rows(self, image_rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """Row indices into ``views`` for view ``views[i]`` of image row ``image_rows[i]``."""
+        views = np.asarray(views, np.int64)
+        if self.views is None or (views.size and views.max() >= self.view_count):
+            raise PipelineError(f"cache {self.directory} holds {self.view_count} views per image; view "
+                                f"{int(views.max()) if views.size else 0} asked for")
+        return np.asarray(image_rows, np.int64) * self.view_count + views
 
     def text_rows(self, sample_ids) -> np.ndarray:
         """Row indices into ``text`` for the given manifest sample ids."""

@@ -22,6 +22,8 @@ def write_shard(
     text_image_id: np.ndarray,
     image_norm: np.ndarray | None = None,
     text_norm: np.ndarray | None = None,
+    image_views: np.ndarray | None = None,
+    view_params: np.ndarray | None = None,
 ) -> Path:
     """Write a complete shard. A crash leaves only ``*.h5.tmp``, which a rerun overwrites.
 
@@ -41,6 +43,9 @@ def write_shard(
     for name, norms in (("image_norm", image_norm), ("text_norm", text_norm)):
         if norms is not None:
             arrays[name] = np.asarray(norms, dtype=np.float32)
+    if meta.views:
+        arrays["image_views"] = np.ascontiguousarray(image_views, dtype=dtype).reshape(-1, meta.views, meta.width)
+        arrays["view_params"] = np.asarray(view_params, dtype=np.float32).reshape(-1, meta.views, 5)
     with io.atomic_path(path, fsync=True) as tmp, h5py.File(tmp, "w") as f:
         for name, array in arrays.items():
             # No chunks/compression: contiguous storage is what makes np.memmap reads possible.
