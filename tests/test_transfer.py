@@ -191,3 +191,10 @@ def test_transfer_errors_are_one_line(worlds, tmp_path):
         proc = cli(distill_args(shapes, runs, "bad", *extra), stdout=-1, stderr=-2, text=True)
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode != 0 and msg in out and "Traceback" not in out, out
+
+
+def test_a_transfer_image_is_the_same_file_whatever_the_path_spelling():
+    from pipeline.distill.transfer import _same_file
+
+    assert _same_file("data/corpus/../openmoji/images/a.png") == _same_file("data/openmoji/images/a.png")
+    assert _same_file("x/shard.tar::a.png") != _same_file("x/shard.tar::b.png")

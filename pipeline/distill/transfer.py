@@ -13,6 +13,7 @@ are walked as an endless stream of seeded permutations, one per pass, and step `
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -86,6 +87,13 @@ def _cached_images(manifest: Manifest, cache: FeatureCache, only_image_only: boo
     return ids[held], [manifest.resolve(p) for p, h in zip(paths, held) if h]
 
 
+def _same_file(location: str) -> str:
+    """A location's key for "is this the same image file": a.b/../x and ./x name one file (tar members keep
+    their ``::member``); the emoji corpus names openmoji's train images as ../openmoji/images/..."""
+    path, sep, member = location.partition("::")
+    return os.path.normpath(os.path.abspath(path)) + sep + member
+
+
 def load_transfer(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | None,
                   paired_locations: Sequence[str]) -> TransferImages | None:
     """Build the transfer pool from ``data.transfer`` entries and the training manifest's image-only rows.
@@ -118,13 +126,14 @@ def load_transfer(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | 
     if len(fingerprints) > 1 or len({c.width for c in caches}) > 1:
         raise PipelineError("data.transfer: every transfer cache must come from the training cache's teacher "
                             f"(found teacher fingerprints {sorted(fingerprints)})")
-    paired = set(paired_locations)
+    paired = {_same_file(loc) for loc in paired_locations}
     image_ids, locations, source, image_rows, per_source, skipped = [], [], [], [], [], 0
     seen: set[str] = set()
     for s, (name, ids, locs) in enumerate(parts):
-        keep = [j for j, loc in enumerate(locs) if loc not in paired and loc not in seen]
-        skipped += sum(1 for loc in locs if loc in paired)
-        seen.update(locs[j] for j in keep)
+        keys = [_same_file(loc) for loc in locs]
+        keep = [j for j, key in enumerate(keys) if key not in paired and key not in seen]
+        skipped += sum(1 for key in keys if key in paired)
+        seen.update(keys[j] for j in keep)
         kept_ids = ids[keep]
         image_ids.append(kept_ids)
         locations.extend(locs[j] for j in keep)

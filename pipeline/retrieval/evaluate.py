@@ -253,12 +253,25 @@ def _record(name: str, kind: str, emb: SplitEmbeddings, metrics: dict, settings:
     }
 
 
+def _trained_without_teacher(recipe: dict | None) -> bool:
+    """True when a run's recorded config enabled only losses that never read teacher targets."""
+    if not recipe or "losses" not in recipe:
+        return False
+    from pipeline.common import config as cfgio
+    from pipeline.distill.losses import LossConfig
+    from pipeline.distill.trainer import teacher_free
+
+    return teacher_free(cfgio.from_dict(LossConfig, recipe["losses"]))
+
+
 def foreign_export_reason(export_path: str | Path, cache: FeatureCache) -> str | None:
     """Why a student export does not belong to ``cache`` (another teacher or dataset), or None if it does."""
     from pipeline.students.export import export_meta
 
     meta = export_meta(export_path)
     fp, ds = meta.get("teacher_fingerprint"), meta.get("dataset")
+    if _trained_without_teacher(meta.get("recipe")):
+        fp = None  # no loss read the teacher's targets: any teacher's cache of the dataset is its context
     here_fp, here_ds = cache.meta.teacher_fingerprint, cache.meta.dataset
     if (fp and fp != here_fp) or (ds and here_ds and ds != here_ds):
         return f"distilled from teacher {fp} on dataset {ds}; this cache holds teacher {here_fp} on dataset {here_ds}"
