@@ -115,11 +115,14 @@ TEACHER_FILE := $(if $(filter lit,$(TEACHER)),$(LIT_FILE),$(if \
                 $(filter strong,$(TEACHER)),$(STRONG_TEACHER),$(if $(filter strong-zs,$(TEACHER)),$(ZS_TEACHER))))
 TEACHER_SPEC := $(if $(filter lit,$(TEACHER)),lit:$(TEACHER_FILE),$(if $(filter strong%,$(TEACHER)),dual:$(TEACHER_FILE),$(TEACHER)))
 # Path-safe folder name for a teacher spec (make targets cannot contain ':'): openclip:A/B -> openclip-A-B
-TEACHER_NAME := $(subst /,-,$(subst :,-,$(TEACHER)))$(if $(and $(filter lit,$(TEACHER)),$(filter-out $(DATASET),$(LIT_DATA))),-$(LIT_DATA))
+# VIEWS=K also caches K augmented views per image (reinforced cache, issue 13) in a folder of its own: <teacher>-viewsK
+VIEWS        ?= 0
+TEACHER_NAME := $(subst /,-,$(subst :,-,$(TEACHER)))$(if $(and $(filter lit,$(TEACHER)),$(filter-out $(DATASET),$(LIT_DATA))),-$(LIT_DATA))$(if $(filter-out 0,$(VIEWS)),-views$(VIEWS))
 FEATURES_STAMP := $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME)/.complete
 
 $(FEATURES_STAMP): $(DATA_DIR)/test.parquet $(TEACHER_FILE)
-	$(CLI) teacher-features --teacher $(TEACHER_SPEC) --manifest-dir $(DATA_DIR) --out $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME)
+	$(CLI) teacher-features --teacher $(TEACHER_SPEC) --manifest-dir $(DATA_DIR) --out $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME) \
+		$(if $(filter-out 0,$(VIEWS)),--views $(VIEWS))
 	touch $@
 
 teacher-features: $(FEATURES_STAMP)  ## cache L2-normalised teacher embeddings (HDF5 shards)
