@@ -1,17 +1,20 @@
 """Reinforced cache in stage 2: the cost of view replay and transfer mixing, and the cache size per view.
 
-Four configurations of the real training step (``DistillObjective`` through ``pipeline.train.loop.train_step``,
+Five configurations of the real training step (``DistillObjective`` through ``pipeline.train.loop.train_step``,
 fed by the trainer's own DataLoader, so image decoding and augmentation count):
     plain      B pairs, the student's random augmentation, whole-image teacher targets (the baseline)
+    plain B+T  B + T pairs: as many student images per step as the mixed configurations
     views      B pairs replaying cached views (crop box + flip, target = the teacher's embedding of that crop)
     transfer   B pairs + T caption-less transfer images from another cache (image-only losses, image queue)
     both       views and transfer together (the reinforced recipe)
 They alternate block by block over ``--rounds`` rounds so that each sees the same machine load; the median
-step time of each is reported. Two ratios, both against ``plain`` measured in the same run:
-  * per step, same batch composition: plain / views (what replaying views costs; goal >= 0.95);
-  * per student image: images/s of ``both`` (B + T images per step) / images/s of ``plain`` (B images). The
-    transfer images add image-tower work but no text work, so this ratio is what a user sees per image;
-    goal >= 0.95.
+step time of each is reported. The ratios compare steps that push the same number of images through the
+student, so they measure the mechanisms, not the extra images (the student's compute per step grows with them,
+and on a CPU faster than linearly between batch 64 and 96):
+  * view replay: plain / views, same batch (goal >= 0.95);
+  * view replay + transfer mixing: plain B+T / both (goal >= 0.95). The plain B+T step also encodes T more
+    captions, so this ratio slightly flatters the mixed step; the per-image rate against plain B is printed
+    too.
 Cache size per view: the bytes a K-view cache adds over a cache without views, per image and view (measured on
 the shard files written here: fp16 embeddings + the 5 float32 parameters of each view).
 
@@ -47,7 +50,7 @@ from pipeline.features.cache import CacheMeta, shard_name, write_shard  # noqa: 
 from pipeline.features.views import ViewSpec  # noqa: E402
 from pipeline.train.loop import LoopSettings, make_optimizer, train_step  # noqa: E402
 
-CONFIGS = ("plain", "views", "transfer", "both")
+CONFIGS = ("plain", "plain B+T", "views", "transfer", "both")
 
 
 def random_view_cache(manifest: Manifest, out: Path, width: int, views: int) -> int:
@@ -150,10 +153,13 @@ def main() -> None:
                 "queue.size=1024", "seed=0", "device=cpu", "data.preload=true"]
         transfer = [f'data.transfer=[{{manifest_dir: "{other}", cache_dir: "{tmp / "other-cache"}"}}]',
                     f"data.transfer_ratio={args.transfer_ratio}"]
-        sets = {"plain": base, "views": base + [f"data.views={args.views}"], "transfer": base + transfer,
-                "both": base + transfer + [f"data.views={args.views}"]}
+        n_transfer = round(args.transfer_ratio * args.batch_size)
+        same_images = [s for s in base if not s.startswith("optim.batch_size")] + [
+            f"optim.batch_size={args.batch_size + n_transfer}"]
+        sets = {"plain": base, "plain B+T": same_images, "views": base + [f"data.views={args.views}"],
+                "transfer": base + transfer, "both": base + transfer + [f"data.views={args.views}"]}
         t0 = time.perf_counter()
-        configs = {k: Config(k, v, tmp / "runs" / k, args.threads) for k, v in sets.items()}
+        configs = {k: Config(k, v, tmp / "runs" / k.replace(" ", "_"), args.threads) for k, v in sets.items()}
         print(f"student {args.student}, batch {args.batch_size} pairs (+{round(args.transfer_ratio * args.batch_size)}"
               f" transfer images), {args.views} cached views, {args.workers} loader workers, {args.threads} torch "
               f"threads; {n_images} pair images; set-up {time.perf_counter() - t0:.1f}s; load average "
@@ -164,19 +170,21 @@ def main() -> None:
                 c.run(args.steps, record=True)
             print(f"  round {r + 1} done; load average {os.getloadavg()[0]:.1f}")
 
-    plain = configs["plain"]
+    plain, same = configs["plain"], configs["plain B+T"]
     rows = [[k, f"{1e3 * c.median_step():.0f}", f"{np.median(c.images):.0f}", f"{c.images_per_s():.1f}",
-             f"{plain.median_step() / c.median_step():.3f}", f"{c.images_per_s() / plain.images_per_s():.3f}"]
+             f"{(same if np.median(c.images) > args.batch_size else plain).median_step() / c.median_step():.3f}"]
             for k, c in configs.items()]
     print(f"\nmedian over {args.rounds} rounds x {args.steps} timed steps, trainer DataLoader included")
-    print(table(rows, ["configuration", "median ms/step", "images/step", "images/s", "step ratio vs plain",
-                       "images/s ratio vs plain"]))
+    print(table(rows, ["configuration", "median ms/step", "images/step", "images/s",
+                       "step ratio vs plain with as many images"]))
     view_ratio = plain.median_step() / configs["views"].median_step()
-    image_ratio = configs["both"].images_per_s() / plain.images_per_s()
-    print(f"view replay, same batch: step-time ratio {view_ratio:.3f} (goal >= 0.95: "
-          f"{'met' if view_ratio >= 0.95 else 'NOT met'})")
-    print(f"view replay + transfer mixing per student image: images/s ratio {image_ratio:.3f} (goal >= 0.95: "
-          f"{'met' if image_ratio >= 0.95 else 'NOT met'}); transfer images add no text work")
+    mixed_ratio = same.median_step() / configs["both"].median_step()
+    ok = lambda r: "met" if r >= 0.95 else "NOT met"  # noqa: E731
+    print(f"view replay, same batch: step-time ratio {view_ratio:.3f} (goal >= 0.95: {ok(view_ratio)})")
+    print(f"view replay + transfer mixing vs the plain step with as many images: step-time ratio {mixed_ratio:.3f} "
+          f"(goal >= 0.95: {ok(mixed_ratio)}); per image against plain B: "
+          f"{configs['both'].images_per_s() / plain.images_per_s():.3f} (the student's compute per image grows "
+          "with the batch on a CPU)")
     print(f"cache size per view: {per_view:.0f} bytes per image and view ({args.width} x fp16 + 5 x float32 "
           f"parameters); {args.views} views grow a cache of {plain_bytes / 2**20:.1f} MiB to "
           f"{sizes['pairs'] / 2**20:.1f} MiB")

@@ -17,7 +17,7 @@ EXPECTED = {
     "bench_features.py": "ratio end to end / model only (items/s):",
     "bench_distill.py": "step overhead (cache gather",
     "bench_eval.py": "recall@10 vs exact",
-    "bench_reinforced.py": "view replay + transfer mixing per student image",
+    "bench_reinforced.py": "view replay + transfer mixing vs the plain step",
     "bench_startup.py": "slowest --help:",
 }
 
