@@ -44,7 +44,8 @@ SampleIdCol = Annotated[
 Delimiter = Annotated[
     Optional[str], typer.Option(help="tabular: field separator of a text table with another suffix.")
 ]
-Split = Annotated[Optional[str], typer.Option(help="coco: split name of the file's rows (default: train).")]
+Split = Annotated[Optional[str], typer.Option(help="coco, captions: split name of the file's rows (default: "
+                                              "train).")]
 RestvalToTrain = Annotated[
     bool, typer.Option("--restval-to-train", help="karpathy: fold the restval split into train.")
 ]
@@ -53,8 +54,9 @@ LabelsFromParent = Annotated[
 ]
 SplitFractions = Annotated[Optional[str], typer.Option(help=_FRACTIONS_HELP)]
 UnpairedCol = Annotated[
-    Optional[str], typer.Option(help="tabular: optional flag column (1/0, true/false); flagged rows are image-only "
-                                "(an image without a caption: transfer data) and leave the caption empty.")
+    Optional[str], typer.Option(help="tabular: optional flag column (1/0, true/false); flagged rows are unpaired "
+                                "transfer data: an image with an empty caption, or a caption with an empty image "
+                                "path.")
 ]
 Unpaired = Annotated[
     bool, typer.Option("--unpaired", help="folder: keep images without a caption file as image-only rows "
@@ -125,6 +127,9 @@ def _print_summary(manifest: Manifest, paths: dict[str, Path]) -> None:
     image_only = int(manifest.image_only_mask().sum())
     if image_only:
         typer.echo(f"  of which   {image_only:>9} image-only rows (declared unpaired: images without a caption)")
+    caption_only = int(manifest.caption_only_mask().sum())
+    if caption_only:
+        typer.echo(f"  of which   {caption_only:>9} caption-only rows (declared unpaired: captions without an image)")
     typer.echo(f"  rejects    {len(manifest.rejects):>9} rows  -> {paths['rejects']}")
     groups: Counter[str] = Counter()
     examples: dict[str, list[str]] = {}

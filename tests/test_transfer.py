@@ -126,11 +126,42 @@ def test_transfer_images_join_the_image_terms_and_nothing_else():
     assert torch.equal(mixed["pair"], plain["pair"]) and not torch.equal(mixed["fd"], plain["fd"])
 
 
+def test_transfer_captions_join_the_text_terms_and_nothing_else():
+    B, U, K, D = 6, 5, 10, 8
+    s_img, s_txt, t_img, t_txt = (_unit(B, D, seed=i) for i in range(4))
+    x_s, x_t = _unit(U, D, seed=17), _unit(U, D, seed=18)
+    ids, x_ids = torch.arange(B), -2 - torch.arange(U)
+    h, x_h = torch.arange(B) + 1000, torch.tensor([5, 5, 6, 7, 8])  # two identical transfer captions
+    queue = ActiveQueue(img=_unit(K, D, seed=9), img_ids=torch.arange(K) + 50, txt=_unit(K, D, seed=10),
+                        txt_ids=torch.arange(K) + 50, txt_hash=torch.arange(K) + 2000)
+    from pipeline.distill.losses.common import LossInputs
+
+    crit = MultiscaleDistillLoss(LossConfig(pair=True))
+    parts = {n: crit.parts[n].of for n in crit.names}
+    full = {n: f(LossInputs(s_img, s_txt, t_img, t_txt, ids, queue, h, more_s_txt=x_s, more_t_txt=x_t,
+                            more_txt_ids=x_ids, more_txt_hash=x_h)) for n, f in parts.items()}
+    alone = {n: f(LossInputs(s_img, s_txt, t_img, t_txt, ids, queue, h)) for n, f in parts.items()}
+    all_s, all_t = torch.cat([s_txt, x_s]), torch.cat([t_txt, x_t])
+    all_ids, all_h = torch.cat([ids, x_ids]), torch.cat([h, x_h])
+    assert torch.allclose(full["fd"]["fd_txt"], (all_s - all_t).abs().mean())
+    assert torch.allclose(full["sd"]["sd_txt"], (1 - (all_s * all_t).sum(1)).mean())
+    ref_cd = queue_contrastive(all_s, all_t, queue.txt, 0.05,
+                               false_negative_mask(all_ids, queue.txt_ids, all_h, queue.txt_hash))
+    assert torch.allclose(full["cd"]["cd_txt"], ref_cd)
+    mask = false_negative_mask(all_ids, all_ids, all_h, all_h)
+    assert mask[B, B + 1] and not mask[B, B + 2]  # identical transfer captions are false negatives
+    assert torch.allclose(full["hnd"]["hnd_txt_txt"], max_violation_triplet(all_s, all_t, 0.0, mask))
+    for loss, part in (("cd", "cd_img"), ("fd", "fd_img"), ("sd", "sd_img"), ("hnd", "hnd_img_img"),
+                       ("hnd", "hnd_img_txt"), ("hnd", "hnd_txt_img"), ("pair", "pair")):
+        assert torch.equal(full[loss][part], alone[loss][part]), part
+
+
 # ---- stage 2 through the CLI ----------------------------------------------------------------------
 
 
-def _with_image_only_rows(manifest_dir, out_dir, cache_dir, n_image_only=6):
-    """The pairs' manifests with the captions of some train images removed and declared image-only; cached."""
+def _with_image_only_rows(manifest_dir, out_dir, cache_dir, n_image_only=6, n_caption_only=10):
+    """The pairs' manifests with the captions of some train images removed and declared image-only, plus some
+    caption-only train rows; cached."""
     out_dir.mkdir(parents=True)
     for split in ("train", "val", "test"):
         m = Manifest.read(manifest_dir / f"{split}.parquet")
@@ -140,6 +171,8 @@ def _with_image_only_rows(manifest_dir, out_dir, cache_dir, n_image_only=6):
             kept = [r for r in rows if r["image_id"] not in drop]
             rows = kept + [{**r, "caption": None, "unpaired": True}
                            for r in {r["image_id"]: r for r in rows if r["image_id"] in drop}.values()]
+            rows += [{"sample_id": 90000 + k, "image_id": 0, "image_path": None, "caption": f"a lone caption {k}",
+                      "split": "train", "unpaired": True} for k in range(n_caption_only)]
         Manifest.from_rows(rows, source="shapes", image_root=m.image_root).write(out_dir / f"{split}.parquet")
         run_feature_job(FeatureJob(Manifest.read(out_dir / f"{split}.parquet"), "shapes", split,
                                    cache_dir / split, num_workers=0), FakeTeacher(width=16), progress=False)
@@ -156,11 +189,11 @@ def test_stage2_distils_on_image_only_rows_and_another_cache_and_resumes_exactly
     assert ref.returncode == 0, out
     # 6 image-only rows of the training manifest + the other dataset's 18 train images, 4 per step of 8 pairs
     assert f"transfer: 24 caption-less images (image-only rows of the training manifest 6, {other}/train 18)" in out
-    assert "4 per step" in out
+    assert "transfer: 10 image-less captions (caption-only rows of the training manifest 10), 4 per step" in out
     ckpt = final_weights(runs / "straight")
     steps = ckpt["state"]["global_step"]
     q = ckpt["queue"][0]
-    assert q["img"]["fill"] == min(24, steps * 12) and q["txt"]["fill"] == min(24, steps * 8)
+    assert q["img"]["fill"] == min(24, steps * 12) and q["txt"]["fill"] == min(24, steps * 12)
     # a killed run resumes to the same weights: the transfer rows are a function of the step
     killed = cli(distill_args(shapes, runs, "killed", *extra), stdout=-3)
     last = runs / "killed" / "checkpoints" / "last.pt"
@@ -184,7 +217,7 @@ def test_transfer_errors_are_one_line(worlds, tmp_path):
     shapes = worlds[0]
     runs = tmp_path / "runs"
     for extra, msg in (
-        (("data.transfer_ratio=0.5",), "no transfer image"),
+        (("data.transfer_ratio=0.5",), "no transfer data"),
         (("data.transfer_ratio=0.5", "losses.cd=false", "losses.fd=false", "losses.sd=false", "losses.hnd=false",
           "losses.pair=true"), "needs a distillation loss"),
     ):

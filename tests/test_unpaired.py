@@ -27,7 +27,7 @@ def test_declared_image_only_rows_are_kept_and_empty_captions_still_rejected():
     assert m.image_only_mask().tolist() == [False, True]
     assert m.paired().column("sample_id").tolist() == [0]
     assert {r.source_row: r.reason for r in m.rejects} == {
-        "1": "empty caption", "3": "declared image-only (unpaired) but has a caption"}
+        "1": "empty caption", "3": "declared unpaired but has both an image and a caption"}
     # paired manifests hash as before: the image-only support changes nothing for them
     assert Manifest.from_rows(rows[:1], source="x").content_hash == m.paired().content_hash
 
@@ -85,12 +85,47 @@ def test_tabular_unpaired_flag_column(tmp_path):
         "i1.png,,1\n"            # image-only
         "i2.png,a caption,yes\n"  # flagged but captioned: reject
         "i3.png,,maybe\n"        # not a flag: reject
-        "i4.png,,\n")            # not flagged, no caption: the usual reject
+        "i4.png,,\n"             # not flagged, no caption: the usual reject
+        ",a caption alone,1\n"   # caption-only
+        ",,1\n")                 # flagged with neither: reject
     m = read_dataset("tabular", path=tmp_path / "pairs.csv", unpaired_col="unpaired")
-    assert [(r["image_path"], r["caption"]) for r in m.table.to_pylist()] == [("i0.png", "a red square"),
-                                                                              ("i1.png", None)]
+    assert [(r["image_path"], r["caption"]) for r in m.table.to_pylist()] == [
+        ("i0.png", "a red square"), ("i1.png", None), (None, "a caption alone")]
+    assert m.caption_only_mask().tolist() == [False, False, True] and m.column("image_id")[2] == -1
     reasons = sorted(r.reason for r in m.rejects)
-    assert reasons == ["declared image-only (unpaired) but has a caption", "empty caption",
-                       "invalid unpaired flag 'maybe' in column 'unpaired' (use 1/0, true/false)"]
-    plain = read_dataset("tabular", path=tmp_path / "pairs.csv")  # without the option: image-only is a reject
-    assert len(plain) == 2 and not plain.image_only_mask().any()
+    assert reasons == ["declared unpaired but has both an image and a caption", "empty caption",
+                       "invalid unpaired flag 'maybe' in column 'unpaired' (use 1/0, true/false)",
+                       "missing image path"]
+    plain = read_dataset("tabular", path=tmp_path / "pairs.csv")  # without the option: unpaired rows are rejects
+    assert len(plain) == 2 and not plain.image_only_mask().any() and not plain.caption_only_mask().any()
+
+
+def test_caption_only_rows_are_declared_kept_apart_from_images_and_pairs():
+    rows = [
+        {"sample_id": 0, "image_id": 0, "image_path": "a.png", "caption": "a cat"},
+        {"sample_id": 1, "image_id": 9, "image_path": None, "caption": "a dog alone", "unpaired": True},
+        {"sample_id": 2, "image_id": 3, "image_path": None, "caption": None, "unpaired": True},  # neither
+    ]
+    m = Manifest.from_rows(rows, source="test")
+    assert m.column("sample_id").tolist() == [0, 1] and m.column("image_id").tolist() == [0, -1]
+    assert m.caption_only_mask().tolist() == [False, True] and not m.image_only_mask().any()
+    assert m.paired().column("sample_id").tolist() == [0]
+    assert m.unique_images()[1] == ["a.png"]  # a caption-only row has no image
+    assert [r.reason for r in m.rejects] == ["declared unpaired but has neither an image nor a caption"]
+
+
+def test_a_caption_list_through_the_command_and_stage1(tmp_path, capsys):
+    (tmp_path / "captions.txt").write_text("a red square\n\n  a blue circle  \na red square\n")
+    paths = build_manifest("captions", tmp_path / "captions.txt", tmp_path / "out")
+    assert "3 caption-only rows" in capsys.readouterr().out
+    m = Manifest.read(paths["train"])
+    assert m.table.column("caption").to_pylist() == ["a red square", "a blue circle", "a red square"]
+    assert m.column("sample_id").tolist() == [0, 2, 3]  # line numbers: blank lines are layout
+    teacher = FakeTeacher()
+    summary = run_feature_job(FeatureJob(m, "t", "train", tmp_path / "cache", num_workers=0), teacher,
+                              progress=False)
+    assert summary.complete and summary.images == 0 and summary.texts == 3
+    cache = FeatureCache(tmp_path / "cache")
+    assert len(cache.text) == 0 and cache.lone_sample_ids.tolist() == [0, 2, 3]
+    want = teacher.encode_texts(teacher.tokenize(["a red square", "a blue circle", "a red square"])).numpy()
+    np.testing.assert_allclose(cache.lone_text.to_array().astype(np.float32), want, atol=2e-3)  # fp16 cache

@@ -4,14 +4,16 @@ Schema (one row per (image, caption) pair):
     sample_id  int64   stable id of the row (unique within the dataset)
     image_id   int64   id of the image; rows of the same image share it
     image_path string  image location, relative to the manifest's ``image_root`` unless absolute;
-                       ``shard.tar::member`` addresses a member of a tar shard
+                       ``shard.tar::member`` addresses a member of a tar shard; null only in a caption-only row
     caption    string  null only in a declared image-only row (below)
     split      string  train / val / test / ...
     label      string  optional class label (null when the dataset has none)
 
-Image-only rows (an image without a caption: transfer data for distillation) are declared by the reader with
-``unpaired: True``; they keep a null caption. A row that is not declared so and has an empty caption is still a
-reject, so a missing caption is never mistaken for an unpaired image.
+Unpaired rows (transfer data for distillation) are declared by the reader with ``unpaired: True``: an image
+without a caption keeps a null caption (image-only row); a caption without an image keeps a null image_path and
+image_id ``CAPTION_ONLY_IMAGE_ID`` (caption-only row). A row that is not declared so and has an empty caption is
+still a reject, so a missing caption is never mistaken for an unpaired image; a declared row with both or neither
+is a reject too.
 
 Parquet key-value metadata records ``source`` (what it was built from), ``image_root`` and
 ``content_hash`` (sha256 over the canonical columns, so caches can detect a changed manifest).
@@ -53,6 +55,7 @@ REJECT_SCHEMA = pa.schema(
     ]
 )
 MANIFEST_META_KEY = b"clipdistill"
+CAPTION_ONLY_IMAGE_ID = -1  # the image_id of every caption-only row (it has no image)
 
 
 @dataclass
@@ -90,9 +93,13 @@ class Manifest:
             caption = (row.get("caption") or "").strip()
             where = str(row.get("source_row", row.get("sample_id")))
             unpaired = bool(row.get("unpaired"))
-            if unpaired and caption:
-                rejects.append(Reject(where, "declared image-only (unpaired) but has a caption",
-                                      row.get("image_path"), caption))
+            image_path = row.get("image_path") or None
+            if unpaired and caption and image_path:
+                rejects.append(Reject(where, "declared unpaired but has both an image and a caption",
+                                      image_path, caption))
+                continue
+            if unpaired and not caption and not image_path:
+                rejects.append(Reject(where, "declared unpaired but has neither an image nor a caption"))
                 continue
             if not caption and not unpaired:
                 rejects.append(Reject(where, "empty caption", row.get("image_path"), row.get("caption")))
@@ -105,8 +112,8 @@ class Manifest:
             kept.append(
                 {
                     "sample_id": sid,
-                    "image_id": int(row["image_id"]),
-                    "image_path": str(row["image_path"]),
+                    "image_id": int(row["image_id"]) if image_path else CAPTION_ONLY_IMAGE_ID,
+                    "image_path": str(image_path) if image_path else None,
                     "caption": caption or None,
                     "split": str(row.get("split") or "train"),
                     "label": None if row.get("label") is None else str(row["label"]),
@@ -131,20 +138,27 @@ class Manifest:
         """True for the declared image-only rows (null caption)."""
         return self.table.column("caption").is_null().to_numpy(zero_copy_only=False)
 
+    def caption_only_mask(self) -> np.ndarray:
+        """True for the declared caption-only rows (null image path)."""
+        return self.table.column("image_path").is_null().to_numpy(zero_copy_only=False)
+
     def paired(self) -> "Manifest":
-        """The (image, caption) pairs, without the image-only rows."""
-        return Manifest(self.table.filter(pc.is_valid(self.table.column("caption"))), self.source, self.image_root)
+        """The (image, caption) pairs, without the unpaired rows."""
+        both = pc.and_(pc.is_valid(self.table.column("caption")), pc.is_valid(self.table.column("image_path")))
+        return Manifest(self.table.filter(both), self.source, self.image_root)
 
     def column(self, name: str) -> np.ndarray:
         return self.table.column(name).to_numpy(zero_copy_only=False)
 
     def unique_images(self) -> tuple[np.ndarray, list[str]]:
-        """(image_ids sorted ascending, their image paths) - one entry per unique image."""
+        """(image_ids sorted ascending, their image paths) - one entry per unique image (caption-only rows have
+        none)."""
         ids = self.column("image_id")
         paths = self.table.column("image_path").to_pylist()
         first: dict[int, str] = {}
         for i, p in zip(ids.tolist(), paths):
-            first.setdefault(i, p)
+            if p is not None:
+                first.setdefault(i, p)
         order = sorted(first)
         return np.asarray(order, dtype=np.int64), [first[i] for i in order]
 

@@ -41,6 +41,7 @@ class AlignedRows:
     caption_hash: np.ndarray  # (N,) int64, for identical-caption masking (method.md 1.1)
     dropped: int  # manifest rows without cached targets (rejected in stage 1)
     image_only: int = 0  # declared image-only rows of the manifest (not pairs: not rows of this table)
+    caption_only: int = 0  # declared caption-only rows (likewise)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -49,8 +50,8 @@ class AlignedRows:
 def align(manifest: Manifest, cache: FeatureCache | None) -> AlignedRows:
     """Keep the rows the cache has targets for; the others were stage-1 rejects. Without a cache (training on
     the pairs alone, e.g. a teacher) every row is kept and the cache row indices are empty."""
-    image_only = int(manifest.image_only_mask().sum())
-    manifest = manifest.paired() if image_only else manifest
+    image_only, caption_only = int(manifest.image_only_mask().sum()), int(manifest.caption_only_mask().sum())
+    manifest = manifest.paired() if image_only or caption_only else manifest
     sample_ids = manifest.column("sample_id").astype(np.int64)
     cached = np.isin(sample_ids, cache.sample_ids) if cache is not None else np.ones(len(sample_ids), bool)
     if not cached.any():
@@ -70,6 +71,7 @@ def align(manifest: Manifest, cache: FeatureCache | None) -> AlignedRows:
         caption_hash=caption_hashes(captions),
         dropped=int((~cached).sum()),
         image_only=image_only,
+        caption_only=caption_only,
     )
 
 

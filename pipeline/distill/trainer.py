@@ -27,7 +27,9 @@ from pipeline.distill.data import (
     EpochOrder, PairDataset, ViewReplay, align, check_teacher_norms, gather_targets, make_loader, teacher_targets,
 )
 from pipeline.distill.losses import TEACHER_FREE_LOSSES, LossConfig, MultiscaleDistillLoss
-from pipeline.distill.transfer import TransferStream, load_transfer, transfer_batch_size
+from pipeline.distill.transfer import (
+    TransferStream, load_transfer, load_transfer_captions, transfer_batch_size,
+)
 from pipeline.features.views import student_view_transform
 from pipeline.distill.queue import NegativeQueue, QueueBatch
 from pipeline.data.manifest import Manifest
@@ -51,9 +53,10 @@ class DataSection:
     # False: train against the teacher's raw (un-normalised) embeddings, the paper's ablation (method.md 1.6);
     # needs a cache that stores the norms.
     teacher_normalized: bool = True
-    # Transfer images (pipeline.distill.transfer): caption-less images distilled next to the pairs, in the
-    # image-only terms. Sources: [{manifest_dir, cache_dir, split}] (their captions are ignored) plus the
-    # training manifest's own image-only rows; each step adds round(transfer_ratio x batch_size) of them.
+    # Transfer data (pipeline.distill.transfer): caption-less images and image-less captions distilled next to
+    # the pairs, in the intra-modal terms. Sources: [{manifest_dir, cache_dir, split}] (their images and their
+    # caption-only rows) plus the training manifest's own unpaired rows; each step adds
+    # round(transfer_ratio x batch_size) images and as many captions (when there are such captions).
     transfer: tuple = ()
     transfer_ratio: float = 0.0
     # Cached augmented views (teacher-features --views K): each image replays one of the first `views` cached
@@ -104,6 +107,9 @@ class DistillConfig(RunOptions):
     queue: QueueSection = field(default_factory=QueueSection)
     balancer: BalancerSection = field(default_factory=BalancerSection)
     optim: OptimSection = field(default_factory=OptimSection)
+
+
+CAPTION_SALT = 0x63617074  # the transfer captions' stream is not the images' (pipeline.distill.transfer)
 
 
 def student_config(cfg: DistillConfig, width: int | None) -> StudentConfig:
@@ -173,9 +179,17 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
         print(f"transfer: {len(t)} caption-less images ({sources}"
               f"{f'; {t.skipped_paired} already pairs, skipped' if t.skipped_paired else ''}), "
               f"{objective.stream.per_step} per step in the image-only losses and the image queue")
-    elif env.is_main and objective.rows.image_only:
-        print(f"note: the manifest's {objective.rows.image_only} image-only rows are not used: set "
-              "data.transfer_ratio > 0 to distil on them next to the pairs")
+    if env.is_main and objective.captions is not None:
+        c = objective.captions
+        sources = ", ".join(f"{name} {n}" for name, n in c.per_source)
+        print(f"transfer: {len(c)} image-less captions ({sources}), {objective.caption_stream.per_step} per step in "
+              "the text-only losses and the text queue")
+    unused = [f"{n} {what}" for n, what, pool in (
+        (objective.rows.image_only, "image-only", objective.transfer),
+        (objective.rows.caption_only, "caption-only", objective.captions)) if n and pool is None]
+    if env.is_main and unused:
+        print(f"note: the manifest's {' and '.join(unused)} rows are not used: set data.transfer_ratio > 0 to "
+              "distil on them next to the pairs")
     if env.is_main and objective.scfg.init == "random":
         print(f"note: student {objective.scfg.name} starts from random weights (init: random), not its "
               "pretrained ones")
@@ -230,7 +244,7 @@ class DistillObjective(Objective):
             self.val_manifest = Manifest.read(val_path) if val_path.exists() else None
         self.data_fingerprint = train_manifest.content_hash
         self.rows = rows = align(train_manifest, self.cache)
-        self.transfer, self.stream = self._transfer(train_manifest)
+        self.transfer, self.stream, self.captions, self.caption_stream = self._transfer(train_manifest)
         self.scfg = student_config(cfg, self.cache.width if self.cache else None)
         self.model = model = build_student(self.scfg).to(device)
         self.views = self._views()
@@ -259,22 +273,28 @@ class DistillObjective(Objective):
         self._global_step = 0
 
     def _transfer(self, train_manifest: Manifest):
-        """(pool, stream) of transfer images, or (None, None) when transfer_ratio is 0."""
+        """(image pool, its stream, caption pool, its stream); Nones when transfer_ratio is 0 or a pool is
+        empty."""
         cfg = self.cfg
         per_step = transfer_batch_size(cfg.data.transfer_ratio, cfg.optim.batch_size)
         if per_step == 0:
-            return None, None
+            return None, None, None, None
         if self.cache is None:
             raise PipelineError("data.transfer_ratio > 0 needs a teacher cache (data.cache_dir): transfer images "
                                 "learn from the teacher's image embeddings alone")
         if not set(self.cfg.losses.enabled) - set(TEACHER_FREE_LOSSES):
             raise PipelineError("data.transfer_ratio > 0 needs a distillation loss on (cd, fd, sd or hnd): the "
                                 "pair loss cannot use caption-less images")
-        pool = load_transfer(cfg.data.transfer, (train_manifest, self.cache), self.rows.locations)
-        if pool is None:
-            raise PipelineError("data.transfer_ratio > 0 but there is no transfer image: name sources in "
-                                "data.transfer or declare image-only rows in the training manifest")
-        return pool, TransferStream(len(pool), per_step, self.cfg.seed, self.env.rank, self.env.world)
+        own = (train_manifest, self.cache)
+        captions = load_transfer_captions(cfg.data.transfer, own)
+        pool = load_transfer(cfg.data.transfer, own, self.rows.locations)
+        if pool is None and captions is None:
+            raise PipelineError("data.transfer_ratio > 0 but there is no transfer data: name sources in "
+                                "data.transfer or declare unpaired rows in the training manifest")
+        env, seed = self.env, self.cfg.seed
+        return (pool, TransferStream(len(pool), per_step, seed, env.rank, env.world) if pool else None,
+                captions, TransferStream(len(captions), per_step, seed, env.rank, env.world, salt=CAPTION_SALT)
+                if captions else None)
 
     def _views(self) -> ViewReplay | None:
         """The cached views to replay (data.views > 0), checked against the caches."""
@@ -332,10 +352,15 @@ class DistillObjective(Objective):
         idx = batch.rows.numpy()
         with clock("targets"):
             t_img, t_txt = self.targets(idx, batch)
+        extra_caps = None
+        if self.captions is not None:  # this step's transfer captions: a pure function of the step (resume)
+            crows = self.caption_stream.rows(self.caption_stream.positions(step))
+            extra_caps = (crows, [self.captions.captions[r] for r in crows])
         with clock("tokenize"):
             img_ids = torch.from_numpy(rows.image_ids[idx]).to(device)
             hashes = torch.from_numpy(rows.caption_hash[idx]).to(device)
-            tokens = {k: v.to(device) for k, v in self.model.tokenizer(batch.captions).items()}
+            texts = batch.captions + (extra_caps[1] if extra_caps else [])
+            tokens = {k: v.to(device) for k, v in self.model.tokenizer(texts).items()}
         transfer = None
         if self.transfer is not None and len(batch.transfer_rows):
             with clock("targets"):
@@ -345,19 +370,31 @@ class DistillObjective(Objective):
                             torch.from_numpy(self.transfer.image_ids[trows]).to(device))
         with clock("forward"), autocast(device, cfg.precision):
             # one forward over the pairs' and the transfer images (one DDP call); split after
-            s_all, s_txt = self.ddp_model(batch.pixels.to(device, non_blocking=True), tokens)
-        s_img = s_all[:len(idx)]
+            s_all, s_txt_all = self.ddp_model(batch.pixels.to(device, non_blocking=True), tokens)
+        s_img, s_txt = s_all[:len(idx)], s_txt_all[:len(idx)]
+        transfer_text = None
+        if extra_caps:
+            crows = extra_caps[0]
+            transfer_text = (s_txt_all[len(idx):].float(),
+                             torch.from_numpy(self.captions.targets(crows)).to(device, non_blocking=True),
+                             torch.from_numpy(self.captions.ids[crows]).to(device),
+                             torch.from_numpy(self.captions.hashes[crows]).to(device))
         with clock("losses"):
             losses = self.criterion(s_img.float(), s_txt.float(), t_img, t_txt, img_ids,
                                     queue=self.queue.active(device) if self.queue else None,
                                     captions_hash=hashes,
-                                    transfer=(s_all[len(idx):].float(), *transfer) if transfer else None)
+                                    transfer=(s_all[len(idx):].float(), *transfer) if transfer else None,
+                                    transfer_text=transfer_text)
         with clock("balancer"):
             total, info = self.balancer(losses)
         q_img, q_ids = t_img, img_ids
         if transfer:  # transfer images are image negatives too
             q_img, q_ids = torch.cat([t_img, transfer[0]]), torch.cat([img_ids, transfer[1]])
-        self._pending = (q_img, q_ids, t_txt, img_ids, hashes)
+        q_txt, q_txt_ids, q_hash = t_txt, img_ids, hashes
+        if transfer_text:  # and transfer captions text negatives
+            q_txt, q_txt_ids, q_hash = (torch.cat([t_txt, transfer_text[1]]), torch.cat([img_ids, transfer_text[2]]),
+                                        torch.cat([hashes, transfer_text[3]]))
+        self._pending = (q_img, q_ids, q_txt, q_txt_ids, q_hash)
         return StepOutput(total, losses, info, items=len(idx) + (len(transfer[0]) if transfer else 0))
 
     def after_step(self, out: StepOutput, step: int) -> None:

@@ -1,10 +1,13 @@
-"""Transfer images: images without a caption that stage 2 distils on next to the pairs (issue 13).
+"""Transfer data: images without a caption and captions without an image that stage 2 distils on next to the
+pairs (issue 13).
 
 Users hold far more images than pairs. A transfer image has a cached teacher embedding but no caption, so it
 can only feed the intra-modal terms (CD, FD and SD on images, the image-image hard-negative term) and the
 image queue; the cross-modal terms keep using the pairs. Sources: the training manifest's own declared
 image-only rows, and the images of any other (manifest, cache) split named in ``data.transfer`` (their
-captions, if any, are ignored). Every source must be cached by the same teacher as the pairs.
+captions, if any, are ignored). Every source must be cached by the same teacher as the pairs. Transfer
+captions are the mirror image: the caption-only rows of the training manifest and of the sources (stage 1
+caches them as ``lone_text``), in the text terms and the text queue.
 
 Order (exact resume): a step's transfer rows are a pure function of (seed, step, rank): the transfer images
 are walked as an endless stream of seeded permutations, one per pass, and step ``s`` on rank ``r`` of
@@ -100,7 +103,7 @@ def load_transfer(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | 
 
     ``sources``: dicts with ``manifest_dir``, ``cache_dir`` and optional ``split`` (default train). ``own``: the
     training (manifest, cache), whose declared image-only rows join the pool. Images already among the
-    training pairs (same resolved location) are skipped: they would be counted twice. None: an empty pool.
+    training pairs (same file) are skipped: they would be counted twice. None: no source holds an image.
     """
     caches: list[FeatureCache] = []
     parts: list[tuple[str, np.ndarray, list[str]]] = []
@@ -118,8 +121,8 @@ def load_transfer(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | 
         ids, locs = _cached_images(manifest, cache, only_image_only=False)
         caches.append(cache)
         parts.append((f"{src['manifest_dir']}/{split}", ids, locs))
-    if not parts:
-        return None
+    if not parts or not any(len(ids) for _, ids, _ in parts):
+        return None  # no source holds an image (e.g. only caption lists)
     fingerprints = {c.meta.teacher_fingerprint for c in caches}
     if own is not None:
         fingerprints.add(own[1].meta.teacher_fingerprint)
@@ -147,6 +150,75 @@ def load_transfer(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | 
     return pool
 
 
+@dataclass
+class TransferCaptions:
+    """The pool of transfer captions (caption-only rows), with where their teacher targets live."""
+
+    sample_ids: np.ndarray  # (N,) int64
+    captions: list[str]
+    caches: list[FeatureCache]
+    source: np.ndarray  # (N,) index into caches
+    text_rows: np.ndarray  # (N,) row into caches[source].lone_text
+    per_source: list[tuple[str, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """One id per caption for the false-negative masks, which compare ids: a caption-only row shares its image
+        with nothing, so each gets its own id below the reserved -1 (readers number images from 0 or hash them
+        to 63 bits)."""
+        return -2 - np.arange(len(self), dtype=np.int64)
+
+    @property
+    def hashes(self) -> np.ndarray:
+        """Caption hashes (identical captions are false negatives, as for the pairs)."""
+        if not hasattr(self, "_hashes"):
+            from pipeline.distill.losses import caption_hashes
+
+            self._hashes = caption_hashes(self.captions)
+        return self._hashes
+
+    def targets(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.caches[0].width), np.float32)
+        src = self.source[rows]
+        for s in np.unique(src):
+            pick = src == s
+            out[pick] = self.caches[int(s)].lone_text.gather(self.text_rows[rows[pick]]).astype(np.float32)
+        return out
+
+
+def load_transfer_captions(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | None
+                           ) -> TransferCaptions | None:
+    """Caption-only rows of the training manifest and of the ``data.transfer`` sources that stage 1 cached."""
+    named = [("caption-only rows of the training manifest", *own)] if own is not None else []
+    for src in sources:
+        split = src.get("split", "train")
+        named.append((f"{src['manifest_dir']}/{split}",
+                      *open_cached_split(src["manifest_dir"], src["cache_dir"], split, required=True)))
+    sample_ids, captions, caches, source, text_rows, per_source = [], [], [], [], [], []
+    for name, manifest, cache in named:
+        mask = manifest.caption_only_mask()
+        if not mask.any():
+            continue
+        sids = manifest.column("sample_id").astype(np.int64)[mask]
+        caps = [c for c, m in zip(manifest.table.column("caption").to_pylist(), mask) if m]
+        row_of = {int(s): r for r, s in enumerate(cache.lone_sample_ids.tolist())}
+        held = np.array([int(s) in row_of for s in sids], bool)  # empty captions were stage-1 rejects
+        s = len(caches)
+        caches.append(cache)
+        sample_ids.append(sids[held])
+        captions.extend(c for c, h in zip(caps, held) if h)
+        source.append(np.full(int(held.sum()), s, np.int64))
+        text_rows.append(np.array([row_of[int(x)] for x in sids[held]], np.int64))
+        per_source.append((name, int(held.sum())))
+    if not caches:
+        return None
+    return TransferCaptions(np.concatenate(sample_ids), captions, caches, np.concatenate(source),
+                            np.concatenate(text_rows), per_source)
+
+
 def transfer_batch_size(ratio: float, batch_size: int) -> int:
     """Transfer images per step: ``round(ratio x batch size)``; ratio 0 turns transfer off."""
     if ratio < 0:
@@ -157,15 +229,15 @@ def transfer_batch_size(ratio: float, batch_size: int) -> int:
 class TransferStream:
     """Which transfer rows a step takes: an endless walk over seeded permutations of the pool."""
 
-    def __init__(self, n: int, per_step: int, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.per_step, self.seed, self.rank, self.world = n, per_step, seed, rank, world
+    def __init__(self, n: int, per_step: int, seed: int, rank: int = 0, world: int = 1, salt: int = _STREAM_SALT):
+        self.n, self.per_step, self.seed, self.rank, self.world, self.salt = n, per_step, seed, rank, world, salt
         self._perms: dict[int, np.ndarray] = {}
 
     def _perm(self, lap: int) -> np.ndarray:
         if lap not in self._perms:
             if len(self._perms) > 4:  # a step spans at most two laps; keep the cache small
                 self._perms.clear()
-            self._perms[lap] = np.random.default_rng([self.seed, _STREAM_SALT, lap]).permutation(self.n)
+            self._perms[lap] = np.random.default_rng([self.seed, self.salt, lap]).permutation(self.n)
         return self._perms[lap]
 
     def positions(self, step: int) -> np.ndarray:

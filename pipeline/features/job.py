@@ -77,11 +77,13 @@ class FeatureSummary:
         return (self.images + self.texts) / self.seconds if self.seconds > 0 else 0.0
 
 
-def _captions_by_image(manifest: Manifest) -> tuple[dict[int, list[tuple[int, str]]], list[Reject]]:
-    """image_id -> [(sample_id, caption)] in sample_id order; empty captions become rejects. Declared image-only
-    rows (null caption) add no caption: their image is cached for the intra-modal losses."""
+def _captions_by_image(manifest: Manifest) -> tuple[dict[int, list[tuple[int, str]]], list[Reject],
+                                                     list[tuple[int, str]]]:
+    """(image_id -> [(sample_id, caption)] in sample_id order, rejects, caption-only [(sample_id, caption)]);
+    empty captions become rejects. Declared image-only rows (null caption) add no caption: their image is cached
+    for the intra-modal losses; caption-only rows (null image path) are cached apart (``lone_text``)."""
     groups: dict[int, list[tuple[int, str]]] = {}
-    rejects = []
+    rejects, lone = [], []
     t = manifest.table
     for sid, iid, cap, path in zip(
         t.column("sample_id").to_pylist(),
@@ -94,10 +96,13 @@ def _captions_by_image(manifest: Manifest) -> tuple[dict[int, list[tuple[int, st
         if not cap.strip():
             rejects.append(Reject(f"sample_id={sid}", "empty caption", path, cap))
             continue
+        if path is None:
+            lone.append((sid, cap))  # caption-only row
+            continue
         groups.setdefault(iid, []).append((sid, cap))
     for rows in groups.values():
         rows.sort()
-    return groups, rejects
+    return groups, rejects, sorted(lone)
 
 
 def _check_existing(path: Path, expected: CacheMeta) -> None:
@@ -175,7 +180,7 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
     start = time.perf_counter()
     job.out_dir.mkdir(parents=True, exist_ok=True)
     image_ids, paths = job.manifest.unique_images()
-    captions, caption_rejects = _captions_by_image(job.manifest)
+    captions, caption_rejects, lone = _captions_by_image(job.manifest)
     total = max(1, math.ceil(len(image_ids) / job.shard_size))
     meta = CacheMeta(
         teacher_fingerprint=teacher.fingerprint(),
@@ -206,7 +211,7 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
 
     per_image = 1 + meta.views  # the eval view, then K augmented views
     work = sum(per_image * len(shard_range(s)) + sum(len(captions.get(int(image_ids[i]), ())) for i in shard_range(s))
-               for s in pending)
+               + (len(lone) if s == 0 else 0) for s in pending)
     bar = tqdm(total=work, unit="item", desc=f"{job.dataset}/{job.split}", disable=not progress, smoothing=0.1)
     known = teacher.known_embeddings(job.manifest) if pending else None
     known_images = known.image_lookup() if known else {}
@@ -238,6 +243,10 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
         text_rows = [(sid, cap, int(iid)) for iid in kept_ids.tolist() for sid, cap in captions.get(iid, [])]
         text, text_norm = _encode_shard_captions(teacher, job, [c for _, c, _ in text_rows], known_captions,
                                                  known, bar.update)
+        lone_text = None
+        if s == 0 and lone:  # caption-only rows are written with shard 0
+            lone_text, _ = _encode_shard_captions(teacher, job, [c for _, c in lone], known_captions, known,
+                                                  bar.update)
         path = job.out_dir / shard_name(s, total)
 
         def write() -> None:
@@ -248,10 +257,11 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
                 image_norm=image_norm[ok], text_norm=text_norm,
                 image_views=views[ok] if views is not None else None,
                 view_params=params[ok] if params is not None else None,
+                lone_text=lone_text, lone_sample_id=np.array([sid for sid, _ in lone], np.int64) if s == 0 else None,
             )
             summary.shards_written.append(path.name)
             summary.images += int(ok.sum())
-            summary.texts += len(text_rows)
+            summary.texts += len(text_rows) + (len(lone) if s == 0 else 0)
             summary.rejects += len(rejects)
         return write
 

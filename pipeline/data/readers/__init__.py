@@ -12,6 +12,7 @@ from typing import Callable
 
 from pipeline.common.errors import PipelineError
 from pipeline.data.manifest import Manifest
+from pipeline.data.readers.captions import read_captions
 from pipeline.data.readers.coco import read_coco
 from pipeline.data.readers.folder import read_folder
 from pipeline.data.readers.karpathy import read_karpathy
@@ -24,6 +25,7 @@ READERS: dict[str, Callable[..., Manifest]] = {
     "tabular": read_tabular,
     "folder": read_folder,
     "webdataset": read_webdataset,
+    "captions": read_captions,
 }
 
 FORMATS: dict[str, str] = {
@@ -32,6 +34,7 @@ FORMATS: dict[str, str] = {
     "tabular": "CSV / TSV / parquet table with image-path and caption columns (one row per caption)",
     "folder": "image folder with img.txt caption sidecars (one caption per line), optional class folders",
     "webdataset": "webdataset tar shards: key.jpg + key.txt and/or key.json with caption(s)",
+    "captions": "a text file of captions without images, one per line (caption-only rows: transfer data)",
 }
 
 
@@ -54,5 +57,5 @@ def read_dataset(fmt: str, **options: object) -> Manifest:
     return reader(**options)
 
 
-__all__ = ["FORMATS", "READERS", "read_dataset", "read_coco", "read_folder", "read_karpathy", "read_tabular",
+__all__ = ["FORMATS", "READERS", "read_dataset", "read_captions", "read_coco", "read_folder", "read_karpathy", "read_tabular",
            "read_webdataset"]

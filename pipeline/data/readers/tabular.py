@@ -64,8 +64,9 @@ def read_tabular(
             ``common.assign_split``); default: every row is ``train``.
         delimiter: field separator for text tables. TSV is read without quote handling (captions
             often contain bare ``"``), CSV with standard quoting.
-        unpaired_col: optional flag column (1/true/yes vs 0/false/no/empty): a flagged row is a declared
-            image-only row (an image without a caption, transfer data); it must leave the caption empty.
+        unpaired_col: optional flag column (1/true/yes vs 0/false/no/empty): a flagged row is a declared unpaired
+            row (transfer data): an image with an empty caption (image-only), or a caption with an empty image
+            path (caption-only); a flagged row with both is a reject.
     """
     path = require_file(path, "table")
     root = require_dir(image_root, "image root") if image_root is not None else path.parent
@@ -143,6 +144,10 @@ class _RowBuilder:
         if problem:
             return problem
         if rel is None:
+            flagged = _flag(rec[cols.unpaired]) if cols.unpaired else False
+            if flagged and (raw_image is None or isinstance(raw_image, str)) and isinstance(caption, str) \
+                    and caption.strip():
+                return self._caption_only(row_index, rec)
             if raw_image is None or isinstance(raw_image, str):
                 return "missing image path"
             return f"image path is not a string ({type(raw_image).__name__})"
@@ -173,6 +178,19 @@ class _RowBuilder:
         if unpaired is None:
             return f"invalid unpaired flag {rec[cols.unpaired]!r} in column {cols.unpaired!r} (use 1/0, true/false)"
         return {"sample_id": sample_id, "image_id": image_id, "split": split, "label": label, "unpaired": unpaired}
+
+
+    def _caption_only(self, row_index: int, rec: dict) -> str | dict:
+        """A flagged row with a caption and no image: a declared caption-only row (its ids, split, label)."""
+        cols = self.cols
+        sample_id = as_int_id(rec[cols.sample_id]) if cols.sample_id else row_index
+        if sample_id is None:
+            return f"invalid sample_id {rec[cols.sample_id]!r}"
+        split = rec[cols.split].strip() if cols.split and isinstance(rec[cols.split], str) else None
+        if cols.split and not split:
+            return f"missing split in column {cols.split!r}"
+        # without a split column a caption-only row goes to train: it has no image path to hash into a split
+        return {"sample_id": sample_id, "image_id": -1, "split": split or "train", "label": None, "unpaired": True}
 
 
 _TRUE, _FALSE = {"1", "true", "yes", "y"}, {"", "0", "false", "no", "n"}

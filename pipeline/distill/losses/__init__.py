@@ -122,7 +122,8 @@ class MultiscaleDistillLoss(nn.Module):
 
     def forward(self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor, img_ids: Tensor,
                 queue: "ActiveQueue | None" = None, captions_hash: Tensor | None = None,
-                transfer: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+                transfer: tuple[Tensor, Tensor, Tensor] | None = None,
+                transfer_text: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """Compute the enabled losses.
 
         Args:
@@ -131,9 +132,12 @@ class MultiscaleDistillLoss(nn.Module):
             captions_hash: optional (B,) int64 caption hashes; masks identical captions in CD, HND and pair.
             transfer: optional (student, teacher, ids) of the step's transfer images (T, D), (T, D), (T,):
                 caption-less images that join the image-only terms (CD, FD, SD on images, HND image-image).
+            transfer_text: optional (student, teacher, ids, hashes) of the step's transfer captions: they join the
+                text-only terms (CD, FD, SD on captions, HND text-text).
         """
         more = transfer if transfer is not None else (None, None, None)
-        inputs = LossInputs(s_img, s_txt, t_img, t_txt, img_ids, queue, captions_hash, *more)
+        more_txt = transfer_text if transfer_text is not None else (None, None, None, None)
+        inputs = LossInputs(s_img, s_txt, t_img, t_txt, img_ids, queue, captions_hash, *more, *more_txt)
         return {n: loss.of(inputs)[n] for n, loss in self.parts.items()}
 
 

@@ -32,6 +32,25 @@ class LossInputs:
     more_s_img: Tensor | None = None
     more_t_img: Tensor | None = None
     more_img_ids: Tensor | None = None
+    # Transfer captions (no image): they join the text-only terms. (U, D), (U, D), (U,) ids, (U,) caption hashes.
+    more_s_txt: Tensor | None = None
+    more_t_txt: Tensor | None = None
+    more_txt_ids: Tensor | None = None
+    more_txt_hash: Tensor | None = None
+
+    def texts(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(student, teacher, ids, caption hashes) of every caption of the step: the pairs', then the transfer
+        captions. Hashes are None when the pairs carry none."""
+        if self.more_s_txt is None or len(self.more_s_txt) == 0:
+            return self.s_txt, self.t_txt, self.img_ids, self.captions_hash
+        dev = self.s_txt.device
+        ids = torch.cat([torch.as_tensor(self.img_ids, dtype=torch.int64, device=dev),
+                         torch.as_tensor(self.more_txt_ids, dtype=torch.int64, device=dev)])
+        hashes = None
+        if self.captions_hash is not None:
+            hashes = torch.cat([torch.as_tensor(self.captions_hash, dtype=torch.int64, device=dev),
+                                torch.as_tensor(self.more_txt_hash, dtype=torch.int64, device=dev)])
+        return torch.cat([self.s_txt, self.more_s_txt]), torch.cat([self.t_txt, self.more_t_txt]), ids, hashes
 
     def images(self) -> tuple[Tensor, Tensor, Tensor]:
         """(student, teacher, ids) of every image of the step: the pairs' images, then the transfer images."""

@@ -70,9 +70,11 @@ class ContrastiveDistillLoss(nn.Module):
         captions_hash: Tensor | None = None,
         queue_txt_hash: Tensor | None = None,
         all_images: tuple[Tensor, Tensor, Tensor] | None = None,
+        all_texts: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None,
     ) -> dict[str, Tensor]:
         """``all_images``: (student, teacher, ids) of every image of the step, pairs' and transfer images, for
-        the image term (default: the pairs' images); the cross-modal terms use the pairs only."""
+        the image term (default: the pairs' images); ``all_texts`` likewise (with caption hashes) for the text
+        term; the cross-modal terms use the pairs only."""
         _check_pair(s_img, t_img, "contrastive distillation (image)")
         _check_pair(s_txt, t_txt, "contrastive distillation (text)")
         dev = s_img.device
@@ -93,7 +95,7 @@ class ContrastiveDistillLoss(nn.Module):
             all_mask = false_negative_mask(_ids(all_ids, dev), qi_ids)
         out = {
             "cd_img": queue_contrastive(all_s, all_t, queue_img, self.tau, all_mask),
-            "cd_txt": queue_contrastive(s_txt, t_txt, queue_txt, self.tau, txt_mask),
+            "cd_txt": self._text_term(s_txt, t_txt, txt_mask, queue_txt, qt_ids, qh, all_texts),
         }
         if self.cross_modal:
             # An image's false negatives among captions are the same as its caption's (same image or
@@ -103,9 +105,18 @@ class ContrastiveDistillLoss(nn.Module):
         out["cd"] = torch.stack(list(out.values())).sum()
         return out
 
+    def _text_term(self, s_txt, t_txt, txt_mask, queue_txt, qt_ids, qh, all_texts) -> Tensor:
+        if all_texts is None or len(all_texts[0]) == len(s_txt):
+            return queue_contrastive(s_txt, t_txt, queue_txt, self.tau, txt_mask)
+        all_s, all_t, all_ids, all_h = all_texts
+        _check_pair(all_s, all_t, "contrastive distillation (all captions)")
+        dev = all_s.device
+        mask = false_negative_mask(_ids(all_ids, dev), qt_ids, _ids(all_h, dev), qh)
+        return queue_contrastive(all_s, all_t, queue_txt, self.tau, mask)
+
     def of(self, x: LossInputs) -> dict[str, Tensor]:
         if x.queue is None:
             raise PipelineError("contrastive distillation is enabled but no negative queue was given")
         q = x.queue
         return self(x.s_img, x.s_txt, x.t_img, x.t_txt, x.img_ids, q.img, q.txt, q.img_ids, q.txt_ids,
-                    x.captions_hash, q.txt_hash, all_images=x.images())
+                    x.captions_hash, q.txt_hash, all_images=x.images(), all_texts=x.texts())

@@ -36,5 +36,6 @@ class FeatureDistillLoss(nn.Module):
         return {"fd_img": fi, "fd_txt": ft, "fd": fi + ft}
 
     def of(self, x: LossInputs) -> dict[str, Tensor]:
-        s_img, t_img, _ = x.images()  # the image term also covers transfer images
-        return self(s_img, x.s_txt, t_img, x.t_txt)
+        s_img, t_img, _ = x.images()  # the per-modality terms also cover transfer images and captions
+        s_txt, t_txt, _, _ = x.texts()
+        return self(s_img, s_txt, t_img, t_txt)

@@ -59,9 +59,11 @@ class HardNegativeDistillLoss(nn.Module):
         img_ids: Tensor,
         captions_hash: Tensor | None = None,
         all_images: tuple[Tensor, Tensor, Tensor] | None = None,
+        all_texts: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None,
     ) -> dict[str, Tensor]:
         """``all_images``: (student, teacher, ids) of every image of the step, pairs' and transfer images, for
-        the image-image term (default: the pairs' images)."""
+        the image-image term (default: the pairs' images); ``all_texts``: (student, teacher, ids, hashes) of
+        every caption, for the text-text term."""
         _check_pair(s_img, t_img, "hard-negative distillation (image)")
         _check_pair(s_txt, t_txt, "hard-negative distillation (text)")
         dev = s_img.device
@@ -77,9 +79,16 @@ class HardNegativeDistillLoss(nn.Module):
             img_img = max_violation_triplet(all_s, all_t, m, false_negative_mask(all_ids, all_ids))
         else:
             img_img = max_violation_triplet(s_img, t_img, m, img_mask)
+        if all_texts is not None and len(all_texts[0]) != len(s_txt):
+            all_s, all_t, all_ids, all_h = all_texts
+            _check_pair(all_s, all_t, "hard-negative distillation (all captions)")
+            all_ids, all_h = _ids(all_ids, dev), _ids(all_h, dev)
+            txt_txt = max_violation_triplet(all_s, all_t, m, false_negative_mask(all_ids, all_ids, all_h, all_h))
+        else:
+            txt_txt = max_violation_triplet(s_txt, t_txt, m, txt_mask)
         out = {
             "hnd_img_img": img_img,
-            "hnd_txt_txt": max_violation_triplet(s_txt, t_txt, m, txt_mask),
+            "hnd_txt_txt": txt_txt,
             "hnd_img_txt": max_violation_triplet(s_img, t_txt, m, txt_mask),
             "hnd_txt_img": max_violation_triplet(s_txt, t_img, m, txt_mask),
         }
@@ -87,4 +96,5 @@ class HardNegativeDistillLoss(nn.Module):
         return out
 
     def of(self, x: LossInputs) -> dict[str, Tensor]:
-        return self(x.s_img, x.s_txt, x.t_img, x.t_txt, x.img_ids, x.captions_hash, all_images=x.images())
+        return self(x.s_img, x.s_txt, x.t_img, x.t_txt, x.img_ids, x.captions_hash, all_images=x.images(),
+                    all_texts=x.texts())

@@ -23,5 +23,6 @@ class SimilarityDistillLoss(nn.Module):
         return {"sd_img": si, "sd_txt": st, "sd": si + st}
 
     def of(self, x: LossInputs) -> dict[str, Tensor]:
-        s_img, t_img, _ = x.images()  # the image term also covers transfer images
-        return self(s_img, x.s_txt, t_img, x.t_txt)
+        s_img, t_img, _ = x.images()  # the per-modality terms also cover transfer images and captions
+        s_txt, t_txt, _, _ = x.texts()
+        return self(s_img, s_txt, t_img, t_txt)

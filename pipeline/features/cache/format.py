@@ -16,6 +16,8 @@ caption of those images. Datasets (all contiguous, uncompressed, so they can be 
     image_views    (n_images, K, D) float16|float32 optional (--views K): the teacher's embeddings of K augmented
                                                     views of each image (features/views.py)
     view_params    (n_images, K, 5) float32         the views' crop boxes (fractions) and flip flags
+    lone_text      (n_lone, D)    float16|float32   shard 0 only, when the split has caption-only rows: their
+    lone_sample_id (n_lone,)      int64             teacher text embeddings and manifest rows
 Attributes: see CacheMeta.
 """
 

@@ -120,7 +120,7 @@ class FeatureCache:
             raise PipelineError(f"no cache shards in {self.directory}; run `clipdistill teacher-features` first")
         metas, image_parts, text_parts, ids = [], [], [], {"image_id": [], "sample_id": [], "text_image_id": []}
         norms: dict[str, list] = {"image_norm": [], "text_norm": []}
-        view_parts, view_params = [], []
+        view_parts, view_params, lone_parts, lone_ids = [], [], [], []
         for path in shard_paths:
             try:
                 f = h5py.File(path, "r")
@@ -135,6 +135,9 @@ class FeatureCache:
                     ids[key].append(f[key][()])
                 for key in norms:  # optional (caches written before norms were stored lack them)
                     norms[key].append(f[key][()] if key in f else None)
+                if "lone_text" in f:  # caption-only rows' texts (shard 0)
+                    lone_parts.append(_memmap(path, f["lone_text"]))
+                    lone_ids.append(f["lone_sample_id"][()])
                 if "image_views" in f:  # (n, K, D) read as (n * K, D): row = image row * K + view
                     v = _memmap(path, f["image_views"])
                     view_parts.append(v.reshape(-1, v.shape[-1]))
@@ -179,6 +182,9 @@ class FeatureCache:
             None if any(p is None for p in parts) else np.concatenate(parts).astype(np.float32)
             for parts in (norms["image_norm"], norms["text_norm"])
         )
+        # Caption-only rows (no image): their teacher texts, kept apart from ``text`` (whose rows all have an image).
+        self.lone_text = ShardedRows(lone_parts, self.meta.width, dtype)
+        self.lone_sample_ids = np.concatenate(lone_ids) if lone_ids else np.empty(0, np.int64)
         # Cached augmented views (features/views.py): K per image, or none.
         self.view_count = self.meta.views
         self.views = ShardedRows(view_parts, self.meta.width, dtype) if self.view_count else None

@@ -24,6 +24,8 @@ def write_shard(
     text_norm: np.ndarray | None = None,
     image_views: np.ndarray | None = None,
     view_params: np.ndarray | None = None,
+    lone_text: np.ndarray | None = None,
+    lone_sample_id: np.ndarray | None = None,
 ) -> Path:
     """Write a complete shard. A crash leaves only ``*.h5.tmp``, which a rerun overwrites.
 
@@ -43,6 +45,9 @@ def write_shard(
     for name, norms in (("image_norm", image_norm), ("text_norm", text_norm)):
         if norms is not None:
             arrays[name] = np.asarray(norms, dtype=np.float32)
+    if lone_sample_id is not None and len(lone_sample_id):  # captions without an image (caption-only rows)
+        arrays["lone_text"] = np.ascontiguousarray(lone_text, dtype=dtype).reshape(-1, meta.width)
+        arrays["lone_sample_id"] = np.asarray(lone_sample_id, dtype=np.int64)
     if meta.views:
         arrays["image_views"] = np.ascontiguousarray(image_views, dtype=dtype).reshape(-1, meta.views, meta.width)
         arrays["view_params"] = np.asarray(view_params, dtype=np.float32).reshape(-1, meta.views, 5)
