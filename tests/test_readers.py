@@ -75,7 +75,7 @@ def test_clean_dataset_reads_exactly(tmp_path, name):
 
 
 def test_formats_registry_lists_every_reader():
-    assert set(FORMATS) == {"karpathy", "coco", "tabular", "folder", "webdataset"}
+    assert set(FORMATS) == {"karpathy", "coco", "tabular", "folder", "webdataset", "captions"}
     assert all(isinstance(v, str) and v for v in FORMATS.values())
 
 
