@@ -86,10 +86,10 @@ CORPUS_ZS_DIR  := data/emoji-corpus-zs
 TEACHER_CONFIG ?= configs/teacher-emoji.yaml
 TEACHER_RUNS   := $(ARTIFACTS)/teachers/runs
 
-# $(call train_teacher,RUN NAME,CORPUS DIR): train (or resume) the run, then copy its export (checksum first).
+# $(call train_teacher,RUN NAME,CORPUS DIR[,CONFIG]): train (or resume) the run, then copy its export (checksum first).
 # The run name carries the recipe (6 epochs), so changing the recipe starts a new run instead of resuming an old one.
 define train_teacher
-	$(CLI) distill --config $(TEACHER_CONFIG) --name $(1) --set runs_dir=$(TEACHER_RUNS) \
+	$(CLI) distill --config $(or $(3),$(TEACHER_CONFIG)) --name $(1) --set runs_dir=$(TEACHER_RUNS) \
 		--set data.manifest_dir=$(2) $(if $(wildcard $(TEACHER_RUNS)/$(1)/checkpoints/last.pt),--resume)
 	cp $(TEACHER_RUNS)/$(1)/export/student.pt.blake2b $@.blake2b
 	cp $(TEACHER_RUNS)/$(1)/export/student.pt $@
@@ -98,6 +98,11 @@ endef
 $(STRONG_TEACHER): $(CORPUS_DIR)/test.parquet $(TEACHER_CONFIG)
 	$(call train_teacher,emoji-teacher-6ep,$(CORPUS_DIR))
 
+# The recipe at 3 epochs (its first version): the second member of the teacher ensemble (issue 13).
+SHORT_TEACHER := $(ARTIFACTS)/teachers/emoji-strong-3ep.pt
+$(SHORT_TEACHER): $(CORPUS_DIR)/test.parquet configs/teacher-emoji-3ep.yaml
+	$(call train_teacher,emoji-teacher,$(CORPUS_DIR),configs/teacher-emoji-3ep.yaml)
+
 $(CORPUS_ZS_DIR)/test.parquet: $(OPENMOJI_DIR)/test.parquet
 	$(CLI) build-corpus --out $(CORPUS_ZS_DIR) --npm-cache $(ARTIFACTS)/npm --benchmark $(OPENMOJI_DIR) \
 		--exclude-concepts $(OPENMOJI_DIR)/test.parquet
@@ -105,15 +110,21 @@ $(CORPUS_ZS_DIR)/test.parquet: $(OPENMOJI_DIR)/test.parquet
 $(ZS_TEACHER): $(CORPUS_ZS_DIR)/test.parquet $(TEACHER_CONFIG)
 	$(call train_teacher,emoji-teacher-zs-6ep,$(CORPUS_ZS_DIR))
 
-.PHONY: teacher-zs
+.PHONY: teacher-zs teacher-3ep
 teacher: $(STRONG_TEACHER)  ## train the strong teacher (use it with TEACHER=strong DATASET=emoji-corpus)
+teacher-3ep: $(SHORT_TEACHER)  ## the same recipe at 3 epochs (TEACHER=strong-3ep; TEACHER=strong-ensemble: both)
 teacher-zs: $(ZS_TEACHER)  ## the same teacher without openmoji's test concepts (TEACHER=strong-zs)
 
 # ---- stage 1: teacher features ---------------------------------------------------------
-# TEACHER: lit (LiT heads on DATASET), strong (the fine-tuned corpus teacher), strong-zs, or any spec (hf:...)
+# TEACHER: lit (LiT heads on DATASET), strong (the fine-tuned corpus teacher), strong-zs, strong-3ep,
+# strong-ensemble (the normalised mean of strong and strong-3ep), or any spec (hf:...)
 TEACHER_FILE := $(if $(filter lit,$(TEACHER)),$(LIT_FILE),$(if \
-                $(filter strong,$(TEACHER)),$(STRONG_TEACHER),$(if $(filter strong-zs,$(TEACHER)),$(ZS_TEACHER))))
-TEACHER_SPEC := $(if $(filter lit,$(TEACHER)),lit:$(TEACHER_FILE),$(if $(filter strong%,$(TEACHER)),dual:$(TEACHER_FILE),$(TEACHER)))
+                $(filter strong,$(TEACHER)),$(STRONG_TEACHER),$(if $(filter strong-zs,$(TEACHER)),$(ZS_TEACHER),$(if \
+                $(filter strong-3ep,$(TEACHER)),$(SHORT_TEACHER),$(if \
+                $(filter strong-ensemble,$(TEACHER)),$(STRONG_TEACHER) $(SHORT_TEACHER))))))
+TEACHER_SPEC := $(if $(filter lit,$(TEACHER)),lit:$(TEACHER_FILE),$(if \
+                $(filter strong-ensemble,$(TEACHER)),ensemble:dual:$(STRONG_TEACHER)+dual:$(SHORT_TEACHER),$(if \
+                $(filter strong%,$(TEACHER)),dual:$(TEACHER_FILE),$(TEACHER))))
 # Path-safe folder name for a teacher spec (make targets cannot contain ':'): openclip:A/B -> openclip-A-B
 # VIEWS=K also caches K augmented views per image (reinforced cache, issue 13) in a folder of its own: <teacher>-viewsK
 VIEWS        ?= 0
