@@ -57,18 +57,23 @@ def final_weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
+def kill_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path) -> None:
+    """SIGKILL a training process soon after it writes its first checkpoint (mid-run, nothing flushed)."""
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_killed_run_resumes_to_identical_weights(shapes, tmp_path):
     runs = tmp_path / "runs"
     ref = cli(distill_args(shapes, runs, "straight"))
     assert ref.wait(timeout=300) == 0
     killed = cli(distill_args(shapes, runs, "killed"))
-    ckpt = runs / "killed" / "checkpoints" / "last.pt"
-    deadline = time.time() + 240
-    while time.time() < deadline and not ckpt.exists():
-        time.sleep(0.05)
-    time.sleep(0.3)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    kill_after_first_checkpoint(killed, runs / "killed")
     assert not (runs / "killed" / "export" / "student.pt").exists(), "the kill should land before the run ends"
     stopped_at = final_weights(runs / "killed")["state"]["global_step"]
     resumed = cli(distill_args(shapes, runs, "killed") + ["--resume"])

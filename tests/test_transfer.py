@@ -7,9 +7,6 @@ cache survive manifest -> cache -> training, fill the image queue, and a killed 
 
 from __future__ import annotations
 
-import signal
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -26,7 +23,7 @@ from pipeline.features.job import FeatureJob, run_feature_job
 from pipeline.train.contrastive import false_negative_mask
 from tests.fake_teacher import FakeTeacher
 from tests.gen_cache import make_cache, make_dataset
-from tests.test_distill import cli, distill_args, final_weights
+from tests.test_distill import cli, distill_args, final_weights, kill_after_first_checkpoint
 
 
 # ---- the stream ---------------------------------------------------------------------------------
@@ -196,13 +193,7 @@ def test_stage2_distils_on_image_only_rows_and_another_cache_and_resumes_exactly
     assert q["img"]["fill"] == min(24, steps * 12) and q["txt"]["fill"] == min(24, steps * 12)
     # a killed run resumes to the same weights: the transfer rows are a function of the step
     killed = cli(distill_args(shapes, runs, "killed", *extra), stdout=-3)
-    last = runs / "killed" / "checkpoints" / "last.pt"
-    deadline = time.time() + 240
-    while time.time() < deadline and not last.exists():
-        time.sleep(0.05)
-    time.sleep(0.3)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    kill_after_first_checkpoint(killed, runs / "killed")
     assert killed.returncode != 0 and not (runs / "killed" / "export" / "student.pt").exists()
     resumed = cli(distill_args(shapes, runs, "killed", *extra) + ["--resume"], stdout=-3)
     assert resumed.wait(timeout=300) == 0

@@ -173,17 +173,13 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
               f"(init {o.scfg.init}) "
               f"-> width {o.scfg.embed_dim}, losses {list(o.criterion.names)}, balancer {cfg.balancer.kind}, "
               f"device {device}")
-    if env.is_main and objective.transfer is not None:
-        t = objective.transfer
-        sources = ", ".join(f"{name} {n}" for name, n in t.per_source)
-        print(f"transfer: {len(t)} caption-less images ({sources}"
-              f"{f'; {t.skipped_paired} already pairs, skipped' if t.skipped_paired else ''}), "
-              f"{objective.stream.per_step} per step in the image-only losses and the image queue")
-    if env.is_main and objective.captions is not None:
-        c = objective.captions
-        sources = ", ".join(f"{name} {n}" for name, n in c.per_source)
-        print(f"transfer: {len(c)} image-less captions ({sources}), {objective.caption_stream.per_step} per step in "
-              "the text-only losses and the text queue")
+    for pool, stream, what, where in ((objective.transfer, objective.stream, "caption-less images", "image"),
+                                      (objective.captions, objective.caption_stream, "image-less captions", "text")):
+        if env.is_main and pool is not None:
+            skipped = getattr(pool, "skipped_paired", 0)
+            sources = ", ".join(f"{name} {n}" for name, n in pool.per_source)
+            print(f"transfer: {len(pool)} {what} ({sources}{f'; {skipped} already pairs, skipped' if skipped else ''}"
+                  f"), {stream.per_step} per step in the {where}-only losses and the {where} queue")
     unused = [f"{n} {what}" for n, what, pool in (
         (objective.rows.image_only, "image-only", objective.transfer),
         (objective.rows.caption_only, "caption-only", objective.captions)) if n and pool is None]
