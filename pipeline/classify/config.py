@@ -56,6 +56,10 @@ class DistillSection:  # step 2: fresh image encoder of the teacher's architectu
     batch_size: int = 64
     warmup_steps: int = 50
     temperature: float = 1.0  # targets p^(1/T) renormalised; loss scaled by T^2
+    # Out-of-fold soft targets from step 1: K >= 2 also trains the head / probe K times, each without one fold of
+    # the training images, and a training image's target comes from the model that did not see it (in-sample
+    # targets of a well-fitted head are near one-hot and leave a student generation nothing to learn). 0: off.
+    oof_folds: int = 0
     label_weight: float = 0.0  # add this much hard-label cross-entropy on labelled training images
     train_crop_scale: tuple = (0.6, 1.0)
     hflip: float = 0.5

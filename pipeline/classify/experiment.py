@@ -158,12 +158,19 @@ def run_step1(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) 
                 return probe_probs(model, split)
 
         train_probs = probs(data.train)
-        save_targets(part_dir / "targets.h5", data.train.images.image_ids, train_probs, data.classes, part)
+        folds = cfg.distill.oof_folds
+        targets = out_of_fold_probs(cfg, kind, part_dir, data, device, resume, progress) if folds >= 2 else train_probs
+        source = f"{part} (out of {folds} folds)" if folds >= 2 else part
+        save_targets(part_dir / "targets.h5", data.train.images.image_ids, targets, data.classes, source)
         result = {
             "part": part,
             "best_epoch": loop.best_epoch + 1,
             "steps": loop.steps,
             "train": evaluate_probs(train_probs, data.train),
+            # what the students learn from: in-sample predictions, or out-of-fold ones (their accuracy on the
+            # training images is then an honest held-out number)
+            "targets": {"kind": "out-of-fold" if folds >= 2 else "in-sample", "folds": folds,
+                        "train": evaluate_probs(targets, data.train)},
             "val": _metrics(probs(data.val), data.val) if data.val else None,
             "test": _metrics(probs(data.test), data.test) if data.test else None,
             "seconds": round(time.perf_counter() - started, 1),
@@ -179,6 +186,34 @@ def run_step1(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) 
         _write_json(part_dir / "result.json", result)
         out[part] = _read_json(part_dir / "result.json")
     _write_results(cfg, run_dir, data)
+    return out
+
+
+def fold_of(n: int, folds: int, seed: int) -> np.ndarray:
+    """The fold of each of ``n`` training images: a seeded, balanced assignment."""
+    return np.random.default_rng([seed, 0x6F6F66]).permutation(n) % folds
+
+
+def out_of_fold_probs(cfg: ClassifyConfig, kind: str, part_dir: Path, data: Data, device, resume: bool,
+                      progress: bool) -> np.ndarray:
+    """(N, K) soft targets where image i's row comes from a head / probe trained without i's fold (method.md 4;
+    the labelled subset of few-shot runs is split the same way). Each fold model is its own resumable loop
+    folder (``<part>/fold-<f>``)."""
+    n, folds = len(data.train), cfg.distill.oof_folds
+    fold = fold_of(n, folds, cfg.seed)
+    labelled = np.arange(n) if data.known is None else np.asarray(data.known)
+    out = np.zeros((n, len(data.classes)), np.float32)
+    for f in range(folds):
+        fold_dir = part_dir / f"fold-{f}"
+        subset = labelled[fold[labelled] != f]
+        again = resume or paths.last_checkpoint(fold_dir).exists()  # a finished fold is reloaded, not retrained
+        if kind == "text":
+            model, q, _ = train_head(cfg, fold_dir, data.train, data.val, data.classes, subset, device, again, progress)
+            p = head_probs(model, data.train, q)
+        else:
+            model, _ = train_probe(cfg, fold_dir, data.train, data.val, data.classes, subset, device, again, progress)
+            p = probe_probs(model, data.train)
+        out[fold == f] = p[fold == f]
     return out
 
 
