@@ -272,6 +272,8 @@ def test_row_stats_counts_each_run_once(tmp_path, monkeypatch):
     ("tables:\n  - {id: 'a b', rows: [{label: x}]}", "id must be"),
     ("tables:\n  - {id: a, colour: red, rows: [{label: x}]}", "unknown key(s) ['colour']"),
     ("eval: {splitt: test}\ntables:\n  - {id: a, rows: [{label: x}]}", "unknown config key"),
+    ("command: train\ntables:\n  - {id: a, rows: [{label: x}]}", "command must be one of distill, adapt"),
+    ("tables:\n  - {id: a, rows: [{label: x, export: m.pt, set: {seed: 1}}]}", "an export or trains with set"),
 ])
 def test_bad_sweep_files_are_one_line_errors(tmp_path, body, fragment):
     path = tmp_path / "s.yaml"
@@ -294,3 +296,49 @@ def test_update_document_markers(tmp_path):
     doc.write_text(text.replace(end_marker("a"), ""))
     with pytest.raises(PipelineError, match="markers of table 'a' are broken"):
         update_document(doc, {"a": block("a", "x")}, "Results")
+
+
+def test_an_adapt_sweep_trains_with_clipdistill_adapt_and_evaluates_an_export_row(data, tmp_path, monkeypatch):
+    """command: adapt plans AdaptConfigs and trains them with `clipdistill adapt`; an export row (the start
+    model) is evaluated as it is, once for all seeds; the teacher row comes from eval.cache_dir."""
+    from pipeline.students import build_student, export_student, get_preset
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.manual_seed(0)
+    start = export_student(build_student(get_preset("tiny", 16)), None, tmp_path / "start" / "student.pt",
+                           meta={"run": "start"})
+    base = tmp_path / "adapt.yaml"
+    base.write_text(f"start: student:{start}\ndata: {{manifest_dir: {data.manifests}, workers: 0}}\n"
+                    "optim: {batch_size: 4, unlabelled_batch_size: 4, epochs: 1, steps_per_epoch: 2}\n"
+                    "consistency: {bank_size: 16, bank_min_fill: 8}\nlabelled_fraction: 0.3\n")
+    sweep = tmp_path / "adapt-sweep.yaml"
+    sweep.write_text(f"""name: adapt-tiny
+command: adapt
+base_config: {base}
+eval: {{split: test, cache_dir: {data.cache}, latency_repeats: 0}}
+tables:
+  - id: adapt
+    title: adaptation
+    seeds: [0, 1]
+    teacher: true
+    rows:
+      - {{label: start, export: {start}}}
+      - {{label: supervised, set: {{mode: supervised}}}}
+""")
+    doc = tmp_path / "RESULTS.md"
+    result = cli("experiments", "--sweep", sweep, "--runs-dir", tmp_path / "runs", "--results", doc, "--no-figures")
+    assert result.exit_code == 0, result.output
+    assert "4 cells (0 invalid) -> 3 unique runs" in result.output
+    records = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/experiment.json")}
+    assert sorted(r["status"] for r in records.values()) == ["done", "done", "done"]
+    trained = [r for r in records.values() if "export" not in r]
+    assert all(r["command"].startswith("clipdistill adapt --config") for r in trained)
+    assert all((tmp_path / "runs" / r["name"] / "adapt.log").is_file() for r in trained)
+    cfg = json.loads((tmp_path / "runs" / trained[0]["name"] / "config.json").read_text())
+    assert cfg["mode"] == "supervised" and cfg["start"] == f"student:{start}"
+    rows = table_rows(doc.read_text(), "adapt")
+    assert len(rows) == 3 and next(iter(rows)).startswith("teacher")
+    assert rows["start"]["Seeds"] == "1" and rows["supervised"]["Seeds"] == "2"  # the export: one evaluation
+    start_result = json.loads(next((tmp_path / "runs").glob("e*/eval/result.json")).read_text())
+    assert rows["start"]["RSUM"] == f"{start_result['metrics']['rsum']:.1f}"

@@ -1,11 +1,12 @@
 """Experiment runner: train a sweep's runs (pipeline.experiments.sweep), evaluate them, collect the tables.
 
-Each unique run of the plan is trained by a ``clipdistill distill`` subprocess (so ``jobs`` of them can
-share a big machine; an interrupted one is resumed with ``--resume``), then evaluated in this process with
-pipeline.retrieval.evaluate once all training is done (so latency is not measured next to other training jobs).
-Per run, ``<runs_dir>/<name>/experiment.json`` records the overrides, the command, status, error,
-wall-clock of training and evaluation and the device; ``distill.log`` holds the trainer's output. The
-tables are written by pipeline.experiments.tables.
+Each unique run of the plan is trained by a ``clipdistill distill`` (or, in an adapt sweep, ``clipdistill adapt``)
+subprocess (so ``jobs`` of them can share a big machine; an interrupted one is resumed with ``--resume``), then
+evaluated in this process with pipeline.retrieval.evaluate once all training is done (so latency is not measured
+next to other training jobs). An export row's model is copied in instead of trained. Per run,
+``<runs_dir>/<name>/experiment.json`` records the overrides, the command, status, error, wall-clock of training
+and evaluation and the device; ``<command>.log`` holds the trainer's output. The tables are written by
+pipeline.experiments.tables.
 
 A run counts as finished when its export and a stage-3 result newer than it exist: reruns skip it.
 """
@@ -32,7 +33,7 @@ from pipeline.common import io
 from pipeline.common import paths
 
 EXPERIMENT_FORMAT = "clipdistill-experiment/1"
-RECORD_FILE, LOG_FILE = "experiment.json", "distill.log"
+RECORD_FILE = "experiment.json"
 EXPORT = Path("export") / "student.pt"
 TEACHER_DIR = "_teacher"
 
@@ -66,11 +67,14 @@ def is_evaluated(run_dir: Path) -> bool:
     return export.is_file() and result.is_file() and result.stat().st_mtime > export.stat().st_mtime
 
 
-def distill_command(plan: Plan, run: PlannedRun, resume: bool,
-                    python: Sequence[str] | None = None) -> list[str]:
-    """The ``clipdistill distill`` call that trains ``run`` (``python``: what replaces ``clipdistill``)."""
+def log_file(plan: Plan) -> str:
+    return f"{plan.sweep.command}.log"
+
+
+def run_command(plan: Plan, run: PlannedRun, resume: bool, python: Sequence[str] | None = None) -> list[str]:
+    """The ``clipdistill distill|adapt`` call that trains ``run`` (``python``: what replaces ``clipdistill``)."""
     exe = list(python) if python else ["clipdistill"]
-    cmd = [*exe, "distill", "--config", str(plan.sweep.base_config)]
+    cmd = [*exe, plan.sweep.command, "--config", str(plan.sweep.base_config)]
     for s in run.sets:
         cmd += ["--set", s]
     cmd += ["--set", f"runs_dir={plan.runs_dir}", "--name", run.name, "--no-progress"]
@@ -107,21 +111,48 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path}
 
 
+def copy_export(plan: Plan, run: PlannedRun) -> dict:
+    """An export row: the model is copied into its run folder (again when the source is newer), not trained."""
+    import shutil
+
+    run_dir = plan.run_dir(run.key)
+    source, target = Path(run.export), run_dir / EXPORT
+    record = {**read_record(run_dir), "format": EXPERIMENT_FORMAT, "key": run.key, "name": run.name,
+              "export": str(source), "command": f"(evaluated as it is: {source})", "sets": [],
+              "uses": [{"table": c.table, "label": c.label, "seed": c.seed} for c in run.cells]}
+    if not source.is_file():
+        record.update(status="failed", error=f"export {source} not found")
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+        record.update(status="trained", error=None, train_seconds=0.0)
+    write_record(run_dir, record)
+    return record
+
+
+def export_is_stale(plan: Plan, run: PlannedRun) -> bool:
+    target = plan.run_dir(run.key) / EXPORT
+    source = Path(run.export)
+    return not target.is_file() or (source.is_file() and source.stat().st_mtime > target.stat().st_mtime)
+
+
 def train_run(plan: Plan, run: PlannedRun, device: str) -> dict:
     """Train one run in a subprocess; returns (and writes) its updated record. Never raises for a run
     that fails: the error goes into the record."""
+    if run.export is not None:
+        return copy_export(plan, run)
     run_dir = plan.run_dir(run.key)
     record = read_record(run_dir)
     resume = paths.last_checkpoint(run_dir).is_file()
-    cmd = distill_command(plan, run, resume, [sys.executable, "-m", "stages.cli"])
-    shown = " ".join(shlex.quote(c) for c in distill_command(plan, run, resume))
+    cmd = run_command(plan, run, resume, [sys.executable, "-m", "stages.cli"])
+    shown = " ".join(shlex.quote(c) for c in run_command(plan, run, resume))
     record.update(format=EXPERIMENT_FORMAT, key=run.key, name=run.name,
                   base_config=str(plan.sweep.base_config), sets=run.sets, command=shown, status="training",
                   error=None, device=device, host=platform.node(), started=time.strftime("%Y-%m-%dT%H:%M:%S"),
                   uses=[{"table": c.table, "label": c.label, "seed": c.seed} for c in run.cells])
     write_record(run_dir, record)
     start = time.perf_counter()
-    with open(run_dir / LOG_FILE, "ab") as log:
+    with open(run_dir / log_file(plan), "ab") as log:
         log.write(f"\n$ {shown}\n".encode())
         log.flush()
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -135,7 +166,7 @@ def train_run(plan: Plan, run: PlannedRun, device: str) -> dict:
         record["status"] = "trained"
     else:
         record["status"] = "failed"
-        record["error"] = f"distill exited with {code}: {_last_error(run_dir / LOG_FILE)}"
+        record["error"] = f"{plan.sweep.command} exited with {code}: {_last_error(run_dir / log_file(plan))}"
     write_record(run_dir, record)
     return record
 
@@ -159,7 +190,8 @@ def train_all(plan: Plan, jobs: int = 1, max_runs: int = 0, skip_failed: bool = 
     """
     if jobs < 1:
         raise PipelineError(f"--jobs must be at least 1, got {jobs}")
-    todo = [r for r in plan.runs.values() if not is_trained(plan.run_dir(r.key))]
+    todo = [r for r in plan.runs.values()
+            if (export_is_stale(plan, r) if r.export is not None else not is_trained(plan.run_dir(r.key)))]
     done = len(plan.runs) - len(todo)
     if done:
         log(f"{done} of {len(plan.runs)} runs already trained: skipped")
@@ -229,12 +261,13 @@ def open_eval(plan: Plan) -> EvalContext:
 
     split = plan.sweep.eval.split
     manifest_path = paths.manifest_path(plan.base.data.manifest_dir, split)
-    cache_dir = paths.cache_split_dir(plan.base.data.cache_dir, split)
-    if not manifest_path.is_file() or not cache_dir.is_dir():
-        raise PipelineError(f"evaluation needs {manifest_path} and a {split} cache in {cache_dir}; "
-                            "run `make teacher-features`")
+    cache_dir = paths.cache_split_dir(plan.teacher_cache_dir, split) if plan.teacher_cache_dir else None
+    if not manifest_path.is_file() or (cache_dir is not None and not cache_dir.is_dir()):
+        raise PipelineError(f"evaluation needs {manifest_path}" + (
+            f" and a {split} cache in {cache_dir}; run `make teacher-features`" if cache_dir else ""))
     manifest = Manifest.read(manifest_path)
-    cache = FeatureCache(cache_dir, expect_manifest_hash=manifest.content_hash)
+    # no teacher cache (an adapt sweep without eval.cache_dir): students only, no teacher row
+    cache = FeatureCache(cache_dir, expect_manifest_hash=manifest.content_hash) if cache_dir else None
     return EvalContext(manifest, cache, resolve_device(plan.base.device), plan.sweep.eval)
 
 
@@ -244,12 +277,14 @@ def _speed(ctx: EvalContext):
     return SpeedSettings(repeats=ctx.settings.latency_repeats) if ctx.settings.latency_repeats > 0 else None
 
 
-def evaluate_teacher(plan: Plan, ctx: EvalContext, log: Log = print, measure_speed: bool = True) -> dict:
+def evaluate_teacher(plan: Plan, ctx: EvalContext, log: Log = print, measure_speed: bool = True) -> Optional[dict]:
     """The teacher's record from its cache (as `clipdistill eval`), evaluated once per runs folder, plus
     its FLOPs per item when the cache's teacher is the offline ``lit`` one. ``measure_speed=False`` leaves
-    latency out (tables written on another machine than the students' evaluation)."""
+    latency out (tables written on another machine than the students' evaluation). None without a cache."""
     from pipeline.retrieval.evaluate import evaluate_teacher_cache, is_fresh, read_result, safe_name, teacher_settings
 
+    if ctx.cache is None:
+        return None
     s = ctx.settings
     out = plan.runs_dir / TEACHER_DIR / safe_name(f"teacher-{ctx.cache.meta.teacher_name}")
     settings = teacher_settings(s.split, s.index, s.max_captions_per_image, ctx.manifest, s.teacher_spec)
@@ -291,7 +326,7 @@ def evaluate_run(plan: Plan, key: str, ctx: EvalContext) -> tuple[dict, bool]:
     settings = student_settings(s.split, s.index, s.max_captions_per_image, ctx.manifest, ctx.cache)
     if is_fresh(out, [export], settings) and record.get("status") == "done":
         return record, False
-    foreign = foreign_export_reason(export, ctx.cache)
+    foreign = foreign_export_reason(export, ctx.cache) if ctx.cache is not None else None
     if foreign:  # e.g. the cache was rebuilt with another teacher since this run trained
         record.update(status="skipped", error=foreign)
         write_record(run_dir, record)

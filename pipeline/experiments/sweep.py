@@ -17,7 +17,11 @@ table has rows ``{label, set: {dotted.key: value}}`` and seeds::
         rows:
           - {label: dynamic, set: {balancer.kind: dynamic}}
 
-Every (row, seed) becomes a resolved ``DistillConfig``: base <- sweep ``set`` <- row ``set`` <- ``seed`` <-
+``command: adapt`` makes the runs adaptations (``clipdistill adapt``, AdaptConfig; ``eval.cache_dir`` then names
+the teacher cache, as adapt configs have none), and a row ``{label, export: PATH}`` evaluates an existing model
+as it is (an adaptation's start point) instead of training one.
+
+Every (row, seed) becomes a resolved ``DistillConfig`` (or AdaptConfig): base <- sweep ``set`` <- row ``set`` <- ``seed`` <-
 command-line ``--set``. Identical configs are trained once, whichever tables use them: a run's folder is
 named by :func:`run_key`, a hash of its resolved config without the keys that do not change what is
 trained (:data:`BOOKKEEPING_KEYS`), so reordering or renaming rows reuses finished runs.
@@ -60,6 +64,9 @@ class EvalSection:
     index: str = "exact"
     max_captions_per_image: Optional[int] = None
     latency_repeats: int = 20  # 0: no latency measurement
+    # The teacher cache of the evaluated split (its teacher row; runs of another teacher are skipped). Default: the
+    # base config's data.cache_dir; an adapt sweep, whose configs have none, names one here or has no teacher row.
+    cache_dir: Optional[str] = None
     batch_size: int = 64
     workers: int = 2
 
@@ -68,6 +75,7 @@ class EvalSection:
 class SweepRow:
     label: str
     sets: dict[str, Any]
+    export: Optional[str] = None  # a model to evaluate as it is (e.g. an adaptation's start), not a run to train
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,17 @@ class SweepTable:
     cost: bool = False
 
 
+# The commands a sweep's runs are trained with, and their config classes ("module:Class", imported when planned).
+COMMANDS = {"distill": "pipeline.distill.trainer:DistillConfig", "adapt": "pipeline.adapt.trainer:AdaptConfig"}
+
+
+def config_class(command: str) -> type:
+    import importlib
+
+    module, _, name = COMMANDS[command].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @dataclass(frozen=True)
 class Sweep:
     path: Path
@@ -89,6 +108,7 @@ class Sweep:
     sets: dict[str, Any]
     eval: EvalSection
     tables: tuple[SweepTable, ...]
+    command: str = "distill"  # what trains a run: clipdistill distill (DistillConfig) or adapt (AdaptConfig)
 
     def table(self, table_id: str) -> SweepTable:
         for t in self.tables:
@@ -130,7 +150,10 @@ def load_sweep(path: str | Path) -> Sweep:
     except yaml.YAMLError as exc:
         raise PipelineError(f"cannot parse {path}: {exc}".splitlines()[0]) from None
     data = _mapping(data, str(path))
-    _only_keys(data, {"name", "base_config", "set", "eval", "tables"}, str(path))
+    _only_keys(data, {"name", "base_config", "set", "eval", "tables", "command"}, str(path))
+    command = str(data.get("command") or "distill")
+    if command not in COMMANDS:
+        raise PipelineError(f"{path}: command must be one of {', '.join(COMMANDS)}, not {command!r}")
     if not data.get("base_config"):
         raise PipelineError(f"{path}: base_config (a distill config file) is required")
     eval_section = cfgio.from_dict(EvalSection, _mapping(data.get("eval"), f"{path}: eval"), "eval.")
@@ -156,19 +179,22 @@ def load_sweep(path: str | Path) -> Sweep:
         for j, row in enumerate(raw.get("rows") or []):
             rwhere = f"{where} ({tid}) rows[{j}]"
             row = _mapping(row, rwhere)
-            _only_keys(row, {"label", "set"}, rwhere)
+            _only_keys(row, {"label", "set", "export"}, rwhere)
             label = str(row.get("label", "")).strip()
             if not label or label in labels:
                 raise PipelineError(f"{rwhere}: each row needs a unique, non-empty label (got {label!r})")
             labels.add(label)
-            rows.append(SweepRow(label, _sets(row.get("set"), rwhere)))
+            if row.get("export") is not None and row.get("set"):
+                raise PipelineError(f"{rwhere}: a row evaluates an export or trains with set, not both")
+            rows.append(SweepRow(label, _sets(row.get("set"), rwhere),
+                                 str(row["export"]) if row.get("export") is not None else None))
         if not rows and not raw.get("teacher", False):  # a table of the teacher alone is fine
             raise PipelineError(f"{where} ({tid}): no rows (and no teacher: true)")
         tables.append(SweepTable(tid, str(raw.get("title") or tid), str(raw.get("description") or ""),
                                  tuple(dict.fromkeys(seeds)), tuple(rows), bool(raw.get("teacher", False)),
                                  bool(raw.get("cost", False))))
     return Sweep(path, str(data.get("name") or path.stem), Path(data["base_config"]),
-                 _sets(data.get("set"), f"{path}: set"), eval_section, tuple(tables))
+                 _sets(data.get("set"), f"{path}: set"), eval_section, tuple(tables), command)
 
 
 def override_strings(sets: dict[str, Any]) -> list[str]:
@@ -184,7 +210,7 @@ def override_strings(sets: dict[str, Any]) -> list[str]:
 
 
 def run_key(config: Any) -> str:
-    """Hash of a resolved DistillConfig without :data:`BOOKKEEPING_KEYS`: equal keys train the same run."""
+    """Hash of a resolved run config without :data:`BOOKKEEPING_KEYS`: equal keys train the same run."""
     flat = cfgio.flatten(cfgio.to_dict(config))  # tuples hash like lists: json writes both as arrays
     kept = {k: v for k, v in flat.items()
             if k not in BOOKKEEPING_KEYS and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
@@ -209,9 +235,10 @@ class Cell:
 class PlannedRun:
     key: str
     name: str
-    config: Any  # DistillConfig
+    config: Any  # the sweep command's config (DistillConfig, AdaptConfig); None for an export row
     sets: list[str]  # overrides on top of the base config, in order
     cells: list[Cell] = field(default_factory=list)
+    export: Optional[str] = None  # an export row: this model is copied in and evaluated, nothing trains
 
 
 @dataclass
@@ -222,10 +249,15 @@ class Plan:
     tables: list[SweepTable]
     cells: list[Cell]
     runs: dict[str, PlannedRun]  # by key, in first-use order
-    base: Any  # base DistillConfig (+ sweep and global sets): data paths and device for evaluation
+    base: Any  # base config (+ sweep and global sets): data paths and device for evaluation
 
     def run_dir(self, key: str) -> Path:
         return self.runs_dir / self.runs[key].name
+
+    @property
+    def teacher_cache_dir(self) -> Optional[str]:
+        """The teacher cache evaluation uses: eval.cache_dir, else the base config's data.cache_dir, else None."""
+        return self.sweep.eval.cache_dir or getattr(self.base.data, "cache_dir", None) or None
 
     def eval_dir(self, key: str) -> Path:
         return self.run_dir(key) / EVAL_DIR
@@ -240,12 +272,11 @@ def plan_sweep(sweep: Sweep, runs_dir: str | Path, global_sets: Sequence[str] = 
 
     A cell whose overrides do not make a valid config gets ``error`` and no run; the others still plan.
     """
-    from pipeline.distill.trainer import DistillConfig  # torch-heavy; only needed once a sweep is planned
-
+    config_cls = config_class(sweep.command)  # torch-heavy; only needed once a sweep is planned
     runs_dir = Path(runs_dir)
     tables = [sweep.table(t) for t in dict.fromkeys(only)] if only else list(sweep.tables)
     sweep_sets = override_strings(sweep.sets)
-    base = cfgio.load(DistillConfig, sweep.base_config, [*sweep_sets, *global_sets])
+    base = cfgio.load(config_cls, sweep.base_config, [*sweep_sets, *global_sets])
     cells: list[Cell] = []
     runs: dict[str, PlannedRun] = {}
     for table in tables:
@@ -253,17 +284,23 @@ def plan_sweep(sweep: Sweep, runs_dir: str | Path, global_sets: Sequence[str] = 
             for seed in table.seeds:
                 cell = Cell(table.id, row.label, seed)
                 cells.append(cell)
+                if row.export is not None:  # one evaluation serves every seed of the row
+                    key = hashlib.sha256(f"export:{Path(row.export).resolve()}".encode()).hexdigest()
+                    runs.setdefault(key, PlannedRun(key, f"e{key[:12]}", None, [], export=row.export))
+                    runs[key].cells.append(cell)
+                    cell.key = key
+                    continue
                 sets = [*sweep_sets, *override_strings(row.sets), f"seed={seed}", *global_sets]
                 try:
-                    config = cfgio.load(DistillConfig, sweep.base_config, sets)
+                    config = cfgio.load(config_cls, sweep.base_config, sets)
                 except PipelineError as exc:
                     cell.error = f"invalid config: {exc}"
                     continue
                 key = run_key(config)
                 if key not in runs:
                     name = f"x{key[:12]}"
-                    config = cfgio.from_dict(DistillConfig, {**cfgio.to_dict(config), "name": name,
-                                                             "runs_dir": str(runs_dir)})
+                    config = cfgio.from_dict(config_cls, {**cfgio.to_dict(config), "name": name,
+                                                          "runs_dir": str(runs_dir)})
                     runs[key] = PlannedRun(key, name, config, sets)
                 runs[key].cells.append(cell)
                 cell.key = key

@@ -247,7 +247,7 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]], teacher:
     t_flops = (teacher or {}).get("flops") or {}
     entry: dict = {
         "sweep": str(plan.sweep.path), "eval_split": plan.sweep.eval.split,
-        "manifest_dir": plan.base.data.manifest_dir, "cache_dir": plan.base.data.cache_dir,
+        "manifest_dir": plan.base.data.manifest_dir, "cache_dir": plan.teacher_cache_dir,
         "teacher": None if teacher is None else {
             "name": teacher.get("name"), "metrics": {m: round(teacher["metrics"][m], 3) for m in METRICS},
             "params": (teacher.get("params") or {}).get("total"), "flops": t_flops or None},
