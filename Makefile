@@ -201,16 +201,20 @@ experiments: $(FEATURES_STAMP)  ## train+evaluate a sweep's runs, write docs/RES
 	$(CLI) experiments --sweep $(SWEEP) --jobs $(JOBS) $(EXTRA)
 
 # ---- classification: representation head + self-distillation (method.md 4) ------------------------
+# The emoji-subgroup study with the strong teacher (issue 14): RH_CONFIG=configs/emoji-subgroups-rephead.yaml
+# LABELS_DIR=data/openmoji-subgroups LABEL_LEVEL=subgroup RH_TEACHER_FILE=artifacts/teachers/emoji-strong.pt
 RH_CONFIG   ?= configs/openmoji-rephead.yaml
 LABELS_DIR  ?= data/openmoji-groups
+LABEL_LEVEL ?= group
+RH_TEACHER_FILE ?= $(ARTIFACTS)/teachers/lit-openmoji.pt
 
 .PHONY: emoji-labels teacher-tokens rephead self-distill
 $(LABELS_DIR)/test.parquet: $(OPENMOJI_DIR)/test.parquet
-	$(CLI) emoji-labels --manifest-dir data/openmoji --out $(LABELS_DIR)
+	$(CLI) emoji-labels --manifest-dir data/openmoji --out $(LABELS_DIR) --level $(LABEL_LEVEL)
 
 emoji-labels: $(LABELS_DIR)/test.parquet  ## openmoji manifests labelled with Unicode emoji groups (images reused)
 
-teacher-tokens: $(LABELS_DIR)/test.parquet $(ARTIFACTS)/teachers/lit-openmoji.pt  ## cache teacher image tokens + text embeddings (RH_CONFIG)
+teacher-tokens: $(LABELS_DIR)/test.parquet $(RH_TEACHER_FILE)  ## cache teacher image tokens + text embeddings (RH_CONFIG)
 	$(CLI) teacher-tokens --config $(RH_CONFIG)
 
 rephead: teacher-tokens  ## step 1: representation head (text) + linear probe (no text) on cached features

@@ -667,3 +667,30 @@ def test_rephead_and_self_distill_killed_with_sigkill_resume_to_the_straight_res
     res_a = json.loads((runs / "kill-straight" / "results.json").read_text())["students"]
     res_b = json.loads((runs / "kill-resumed" / "results.json").read_text())["students"]
     assert [g["test"] for g in res_a["text"]] == [g["test"] for g in res_b["text"]]
+
+
+@pytest.mark.parametrize("image", [None, {"kind": "timm", "name": "mobilenetv3_small_050", "kwargs": {}}])
+def test_dual_teacher_tokens_pool_to_its_own_image_embedding(tmp_path, image):
+    """dual: teachers (e.g. the strong emoji teacher) give token features: a ViT's tokens or a CNN's feature map,
+    whose pooled feature is the tower output and whose embedding is the teacher's own."""
+    from pipeline.classify.extract import token_extractor
+    from pipeline.students import build_student, export_student, get_preset
+    from pipeline.students.config import StudentConfig
+    from pipeline.teachers import load_teacher
+
+    cfg = get_preset("tiny", 16).to_dict()
+    if image is not None:
+        cfg["image"], cfg["image_size"] = {**cfg["image"], **image}, 96  # a 3x3 feature map
+    torch.manual_seed(0)
+    model = build_student(StudentConfig.from_dict(cfg), load_weights=False)
+    path = export_student(model, None, tmp_path / "student.pt", meta={"run": "t"})
+    teacher = load_teacher(f"dual:{path}", device="cpu")
+    extract, arch = token_extractor(teacher)
+    assert arch["kind"] == "timm" and arch["name"] == cfg["image"]["name"]
+    tf = teacher.image_transform()
+    rng = np.random.default_rng(1)
+    pixels = torch.stack([tf(Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))) for _ in range(2)])
+    tokens, pooled, emb = extract(pixels)
+    assert tokens.ndim == 3 and tokens.shape[0] == 2 and tokens.shape[1] > 1
+    torch.testing.assert_close(pooled, teacher.model.image_tower(pixels).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(emb, teacher.encode_images(pixels), atol=1e-5, rtol=1e-5)

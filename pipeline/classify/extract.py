@@ -2,7 +2,8 @@
 
 Per teacher backend: ``lit`` -> EfficientNet-Lite0's last feature map (``extract_features``, 7x7x1280 at
 224 px) as 49 tokens; open_clip ViT -> the patch tokens after ``ln_post``; Hugging Face CLIP -> patch tokens
-of the vision model (CLS dropped), SigLIP -> all its patch tokens. ``pooled`` is what the text-free linear
+of the vision model (CLS dropped), SigLIP -> all its patch tokens; ``dual:`` (a trained dual encoder with a timm
+image tower) -> its last feature map (CNN) or output tokens (ViT). ``pooled`` is what the text-free linear
 probe reads: the 1280-d tower feature for ``lit`` (the LiT head's input), the projected image embedding
 (before normalisation) for open_clip and Hugging Face teachers.
 """
@@ -55,8 +56,11 @@ def token_extractor(teacher: Teacher) -> tuple[Extract, dict]:
         return _openclip(teacher)
     if _is(teacher, "pipeline.teachers.hf", "HFTeacher"):
         return _hf(teacher)
+    if _is(teacher, "pipeline.students.export", "StudentEncoder"):
+        return _dual(teacher)
     raise PipelineError(
-        f"token features are implemented for lit, open_clip ViT and hf teachers, not {type(teacher).__name__}"
+        f"token features are implemented for lit, open_clip ViT, hf and dual: (timm image tower) teachers, not "
+        f"{type(teacher).__name__}"
     )
 
 
@@ -110,6 +114,28 @@ def _openclip(teacher) -> tuple[Extract, dict]:
         },
     }
     return extract, arch
+
+
+def _dual(teacher) -> tuple[Extract, dict]:
+    """A dual encoder this project trained (``dual:EXPORT``, e.g. the strong emoji teacher) with a timm image
+    tower: a CNN's last feature map as H*W tokens, or a ViT's output tokens; ``pooled`` is the tower's pooled
+    feature (timm's pre-logits), the projection's input."""
+    model = teacher.model
+    spec, tower = model.config.image, model.image_tower
+    if spec.kind != "timm" or not hasattr(tower, "forward_features"):
+        raise PipelineError(f"token features of a dual: teacher need a timm image tower, not {spec.kind} {spec.name}")
+
+    @torch.no_grad()
+    def extract(pixels: torch.Tensor):
+        pixels = pixels.to(teacher.device)
+        if model.config.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        fmap = tower.forward_features(pixels)
+        pooled = tower.forward_head(fmap, pre_logits=True).float()
+        tokens = fmap.float().flatten(2).transpose(1, 2) if fmap.ndim == 4 else fmap.float()
+        return tokens, pooled, F.normalize(model.image_proj(pooled), dim=-1)
+
+    return extract, {"kind": "timm", "name": spec.name, "kwargs": dict(spec.kwargs)}
 
 
 def _hf(teacher) -> tuple[Extract, dict]:
