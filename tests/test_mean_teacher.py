@@ -215,6 +215,28 @@ def test_labelled_split_is_deterministic_disjoint_and_by_image(env):
         draw_labelled_images(ids, 0.0, 0)
 
 
+def test_unpaired_rows_are_consistency_data_only(env):
+    """The domain's unlabelled images (image-only rows) and unpaired captions (caption-only rows) join the
+    consistency streams; labelled images are drawn among images with captions; the pairs' draw is unchanged."""
+    manifest = Manifest.read(env["manifests"] / "train.parquet")
+    rows = manifest.table.to_pylist()
+    extra_img = {**rows[0], "sample_id": 70000, "image_id": 999, "caption": None, "unpaired": True}
+    extra_caps = [{"sample_id": 80000 + k, "image_id": 0, "image_path": None, "caption": f"a lonely caption {k}",
+                   "split": "train", "unpaired": True} for k in range(3)]
+    mixed = Manifest.from_rows(rows + [extra_img] + extra_caps, source="t", image_root=manifest.image_root)
+    assert mixed.image_only_mask().sum() == 1 and mixed.caption_only_mask().sum() == 3
+    cfg = cfgio.load(AdaptConfig, None, ["labelled_fraction=0.3"])
+    plain, split = split_for(manifest, cfg), split_for(mixed, cfg)
+    assert np.array_equal(plain.labelled_ids, split.labelled_ids)  # the draw among paired images is unchanged
+    assert 999 in split.image_ids.tolist() and 999 not in split.labelled_ids.tolist()
+    lonely = [i for i, c in enumerate(split.captions) if c.startswith("a lonely caption")]
+    assert len(lonely) == 3 and (split.row_image[lonely] == -1).all()
+    assert set(lonely) <= set(split.cons_rows.tolist()) and not set(lonely) & set(split.labelled_rows.tolist())
+    u = split_for(mixed, cfgio.load(AdaptConfig, None, ["labelled_fraction=0.3", "consistency.data=unlabelled"]))
+    assert set(lonely) <= set(u.cons_rows.tolist())
+    assert split.image_ids.tolist().index(999) in split.cons_images.tolist()
+
+
 def test_stream_is_a_permutation_per_pass_and_chunk_invariant():
     whole = stream(7, 0, 21, seed=3, tag=1)
     for p in range(3):

@@ -28,7 +28,7 @@ class TrainSplit:
 
     image_ids: np.ndarray  # (N_img,) decodable images
     locations: list[str]  # (N_img,)
-    row_image: np.ndarray  # (N_rows,) index into image_ids of each kept caption row
+    row_image: np.ndarray  # (N_rows,) index into image_ids of each kept caption row; -1: a caption-only row
     captions: list[str]  # (N_rows,)
     caption_hash: np.ndarray  # (N_rows,)
     labelled_ids: np.ndarray  # labelled image ids
@@ -47,7 +47,9 @@ class TrainSplit:
 def build_split(manifest: Manifest, labelled_fraction: float, seed: int, consistency_data: str = "all",
                 mean_teacher: bool = True, decodable: set[str] | None = None,
                 failures: list[tuple[str, str]] | None = None) -> TrainSplit:
-    """Labelled images are drawn from the decodable ones (``decodable``: locations; None = all).
+    """Labelled images are drawn from the decodable images that have a caption (``decodable``: locations; None =
+    all). Declared unpaired rows are consistency data only: an image-only row's image, a caption-only row's
+    caption (the domain's unlabelled images and unpaired captions).
 
     ``consistency_data``: "all" (every image and caption gets the consistency loss) or "unlabelled".
     """
@@ -59,22 +61,27 @@ def build_split(manifest: Manifest, labelled_fraction: float, seed: int, consist
     index_of = {int(iid): k for k, iid in enumerate(image_ids.tolist())}
     t = manifest.table
     row_image, captions = [], []
-    for iid, cap in zip(t.column("image_id").to_pylist(), t.column("caption").to_pylist()):
-        if int(iid) in index_of and cap and cap.strip():
-            row_image.append(index_of[int(iid)])
+    for iid, cap, path in zip(t.column("image_id").to_pylist(), t.column("caption").to_pylist(),
+                              t.column("image_path").to_pylist()):
+        if not cap or not cap.strip():
+            continue  # an image-only row: its image is already among image_ids
+        if path is None or int(iid) in index_of:
+            row_image.append(-1 if path is None else index_of[int(iid)])
             captions.append(cap)
     row_image = np.asarray(row_image, dtype=np.int64)
-    if len(row_image) == 0:
+    paired = row_image >= 0
+    if not paired.any():
         raise PipelineError("no training pair has a decodable image and a caption")
-    labelled = draw_labelled_images(image_ids, labelled_fraction, seed)
+    labelled = draw_labelled_images(image_ids[np.unique(row_image[paired])], labelled_fraction, seed)
     is_lab_img = np.isin(image_ids, labelled)
-    lab_rows = np.flatnonzero(is_lab_img[row_image])
+    lab_row = paired & is_lab_img[row_image.clip(0)]
+    lab_rows = np.flatnonzero(lab_row)
     if len(lab_rows) == 0:
         raise PipelineError("the labelled images have no captions")
     if consistency_data == "all":
         cons_images, cons_rows = np.arange(len(image_ids)), np.arange(len(row_image))
     else:
-        cons_images, cons_rows = np.flatnonzero(~is_lab_img), np.flatnonzero(~is_lab_img[row_image])
+        cons_images, cons_rows = np.flatnonzero(~is_lab_img), np.flatnonzero(~lab_row)
     if mean_teacher and (len(cons_images) == 0 or len(cons_rows) == 0):
         raise PipelineError("mean_teacher with consistency.data=unlabelled needs unlabelled images and "
                             "captions: use labelled_fraction < 1 or consistency.data=all")
