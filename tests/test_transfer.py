@@ -77,6 +77,28 @@ def test_pool_takes_every_cached_image_of_a_source_and_skips_images_that_are_pai
         load_transfer([{"manifest_dir": str(other), "cache_dir": str(other_cache), "split": "nope"}], None, [])
 
 
+def test_a_source_can_give_its_captions_without_its_images(worlds):
+    from pipeline.distill.transfer import load_transfer_captions
+
+    (pairs, pairs_cache), (other, other_cache) = worlds
+    own = Manifest.read(pairs / "train.parquet")
+    own_locs = [own.resolve(p) for p in own.table.column("image_path").to_pylist()]
+    src = {"manifest_dir": str(other), "cache_dir": str(other_cache), "captions": True, "images": False}
+    caps = load_transfer_captions([src], None, own_locs)
+    other_train = Manifest.read(other / "train.parquet")
+    assert caps.captions == other_train.table.column("caption").to_pylist()
+    assert caps.per_source == [(f"{other}/train", len(other_train))]
+    cache = FeatureCache(other_cache / "train")
+    want = cache.texts_by_sample_id(caps.sample_ids[[4, 1]]).astype(np.float32)
+    assert np.array_equal(caps.targets(np.array([4, 1])), want)
+    assert load_transfer([src], None, own_locs) is None  # images: false
+    # the pairs' own captions are never transfer captions: their images are training pairs
+    mine = {"manifest_dir": str(pairs), "cache_dir": str(pairs_cache), "captions": True, "images": False}
+    assert load_transfer_captions([mine], None, own_locs) is None
+    with pytest.raises(PipelineError, match="captions must be true or false"):
+        load_transfer_captions([{**src, "captions": "yes"}], None, own_locs)
+
+
 def test_pool_refuses_a_source_cached_by_another_teacher(worlds, tmp_path):
     (pairs, pairs_cache), (other, _) = worlds
     m = Manifest.read(other / "train.parquet")

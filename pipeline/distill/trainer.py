@@ -282,7 +282,7 @@ class DistillObjective(Objective):
             raise PipelineError("data.transfer_ratio > 0 needs a distillation loss on (cd, fd, sd or hnd): the "
                                 "pair loss cannot use caption-less images")
         own = (train_manifest, self.cache)
-        captions = load_transfer_captions(cfg.data.transfer, own)
+        captions = load_transfer_captions(cfg.data.transfer, own, self.rows.locations)
         pool = load_transfer(cfg.data.transfer, own, self.rows.locations)
         if pool is None and captions is None:
             raise PipelineError("data.transfer_ratio > 0 but there is no transfer data: name sources in "

@@ -97,13 +97,55 @@ def _same_file(location: str) -> str:
     return os.path.normpath(os.path.abspath(path)) + sep + member
 
 
+@dataclass(frozen=True)
+class Source:
+    """One ``data.transfer`` entry: a cached split whose images and/or captions are transfer data."""
+
+    manifest_dir: str
+    cache_dir: str
+    split: str = "train"
+    images: bool = True  # every cached image of the split (its captions ignored)
+    captions: bool = False  # every cached caption of the split (its images ignored)
+
+    @property
+    def name(self) -> str:
+        return f"{self.manifest_dir}/{self.split}"
+
+    def open(self) -> tuple[Manifest, FeatureCache]:
+        return open_cached_split(self.manifest_dir, self.cache_dir, self.split, required=True)
+
+
+def parse_sources(sources: Sequence) -> list[Source]:
+    """``data.transfer`` entries -> Sources; a malformed entry is a one-line error naming it."""
+    out = []
+    fields = set(Source.__dataclass_fields__)
+    for i, src in enumerate(sources):
+        if not isinstance(src, dict) or not {"manifest_dir", "cache_dir"} <= set(src) or set(src) - fields:
+            raise PipelineError(f"data.transfer[{i}] must be a mapping with manifest_dir, cache_dir and optional "
+                                f"split, images (true), captions (false), not {src!r}")
+        for flag in ("images", "captions"):
+            if not isinstance(src.get(flag, True), bool):
+                raise PipelineError(f"data.transfer[{i}].{flag} must be true or false, not {src[flag]!r}")
+        out.append(Source(**src))
+    return out
+
+
+def _check_teachers(caches: Sequence[FeatureCache], own: tuple[Manifest, FeatureCache] | None) -> None:
+    fingerprints = {c.meta.teacher_fingerprint for c in caches}
+    if own is not None:
+        fingerprints.add(own[1].meta.teacher_fingerprint)
+    if len(fingerprints) > 1 or len({c.width for c in caches}) > 1:
+        raise PipelineError("data.transfer: every transfer cache must come from the training cache's teacher "
+                            f"(found teacher fingerprints {sorted(fingerprints)})")
+
+
 def load_transfer(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | None,
                   paired_locations: Sequence[str]) -> TransferImages | None:
     """Build the transfer pool from ``data.transfer`` entries and the training manifest's image-only rows.
 
-    ``sources``: dicts with ``manifest_dir``, ``cache_dir`` and optional ``split`` (default train). ``own``: the
-    training (manifest, cache), whose declared image-only rows join the pool. Images already among the
-    training pairs (same file) are skipped: they would be counted twice. None: no source holds an image.
+    ``sources``: ``data.transfer`` entries (``parse_sources``); those with ``images`` give every cached image of
+    their split. ``own``: the training (manifest, cache), whose declared image-only rows join the pool. Images
+    already among the training pairs (same file) are skipped: they would be counted twice. None: no image.
     """
     caches: list[FeatureCache] = []
     parts: list[tuple[str, np.ndarray, list[str]]] = []
@@ -111,24 +153,16 @@ def load_transfer(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | 
         ids, locs = _cached_images(own[0], own[1], only_image_only=True)
         caches.append(own[1])
         parts.append(("image-only rows of the training manifest", ids, locs))
-    for i, src in enumerate(sources):
-        if not isinstance(src, dict) or not {"manifest_dir", "cache_dir"} <= set(src) or \
-                set(src) - {"manifest_dir", "cache_dir", "split"}:
-            raise PipelineError(f"data.transfer[{i}] must be a mapping with manifest_dir, cache_dir and optional "
-                                f"split, not {src!r}")
-        split = src.get("split", "train")
-        manifest, cache = open_cached_split(src["manifest_dir"], src["cache_dir"], split, required=True)
+    for src in parse_sources(sources):
+        if not src.images:
+            continue
+        manifest, cache = src.open()
         ids, locs = _cached_images(manifest, cache, only_image_only=False)
         caches.append(cache)
-        parts.append((f"{src['manifest_dir']}/{split}", ids, locs))
+        parts.append((src.name, ids, locs))
     if not parts or not any(len(ids) for _, ids, _ in parts):
         return None  # no source holds an image (e.g. only caption lists)
-    fingerprints = {c.meta.teacher_fingerprint for c in caches}
-    if own is not None:
-        fingerprints.add(own[1].meta.teacher_fingerprint)
-    if len(fingerprints) > 1 or len({c.width for c in caches}) > 1:
-        raise PipelineError("data.transfer: every transfer cache must come from the training cache's teacher "
-                            f"(found teacher fingerprints {sorted(fingerprints)})")
+    _check_teachers(caches, own)
     paired = {_same_file(loc) for loc in paired_locations}
     image_ids, locations, source, image_rows, per_source, skipped = [], [], [], [], [], 0
     seen: set[str] = set()
@@ -152,13 +186,14 @@ def load_transfer(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | 
 
 @dataclass
 class TransferCaptions:
-    """The pool of transfer captions (caption-only rows), with where their teacher targets live."""
+    """The pool of transfer captions, with where their teacher targets live (a cache's ``text`` rows for a
+    source's paired captions, its ``lone_text`` rows for caption-only rows)."""
 
     sample_ids: np.ndarray  # (N,) int64
     captions: list[str]
-    caches: list[FeatureCache]
-    source: np.ndarray  # (N,) index into caches
-    text_rows: np.ndarray  # (N,) row into caches[source].lone_text
+    banks: list  # ShardedRows of teacher text embeddings
+    bank: np.ndarray  # (N,) index into banks
+    rows: np.ndarray  # (N,) row into banks[bank]
     per_source: list[tuple[str, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -166,9 +201,9 @@ class TransferCaptions:
 
     @property
     def ids(self) -> np.ndarray:
-        """One id per caption for the false-negative masks, which compare ids: a caption-only row shares its image
-        with nothing, so each gets its own id below the reserved -1 (readers number images from 0 or hash them
-        to 63 bits)."""
+        """One id per caption for the false-negative masks, which compare ids: a transfer caption shares its
+        image with nothing here, so each gets its own id below the reserved -1 (readers number images from 0 or
+        hash them to 63 bits)."""
         return -2 - np.arange(len(self), dtype=np.int64)
 
     @property
@@ -181,42 +216,61 @@ class TransferCaptions:
         return self._hashes
 
     def targets(self, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((len(rows), self.caches[0].width), np.float32)
-        src = self.source[rows]
-        for s in np.unique(src):
-            pick = src == s
-            out[pick] = self.caches[int(s)].lone_text.gather(self.text_rows[rows[pick]]).astype(np.float32)
+        out = np.empty((len(rows), self.banks[0].width), np.float32)
+        bank = self.bank[rows]
+        for b in np.unique(bank):
+            pick = bank == b
+            out[pick] = self.banks[int(b)].gather(self.rows[rows[pick]]).astype(np.float32)
         return out
 
 
-def load_transfer_captions(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | None
-                           ) -> TransferCaptions | None:
-    """Caption-only rows of the training manifest and of the ``data.transfer`` sources that stage 1 cached."""
-    named = [("caption-only rows of the training manifest", *own)] if own is not None else []
-    for src in sources:
-        split = src.get("split", "train")
-        named.append((f"{src['manifest_dir']}/{split}",
-                      *open_cached_split(src["manifest_dir"], src["cache_dir"], split, required=True)))
-    sample_ids, captions, caches, source, text_rows, per_source = [], [], [], [], [], []
-    for name, manifest, cache in named:
-        mask = manifest.caption_only_mask()
-        if not mask.any():
+def _source_captions(manifest: Manifest, cache: FeatureCache, only_caption_only: bool, paired: set[str]):
+    """[(sample id, caption, bank (0 text, 1 lone_text), row)] of a split's cached captions; a caption of an image
+    that is a training pair is left out (the pairs already hold it)."""
+    t = manifest.table
+    lone_row = {int(s): r for r, s in enumerate(cache.lone_sample_ids.tolist())}
+    out = []
+    for sid, cap, path in zip(t.column("sample_id").to_pylist(), t.column("caption").to_pylist(),
+                              t.column("image_path").to_pylist()):
+        if cap is None or (only_caption_only and path is not None):
             continue
-        sids = manifest.column("sample_id").astype(np.int64)[mask]
-        caps = [c for c, m in zip(manifest.table.column("caption").to_pylist(), mask) if m]
-        row_of = {int(s): r for r, s in enumerate(cache.lone_sample_ids.tolist())}
-        held = np.array([int(s) in row_of for s in sids], bool)  # empty captions were stage-1 rejects
-        s = len(caches)
-        caches.append(cache)
-        sample_ids.append(sids[held])
-        captions.extend(c for c, h in zip(caps, held) if h)
-        source.append(np.full(int(held.sum()), s, np.int64))
-        text_rows.append(np.array([row_of[int(x)] for x in sids[held]], np.int64))
-        per_source.append((name, int(held.sum())))
-    if not caches:
+        if path is None:
+            if int(sid) in lone_row:  # an empty caption-only caption was a stage-1 reject
+                out.append((int(sid), cap, 1, lone_row[int(sid)]))
+        elif _same_file(manifest.resolve(path)) not in paired:
+            out.append((int(sid), cap, 0, None))
+    text_sids = np.array([s for s, _, b, _ in out if b == 0], np.int64)
+    held = set(text_sids[np.isin(text_sids, cache.sample_ids)].tolist())  # captions of rejected images are not
+    out = [o for o in out if o[2] == 1 or o[0] in held]
+    text_rows = iter(cache.text_rows(np.array([s for s, _, b, _ in out if b == 0], np.int64)).tolist()
+                     if any(o[2] == 0 for o in out) else [])
+    return [(s, c, b, r if b == 1 else next(text_rows)) for s, c, b, r in out]
+
+
+def load_transfer_captions(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | None,
+                           paired_locations: Sequence[str] = ()) -> TransferCaptions | None:
+    """Caption-only rows of the training manifest, and every cached caption of the ``data.transfer`` sources
+    with ``captions: true`` (their images ignored). None: no caption."""
+    paired = {_same_file(loc) for loc in paired_locations}
+    named = [("caption-only rows of the training manifest", *own, True)] if own is not None else []
+    named += [(src.name, *src.open(), False) for src in parse_sources(sources) if src.captions]
+    sample_ids, captions, banks, bank, rows, per_source = [], [], [], [], [], []
+    for name, manifest, cache, only_lone in named:
+        found = _source_captions(manifest, cache, only_lone, paired)
+        if not found:
+            continue
+        base = len(banks)
+        banks += [cache.text, cache.lone_text]
+        sample_ids += [s for s, _, _, _ in found]
+        captions += [c for _, c, _, _ in found]
+        bank += [base + b for _, _, b, _ in found]
+        rows += [r for _, _, _, r in found]
+        per_source.append((name, len(found)))
+    if not captions:
         return None
-    return TransferCaptions(np.concatenate(sample_ids), captions, caches, np.concatenate(source),
-                            np.concatenate(text_rows), per_source)
+    _check_teachers([cache for _, _, cache, _ in named], own)
+    return TransferCaptions(np.asarray(sample_ids, np.int64), captions, banks, np.asarray(bank, np.int64),
+                            np.asarray(rows, np.int64), per_source)
 
 
 def transfer_batch_size(ratio: float, batch_size: int) -> int:
