@@ -54,9 +54,9 @@ class DataSection:
     # needs a cache that stores the norms.
     teacher_normalized: bool = True
     # Transfer data (pipeline.distill.transfer): caption-less images and image-less captions distilled next to
-    # the pairs, in the intra-modal terms. Sources: [{manifest_dir, cache_dir, split}] (their images and their
-    # caption-only rows) plus the training manifest's own unpaired rows; each step adds
-    # round(transfer_ratio x batch_size) images and as many captions (when there are such captions).
+    # the pairs, in the intra-modal terms. Sources: [{manifest_dir, cache_dir, split, images: true, captions:
+    # false}] (every cached image / caption of the split) plus the training manifest's own unpaired rows; each
+    # step adds round(transfer_ratio x batch_size) images and as many captions (when there are such captions).
     transfer: tuple = ()
     transfer_ratio: float = 0.0
     # Cached augmented views (teacher-features --views K): each image replays one of the first `views` cached
