@@ -448,3 +448,33 @@ def test_a_registered_extra_loss_is_enabled_by_config_and_reaches_the_balancer()
     finally:
         REGISTRY.pop("cosgap")
     assert "cosgap" not in LossConfig().enabled
+
+
+def test_affinity_loss_matches_a_naive_kl_of_the_cross_modal_softmaxes():
+    import math
+
+    from pipeline.common import config as cfgio
+    from pipeline.distill.trainer import DistillConfig
+
+    s_img, s_txt, t_img, t_txt = batch(b=5, seed=41)
+    cfg = cfgio.load(DistillConfig, None, ["losses.cd=false", "losses.fd=false", "losses.sd=false",
+                                           "losses.hnd=false", "losses.extra={affinity: {tau: 0.1}}"])
+    out = MultiscaleDistillLoss(cfg.losses)(s_img, s_txt, t_img, t_txt, torch.arange(5))
+    assert list(out) == ["affinity"]
+
+    def kl_rows(s, t):  # mean over rows of sum_j p_t log(p_t / p_s), written out
+        total = 0.0
+        for i in range(len(s)):
+            zs = [math.exp(v) for v in (s[i] / 0.1).tolist()]
+            zt = [math.exp(v) for v in (t[i] / 0.1).tolist()]
+            ps, pt = [z / sum(zs) for z in zs], [z / sum(zt) for z in zt]
+            total += sum(q * math.log(q / p) for q, p in zip(pt, ps))
+        return total / len(s)
+
+    s, t = s_img @ s_txt.t(), t_img @ t_txt.t()
+    expected = kl_rows(s, t) + kl_rows(s.t(), t.t())
+    assert math.isclose(float(out["affinity"]), expected, rel_tol=1e-4)
+    same = MultiscaleDistillLoss(cfg.losses)(t_img, t_txt, t_img, t_txt, torch.arange(5))
+    assert float(same["affinity"]) < 1e-6  # a student that agrees with the teacher pays nothing
+    with pytest.raises(PipelineError, match="tau must be > 0"):
+        MultiscaleDistillLoss(cfgio.load(DistillConfig, None, ["losses.extra={affinity: {tau: 0}}"]).losses)

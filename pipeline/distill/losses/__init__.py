@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Callable
 from torch import Tensor, nn
 
 from pipeline.common.errors import PipelineError
+from pipeline.distill.losses.affinity import AffinityDistillLoss
 from pipeline.distill.losses.common import LossInputs, caption_hashes
 from pipeline.distill.losses.contrastive import ContrastiveDistillLoss, queue_contrastive
 from pipeline.distill.losses.feature import FD_KINDS, FeatureDistillLoss
@@ -61,6 +62,9 @@ register("hnd", lambda c: HardNegativeDistillLoss(c.margin))
 register("pair", lambda c: PairContrastiveLoss(c.pair_tau))
 
 LOSS_NAMES = tuple(REGISTRY)  # the built-in losses, switched by LossConfig's own flags
+
+# Extra losses shipped with the package (on through losses.extra, like a user's own)
+register("affinity", lambda c: AffinityDistillLoss(**c.extra["affinity"]))
 TEACHER_FREE_LOSSES = ("pair",)  # losses that never read teacher targets: a run with only these needs no cache
 
 
