@@ -253,15 +253,18 @@ def _record(name: str, kind: str, emb: SplitEmbeddings, metrics: dict, settings:
     }
 
 
-def _trained_without_teacher(recipe: dict | None) -> bool:
-    """True when a run's recorded config enabled only losses that never read teacher targets."""
-    if not recipe or "losses" not in recipe:
-        return False
-    from pipeline.common import config as cfgio
-    from pipeline.distill.losses import LossConfig
-    from pipeline.distill.trainer import teacher_free
+def distilled_from(meta: dict) -> str | None:
+    """The teacher fingerprint a student export learned from, or None: none recorded, or a run whose losses
+    never read the teacher's targets (pairs only), for which any teacher's cache of its dataset is context."""
+    recipe = meta.get("recipe") or {}
+    if "losses" in recipe:
+        from pipeline.common import config as cfgio
+        from pipeline.distill.losses import LossConfig
+        from pipeline.distill.trainer import teacher_free
 
-    return teacher_free(cfgio.from_dict(LossConfig, recipe["losses"]))
+        if teacher_free(cfgio.from_dict(LossConfig, recipe["losses"])):
+            return None
+    return meta.get("teacher_fingerprint")
 
 
 def foreign_export_reason(export_path: str | Path, cache: FeatureCache) -> str | None:
@@ -269,9 +272,7 @@ def foreign_export_reason(export_path: str | Path, cache: FeatureCache) -> str |
     from pipeline.students.export import export_meta
 
     meta = export_meta(export_path)
-    fp, ds = meta.get("teacher_fingerprint"), meta.get("dataset")
-    if _trained_without_teacher(meta.get("recipe")):
-        fp = None  # no loss read the teacher's targets: any teacher's cache of the dataset is its context
+    fp, ds = distilled_from(meta), meta.get("dataset")
     here_fp, here_ds = cache.meta.teacher_fingerprint, cache.meta.dataset
     if (fp and fp != here_fp) or (ds and here_ds and ds != here_ds):
         return f"distilled from teacher {fp} on dataset {ds}; this cache holds teacher {here_fp} on dataset {here_ds}"
@@ -301,7 +302,7 @@ def evaluate_student(
     """
     export_path = Path(export_path)
     encoder = load_student(export_path, device)
-    teacher_fp = encoder.meta.get("teacher_fingerprint")
+    teacher_fp = distilled_from(encoder.meta)
     if teacher_cache is not None:
         check_cache_matches(teacher_cache, manifest)
         cached_fp = teacher_cache.meta.teacher_fingerprint
