@@ -12,7 +12,7 @@ ARTIFACTS   ?= artifacts
 CACHE_DIR   ?= $(ARTIFACTS)/cache
 STAMP       := $(VENV)/.installed
 # Exact versions CI tested (tools/lock.py); LOCK= installs from pyproject's ranges instead. EXTRAS=dev,gpu on GPUs.
-LOCK        ?= requirements.lock
+LOCK        ?= constraints.txt
 EXTRAS      ?= dev
 PIP_LOCK    := $(if $(LOCK),-c $(LOCK))
 
@@ -35,12 +35,12 @@ $(STAMP): pyproject.toml $(LOCK)
 install: $(STAMP)  ## create .venv and install the locked versions (+ test extras; EXTRAS=dev,gpu for GPUs)
 
 # Needs only a venv with pip (not a passing install: a changed pyproject is what makes the old lock fail).
-lock:  ## re-resolve requirements.lock (+ pylock.toml, PEP 751 with hashes) from pyproject.toml, then reinstall
+lock:  ## re-resolve constraints.txt (+ pylock.toml, PEP 751 with hashes) from pyproject.toml, then reinstall
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) tools/lock.py --out requirements.lock --extras dev,gpu,deploy
-	$(PY) -m pip lock -q -e '.[dev,gpu,deploy]' -c requirements.lock -o pylock.toml
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c requirements.lock
-	$(PY) tools/lock.py --check --out requirements.lock --check-extras $(EXTRAS)
+	$(PY) tools/lock.py --out constraints.txt --extras dev,gpu,deploy
+	$(PY) -m pip lock -q -e '.[dev,gpu,deploy]' -c constraints.txt -o pylock.toml
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c constraints.txt
+	$(PY) tools/lock.py --check --out constraints.txt --check-extras $(EXTRAS)
 	touch $(STAMP)
 
 test: $(STAMP)  ## run the test suite

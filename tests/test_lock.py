@@ -1,4 +1,4 @@
-"""requirements.lock: well formed, covers every dependency, and its check catches a drifted install."""
+"""constraints.txt: well formed, covers every dependency, and its check catches a drifted install."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCK = ROOT / "requirements.lock"
+LOCK = ROOT / "constraints.txt"
 spec = importlib.util.spec_from_file_location("lock_tool", ROOT / "tools" / "lock.py")
 lock_tool = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(lock_tool)
@@ -47,7 +47,7 @@ def test_check_reports_a_version_that_differs_from_the_lock(tmp_path):
     assert any(p.startswith("h5py ") and "not in bad.lock" in p for p in problems)
 
 
-def test_pylock_has_the_same_versions_as_requirements_lock_with_hashes():
+def test_pylock_has_the_same_versions_as_constraints_txt_with_hashes():
     # pylock.toml (PEP 751, `pip lock`) is the standard-format copy of the lock, with artifact URLs and sha256s;
     # `make lock` writes both from one resolution, so they must never disagree.
     tomllib = pytest.importorskip("tomllib")

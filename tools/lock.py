@@ -1,15 +1,15 @@
-"""Write or check requirements.lock: the exact version of every package `make install` puts in .venv.
+"""Write or check constraints.txt: the exact version of every package `make install` puts in .venv.
 
 The lock is a pip constraints file (``name==version`` lines), made from pip's own resolver
 (``pip install --dry-run --ignore-installed --report``) over the project and all its extras, so:
-  * `make install` = ``pip install -c requirements.lock -e '.[dev]'`` installs exactly what CI tested, on any
+  * `make install` = ``pip install -c constraints.txt -e '.[dev]'`` installs exactly what CI tested, on any
     day; pins for packages an install does not need (the ``gpu`` extra's, another platform's) are ignored;
   * the version ranges in pyproject.toml stay as they are for people installing into their own environment.
 pip rather than pip-tools or uv: it is the installer `make install` runs anyway, it honours this machine's pip
 configuration (local wheel indexes, the torch cap), and it needs nothing else installed.
 
-    python tools/lock.py [--out requirements.lock] [--extras dev,gpu,deploy]  # `make lock`: resolve anew
-    python tools/lock.py --check [--lock requirements.lock]              # installed == locked?
+    python tools/lock.py [--out constraints.txt] [--extras dev,gpu,deploy]  # `make lock`: resolve anew
+    python tools/lock.py --check [--lock constraints.txt]              # installed == locked?
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def resolve(extras: str) -> dict[str, str]:
 def write_lock(out: Path, extras: str) -> None:
     pins = resolve(extras)
     header = [
-        "# requirements.lock: exact versions `make install` installs (pip constraints file).",
+        "# constraints.txt: exact versions `make install` installs (pip constraints file).",
         "# Regenerate with `make lock` (tools/lock.py); do not edit by hand.",
         f"# Resolved {time.strftime('%Y-%m-%d')} for extras [{extras}] on CPython {platform.python_version()} "
         f"{sys.platform}-{platform.machine()}.",
@@ -128,7 +128,7 @@ def check(lock: Path, extras: list[str]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "requirements.lock")
+    ap.add_argument("--out", type=Path, default=ROOT / "constraints.txt")
     ap.add_argument("--extras", default="dev,gpu,deploy", help="extras resolved into the lock")
     ap.add_argument("--check", action="store_true", help="compare the installed packages with the lock")
     ap.add_argument("--check-extras", default="dev", help="extras whose packages --check compares")
