@@ -17,7 +17,7 @@ from pipeline.distill.losses import LossConfig, MultiscaleDistillLoss
 from pipeline.distill.losses.contrastive import queue_contrastive
 from pipeline.distill.losses.hard_negative import max_violation_triplet
 from pipeline.distill.queue import ActiveQueue
-from pipeline.distill.transfer import TransferStream, load_transfer, transfer_batch_size
+from pipeline.distill.transfer import TransferStream, load_transfer_data, transfer_batch_size
 from pipeline.features.cache import FeatureCache
 from pipeline.features.job import FeatureJob, run_feature_job
 from pipeline.train.contrastive import false_negative_mask
@@ -62,7 +62,7 @@ def test_pool_takes_every_cached_image_of_a_source_and_skips_images_that_are_pai
     (pairs, pairs_cache), (other, other_cache) = worlds
     own = Manifest.read(pairs / "train.parquet")
     own_locs = [own.resolve(p) for p in own.table.column("image_path").to_pylist()]
-    pool = load_transfer([{"manifest_dir": str(other), "cache_dir": str(other_cache)}], None, own_locs)
+    pool = load_transfer_data([{"manifest_dir": str(other), "cache_dir": str(other_cache)}], None, own_locs)[0]
     other_train = Manifest.read(other / "train.parquet")
     assert len(pool) == len(set(other_train.column("image_id").tolist())) == 18
     assert pool.per_source == [(f"{other}/train", 18)] and pool.skipped_paired == 0
@@ -70,33 +70,31 @@ def test_pool_takes_every_cached_image_of_a_source_and_skips_images_that_are_pai
     assert np.array_equal(pool.targets(np.array([3, 0])), ref)  # targets are the source cache's rows
     # the pairs' own split as a transfer source: every image is already a pair, so nothing is left
     with pytest.raises(PipelineError, match="no transfer image left"):
-        load_transfer([{"manifest_dir": str(pairs), "cache_dir": str(pairs_cache)}], None, own_locs)
+        load_transfer_data([{"manifest_dir": str(pairs), "cache_dir": str(pairs_cache)}], None, own_locs)[0]
     with pytest.raises(PipelineError, match=r"data.transfer\[0\] must be a mapping"):
-        load_transfer([{"manifest": "x"}], None, own_locs)
+        load_transfer_data([{"manifest": "x"}], None, own_locs)[0]
     with pytest.raises(PipelineError, match="need .* and a cache"):
-        load_transfer([{"manifest_dir": str(other), "cache_dir": str(other_cache), "split": "nope"}], None, [])
+        load_transfer_data([{"manifest_dir": str(other), "cache_dir": str(other_cache), "split": "nope"}], None, [])[0]
 
 
 def test_a_source_can_give_its_captions_without_its_images(worlds):
-    from pipeline.distill.transfer import load_transfer_captions
-
     (pairs, pairs_cache), (other, other_cache) = worlds
     own = Manifest.read(pairs / "train.parquet")
     own_locs = [own.resolve(p) for p in own.table.column("image_path").to_pylist()]
     src = {"manifest_dir": str(other), "cache_dir": str(other_cache), "captions": True, "images": False}
-    caps = load_transfer_captions([src], None, own_locs)
+    caps = load_transfer_data([src], None, own_locs)[1]
     other_train = Manifest.read(other / "train.parquet")
     assert caps.captions == other_train.table.column("caption").to_pylist()
     assert caps.per_source == [(f"{other}/train", len(other_train))]
     cache = FeatureCache(other_cache / "train")
     want = cache.texts_by_sample_id(caps.sample_ids[[4, 1]]).astype(np.float32)
     assert np.array_equal(caps.targets(np.array([4, 1])), want)
-    assert load_transfer([src], None, own_locs) is None  # images: false
+    assert load_transfer_data([src], None, own_locs)[0] is None  # images: false
     # the pairs' own captions are never transfer captions: their images are training pairs
     mine = {"manifest_dir": str(pairs), "cache_dir": str(pairs_cache), "captions": True, "images": False}
-    assert load_transfer_captions([mine], None, own_locs) is None
+    assert load_transfer_data([mine], None, own_locs)[1] is None
     with pytest.raises(PipelineError, match="captions must be true or false"):
-        load_transfer_captions([{**src, "captions": "yes"}], None, own_locs)
+        load_transfer_data([{**src, "captions": "yes"}], None, own_locs)[1]
 
 
 def test_pool_refuses_a_source_cached_by_another_teacher(worlds, tmp_path):
@@ -106,7 +104,7 @@ def test_pool_refuses_a_source_cached_by_another_teacher(worlds, tmp_path):
                     FakeTeacher(width=16, seed=5), progress=False)
     own = (Manifest.read(pairs / "train.parquet"), FeatureCache(pairs_cache / "train"))
     with pytest.raises(PipelineError, match="same|teacher fingerprints"):
-        load_transfer([{"manifest_dir": str(other), "cache_dir": str(tmp_path / "c")}], own, [])
+        load_transfer_data([{"manifest_dir": str(other), "cache_dir": str(tmp_path / "c")}], own, [])[0]
 
 
 # ---- the losses ---------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pipeline.distill.data import (
 )
 from pipeline.distill.losses import TEACHER_FREE_LOSSES, LossConfig, MultiscaleDistillLoss
 from pipeline.distill.transfer import (
-    TransferStream, load_transfer, load_transfer_captions, transfer_batch_size,
+    TransferStream, load_transfer_data, transfer_batch_size,
 )
 from pipeline.features.views import student_view_transform
 from pipeline.distill.queue import NegativeQueue, QueueBatch
@@ -282,8 +282,7 @@ class DistillObjective(Objective):
             raise PipelineError("data.transfer_ratio > 0 needs a distillation loss on (cd, fd, sd or hnd): the "
                                 "pair loss cannot use caption-less images")
         own = (train_manifest, self.cache)
-        captions = load_transfer_captions(cfg.data.transfer, own, self.rows.locations)
-        pool = load_transfer(cfg.data.transfer, own, self.rows.locations)
+        pool, captions = load_transfer_data(cfg.data.transfer, own, self.rows.locations)
         if pool is None and captions is None:
             raise PipelineError("data.transfer_ratio > 0 but there is no transfer data: name sources in "
                                 "data.transfer or declare unpaired rows in the training manifest")
@@ -373,7 +372,7 @@ class DistillObjective(Objective):
             crows = extra_caps[0]
             transfer_text = (s_txt_all[len(idx):].float(),
                              torch.from_numpy(self.captions.targets(crows)).to(device, non_blocking=True),
-                             torch.from_numpy(self.captions.ids[crows]).to(device),
+                             torch.from_numpy(self.captions.ids_of(crows)).to(device),
                              torch.from_numpy(self.captions.hashes[crows]).to(device))
         with clock("losses"):
             losses = self.criterion(s_img.float(), s_txt.float(), t_img, t_txt, img_ids,

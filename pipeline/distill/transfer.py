@@ -139,31 +139,37 @@ def _check_teachers(caches: Sequence[FeatureCache], own: tuple[Manifest, Feature
                             f"(found teacher fingerprints {sorted(fingerprints)})")
 
 
-def load_transfer(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | None,
-                  paired_locations: Sequence[str]) -> TransferImages | None:
-    """Build the transfer pool from ``data.transfer`` entries and the training manifest's image-only rows.
+Opened = list  # [(Source, Manifest, FeatureCache)]: each data.transfer entry opened once
 
-    ``sources``: ``data.transfer`` entries (``parse_sources``); those with ``images`` give every cached image of
-    their split. ``own``: the training (manifest, cache), whose declared image-only rows join the pool. Images
-    already among the training pairs (same file) are skipped: they would be counted twice. None: no image.
-    """
+
+def load_transfer_data(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | None,
+                       paired_locations: Sequence[str]) -> tuple["TransferImages | None", "TransferCaptions | None"]:
+    """(image pool, caption pool) from ``data.transfer`` entries and the training manifest's unpaired rows; each
+    source is opened once. ``own``: the training (manifest, cache); ``paired_locations``: the training pairs'
+    images, whose files (and those files' captions) are never transfer data: they would be counted twice."""
+    opened = [(src, *src.open()) for src in parse_sources(sources)]
+    paired = {_same_file(loc) for loc in paired_locations}
+    return _image_pool(opened, own, paired), _caption_pool(opened, own, paired)
+
+
+def _image_pool(opened: Opened, own: tuple[Manifest, FeatureCache] | None, paired: set[str]) -> TransferImages | None:
+    """The training manifest's image-only rows and every cached image of the sources with ``images``; None: no
+    image at all."""
     caches: list[FeatureCache] = []
     parts: list[tuple[str, np.ndarray, list[str]]] = []
     if own is not None and own[0].image_only_mask().any():
         ids, locs = _cached_images(own[0], own[1], only_image_only=True)
         caches.append(own[1])
         parts.append(("image-only rows of the training manifest", ids, locs))
-    for src in parse_sources(sources):
+    for src, manifest, cache in opened:
         if not src.images:
             continue
-        manifest, cache = src.open()
         ids, locs = _cached_images(manifest, cache, only_image_only=False)
         caches.append(cache)
         parts.append((src.name, ids, locs))
     if not parts or not any(len(ids) for _, ids, _ in parts):
         return None  # no source holds an image (e.g. only caption lists)
     _check_teachers(caches, own)
-    paired = {_same_file(loc) for loc in paired_locations}
     image_ids, locations, source, image_rows, per_source, skipped = [], [], [], [], [], 0
     seen: set[str] = set()
     for s, (name, ids, locs) in enumerate(parts):
@@ -191,6 +197,7 @@ class TransferCaptions:
 
     sample_ids: np.ndarray  # (N,) int64
     captions: list[str]
+    hashes: np.ndarray  # (N,) caption hashes: identical captions are false negatives, as for the pairs
     banks: list  # ShardedRows of teacher text embeddings
     bank: np.ndarray  # (N,) index into banks
     rows: np.ndarray  # (N,) row into banks[bank]
@@ -199,21 +206,12 @@ class TransferCaptions:
     def __len__(self) -> int:
         return len(self.sample_ids)
 
-    @property
-    def ids(self) -> np.ndarray:
-        """One id per caption for the false-negative masks, which compare ids: a transfer caption shares its
-        image with nothing here, so each gets its own id below the reserved -1 (readers number images from 0 or
-        hash them to 63 bits)."""
-        return -2 - np.arange(len(self), dtype=np.int64)
-
-    @property
-    def hashes(self) -> np.ndarray:
-        """Caption hashes (identical captions are false negatives, as for the pairs)."""
-        if not hasattr(self, "_hashes"):
-            from pipeline.distill.losses import caption_hashes
-
-            self._hashes = caption_hashes(self.captions)
-        return self._hashes
+    @staticmethod
+    def ids_of(rows: np.ndarray) -> np.ndarray:
+        """One id per pool row for the false-negative masks, which compare ids: a transfer caption shares its image
+        with nothing here, so each gets its own id below the reserved -1 (readers number images from 0 or hash
+        them to 63 bits)."""
+        return -2 - np.asarray(rows, np.int64)
 
     def targets(self, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), self.banks[0].width), np.float32)
@@ -224,53 +222,52 @@ class TransferCaptions:
         return out
 
 
+TEXT, LONE = 0, 1  # a transfer caption's bank in its cache: ``text`` (a paired row) or ``lone_text`` (caption-only)
+
+
 def _source_captions(manifest: Manifest, cache: FeatureCache, only_caption_only: bool, paired: set[str]):
-    """[(sample id, caption, bank (0 text, 1 lone_text), row)] of a split's cached captions; a caption of an image
-    that is a training pair is left out (the pairs already hold it)."""
+    """(sample ids, captions, banks, rows) of a split's cached captions; a caption of an image that is a training
+    pair is left out (the pairs already hold it), and so is one stage 1 rejected (not in the cache)."""
     t = manifest.table
     lone_row = {int(s): r for r, s in enumerate(cache.lone_sample_ids.tolist())}
-    out = []
+    paired_sids = set(cache.sample_ids.tolist())
+    sids, caps, banks, rows = [], [], [], []
     for sid, cap, path in zip(t.column("sample_id").to_pylist(), t.column("caption").to_pylist(),
                               t.column("image_path").to_pylist()):
         if cap is None or (only_caption_only and path is not None):
             continue
-        if path is None:
-            if int(sid) in lone_row:  # an empty caption-only caption was a stage-1 reject
-                out.append((int(sid), cap, 1, lone_row[int(sid)]))
-        elif _same_file(manifest.resolve(path)) not in paired:
-            out.append((int(sid), cap, 0, None))
-    text_sids = np.array([s for s, _, b, _ in out if b == 0], np.int64)
-    held = set(text_sids[np.isin(text_sids, cache.sample_ids)].tolist())  # captions of rejected images are not
-    out = [o for o in out if o[2] == 1 or o[0] in held]
-    text_rows = iter(cache.text_rows(np.array([s for s, _, b, _ in out if b == 0], np.int64)).tolist()
-                     if any(o[2] == 0 for o in out) else [])
-    return [(s, c, b, r if b == 1 else next(text_rows)) for s, c, b, r in out]
+        if path is None and sid in lone_row:
+            sids.append(sid), caps.append(cap), banks.append(LONE), rows.append(lone_row[sid])
+        elif path is not None and sid in paired_sids and _same_file(manifest.resolve(path)) not in paired:
+            sids.append(sid), caps.append(cap), banks.append(TEXT), rows.append(-1)
+    sids, banks, rows = np.asarray(sids, np.int64), np.asarray(banks, np.int64), np.asarray(rows, np.int64)
+    if (banks == TEXT).any():
+        rows[banks == TEXT] = cache.text_rows(sids[banks == TEXT])
+    return sids, caps, banks, rows
 
 
-def load_transfer_captions(sources: Sequence[dict], own: tuple[Manifest, FeatureCache] | None,
-                           paired_locations: Sequence[str] = ()) -> TransferCaptions | None:
-    """Caption-only rows of the training manifest, and every cached caption of the ``data.transfer`` sources
-    with ``captions: true`` (their images ignored). None: no caption."""
-    paired = {_same_file(loc) for loc in paired_locations}
+def _caption_pool(opened: Opened, own: tuple[Manifest, FeatureCache] | None,
+                  paired: set[str]) -> TransferCaptions | None:
+    """Caption-only rows of the training manifest, and every cached caption of the sources with ``captions``
+    (their images ignored). None: no caption."""
     named = [("caption-only rows of the training manifest", *own, True)] if own is not None else []
-    named += [(src.name, *src.open(), False) for src in parse_sources(sources) if src.captions]
+    named += [(src.name, manifest, cache, False) for src, manifest, cache in opened if src.captions]
     sample_ids, captions, banks, bank, rows, per_source = [], [], [], [], [], []
     for name, manifest, cache, only_lone in named:
-        found = _source_captions(manifest, cache, only_lone, paired)
-        if not found:
+        sids, caps, which, where = _source_captions(manifest, cache, only_lone, paired)
+        if not caps:
             continue
-        base = len(banks)
-        banks += [cache.text, cache.lone_text]
-        sample_ids += [s for s, _, _, _ in found]
-        captions += [c for _, c, _, _ in found]
-        bank += [base + b for _, _, b, _ in found]
-        rows += [r for _, _, _, r in found]
-        per_source.append((name, len(found)))
+        bank.append(which + len(banks))
+        banks += [cache.text, cache.lone_text]  # indexed by TEXT, LONE
+        sample_ids.append(sids), captions.extend(caps), rows.append(where)
+        per_source.append((name, len(caps)))
     if not captions:
         return None
     _check_teachers([cache for _, _, cache, _ in named], own)
-    return TransferCaptions(np.asarray(sample_ids, np.int64), captions, banks, np.asarray(bank, np.int64),
-                            np.asarray(rows, np.int64), per_source)
+    from pipeline.distill.losses import caption_hashes
+
+    return TransferCaptions(np.concatenate(sample_ids), captions, caption_hashes(captions), banks,
+                            np.concatenate(bank), np.concatenate(rows), per_source)
 
 
 def transfer_batch_size(ratio: float, batch_size: int) -> int:
