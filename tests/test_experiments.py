@@ -251,6 +251,20 @@ def test_plan_counts_cells_and_rejects_unknown_table(tmp_path, monkeypatch):
         plan_sweep(sweep, tmp_path, only=["nope"])
 
 
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "sweeps").glob("*.yaml") if p.name != "tiny.yaml"),
+                         ids=lambda p: p.name)  # tiny.yaml is the tests' own sweep, with a typo on purpose
+def test_every_shipped_sweep_plans_without_invalid_cells(path, tmp_path, monkeypatch):
+    """A typo in a shipped sweep (a row's override, a student override) fails here, not hours into a sweep."""
+    from pipeline.distill.trainer import student_config
+
+    monkeypatch.chdir(ROOT)
+    plan = plan_sweep(load_sweep(path), tmp_path)
+    assert not [(c.table, c.label, c.error) for c in plan.cells if c.error]
+    for run in plan.runs.values():
+        if isinstance(run.config, DistillConfig):
+            student_config(run.config, 512)  # the student overrides resolve (unknown keys are a PipelineError)
+
+
 def test_row_stats_counts_each_run_once(tmp_path, monkeypatch):
     """Seeds collapsed into one run by a global override are one result, not three copies of it."""
     monkeypatch.chdir(ROOT)
