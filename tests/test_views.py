@@ -112,6 +112,7 @@ def test_stage2_replays_views_and_checks_the_count(world, tmp_path):
     out, _ = ok.communicate(timeout=300)
     assert ok.returncode == 0, out
     assert final_weights(runs / "v")["state"]["global_step"] == 2
+    assert "replays one of the first 2 of the cache's 3 cached teacher views" in out, out
     bad = cli(distill_args(shapes, runs, "w", "data.views=5"), stdout=-1, stderr=-2, text=True)
     out, _ = bad.communicate(timeout=120)
     assert bad.returncode != 0 and "holds 3 views per image" in out and "Traceback" not in out, out

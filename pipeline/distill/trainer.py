@@ -180,6 +180,9 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
             sources = ", ".join(f"{name} {n}" for name, n in pool.per_source)
             print(f"transfer: {len(pool)} {what} ({sources}{f'; {skipped} already pairs, skipped' if skipped else ''}"
                   f"), {stream.per_step} per step in the {where}-only losses and the {where} queue")
+    if env.is_main and objective.views is not None:
+        print(f"views: each image replays one of the first {objective.views.count} of the cache's "
+              f"{objective.cache.view_count} cached teacher views per epoch (its own random augmentation is off)")
     unused = [f"{n} {what}" for n, what, pool in (
         (objective.rows.image_only, "image-only", objective.transfer),
         (objective.rows.caption_only, "caption-only", objective.captions)) if n and pool is None]
