@@ -58,15 +58,25 @@ $(OPENMOJI_DIR)/test.parquet: | $(STAMP)
 $(CORPUS_DIR)/test.parquet: $(OPENMOJI_DIR)/test.parquet
 	$(CLI) build-corpus --out $(CORPUS_DIR) --npm-cache $(ARTIFACTS)/npm --benchmark $(OPENMOJI_DIR)
 
-ifeq ($(filter $(DATA_DIR),$(OPENMOJI_DIR) $(CORPUS_DIR)),)
+# Named line icons (npm Iconify mdi, tabler, lucide; issue 14): a new domain for adaptation, and datasets of three
+# sizes for the training-length check (make icons; each row of the recipe table trains on one)
+ICON_DATASETS := line-icons icons-tabler icons-lucide-small
+ICONS_ARGS_line-icons :=
+ICONS_ARGS_icons-tabler := --sets tabler
+ICONS_ARGS_icons-lucide-small := --sets lucide --limit 1200
+$(foreach d,$(ICON_DATASETS),data/$(d)/test.parquet): data/%/test.parquet: | $(STAMP)
+	$(CLI) build-icons --out data/$* --npm-cache $(ARTIFACTS)/npm $(ICONS_ARGS_$*)
+
+ifeq ($(filter $(DATA_DIR),$(OPENMOJI_DIR) $(CORPUS_DIR) $(addprefix data/,$(ICON_DATASETS))),)
 $(DATA_DIR)/test.parquet:
 	@echo "error: no manifests in $(DATA_DIR); build them with 'clipdistill build-manifest ... --out $(DATA_DIR)' (README)" >&2; exit 2
 endif
 
 dataset: $(DATA_DIR)/test.parquet  ## build the dataset DATASET names (openmoji; emoji-corpus = make corpus)
 
-.PHONY: corpus lit-teacher
+.PHONY: corpus icons lit-teacher
 corpus: $(CORPUS_DIR)/test.parquet  ## render the multi-style emoji corpus from npm packages (the teacher's world)
+icons: $(foreach d,$(ICON_DATASETS),data/$(d)/test.parquet)  ## render the line-icon datasets (issue 14)
 
 # The LiT teacher's heads train on LIT_DATA's train split (default: DATASET; LIT_DATA=emoji-corpus: the corpus).
 LIT_DATA := $(or $(LIT_DATA),$(DATASET))
