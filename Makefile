@@ -11,7 +11,8 @@ DATA_DIR    ?= data/$(DATASET)
 ARTIFACTS   ?= artifacts
 CACHE_DIR   ?= $(ARTIFACTS)/cache
 STAMP       := $(VENV)/.installed
-# Exact versions CI tested (tools/lock.py); LOCK= installs from pyproject's ranges instead. EXTRAS=dev,gpu on GPUs.
+# Exact versions CI tested (tools/lock.py), for the packages and for the isolated build of this project (setuptools);
+# LOCK= installs from pyproject's ranges instead. EXTRAS=dev,gpu on GPUs.
 LOCK        ?= constraints.txt
 EXTRAS      ?= dev
 PIP_LOCK    := $(if $(LOCK),-c $(LOCK))
@@ -28,7 +29,7 @@ help:  ## list targets
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip $(PIP_LOCK)
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]' $(PIP_LOCK)
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' $(PIP_LOCK) $(if $(LOCK),--build-constraint $(LOCK))
 	$(if $(LOCK),$(PY) tools/lock.py --check --out $(LOCK) --check-extras $(EXTRAS))
 	touch $@
 
