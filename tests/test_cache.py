@@ -127,7 +127,7 @@ def test_interrupted_run_resumes_to_identical_cache(tmp_path):
         run(manifest, tmp_path / "resumed", teacher=FakeTeacher(fail_after_batches=5))
     partial = sorted(p.name for p in (tmp_path / "resumed").glob("shard-*.h5"))
     assert 0 < len(partial) < 5
-    (tmp_path / "resumed" / "shard-00004-of-00005.h5.tmp").write_bytes(b"half-written junk")
+    (tmp_path / "resumed" / "shard-00004-of-00005.h5.tmp").write_bytes(b"half-written junk")  # an older writer's leftover
     again = run(manifest, tmp_path / "resumed")
     assert again.shards_skipped == partial and again.complete
     a, b = FeatureCache(tmp_path / "full"), FeatureCache(tmp_path / "resumed")

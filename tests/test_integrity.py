@@ -4,6 +4,7 @@ file and the problem; checkpoints and exports carry checksums; a full disk leave
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -162,7 +163,20 @@ def test_a_full_disk_leaves_the_previous_file_and_no_partial_one(tmp_path, monke
     with pytest.raises(PipelineError, match="no space left"):
         writer.write_shard(shard, meta, np.zeros((1, 8)), [1], np.zeros((1, 8)), [1], [1])
     assert shard.read_bytes() == intact and not io.tmp_path(shard).exists()
-    assert not list(cache.glob(f"*{STAMP_SUFFIX}.tmp"))
+    assert not list(cache.glob(f"*{STAMP_SUFFIX}*.tmp"))
+
+
+def test_temporaries_are_per_process_and_a_dead_writers_are_removed(tmp_path):
+    path = tmp_path / "summary.json"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = [path.with_name(f"summary.json.{int(dead.stdout)}.tmp"), path.with_name("summary.json.tmp")]
+    live = path.with_name(f"summary.json.{os.getppid()}.tmp")  # a writer that is still running
+    for f in stale + [live]:
+        f.write_text("half-written")
+    assert io.tmp_path(path) not in stale + [live]
+    io.write_json(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert not any(f.exists() for f in stale) and live.read_text() == "half-written"
 
 
 def test_a_shard_held_by_a_live_process_is_left_to_it_and_a_stale_lock_is_taken_over(tmp_path):

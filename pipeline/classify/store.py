@@ -83,6 +83,7 @@ class TokenWriter:
 
     def __init__(self, path: Path, meta: TokenMeta, image_ids: np.ndarray):
         self.path = Path(path)
+        io.remove_stale_tmps(self.path)
         self.tmp = io.tmp_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         n, dt = len(image_ids), np.dtype(meta.dtype)

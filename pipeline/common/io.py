@@ -1,13 +1,16 @@
-"""The one way files are published: write to ``<name>.tmp`` in the same folder, then rename over the target.
+"""The one way files are published: write to ``<name>.<pid>.tmp`` in the same folder, then rename over the target.
 
 A kill or crash mid-write leaves the previous file (or none) plus a stray ``.tmp`` that the next write
-replaces, never a half-written file under the real name that a reader would accept.
+removes, never a half-written file under the real name that a reader would accept. The temporary name
+carries the writer's pid so two processes publishing the same file at once (two feature jobs sharing a
+cache both write its summary) never rename each other's half-written file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -19,7 +22,26 @@ from pipeline.common.errors import PipelineError
 
 def tmp_path(path: str | Path) -> Path:
     path = Path(path)
-    return path.with_name(path.name + ".tmp")
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_tmps(path: str | Path) -> None:
+    """Delete temporaries of ``path`` left by writers that are gone (killed mid-write)."""
+    path = Path(path)
+    for stray in path.parent.glob(f"{glob.escape(path.name)}.*tmp"):
+        middle = stray.name[len(path.name):-len("tmp")].strip(".")
+        if middle == "" or (middle.isdigit() and not _pid_alive(int(middle))):
+            stray.unlink(missing_ok=True)
 
 
 CHECKSUM_SUFFIX = ".blake2b"
@@ -48,6 +70,7 @@ def atomic_path(path: str | Path, fsync: bool = False, checksum: bool = False) -
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmps(path)
     tmp = tmp_path(path)
     try:
         yield tmp

@@ -27,7 +27,7 @@ def write_shard(
     lone_text: np.ndarray | None = None,
     lone_sample_id: np.ndarray | None = None,
 ) -> Path:
-    """Write a complete shard. A crash leaves only ``*.h5.tmp``, which a rerun overwrites.
+    """Write a complete shard. A crash leaves only a ``*.h5.<pid>.tmp``, which a rerun removes.
 
     ``image_norm`` / ``text_norm``: the teacher's embedding norms before L2 normalisation (optional), so
     training can also use un-normalised targets (``data.teacher_normalized: false``).
