@@ -34,6 +34,8 @@ def teacher_features(
     view_flip: bool = typer.Option(False, help="Also flip half the views left-right (off: emoji and icons have "
                                    "left/right meaning)."),
     view_seed: int = typer.Option(0, help="Seed of the views (a view is a function of seed, image id, index)."),
+    view_splits: str = typer.Option("train", help="Comma-separated splits that get the views (stage 2 replays "
+                                    "them on the training split only; val and test are encoded whole)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -59,6 +61,7 @@ def teacher_features(
     if len(scale) != 2:
         raise PipelineError(f"--view-scale must be two numbers like 0.35,1.0, not {view_scale!r}")
     spec = ViewSpec(views, view_seed, scale, flip=view_flip) if views else None
+    view_set = {s.strip() for s in view_splits.split(",") if s.strip()}
     model = load_teacher(teacher, device=resolve_device(device))
     if spec:
         teacher_view_transform(model)  # a teacher without a stated preprocessing fails here, not per shard
@@ -70,12 +73,13 @@ def teacher_features(
         job = FeatureJob(
             manifest=manifest, dataset=dataset or manifest_dir.name, split=split, out_dir=paths.cache_split_dir(out, split),
             shard_size=shard_size, shard_index=shard_index, num_shards=num_shards,
-            batch_size=batch_size, num_workers=workers, dtype=dtype, decode=decode, views=spec,
+            batch_size=batch_size, num_workers=workers, dtype=dtype, decode=decode,
+            views=spec if split in view_set else None,
         )
         s = run_feature_job(job, model, progress=progress)
         size = sum(p.stat().st_size for p in job.out_dir.glob("shard-*.h5"))
         typer.echo(
-            f"{split}: {s.images} images{f' x {views} views' if views else ''} + {s.texts} captions encoded in {s.seconds:.1f}s "
+            f"{split}: {s.images} images{f' x {views} views' if job.views else ''} + {s.texts} captions encoded in {s.seconds:.1f}s "
             f"({s.items_per_second:.1f} items/s), {s.rejects} rejects, "
             f"{len(s.shards_written)} shards written, {len(s.shards_skipped)} already complete; "
             f"{'complete' if s.complete else 'partial (other shard processes pending)'} -> {job.out_dir} "

@@ -60,7 +60,9 @@ def world(tmp_path_factory):
     r = run("teacher-features", "--teacher", spec, "--manifest-dir", data, "--out", root / "cache", "--views", 3,
             "--dtype", "float32", "--workers", "0", "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "x 3 views" in r.stdout
+    assert "train: " in r.stdout and "x 3 views" in r.stdout.split("train: ")[1].splitlines()[0]
+    assert "val: " in r.stdout and " x 3 views" not in r.stdout.split("val: ")[1].splitlines()[0]
+    assert FeatureCache(root / "cache" / "val").meta.views == 0  # only the training split is replayed
     return root, data, spec
 
 
