@@ -62,6 +62,9 @@ def teacher_features(
         raise PipelineError(f"--view-scale must be two numbers like 0.35,1.0, not {view_scale!r}")
     spec = ViewSpec(views, view_seed, scale, flip=view_flip) if views else None
     view_set = {s.strip() for s in view_splits.split(",") if s.strip()}
+    if spec and not view_set <= set(wanted):
+        raise PipelineError(f"--view-splits {view_splits!r} names splits that are not cached here "
+                            f"(--splits {','.join(wanted)}): a typo would leave the training split without views")
     model = load_teacher(teacher, device=resolve_device(device))
     if spec:
         teacher_view_transform(model)  # a teacher without a stated preprocessing fails here, not per shard

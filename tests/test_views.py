@@ -103,6 +103,9 @@ def test_a_cache_with_other_views_is_refused_on_resume_and_a_teacher_without_pre
     r = run("teacher-features", "--teacher", f"ensemble:{spec}+{spec}", "--manifest-dir", data, "--out",
             tmp_path / "c", "--views", 2, "--no-progress")
     assert r.returncode != 0 and "--views needs a teacher whose preprocessing is known" in r.stderr
+    r = run("teacher-features", "--teacher", spec, "--manifest-dir", data, "--out", tmp_path / "d", "--views", 2,
+            "--view-splits", "trian", "--no-progress")
+    assert r.returncode != 0 and "--view-splits 'trian' names splits" in r.stderr and "Traceback" not in r.stderr
     assert "Traceback" not in r.stderr
 
 
