@@ -450,6 +450,31 @@ def test_a_registered_extra_loss_is_enabled_by_config_and_reaches_the_balancer()
     assert "cosgap" not in LossConfig().enabled
 
 
+def naive_affinity(s_img, s_txt, t_img, t_txt, tau):
+    """Both directions' mean over rows of sum_j p_t log(p_t / p_s) of the cross-modal softmaxes, written out."""
+    import math
+
+    def kl_rows(s, t):
+        total = 0.0
+        for i in range(len(s)):
+            zs = [math.exp(v) for v in (s[i] / tau).tolist()]
+            zt = [math.exp(v) for v in (t[i] / tau).tolist()]
+            ps, pt = [z / sum(zs) for z in zs], [z / sum(zt) for z in zt]
+            total += sum(q * math.log(q / p) for q, p in zip(pt, ps))
+        return total / len(s)
+
+    s, t = s_img @ s_txt.t(), t_img @ t_txt.t()
+    return kl_rows(s, t) + kl_rows(s.t(), t.t())
+
+
+def affinity_config(params: str):
+    from pipeline.common import config as cfgio
+    from pipeline.distill.trainer import DistillConfig
+
+    return cfgio.load(DistillConfig, None, ["losses.cd=false", "losses.fd=false", "losses.sd=false",
+                                            "losses.hnd=false", f"losses.extra={{affinity: {params}}}"]).losses
+
+
 def test_affinity_loss_matches_a_naive_kl_of_the_cross_modal_softmaxes():
     import math
 
@@ -457,24 +482,37 @@ def test_affinity_loss_matches_a_naive_kl_of_the_cross_modal_softmaxes():
     from pipeline.distill.trainer import DistillConfig
 
     s_img, s_txt, t_img, t_txt = batch(b=5, seed=41)
-    cfg = cfgio.load(DistillConfig, None, ["losses.cd=false", "losses.fd=false", "losses.sd=false",
-                                           "losses.hnd=false", "losses.extra={affinity: {tau: 0.1}}"])
-    out = MultiscaleDistillLoss(cfg.losses)(s_img, s_txt, t_img, t_txt, torch.arange(5))
+    cfg = affinity_config("{tau: 0.1}")
+    out = MultiscaleDistillLoss(cfg)(s_img, s_txt, t_img, t_txt, torch.arange(5))
     assert list(out) == ["affinity"]
-
-    def kl_rows(s, t):  # mean over rows of sum_j p_t log(p_t / p_s), written out
-        total = 0.0
-        for i in range(len(s)):
-            zs = [math.exp(v) for v in (s[i] / 0.1).tolist()]
-            zt = [math.exp(v) for v in (t[i] / 0.1).tolist()]
-            ps, pt = [z / sum(zs) for z in zs], [z / sum(zt) for z in zt]
-            total += sum(q * math.log(q / p) for q, p in zip(pt, ps))
-        return total / len(s)
-
-    s, t = s_img @ s_txt.t(), t_img @ t_txt.t()
-    expected = kl_rows(s, t) + kl_rows(s.t(), t.t())
+    expected = naive_affinity(s_img, s_txt, t_img, t_txt, 0.1)
     assert math.isclose(float(out["affinity"]), expected, rel_tol=1e-4)
-    same = MultiscaleDistillLoss(cfg.losses)(t_img, t_txt, t_img, t_txt, torch.arange(5))
+    same = MultiscaleDistillLoss(cfg)(t_img, t_txt, t_img, t_txt, torch.arange(5))
     assert float(same["affinity"]) < 1e-6  # a student that agrees with the teacher pays nothing
     with pytest.raises(PipelineError, match="tau must be > 0"):
         MultiscaleDistillLoss(cfgio.load(DistillConfig, None, ["losses.extra={affinity: {tau: 0}}"]).losses)
+    with pytest.raises(PipelineError, match="rows must be one of pairs, all"):
+        MultiscaleDistillLoss(affinity_config("{rows: every}"))
+
+
+def test_affinity_over_all_rows_takes_transfer_images_and_captions_into_the_cross_modal_matrix():
+    import math
+
+    s_img, s_txt, t_img, t_txt = batch(b=4, seed=43)
+    m_img, _, mt_img, _ = batch(b=3, seed=44)  # 3 caption-less images
+    _, m_txt, _, mt_txt = batch(b=2, seed=45)  # 2 image-less captions
+    transfer = (m_img, mt_img, torch.arange(100, 103))
+    transfer_text = (m_txt, mt_txt, torch.full((2,), -1), torch.arange(2))
+    pairs_only = MultiscaleDistillLoss(affinity_config("{tau: 0.1}"))
+    every_row = MultiscaleDistillLoss(affinity_config("{tau: 0.1, rows: all}"))
+    args = (s_img, s_txt, t_img, t_txt, torch.arange(4))
+    got_pairs = float(pairs_only(*args, transfer=transfer, transfer_text=transfer_text)["affinity"])
+    assert math.isclose(got_pairs, naive_affinity(s_img, s_txt, t_img, t_txt, 0.1), rel_tol=1e-4)
+    got_all = float(every_row(*args, transfer=transfer, transfer_text=transfer_text)["affinity"])
+    expected = naive_affinity(torch.cat([s_img, m_img]), torch.cat([s_txt, m_txt]), torch.cat([t_img, mt_img]),
+                              torch.cat([t_txt, mt_txt]), 0.1)  # a (7 x 6) image-caption matrix
+    assert math.isclose(got_all, expected, rel_tol=1e-4)
+    # the transfer rows are trained by it: their student embeddings receive gradient
+    m_img = m_img.clone().requires_grad_(True)
+    every_row(*args, transfer=(m_img, mt_img, torch.arange(100, 103)), transfer_text=transfer_text)["affinity"].backward()
+    assert float(m_img.grad.abs().sum()) > 0

@@ -7,6 +7,12 @@ images. With S = s_img s_txt^T / tau and T = t_img t_txt^T / tau, ``affinity_i2t
 softmax(S_i)) and ``affinity_t2i`` the same over columns; ``affinity`` is their sum. No false-negative mask: a
 sibling caption's teacher probability is the soft target's own way of sharing the mass.
 Turn it on with ``--set 'losses.extra={affinity: {tau: 0.05}}'``.
+
+``rows: all`` (issue 13) takes every image and every caption of the step, transfer rows included: the teacher's
+softmax of a caption-less image over the step's captions is defined without a partner, so unpaired data, which
+otherwise reaches only the per-modality terms, also carries the teacher's cross-modal judgement (the
+image-text similarity matrix that MobileCLIP's reinforced training distils). ``rows: pairs`` (the default) keeps
+the paired rows only.
 """
 
 from __future__ import annotations
@@ -28,11 +34,16 @@ def soft_cross_modal_kl(s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tens
 
 
 class AffinityDistillLoss(nn.Module):
-    def __init__(self, tau: float = 0.05) -> None:
+    ROWS = ("pairs", "all")
+
+    def __init__(self, tau: float = 0.05, rows: str = "pairs") -> None:
         super().__init__()
         if tau <= 0:
             raise PipelineError(f"losses.extra.affinity.tau must be > 0, got {tau}")
+        if rows not in self.ROWS:
+            raise PipelineError(f"losses.extra.affinity.rows must be one of {', '.join(self.ROWS)}, not {rows!r}")
         self.tau = float(tau)
+        self.rows = rows
 
     def forward(self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor) -> dict[str, Tensor]:
         _check_pair(s_img, t_img, "affinity distillation (image)")
@@ -41,4 +52,8 @@ class AffinityDistillLoss(nn.Module):
         return {"affinity_i2t": i2t, "affinity_t2i": t2i, "affinity": i2t + t2i}
 
     def of(self, x: LossInputs) -> dict[str, Tensor]:
-        return self(x.s_img, x.s_txt, x.t_img, x.t_txt)
+        if self.rows == "pairs":
+            return self(x.s_img, x.s_txt, x.t_img, x.t_txt)
+        s_img, t_img, _ = x.images()
+        s_txt, t_txt, _, _ = x.texts()
+        return self(s_img, s_txt, t_img, t_txt)
