@@ -193,11 +193,10 @@ class DistillBench:
 
     # -- batches -------------------------------------------------------------------------------
     def loader_batches(self) -> Iterator[Batch]:
-        """The trainer's loader, epoch after epoch (a new epoch restarts its workers, as in training)."""
+        """The trainer's loader, epoch after epoch (its workers persist across epochs, as in training)."""
         epoch = 0
         while True:
             self.sampler.set_epoch(epoch)
-            self.dataset.epoch = epoch
             yield from self.loader
             epoch += 1
 

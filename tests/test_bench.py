@@ -17,6 +17,7 @@ EXPECTED = {
     "bench_features.py": "ratio end to end / model only (items/s):",
     "bench_distill.py": "step overhead (cache gather",
     "bench_eval.py": "recall@10 vs exact",
+    "bench_loader_memory.py": "worker private memory, now / old",
     "bench_reinforced.py": "view replay + transfer mixing vs the plain step",
     "bench_startup.py": "slowest --help:",
 }

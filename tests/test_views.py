@@ -81,8 +81,7 @@ def test_stage1_stores_views_whose_replayed_input_reproduces_the_target(world):
     assert student == teacher_view_transform(teacher)  # this student is the teacher: identical inputs
     replay = ViewReplay(student, 3, cache.view_params[rows.image_rows])
     ds = PairDataset(rows, None, seed=7, views=replay)
-    ds.epoch = 2
-    i, pixels, err, view = ds[2]
+    i, pixels, err, view = ds[(2, 2)]  # (epoch, index)
     assert err is None and view == pick_view(7, 2, 2, 3)
     expected = student(load_rgb(rows.locations[2]), cache.view_params[rows.image_rows[2], view])
     assert torch.equal(pixels, expected)

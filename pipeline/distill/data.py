@@ -7,6 +7,12 @@ Determinism (exact resume): the epoch's row order comes from (seed, epoch), and 
 augmentation from (seed, epoch, position), independent of worker count and of where a resumed
 run starts. A resumed epoch simply starts its order at the saved position. Transfer images (caption-less,
 ``pipeline.distill.transfer``) ride in the same batches: item ``N + p`` is stream position ``p``.
+
+Memory: an item key carries its epoch, so the DataLoader's workers live for the whole run (forked once, before
+training grows the heap). A worker forked every epoch from a process that rewrites gigabytes of activations and
+gradients each step keeps its own copy of every page the trainer writes afterwards: with 16k preloaded images
+that doubled a run's memory (bench/bench_loader_memory.py). Preloaded and streamed images are the same pixels
+(both downsized to ``preload_size``), so preloading, which ``preload_limit_gb`` caps, never changes results.
 """
 
 from __future__ import annotations
@@ -111,27 +117,52 @@ class ViewReplay:
     transfer_params: np.ndarray | None = None
 
 
+def preload_bytes(n_images: int, size: int | None) -> int:
+    """Upper bound of the RAM that ``n_images`` preloaded images take: PIL keeps RGB at 4 bytes a pixel, and
+    each image fits in size x size (unknown without a size: counted as 512 x 512)."""
+    side = size or 512
+    return n_images * side * side * 4
+
+
 class PairDataset(Dataset):
-    """Item = (index, student pixels or None, error, view). Index < len(rows): a pair (captions are looked up by
-    row); index N + p: the transfer image at stream position p. View: which cached view the pixels replay
-    (-1 without view replay: the student's own random augmentation)."""
+    """Key = (epoch, index); item = (index, student pixels or None, error, view). Index < len(rows): a pair
+    (captions are looked up by row); index N + p: the transfer image at stream position p. View: which cached view
+    the pixels replay (-1 without view replay: the student's own random augmentation).
+
+    ``preload`` decodes every image once into RAM, downsized to fit ``preload_size`` (what the student's
+    crops are taken from); without it each item is decoded and downsized the same way, so the pixels agree."""
 
     def __init__(self, rows: AlignedRows, transform: Callable, seed: int, preload: bool = False,
                  preload_size: int | None = None, transfer: TransferImages | None = None,
-                 stream: TransferStream | None = None, views: ViewReplay | None = None):
-        self.rows, self.transform, self.seed = rows, transform, seed
+                 stream: TransferStream | None = None, views: ViewReplay | None = None,
+                 preload_limit: int | None = None):
+        self.rows, self.transform, self.seed, self.preload_size = rows, transform, seed, preload_size
         self.transfer, self.stream, self.views = transfer, stream, views
-        self.epoch = 0
         self._images: dict[str, Image.Image] = {}
-        if preload:  # small datasets: decode once, keep (downsized) in RAM, shared with forked workers
-            for loc in dict.fromkeys(rows.locations + (transfer.locations if transfer else [])):
+        locations = self.locations()
+        bound = preload_bytes(len(locations), preload_size)
+        if not preload:
+            self.preload_summary = f"{len(locations)} streamed from disk (data.preload: false)"
+        elif preload_limit is not None and bound > preload_limit:
+            self.preload_summary = (f"{len(locations)} streamed from disk: preloading them could take "
+                                    f"{bound / 2**30:.1f} GiB > data.preload_limit_gb {preload_limit / 2**30:g}")
+        else:  # decode once, keep in RAM, shared with the workers (forked once, never written after)
+            for loc in locations:
                 try:
-                    img = load_rgb(loc)
+                    self._images[loc] = self._decode(loc)
                 except ImageDecodeError:
-                    continue
-                if preload_size:
-                    img.thumbnail((preload_size, preload_size), Image.BICUBIC)
-                self._images[loc] = img
+                    continue  # reported per item, as a streamed run would
+            self.preload_summary = f"{len(self._images)} preloaded into RAM (at most {bound / 2**30:.1f} GiB)"
+
+    def locations(self) -> list[str]:
+        """Every distinct image this dataset can serve: the pairs' and the transfer images."""
+        return list(dict.fromkeys(self.rows.locations + (self.transfer.locations if self.transfer else [])))
+
+    def _decode(self, loc: str) -> Image.Image:
+        img = load_rgb(loc)
+        if self.preload_size:
+            img.thumbnail((self.preload_size, self.preload_size), Image.BICUBIC)
+        return img
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -144,24 +175,26 @@ class PairDataset(Dataset):
         row = int(self.stream.rows(np.array([i - n]))[0])
         return self.transfer.locations[row], v.transfer_params[row] if v else None
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
         loc, params = self._source(i)
         try:
-            img = self._images.get(loc) or load_rgb(loc)
+            img = self._images.get(loc) or self._decode(loc)
         except ImageDecodeError as exc:
             return i, None, str(exc), -1
         if params is not None:  # replay a cached view: exactly the crop the teacher embedded
-            view = pick_view(self.seed, self.epoch, i, self.views.count)
+            view = pick_view(self.seed, epoch, i, self.views.count)
             return i, self.views.transform(img, params[view]), None, view
         # Augmentation draws from a seed fixed by (seed, epoch, index): identical on resume, any workers.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+            torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFFFFFF)
             return i, self.transform(img), None, -1
 
 
 class MixedBatches(Sampler[list]):
     """Batches of ``batch_size`` pairs in the epoch order (last partial batch dropped), each followed by the
-    step's transfer images (indices ``N + stream position``); without a stream, plain pair batches."""
+    step's transfer images (indices ``N + stream position``); without a stream, plain pair batches. Each key is
+    (epoch, index): the workers learn the epoch from the keys, not from state set between epochs."""
 
     def __init__(self, order: EpochOrder, batch_size: int, n_pairs: int, stream: TransferStream | None = None):
         self.order, self.batch_size, self.n_pairs, self.stream = order, batch_size, n_pairs, stream
@@ -174,7 +207,7 @@ class MixedBatches(Sampler[list]):
             batch = rows[k * self.batch_size:(k + 1) * self.batch_size]
             if self.stream is not None and self.stream.per_step:
                 batch += (self.n_pairs + self.stream.positions(first_step + k)).tolist()
-            yield batch
+            yield [(self.order.epoch, i) for i in batch]
 
     def __len__(self) -> int:
         return len(self.order) // self.batch_size
@@ -212,13 +245,15 @@ def make_collate(rows: AlignedRows, stream: TransferStream | None = None):
 
 
 def make_loader(dataset: PairDataset, sampler: EpochOrder, batch_size: int, workers: int, seed: int,
-                pin: bool) -> DataLoader:
+                pin: bool, persistent: bool = True) -> DataLoader:
+    """The training loader. ``persistent=False`` forks fresh workers every epoch (the old behaviour, kept for
+    bench/bench_loader_memory.py's baseline)."""
     g = torch.Generator().manual_seed(seed)  # own generator: worker seeding never touches the global RNG
     batches = MixedBatches(sampler, batch_size, len(dataset.rows), dataset.stream)
     return DataLoader(
         dataset, batch_sampler=batches, num_workers=workers,
         collate_fn=make_collate(dataset.rows, dataset.stream), pin_memory=pin, generator=g,
-        persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers > 0 else None,
     )
 
 

@@ -49,7 +49,10 @@ class DataSection:
     train_split: str = "train"
     val_split: str = "val"  # validated every epoch when its manifest and cache exist
     workers: int = 1
-    preload: bool = True  # decode every image once into RAM (small datasets); False streams from disk
+    preload: bool = True  # decode every image once into RAM; False streams from disk (same pixels either way)
+    # Preload only while the images' upper-bound size fits this many GiB; larger sets stream from disk (COCO's
+    # 118k images at a 224 px student would need ~31 GiB). Only speed depends on it, never the results.
+    preload_limit_gb: float = 4.0
     # False: train against the teacher's raw (un-normalised) embeddings, the paper's ablation (method.md 1.6);
     # needs a cache that stores the norms.
     teacher_normalized: bool = True
@@ -180,6 +183,8 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
             sources = ", ".join(f"{name} {n}" for name, n in pool.per_source)
             print(f"transfer: {len(pool)} {what} ({sources}{f'; {skipped} already pairs, skipped' if skipped else ''}"
                   f"), {stream.per_step} per step in the {where}-only losses and the {where} queue")
+    if env.is_main:
+        print(f"images: {objective.dataset.preload_summary}")
     if env.is_main and objective.views is not None:
         print(f"views: each image replays one of the first {objective.views.count} of the cache's "
               f"{objective.cache.view_count} cached teacher views per epoch (its own random augmentation is off)")
@@ -247,9 +252,12 @@ class DistillObjective(Objective):
         self.scfg = student_config(cfg, self.cache.width if self.cache else None)
         self.model = model = build_student(self.scfg).to(device)
         self.views = self._views()
+        if cfg.data.preload_limit_gb < 0:
+            raise PipelineError(f"data.preload_limit_gb must be >= 0, got {cfg.data.preload_limit_gb}")
         self.dataset = PairDataset(rows, model.image_transform(train=True), cfg.seed, preload=cfg.data.preload,
                                    preload_size=int(self.scfg.image_size * 1.15), transfer=self.transfer,
-                                   stream=self.stream, views=self.views)
+                                   stream=self.stream, views=self.views,
+                                   preload_limit=int(cfg.data.preload_limit_gb * 2**30))
         self.sampler = EpochOrder(len(rows), cfg.seed, env.rank, env.world)
         self.steps_per_epoch = len(self.sampler) // cfg.optim.batch_size
         if self.steps_per_epoch == 0:
@@ -329,7 +337,6 @@ class DistillObjective(Objective):
     def epoch_batches(self, epoch: int, start: int):
         q = self.cfg.queue
         self.sampler.set_epoch(epoch, start=start * self.cfg.optim.batch_size)
-        self.dataset.epoch = epoch
         if self.queue is not None and q.mode == "random" and start == 0 and not q.refill_every:
             self._refill_queue(epoch * self.steps_per_epoch)
         return self.loader

@@ -1,0 +1,60 @@
+"""Stage 2's training loader: preloading is only a cache (same pixels as streaming), and workers that live for
+the whole run still draw each epoch's own augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision import transforms as T
+
+from pipeline.data.manifest import Manifest
+from pipeline.distill.data import AlignedRows, EpochOrder, PairDataset, make_loader, preload_bytes
+from tests.gen_cache import make_dataset
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("loader") / "shapes", n_images=20)
+    m = Manifest.read(root / "train.parquet")
+    ids, paths = m.unique_images()
+    n = len(ids)
+    return AlignedRows(ids, ids, [f"c{i}" for i in range(n)], [m.resolve(p) for p in paths], np.arange(n),
+                       np.arange(n), np.zeros(n, np.int64), 0)
+
+
+def augment():  # a random crop + flip, as a student's training transform
+    return T.Compose([T.RandomResizedCrop(16, scale=(0.5, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()])
+
+
+def test_preloaded_and_streamed_images_give_the_same_pixels(rows):
+    # 40 px images downsized to fit 24 px both ways: preloading must not change what the student sees
+    preloaded = PairDataset(rows, augment(), seed=3, preload=True, preload_size=24)
+    streamed = PairDataset(rows, augment(), seed=3, preload=False, preload_size=24)
+    capped = PairDataset(rows, augment(), seed=3, preload=True, preload_size=24, preload_limit=1000)
+    assert len(preloaded._images) == len(rows) and not streamed._images and not capped._images
+    assert "preloaded" in preloaded.preload_summary and "streamed" in capped.preload_summary
+    assert "data.preload_limit_gb" in capped.preload_summary
+    for key in [(0, 0), (0, 5), (3, 5), (1, len(rows) - 1)]:
+        a, b, c = preloaded[key][1], streamed[key][1], capped[key][1]
+        assert a.shape == (3, 16, 16) and torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(preloaded[(0, 5)][1], preloaded[(3, 5)][1])  # the epoch changes the crop
+    assert preload_bytes(10, 24) == 10 * 24 * 24 * 4
+
+
+def test_persistent_workers_see_every_epoch_like_the_main_process(rows):
+    ds = PairDataset(rows, augment(), seed=3, preload=True, preload_size=24)
+
+    def epochs(workers: int) -> list[torch.Tensor]:
+        order = EpochOrder(len(rows), seed=3)
+        loader = make_loader(ds, order, batch_size=4, workers=workers, seed=3, pin=False)
+        out = []
+        for epoch in range(3):
+            order.set_epoch(epoch)
+            out.append(torch.cat([b.pixels for b in loader]))
+        return out
+
+    in_process, worker = epochs(0), epochs(1)
+    for a, b in zip(in_process, worker):
+        assert torch.equal(a, b)
+    assert not torch.equal(worker[0], worker[1])  # and the epochs differ
