@@ -356,3 +356,15 @@ tables:
     assert rows["start"]["Seeds"] == "1" and rows["supervised"]["Seeds"] == "2"  # the export: one evaluation
     start_result = json.loads(next((tmp_path / "runs").glob("e*/eval/result.json")).read_text())
     assert rows["start"]["RSUM"] == f"{start_result['metrics']['rsum']:.1f}"
+
+
+def test_the_run_key_of_the_default_config_is_stable():
+    # Every finished run is found again by this hash. A new config field changes it for every run unless it is
+    # left out at its default (sweep.ADDED_KEYS) or, when it cannot change results, always (BOOKKEEPING_KEYS).
+    key = run_key(cfgio.load(DistillConfig, None, []))
+    assert key == "0dfd1b0526e4adf7e5cc84320d16f64dd4e5cf4169db58ca9bc6d01a0f673d2f", (
+        "a config change altered every run's key: add the new field to ADDED_KEYS or BOOKKEEPING_KEYS in "
+        "pipeline/experiments/sweep.py")
+    # results-neutral settings do not enter the key; a setting that changes training does
+    assert run_key(cfgio.load(DistillConfig, None, ["data.preload_limit_gb=1", "data.workers=3"])) == key
+    assert run_key(cfgio.load(DistillConfig, None, ["optim.min_steps=1"])) != key

@@ -44,7 +44,7 @@ from pipeline.common.errors import PipelineError
 # Config keys that do not change what a run learns; left out of the run key, so e.g. a CPU test run and
 # a GPU run of the same settings are one run (the device each ran on is recorded).
 BOOKKEEPING_KEYS = ("name", "runs_dir", "device", "log_every", "checkpoint_every", "data.workers",
-                    "eval_batch_size")
+                    "data.preload_limit_gb", "eval_batch_size")
 # Keys added after runs were first hashed: left out at their default value, so existing runs keep their keys.
 ADDED_KEYS = {"losses.extra": {}, "optim.min_steps": 0, "data.transfer": (), "data.transfer_ratio": 0.0,
               "data.views": 0}
