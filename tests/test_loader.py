@@ -58,3 +58,27 @@ def test_persistent_workers_see_every_epoch_like_the_main_process(rows):
     for a, b in zip(in_process, worker):
         assert torch.equal(a, b)
     assert not torch.equal(worker[0], worker[1])  # and the epochs differ
+
+
+def test_the_classification_loader_keeps_its_workers_and_still_sees_every_epoch(rows):
+    from pipeline.classify.loop import epoch_order
+    from pipeline.classify.student import ImageRows, epoch_loader
+
+    data = ImageRows(rows.locations, augment(), seed=5, preload_size=24)
+
+    def epochs(workers: int) -> list[torch.Tensor]:
+        loader, sampler = epoch_loader(data, batch_size=4, workers=workers)
+        out, pids = [], set()
+        for epoch in range(3):
+            sampler.epoch, sampler.order = epoch, epoch_order(len(data), 5, epoch)
+            out.append(torch.cat([pixels for _, pixels in loader]))
+            pids |= {w.pid for w in getattr(loader._iterator, "_workers", [])}
+        assert len(pids) == workers  # the same worker served every epoch
+        return out
+
+    in_process, worker = epochs(0), epochs(1)
+    for a, b in zip(in_process, worker):
+        assert a.shape == (len(data) // 4 * 4, 3, 16, 16) and torch.equal(a, b)
+    assert not torch.equal(worker[0], worker[1])
+    one = data[(2, 7)]  # a key's pixels depend on (seed, epoch, row) only
+    assert one[0] == 7 and torch.equal(one[1], data[(2, 7)][1]) and not torch.equal(one[1], data[(1, 7)][1])

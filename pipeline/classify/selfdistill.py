@@ -65,11 +65,11 @@ def train_generation(
     bs = min(d.batch_size, len(train))
     seed = cfg.seed + generation
     model.to(device)
+    loader, sampler = epoch_loader(data, bs, d.workers)
 
     def batches(epoch: int, start: int):
-        data.epoch = epoch
-        order = epoch_order(len(train), seed, epoch)[start * bs :]
-        yield from epoch_loader(data, order, bs, d.workers)
+        sampler.epoch, sampler.order = epoch, epoch_order(len(train), seed, epoch)[start * bs :]
+        yield from loader
 
     def loss_fn(batch) -> torch.Tensor:
         rows, pixels = batch

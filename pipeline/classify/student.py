@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.common.errors import PipelineError
 from pipeline.data.images import ImageDecodeError, load_rgb
@@ -135,12 +135,16 @@ def load_classifier(
 
 # ---- data ------------------------------------------------------------------------------------------------
 class ImageRows(Dataset):
-    """Item = (row, augmented pixels or None, error); augmentation seeded by (seed, epoch, row)."""
+    """Item of key (epoch, row) = (row, augmented pixels or None, error); augmentation seeded by (seed, epoch, row).
+
+    The epoch travels in the key (put there by ``EpochBatches`` in the trainer), so a loader's workers can be
+    forked once per run instead of once per epoch (a worker forked late inherits, then privately copies, the
+    trainer's grown heap)."""
 
     def __init__(
         self, locations: Sequence[str], transform: Callable, seed: int, preload_size: int | None = None
     ):
-        self.locations, self.transform, self.seed, self.epoch = list(locations), transform, seed, 0
+        self.locations, self.transform, self.seed = list(locations), transform, seed
         self._images: dict[int, Image.Image] = {}
         if preload_size:  # small datasets: decode once, keep downsized in RAM
             for i, loc in enumerate(self.locations):
@@ -154,13 +158,14 @@ class ImageRows(Dataset):
     def __len__(self) -> int:
         return len(self.locations)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
         try:
             img = self._images.get(i) or load_rgb(self.locations[i])
         except ImageDecodeError as exc:
             return i, None, str(exc)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+            torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFFFFFF)
             return i, self.transform(img), None
 
 
@@ -171,17 +176,28 @@ def _collate(items):
     return torch.tensor([i for i, _ in ok]), torch.stack([x for _, x in ok])
 
 
-def epoch_loader(dataset: ImageRows, order: np.ndarray, batch_size: int, workers: int) -> DataLoader:
-    """Batches of ``order`` (full batches only); undecodable images drop out of their batch."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=order.tolist(),
-        num_workers=workers,
-        collate_fn=_collate,
-        drop_last=True,
-        persistent_workers=False,
-    )
+class EpochBatches(Sampler[list]):
+    """Full batches of (epoch, row) keys of the current ``order``; set ``epoch`` and ``order`` before iterating."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.epoch, self.order = batch_size, 0, np.empty(0, np.int64)
+
+    def __iter__(self):
+        rows = self.order.tolist()
+        for k in range(len(rows) // self.batch_size):
+            yield [(self.epoch, i) for i in rows[k * self.batch_size:(k + 1) * self.batch_size]]
+
+    def __len__(self) -> int:
+        return len(self.order) // self.batch_size
+
+
+def epoch_loader(dataset: ImageRows, batch_size: int, workers: int) -> tuple[DataLoader, EpochBatches]:
+    """One loader for a whole training run (persistent workers) and the sampler that says which epoch and
+    order it serves; undecodable images drop out of their batch."""
+    batches = EpochBatches(batch_size)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                        persistent_workers=workers > 0)
+    return loader, batches
 
 
 @torch.no_grad()
@@ -211,6 +227,7 @@ __all__ = [
     "export_classifier",
     "load_classifier",
     "ImageRows",
+    "EpochBatches",
     "epoch_loader",
     "predict",
 ]
