@@ -5,6 +5,8 @@ other runs finish, reruns that skip finished work, and hand-written text kept ar
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
@@ -176,6 +178,29 @@ def test_rerun_skips_finished_runs_and_keeps_hand_written_text(swept, data, monk
     assert new.count(start_marker("methods")) == 1 and new.count(start_marker("ablation")) == 1
     assert table_rows(new, "methods") == table_rows(doc, "methods")
     assert table_rows(new, "ablation") == table_rows(doc, "ablation") and "batch size 100000" in new
+
+
+def test_prune_deletes_only_finished_runs_checkpoints(swept, data, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    shutil.copytree(swept.runs, runs)  # a copy: the module's other tests keep their checkpoints
+    done = sorted(r["name"] for r in swept.records.values() if r["status"] == "done")
+    finished, unevaluated = done
+    # retrained since its evaluation (export newer than the result): not finished, it may still need a resume
+    later = (runs / unevaluated / "eval" / "result.json").stat().st_mtime + 60
+    os.utime(runs / unevaluated / "export" / "student.pt", (later, later))
+    assert (runs / finished / "checkpoints").is_dir() and (runs / unevaluated / "checkpoints").is_dir()
+    size = sum(f.stat().st_size for f in (runs / finished / "checkpoints").rglob("*") if f.is_file())
+    monkeypatch.chdir(ROOT)
+    args = sweep_args(data, "--tables-only", "--prune-checkpoints")
+    args[args.index("--runs-dir") + 1] = runs
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert f"pruned the checkpoints of 1 finished run(s): {size / 2**30:.2f} GiB freed" in result.output
+    assert not (runs / finished / "checkpoints").exists()
+    assert (runs / finished / "export" / "student.pt").is_file() and (runs / finished / "eval" / "result.json").is_file()
+    assert json.loads((runs / finished / "experiment.json").read_text())["checkpoints_pruned"] is True
+    assert (runs / unevaluated / "checkpoints" / "last.pt").is_file()
+    assert "checkpoints_pruned" not in json.loads((runs / unevaluated / "experiment.json").read_text())
 
 
 def test_a_teacher_only_table_trains_nothing_and_reports_the_teacher(data, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -65,6 +66,28 @@ def is_evaluated(run_dir: Path) -> bool:
     """The export and an evaluation result newer than it exist (what a rerun skips)."""
     export, result = Path(run_dir) / EXPORT, Path(run_dir) / EVAL_DIR / "result.json"
     return export.is_file() and result.is_file() and result.stat().st_mtime > export.stat().st_mtime
+
+
+def prune_checkpoints(plan: Plan, log: Log = print) -> tuple[int, int]:
+    """Delete the checkpoints of the plan's finished runs (exported, evaluated, status done); returns (runs, bytes).
+
+    Checkpoints only serve to resume training, and they are most of a run's disk (the weights plus AdamW's two
+    moments: 0.3 of 0.5 GB for the default student), so a sweep of a hundred runs fills a disk with them. A
+    run that is not finished keeps its checkpoints so that it can still resume; the record notes the pruning.
+    """
+    runs, freed = 0, 0
+    for key in plan.runs:
+        run_dir = plan.run_dir(key)
+        ckpt = run_dir / "checkpoints"
+        record = read_record(run_dir)
+        if not ckpt.is_dir() or record.get("status") != "done" or not is_evaluated(run_dir):
+            continue
+        size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+        shutil.rmtree(ckpt)
+        write_record(run_dir, {**record, "checkpoints_pruned": True})
+        runs, freed = runs + 1, freed + size
+    log(f"pruned the checkpoints of {runs} finished run(s): {freed / 2**30:.2f} GiB freed")
+    return runs, freed
 
 
 def log_file(plan: Plan) -> str:
@@ -425,7 +448,8 @@ def regenerate_command(plan: Plan, table_id: str, results: Path, runs_dir_defaul
 def run_sweep(
     sweep: Sweep, runs_dir: str | Path, results: str | Path, figures_dir: str | Path | None, *,
     only: Sequence[str] = (), global_sets: Sequence[str] = (), jobs: int = 1, max_runs: int = 0,
-    skip_failed: bool = False, dry_run: bool = False, tables_only: bool = False, log: Log = print,
+    skip_failed: bool = False, dry_run: bool = False, tables_only: bool = False, prune: bool = False,
+    log: Log = print,
     defaults: tuple[Path, Path] = (Path("runs/experiments"), Path("docs/RESULTS.md")),
 ) -> SweepOutcome:
     """Plan, train what is missing, evaluate what is stale and rewrite the chosen tables of ``results``.
@@ -438,6 +462,7 @@ def run_sweep(
         skip_failed: do not try runs that failed before again (their errors stay in the tables).
         tables_only: train and evaluate nothing; write the tables from the result files in ``runs_dir``
             (e.g. runs trained and evaluated on another machine, copied without their exports).
+        prune: at the end, delete the checkpoints of every finished run of the plan (prune_checkpoints).
         defaults: the CLI's default runs folder and results file (left out of the printed commands).
     """
     plan = plan_sweep(sweep, runs_dir, global_sets, only)
@@ -477,4 +502,6 @@ def run_sweep(
                           table_ids={t.id for t in sweep.tables})
     log(f"wrote {len(blocks)} table(s) to {results} and the headline numbers to {summary_path}"
         + (f"; {len(failed)} cell(s) failed" if failed else ""))
+    if prune:
+        prune_checkpoints(plan, log)
     return SweepOutcome(plan, records, teacher, results, figures, failed)
