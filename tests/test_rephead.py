@@ -286,6 +286,54 @@ def test_loop_resume_is_exact(tmp_path):
     assert steps == list(range(1, 13))
 
 
+def test_resume_after_a_failed_epoch_end_checkpoint_keeps_one_record_per_epoch(tmp_path, monkeypatch):
+    """Seen on a full disk: epoch 0's validation was logged, its epoch-end checkpoint failed, and the resume (from
+    the step checkpoint at the same step) validated epoch 0 again. The records must be a straight run's."""
+    from pipeline.train import loop as train_loop
+
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+
+    def run(name: str, resume: bool = False) -> None:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 3)
+        settings = LoopSettings(epochs=3, steps_per_epoch=4, lr=1e-2, weight_decay=0.0, checkpoint_every=4, score="top1",
+                                log_every=1)
+
+        def batches(epoch, start):
+            order = np.random.default_rng([0, epoch]).permutation(64)
+            for s in range(start * 16, 64, 16):
+                yield order[s : s + 16]
+
+        def evaluate():
+            with torch.no_grad():
+                return {"top1": float((model(x).argmax(1) == y).float().mean())}
+
+        fit(tmp_path / name, model, settings, 0, batches, lambda b: F.cross_entropy(model(x[b]), y[b]), evaluate,
+            resume=resume, progress=False)
+
+    def records(name: str) -> list:
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in ("time", "items_per_s")} for line in lines]
+
+    run("straight")
+    real, calls = train_loop.atomic_save, {"n": 0}
+
+    def full_disk_on_second_save(payload, path):
+        calls["n"] += 1
+        if calls["n"] == 2:  # 1: the step checkpoint at step 4; 2: epoch 0's end, after its validation record
+            raise OSError(28, "No space left on device")
+        real(payload, path)
+
+    monkeypatch.setattr(train_loop, "atomic_save", full_disk_on_second_save)
+    with pytest.raises(OSError):
+        run("failed")
+    assert [r["kind"] for r in records("failed")].count("val") == 1  # logged before the failed save
+    monkeypatch.setattr(train_loop, "atomic_save", real)
+    run("failed", resume=True)
+    assert records("failed") == records("straight")
+    assert [r["epoch"] for r in records("failed") if r["kind"] == "val"] == [0, 1, 2]
+
+
 # ---- emoji labels ----------------------------------------------------------------------------------------
 EMOJI_TEST = """# group: Smileys & Emotion
 # subgroup: face-smiling

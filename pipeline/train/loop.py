@@ -196,7 +196,7 @@ def fit(run_dir: Path, objective: Objective, settings: LoopSettings, *, config: 
         state = ckpt["state"]
         set_rng_state(ckpt["rng"][env.rank])
         if env.is_main:
-            truncate_after(run_dir, state["global_step"])
+            truncate_after(run_dir, state["global_step"], state.get("metrics_records"))
     log = RunLogger(run_dir, active=env.is_main)
 
     def checkpoint(path: Path, extra: Optional[dict] = None) -> None:
@@ -206,7 +206,8 @@ def fit(run_dir: Path, objective: Objective, settings: LoopSettings, *, config: 
             torch.distributed.all_gather_object(rngs, rng_state())
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), **objective.state_dict(), "rng": rngs,
-                   "state": dict(state), **({"config": config} if config is not None else {}), **(extra or {})}
+                   "state": {**state, "metrics_records": log.records},
+                   **({"config": config} if config is not None else {}), **(extra or {})}
         if env.is_main:
             atomic_save(payload, path)
 
