@@ -78,7 +78,7 @@ def prune_checkpoints(plan: Plan, log: Log = print) -> tuple[int, int]:
     runs, freed = 0, 0
     for key in plan.runs:
         run_dir = plan.run_dir(key)
-        ckpt = run_dir / "checkpoints"
+        ckpt = paths.last_checkpoint(run_dir).parent
         record = read_record(run_dir)
         if not ckpt.is_dir() or record.get("status") != "done" or not is_evaluated(run_dir):
             continue
