@@ -393,3 +393,16 @@ def test_the_run_key_of_the_default_config_is_stable():
     # results-neutral settings do not enter the key; a setting that changes training does
     assert run_key(cfgio.load(DistillConfig, None, ["data.preload_limit_gb=1", "data.workers=3"])) == key
     assert run_key(cfgio.load(DistillConfig, None, ["optim.min_steps=1"])) != key
+
+
+def test_sweeps_measured_with_the_6_epoch_default_keep_their_run_keys():
+    # The default config went from 6 to 12 epochs (issue 14); sweeps measured before pin the old length, so their
+    # finished runs are found again and their tables still mean what they say. Keys computed before the change.
+    plans = {name: plan_sweep(load_sweep(ROOT / "sweeps" / f"{name}.yaml"), "runs")
+             for name in ("openmoji", "recipe-line-icons")}
+    keys = {(c.table, c.seed): c.key for plan in plans.values() for c in plan.cells}
+    assert keys[("main", 0)] == "33bf35eb67e1a3063ac2d07a15d6fca9ce4ccc0715d8eebb0149942cbb1f8c24"
+    assert keys[("recipe-full", 0)] == "0ae218f6982b8d6ead306a44af4a7fd23ac69a11b3371f3cb8cdcce555c9a97b"
+    # the new default is a different run, 12 epochs long
+    new = plans["recipe-line-icons"].runs[keys[("recipe-full-12", 0)]].config
+    assert (new.optim.epochs, tuple(new.optim.decay_epochs)) == (12, (8,))
