@@ -151,6 +151,26 @@ def self_distill(
     typer.echo(f"results: {Path(cfg.runs_dir) / cfg.name / 'results.json'}")
 
 
+def classify(
+    config: Optional[Path] = ConfigOpt,
+    overrides: List[str] = SetOpt,
+    name: Optional[str] = NameOpt,
+    resume: bool = ResumeOpt,
+    progress: bool = ProgressOpt,
+    print_config: bool = PrintOpt,
+) -> None:
+    """Steps 1 and 2 in one call (rephead, then self-distill): what a classification sweep runs per cell."""
+    from pipeline.classify.experiment import run_both
+    from pipeline.classify.report import classification_table
+
+    cfg = _load(config, overrides, name, print_config)
+    if cfg is None:
+        return
+    results = run_both(cfg, resume=resume, progress=progress)
+    typer.echo("\n" + classification_table([results]) + "\n")
+    typer.echo(f"results: {Path(cfg.runs_dir) / cfg.name / 'results.json'}")
+
+
 def class_folder(
     path: Path = typer.Argument(..., help="ImageFolder root: <class>/<image> or <split>/<class>/<image>."),
     out: Path = typer.Option(..., help="Output folder for <split>.parquet and rejects.parquet."),

@@ -650,6 +650,84 @@ def test_out_of_fold_targets_come_from_a_model_that_did_not_see_the_image(tiny):
     assert np.abs(in_sample - targets).max() > 1e-3
 
 
+def _tables_of(block: str) -> dict[str, dict[str, dict[str, str]]]:
+    """{title line: {row label: {column: cell}}} of every Markdown table in a results block."""
+    out, title, lines = {}, None, []
+    for ln in block.splitlines() + [""]:
+        if ln.startswith("| "):
+            lines.append([c.strip() for c in ln.strip().strip("|").split("|")])
+            continue
+        if lines:
+            out[title] = {r[0]: dict(zip(lines[0], r)) for r in lines[2:]}
+            lines = []
+        if ln.strip():
+            title = ln.strip()
+    return out
+
+
+def test_a_classification_sweep_trains_each_cell_once_and_tables_mean_and_std(tiny, tmp_path):
+    """command: classify: every (row, seed) is one `clipdistill classify` run (steps 1 and 2); the tables give
+    per column the mean ± std of the runs' own results.json over seeds; a rerun trains nothing."""
+    import statistics
+
+    from pipeline.experiments.tables import end_marker, start_marker
+    from stages.classify import class_folder
+
+    if not (tiny / "tokens" / "test.h5").is_file():  # the CLI test above builds them; alone, build them here
+        class_folder(tiny / "folder", out=tiny / "manifests", split_fractions=None)
+        assert _cli_in_process("teacher-tokens", "-c", str(_config(tiny)), "--no-progress").exit_code == 0
+    base = _config(tiny, name="sweep-base")
+    sweep = tmp_path / "classify.yaml"
+    sweep.write_text(f"""name: classify-tiny
+command: classify
+base_config: {base}
+set: {{distill.generations: 1, distill.epochs: 1}}
+tables:
+  - id: thesis
+    title: tiny thesis table
+    seeds: [0, 1]
+    rows:
+      - {{label: prompts}}
+  - id: targets
+    title: out-of-fold targets
+    seeds: [0]
+    rows:
+      - {{label: prompts}}
+      - {{label: 2 folds, set: {{distill.oof_folds: 2}}}}
+""")
+    doc, runs = tmp_path / "RESULTS.md", tmp_path / "runs"
+    args = ["experiments", "--sweep", str(sweep), "--runs-dir", str(runs), "--results", str(doc), "--no-figures"]
+    r = _cli_in_process(*args)
+    assert r.exit_code == 0, r.output[-3000:]
+    assert "4 cells (0 invalid) -> 3 unique runs (1 deduplicated)" in r.output
+    records = {p.parent.name: json.loads(p.read_text()) for p in runs.glob("*/experiment.json")}
+    assert len(records) == 3 and {x["status"] for x in records.values()} == {"done"}
+    assert all(x["command"].startswith("clipdistill classify --config") for x in records.values())
+    results = {name: json.loads((runs / name / "results.json").read_text()) for name in records}
+    assert all(x["complete"] and len(x["students"]["text"]) == 1 for x in results.values())
+
+    text = doc.read_text()
+    block = text[text.index(start_marker("thesis")):text.index(end_marker("thesis"))]
+    top1 = _tables_of(block)["Test top-1 (%):"]["prompts"]
+    seeds = [x for n, x in results.items() if {u["table"] for u in records[n]["uses"]} >= {"thesis"}]
+    assert top1["Seeds"] == "2" and len(seeds) == 2
+    for column, get in (("w/o text: teacher", lambda x: x["probe"]["test"]["top1"]),
+                        ("with text: gen 1", lambda x: x["students"]["text"][0]["test"]["top1"])):
+        v = [get(x) for x in seeds]
+        assert top1[column] == f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}"
+    block = text[text.index(start_marker("targets")):text.index(end_marker("targets"))]
+    targets = _tables_of(block)[next(t for t in _tables_of(block) if t.startswith("What the first generation"))]
+    oof = next(x for x in results.values() if x["probe"]["targets"]["kind"] == "out-of-fold")
+    assert targets["2 folds"]["targets w/o text: train top-1"] == f"{oof['probe']['targets']['train']['top1']:.1f}"
+
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())["sweeps"]["classify-tiny"]
+    cell = summary["tables"]["thesis"]["prompts"]["columns"]["with text: gen 1"]["top1"]
+    assert cell["n"] == 2 and sorted(cell["values"]) == sorted(x["students"]["text"][0]["test"]["top1"] for x in seeds)
+
+    again = _cli_in_process(*args)
+    assert again.exit_code == 0 and "3 of 3 runs already trained: skipped" in again.output
+
+
 def _popen(*args: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "stages.cli", *args], cwd=ROOT, env=env,

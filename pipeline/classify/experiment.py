@@ -355,9 +355,19 @@ def _write_results(cfg: ClassifyConfig, run_dir: Path, data: Data) -> dict:
         gens = sorted((run_dir / kind).glob("gen-*/result.json"), key=lambda p: int(p.parent.name[4:]))
         if gens:
             results["students"][kind] = [json.loads(p.read_text()) for p in gens]
+    # both steps done for this config: what the experiment runner counts as a finished run
+    results["complete"] = bool(results["head"] and results["probe"]) and all(
+        len(results["students"].get(kind, [])) >= cfg.distill.generations for kind in cfg.distill.teachers
+    )
     _write_json(run_dir / "results.json", results)
     (run_dir / "results.md").write_text(classification_table([results]) + "\n")
     return results
 
 
-__all__ = ["run_step1", "run_step2", "prepare_run", "load_data"]
+def run_both(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Step 1 then step 2 (``clipdistill classify``; one cell of a classification sweep)."""
+    run_step1(cfg, resume=resume, progress=progress)
+    return run_step2(cfg, resume=resume, progress=progress)
+
+
+__all__ = ["run_step1", "run_step2", "run_both", "prepare_run", "load_data"]

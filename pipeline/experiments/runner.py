@@ -1,6 +1,6 @@
 """Experiment runner: train a sweep's runs (pipeline.experiments.sweep), evaluate them, collect the tables.
 
-Each unique run of the plan is trained by a ``clipdistill distill`` (or, in an adapt sweep, ``clipdistill adapt``)
+Each unique run of the plan is trained by a ``clipdistill distill`` (or ``adapt``, or ``classify``: the sweep's command)
 subprocess (so ``jobs`` of them can share a big machine; an interrupted one is resumed with ``--resume``), then
 evaluated in this process with pipeline.retrieval.evaluate once all training is done (so latency is not measured
 next to other training jobs). An export row's model is copied in instead of trained. Per run,
@@ -8,7 +8,8 @@ next to other training jobs). An export row's model is copied in instead of trai
 and evaluation and the device; ``<command>.log`` holds the trainer's output. The tables are written by
 pipeline.experiments.tables.
 
-A run counts as finished when its export and a stage-3 result newer than it exist: reruns skip it.
+A run counts as finished when its export and a stage-3 result newer than it exist (a classification run: when its
+results.json says both steps are complete): reruns skip it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from pipeline.experiments import tables
+from pipeline.experiments import classify_tables, tables
 from pipeline.common.errors import PipelineError
 from pipeline.experiments.sweep import EVAL_DIR, EvalSection, Plan, PlannedRun, Sweep, plan_sweep
 from pipeline.common import io
@@ -36,6 +37,7 @@ from pipeline.common import paths
 EXPERIMENT_FORMAT = "clipdistill-experiment/1"
 RECORD_FILE = "experiment.json"
 EXPORT = Path("export") / "student.pt"
+CLASSIFY_RESULTS = "results.json"  # a classification run's every number (pipeline.classify.experiment)
 TEACHER_DIR = "_teacher"
 
 Log = Callable[[str], None]
@@ -58,12 +60,24 @@ def write_record(run_dir: Path, record: dict) -> None:
     io.write_json(run_dir / RECORD_FILE, record)
 
 
+def classification_results(run_dir: Path) -> Optional[dict]:
+    """A classification run's results.json once both of its steps are complete (it holds its own test numbers)."""
+    try:
+        results = json.loads((Path(run_dir) / CLASSIFY_RESULTS).read_text())
+    except (OSError, ValueError):
+        return None
+    return results if results.get("complete") else None
+
+
 def is_trained(run_dir: Path) -> bool:
-    return (Path(run_dir) / EXPORT).is_file()
+    return (Path(run_dir) / EXPORT).is_file() or classification_results(run_dir) is not None
 
 
 def is_evaluated(run_dir: Path) -> bool:
-    """The export and an evaluation result newer than it exist (what a rerun skips)."""
+    """The export and an evaluation result newer than it exist (what a rerun skips); a classification run
+    evaluates itself, so a complete one is evaluated."""
+    if classification_results(run_dir) is not None:
+        return True
     export, result = Path(run_dir) / EXPORT, Path(run_dir) / EVAL_DIR / "result.json"
     return export.is_file() and result.is_file() and result.stat().st_mtime > export.stat().st_mtime
 
@@ -78,16 +92,22 @@ def prune_checkpoints(plan: Plan, log: Log = print) -> tuple[int, int]:
     runs, freed = 0, 0
     for key in plan.runs:
         run_dir = plan.run_dir(key)
-        ckpt = paths.last_checkpoint(run_dir).parent
+        ckpts = _checkpoint_dirs(run_dir)
         record = read_record(run_dir)
-        if not ckpt.is_dir() or record.get("status") != "done" or not is_evaluated(run_dir):
+        if not ckpts or record.get("status") != "done" or not is_evaluated(run_dir):
             continue
-        size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
-        shutil.rmtree(ckpt)
+        size = sum(f.stat().st_size for d in ckpts for f in d.rglob("*") if f.is_file())
+        for d in ckpts:
+            shutil.rmtree(d)
         write_record(run_dir, {**record, "checkpoints_pruned": True})
         runs, freed = runs + 1, freed + size
     log(f"pruned the checkpoints of {runs} finished run(s): {freed / 2**30:.2f} GiB freed")
     return runs, freed
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Every checkpoints folder of a run: its own, or (a classification run) one per head, fold and generation."""
+    return sorted(p.parent for p in Path(run_dir).glob(f"**/{paths.last_checkpoint('').as_posix()}"))
 
 
 def log_file(plan: Plan) -> str:
@@ -166,7 +186,7 @@ def train_run(plan: Plan, run: PlannedRun, device: str) -> dict:
         return copy_export(plan, run)
     run_dir = plan.run_dir(run.key)
     record = read_record(run_dir)
-    resume = paths.last_checkpoint(run_dir).is_file()
+    resume = bool(_checkpoint_dirs(run_dir))
     cmd = run_command(plan, run, resume, [sys.executable, "-m", "stages.cli"])
     shown = " ".join(shlex.quote(c) for c in run_command(plan, run, resume))
     record.update(format=EXPERIMENT_FORMAT, key=run.key, name=run.name,
@@ -394,6 +414,19 @@ def evaluate_all(plan: Plan, ctx: EvalContext, log: Log = print) -> dict[str, di
     return {key: read_record(plan.run_dir(key)) for key in plan.runs}
 
 
+def mark_classification_runs(plan: Plan) -> dict[str, dict]:
+    """A classification run with a complete results.json is done (it evaluated itself); returns every record."""
+    records = {}
+    for key in plan.runs:
+        run_dir = plan.run_dir(key)
+        record = read_record(run_dir)
+        if record.get("status") != "done" and classification_results(run_dir) is not None:
+            record.update(status="done", error=None, eval_seconds=0.0)
+            write_record(run_dir, record)
+        records[key] = record
+    return records
+
+
 def describe_plan(plan: Plan) -> list[str]:
     """Human-readable plan: per table its cells and run names, dedupe counts and what is already done."""
     lines = []
@@ -472,34 +505,43 @@ def run_sweep(
             log(line)
         return SweepOutcome(plan, {k: read_record(plan.run_dir(k)) for k in plan.runs}, None, None, [], [])
     log(f"sweep {sweep.path}: {summary[-1]}")
+    classify = sweep.command == "classify"
     ctx = None
     if not tables_only:
         train_all(plan, jobs=jobs, max_runs=max_runs, skip_failed=skip_failed, log=log)
-        ctx = open_eval(plan)
-    teacher = evaluate_teacher(plan, ctx or open_eval(plan), log, measure_speed=not tables_only)
-    records = (evaluate_all(plan, ctx, log) if ctx is not None
-               else {key: read_record(plan.run_dir(key)) for key in plan.runs})
+        ctx = None if classify else open_eval(plan)
+    if classify:  # each run evaluated itself on its test split (its results.json); there is no teacher cache
+        teacher, records = None, mark_classification_runs(plan)
+    else:
+        teacher = evaluate_teacher(plan, ctx or open_eval(plan), log, measure_speed=not tables_only)
+        records = (evaluate_all(plan, ctx, log) if ctx is not None
+                   else {key: read_record(plan.run_dir(key)) for key in plan.runs})
 
     results = Path(results)
     blocks, figures, failed, rows_by_table = {}, [], [], {}
     for table in plan.tables:
-        rows_by_table[table.id] = rows = tables.row_stats(plan, table, records)
+        read = (lambda key: classification_results(plan.run_dir(key))) if classify else None
+        rows_by_table[table.id] = rows = tables.row_stats(plan, table, records, read)
         failed += [f"{table.id} / {r.label} / {e}" for r in rows for e in r.errors]
+        command = regenerate_command(plan, table.id, results, *defaults)
+        if classify:
+            blocks[table.id] = classify_tables.section(table, rows, command, tables.wall_clock(plan, table, records))
+            continue
         link = None
         if figures_dir is not None:
             fig = tables.bar_figure(table, rows, teacher, Path(figures_dir) / f"{sweep.name}-{table.id}.png")
             if fig is not None:
                 figures.append(fig)
                 link = tables.relative_link(fig, results)
-        command = regenerate_command(plan, table.id, results, *defaults)
         blocks[table.id] = tables.section(table, rows, teacher, command,
                                           tables.wall_clock(plan, table, records), link)
     tables.update_document(results, blocks, title="Results")
     summary_path = results.parent / "results" / "summary.json"
     data_summary = Path(plan.base.data.manifest_dir) / "summary.json"  # counts per split and style, if the data has them
     data_counts = json.loads(data_summary.read_text()) if data_summary.is_file() else None
-    tables.update_summary(summary_path, sweep.name, tables.summary_entry(plan, rows_by_table, teacher, data_counts),
-                          table_ids={t.id for t in sweep.tables})
+    entry = (classify_tables.summary_entry(plan, rows_by_table) if classify
+             else tables.summary_entry(plan, rows_by_table, teacher, data_counts))
+    tables.update_summary(summary_path, sweep.name, entry, table_ids={t.id for t in sweep.tables})
     log(f"wrote {len(blocks)} table(s) to {results} and the headline numbers to {summary_path}"
         + (f"; {len(failed)} cell(s) failed" if failed else ""))
     if prune:

@@ -19,7 +19,9 @@ table has rows ``{label, set: {dotted.key: value}}`` and seeds::
 
 ``command: adapt`` makes the runs adaptations (``clipdistill adapt``, AdaptConfig; ``eval.cache_dir`` then names
 the teacher cache, as adapt configs have none), and a row ``{label, export: PATH}`` evaluates an existing model
-as it is (an adaptation's start point) instead of training one.
+as it is (an adaptation's start point) instead of training one. ``command: classify`` makes them classification
+experiments (``clipdistill classify``, ClassifyConfig: head + probe, then student generations), which evaluate
+themselves on their test split; their tables come from pipeline.experiments.classify_tables.
 
 Every (row, seed) becomes a resolved ``DistillConfig`` (or AdaptConfig): base <- sweep ``set`` <- row ``set`` <- ``seed`` <-
 command-line ``--set``. Identical configs are trained once, whichever tables use them: a run's folder is
@@ -44,7 +46,7 @@ from pipeline.common.errors import PipelineError
 # Config keys that do not change what a run learns; left out of the run key, so e.g. a CPU test run and
 # a GPU run of the same settings are one run (the device each ran on is recorded).
 BOOKKEEPING_KEYS = ("name", "runs_dir", "device", "log_every", "checkpoint_every", "data.workers",
-                    "data.preload_limit_gb", "eval_batch_size")
+                    "data.preload_limit_gb", "eval_batch_size", "distill.workers")
 # Keys added after runs were first hashed: left out at their default value, so existing runs keep their keys.
 ADDED_KEYS = {"losses.extra": {}, "optim.min_steps": 0, "data.transfer": (), "data.transfer_ratio": 0.0,
               "data.views": 0}
@@ -90,7 +92,8 @@ class SweepTable:
 
 
 # The commands a sweep's runs are trained with, and their config classes ("module:Class", imported when planned).
-COMMANDS = {"distill": "pipeline.distill.trainer:DistillConfig", "adapt": "pipeline.adapt.trainer:AdaptConfig"}
+COMMANDS = {"distill": "pipeline.distill.trainer:DistillConfig", "adapt": "pipeline.adapt.trainer:AdaptConfig",
+            "classify": "pipeline.classify.config:ClassifyConfig"}
 
 
 def config_class(command: str) -> type:

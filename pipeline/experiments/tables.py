@@ -16,7 +16,7 @@ import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from matplotlib.figure import Figure
 
@@ -43,7 +43,8 @@ class RowStats:
 
     label: str
     planned: int
-    results: list[dict] = field(default_factory=list)  # stage-3 records (pipeline.retrieval.evaluate)
+    results: list[dict] = field(default_factory=list)  # stage-3 records (pipeline.retrieval.evaluate), or what
+    # row_stats was told to read
     flops: Optional[dict] = None
     errors: list[str] = field(default_factory=list)  # "seed N: why"
     pending: int = 0
@@ -61,33 +62,36 @@ def mean_std(values: Sequence[float], digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def row_stats(plan: Plan, table: SweepTable, records: dict[str, dict]) -> list[RowStats]:
-    """Collect each row's finished results from the runs that serve its cells.
+def row_stats(plan: Plan, table: SweepTable, records: dict[str, dict],
+              read: Optional[Callable[[str], dict]] = None) -> list[RowStats]:
+    """Collect each row's finished results from the runs that serve its cells: ``read(key)`` (default: the run's
+    stage-3 result).
 
     Seeds whose configs coincide (e.g. a global ``--set seed=0``) are one run and count once.
     """
+    read = read or (lambda key: read_result(plan.eval_dir(key)))
     rows = []
     for row in table.rows:
         cells = [c for c in plan.table_cells(table.id) if c.label == row.label]
         keys = {c.key for c in cells if c.key}
-        stats = RowStats(row.label, len(keys) + sum(1 for c in cells if c.error))
+        out = RowStats(row.label, len(keys) + sum(1 for c in cells if c.error))
         seen: set[str] = set()
         for cell in cells:
             if cell.error:
-                stats.errors.append(f"seed {cell.seed}: {cell.error}")
+                out.errors.append(f"seed {cell.seed}: {cell.error}")
                 continue
             if cell.key in seen:
                 continue
             seen.add(cell.key)
             rec = records.get(cell.key) or {}
             if rec.get("status") == "done":
-                stats.results.append(read_result(plan.eval_dir(cell.key)))
-                stats.flops = stats.flops or rec.get("flops")
+                out.results.append(read(cell.key))
+                out.flops = out.flops or rec.get("flops")
             elif rec.get("status") == "failed":
-                stats.errors.append(f"seed {cell.seed} ({plan.runs[cell.key].name}): {rec.get('error')}")
+                out.errors.append(f"seed {cell.seed} ({plan.runs[cell.key].name}): {rec.get('error')}")
             else:
-                stats.pending += 1
-        rows.append(stats)
+                out.pending += 1
+        rows.append(out)
     return rows
 
 
@@ -113,7 +117,7 @@ def _latency(results: Sequence[dict]) -> str:
     return f"{img} / {txt}"
 
 
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     align = ["---", "---:"] + ["---:"] * (len(header) - 2)
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, align, *rows])
 
@@ -143,7 +147,7 @@ def render_table(table: SweepTable, rows: list[RowStats], teacher: Optional[dict
         else:
             line.append("-")
         lines.append(line)
-    return _markdown(header, lines)
+    return markdown(header, lines)
 
 
 def wall_clock(plan: Plan, table: SweepTable, records: dict[str, dict]) -> str:
@@ -189,21 +193,25 @@ def section(table: SweepTable, rows: list[RowStats], teacher: Optional[dict], co
     parts = [start_marker(table.id), f"### {table.title}", ""]
     if table.description:
         parts += [table.description.strip(), ""]
-    parts += [render_table(table, rows, teacher), ""]
-    n_seeds = len(table.seeds)
-    parts.append(f"Mean ± sample std over {n_seeds} seeds (seeds {', '.join(map(str, table.seeds))})."
-                 if n_seeds > 1 else f"One seed ({table.seeds[0]}).")
-    pending = sum(r.pending for r in rows)
-    if pending:
-        parts.append(f"{pending} run(s) not finished yet.")
-    errors = [f"- {r.label}, {e}" for r in rows for e in r.errors]
-    if errors:
-        parts += ["", "Failed:", *errors]
+    parts += [render_table(table, rows, teacher), "", seeds_note(table, rows), *errors_note(rows)]
     parts += ["", wall, "", f"Regenerate: `{command}`"]
     if figure:
         parts += ["", f"![{table.id}]({figure})"]
     parts.append(end_marker(table.id))
     return "\n".join(parts)
+
+
+def seeds_note(table: SweepTable, rows: list[RowStats]) -> str:
+    n_seeds = len(table.seeds)
+    note = (f"Mean ± sample std over {n_seeds} seeds (seeds {', '.join(map(str, table.seeds))})."
+            if n_seeds > 1 else f"One seed ({table.seeds[0]}).")
+    pending = sum(r.pending for r in rows)
+    return note + (f"\n{pending} run(s) not finished yet." if pending else "")
+
+
+def errors_note(rows: list[RowStats]) -> list[str]:
+    errors = [f"- {r.label}, {e}" for r in rows for e in r.errors]
+    return ["", "Failed:", *errors] if errors else []
 
 
 def update_document(path: Path, blocks: dict[str, str], title: str) -> Path:
@@ -231,7 +239,7 @@ def relative_link(target: Path, document: Path) -> str:
 # ---- docs/results/summary.json: the headline numbers, written by the code that computes them -------------------
 
 
-def _stats(values: Sequence[float]) -> dict:
+def stats(values: Sequence[float]) -> dict:
     out = {"n": len(values), "values": [round(v, 3) for v in values]}
     if values:
         out["mean"] = round(statistics.mean(values), 3)
@@ -259,10 +267,10 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]], teacher:
         table = {}
         for r in rows:
             rsum = r.values("rsum")
-            row = {"seeds_planned": r.planned, "rsum": _stats(rsum), "i2t_r1": _stats(r.values("i2t_r1")),
-                   "t2i_r1": _stats(r.values("t2i_r1")), "flops": r.flops, "errors": r.errors}
+            row = {"seeds_planned": r.planned, "rsum": stats(rsum), "i2t_r1": stats(r.values("i2t_r1")),
+                   "t2i_r1": stats(r.values("t2i_r1")), "flops": r.flops, "errors": r.errors}
             if t_rsum and rsum:
-                row["pct_of_teacher_rsum"] = _stats([100.0 * v / t_rsum for v in rsum])
+                row["pct_of_teacher_rsum"] = stats([100.0 * v / t_rsum for v in rsum])
             if t_flops.get("total") and r.flops and r.flops.get("total"):
                 row["teacher_flops_ratio"] = round(t_flops["total"] / r.flops["total"], 3)
             table[r.label] = row

@@ -1,0 +1,139 @@
+"""Tables of a classification sweep (``command: classify``; each run is a pipeline.classify.experiment run).
+
+Per row and column, mean ± sample std over the row's seeds of the test top-1 and top-5 (%) of the text-free
+teacher (linear probe), the teacher with text (representation head) and each student generation learning from
+them; then what the first generation learns from (the soft targets' top-1 on the training images: out-of-fold or
+in-sample) and, where the runs report it, image-text retrieval RSUM of the teacher and of each student. The blocks
+go between the same markers and into the same summary file as retrieval tables (pipeline.experiments.tables).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pipeline.experiments import tables
+from pipeline.experiments.sweep import Plan, SweepTable
+from pipeline.experiments.tables import RowStats, mean_std
+
+# (student kind, its teacher part in results.json, label)
+KINDS = (("notext", "probe", "w/o text"), ("text", "head", "with text"))
+
+
+def generations(rows: list[RowStats]) -> int:
+    return max([len(r.get("students", {}).get(kind, [])) for row in rows for r in row.results
+                for kind, _, _ in KINDS] + [0])
+
+
+def _part(result: dict, kind: str, part: str, g: int) -> Optional[dict]:
+    """Generation ``g`` of ``kind``'s students, or (g = 0) their teacher."""
+    if g == 0:
+        return result.get(part)
+    students = result.get("students", {}).get(kind, [])
+    return students[g - 1] if g <= len(students) else None
+
+
+def values(row: RowStats, kind: str, part: str, g: int, metric: str) -> list[float]:
+    """Test ``metric`` (top1, top5) of one column over the row's finished seeds."""
+    out = []
+    for r in row.results:
+        p = _part(r, kind, part, g)
+        if p and p.get("test"):
+            out.append(float(p["test"][metric]))
+    return out
+
+
+def retrieval_values(row: RowStats, kind: str, g: int) -> list[float]:
+    """Test RSUM of image-text retrieval: the teacher's (g = 0, the same for both kinds) or a student's."""
+    out = []
+    for r in row.results:
+        p = r.get("teacher_retrieval") if g == 0 else (_part(r, kind, "", g) or {}).get("retrieval")
+        if p:
+            out.append(float(p["rsum"]))
+    return out
+
+
+def target_values(row: RowStats, part: str) -> list[float]:
+    return [float(r[part]["targets"]["train"]["top1"]) for r in row.results
+            if (r.get(part) or {}).get("targets")]
+
+
+def _columns(gens: int) -> list[tuple[str, str, int, str]]:
+    return [(kind, part, g, f"{label}: {'teacher' if g == 0 else f'gen {g}'}")
+            for kind, part, label in KINDS for g in range(gens + 1)]
+
+
+def _seeds(row: RowStats) -> str:
+    return str(len(row.results)) if len(row.results) == row.planned else f"{len(row.results)} of {row.planned}"
+
+
+def render_tables(rows: list[RowStats]) -> str:
+    """Top-1 table (with the majority class), top-5 table, then soft targets and retrieval."""
+    gens = generations(rows)
+    cols = _columns(gens)
+    out = []
+    for metric, title in (("top1", "Test top-1 (%)"), ("top5", "Test top-5 (%)")):
+        header = ["Row", "Seeds", *(["majority class"] if metric == "top1" else []), *(c[3] for c in cols)]
+        lines = []
+        for row in rows:
+            line = [row.label, _seeds(row)]
+            if metric == "top1":
+                majority = [r["majority_class"]["test_top1"] for r in row.results
+                            if "test_top1" in r.get("majority_class", {})]
+                line.append(mean_std(majority))
+            line += [mean_std(values(row, kind, part, g, metric)) for kind, part, g, _ in cols]
+            lines.append(line)
+        out += [f"{title}:", "", tables.markdown(header, lines), ""]
+    # retrieval columns only where some run measured it (retrieval: true and a test split with captions)
+    retrieval = [c for c in cols if any(retrieval_values(row, c[0], c[2]) for row in rows)]
+    header = ["Row", "targets w/o text: train top-1", "targets with text: train top-1",
+              *(f"{'teacher' if c[2] == 0 else c[3]}: retrieval RSUM" for c in retrieval if c[0] == "text" or c[2])]
+    lines = []
+    for row in rows:
+        line = [row.label, *(mean_std(target_values(row, part)) for _, part, _ in KINDS)]
+        line += [mean_std(retrieval_values(row, kind, g)) for kind, _, g, _ in retrieval if kind == "text" or g]
+        lines.append(line)
+    out += ["What the first generation learns from (top-1 of the teachers' soft targets on the training images)"
+            + (" and image-text retrieval (test RSUM):" if retrieval else ":"), "", tables.markdown(header, lines)]
+    return "\n".join(out)
+
+
+def section(table: SweepTable, rows: list[RowStats], command: str, wall: str) -> str:
+    """The marker-delimited block of one classification table."""
+    parts = [tables.start_marker(table.id), f"### {table.title}", ""]
+    if table.description:
+        parts += [table.description.strip(), ""]
+    parts += [render_tables(rows), "", tables.seeds_note(table, rows), *tables.errors_note(rows), "", wall, "",
+              f"Regenerate: `{command}`", tables.end_marker(table.id)]
+    return "\n".join(parts)
+
+
+def _column_stats(row: RowStats, gens: int) -> dict:
+    out = {}
+    for kind, part, g, name in _columns(gens):
+        out[name] = {"top1": tables.stats(values(row, kind, part, g, "top1")),
+                     "top5": tables.stats(values(row, kind, part, g, "top5"))}
+        rsum = retrieval_values(row, kind, g)
+        if rsum:
+            out[name]["retrieval_rsum"] = tables.stats(rsum)
+    return out
+
+
+def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]]) -> dict:
+    """One classification sweep's headline numbers: per table and row, each column's test top-1 / top-5 (and
+    retrieval RSUM) mean, std and seeds, the majority-class baseline and the soft targets' training top-1."""
+    entry: dict = {"sweep": str(plan.sweep.path), "command": "classify", "eval_split": "test",
+                   "manifest_dir": plan.base.data.manifest_dir, "teacher": plan.base.teacher, "tables": {}}
+    for table_id, rows in rows_by_table.items():
+        gens = generations(rows)
+        entry["tables"][table_id] = {
+            r.label: {"seeds_planned": r.planned, "errors": r.errors,
+                      "classes": len(r.results[0]["classes"]) if r.results else None,
+                      "majority_class_top1": tables.stats([x["majority_class"]["test_top1"] for x in r.results
+                                                           if "test_top1" in x.get("majority_class", {})]),
+                      "targets_train_top1": {part: tables.stats(target_values(r, part)) for _, part, _ in KINDS},
+                      "columns": _column_stats(r, gens)}
+            for r in rows}
+    return entry
+
+
+__all__ = ["render_tables", "section", "summary_entry", "values", "retrieval_values", "target_values"]
