@@ -141,14 +141,8 @@ def self_distill(
 ) -> None:
     """Step 2: fresh students of the teacher's image architecture on soft targets, per generation."""
     from pipeline.classify.experiment import run_step2
-    from pipeline.classify.report import classification_table
 
-    cfg = _load(config, overrides, name, print_config)
-    if cfg is None:
-        return
-    results = run_step2(cfg, resume=resume, progress=progress)
-    typer.echo("\n" + classification_table([results]) + "\n")
-    typer.echo(f"results: {Path(cfg.runs_dir) / cfg.name / 'results.json'}")
+    _run_with_table(run_step2, config, overrides, name, resume, progress, print_config)
 
 
 def classify(
@@ -161,12 +155,18 @@ def classify(
 ) -> None:
     """Steps 1 and 2 in one call (rephead, then self-distill): what a classification sweep runs per cell."""
     from pipeline.classify.experiment import run_both
+
+    _run_with_table(run_both, config, overrides, name, resume, progress, print_config)
+
+
+def _run_with_table(run, config, overrides, name, resume, progress, print_config) -> None:
+    """Load the config, ``run(cfg)`` (a step that ends with the results table) and print the table."""
     from pipeline.classify.report import classification_table
 
     cfg = _load(config, overrides, name, print_config)
     if cfg is None:
         return
-    results = run_both(cfg, resume=resume, progress=progress)
+    results = run(cfg, resume=resume, progress=progress)
     typer.echo("\n" + classification_table([results]) + "\n")
     typer.echo(f"results: {Path(cfg.runs_dir) / cfg.name / 'results.json'}")
 
