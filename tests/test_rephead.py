@@ -724,8 +724,11 @@ tables:
     cell = summary["tables"]["thesis"]["prompts"]["columns"]["with text: gen 1"]["top1"]
     assert cell["n"] == 2 and sorted(cell["values"]) == sorted(x["students"]["text"][0]["test"]["top1"] for x in seeds)
 
-    again = _cli_in_process(*args)
+    assert list(runs.glob("*/text/gen-1/checkpoints/last.pt")) and list(runs.glob("*/head/fold-1/checkpoints"))
+    again = _cli_in_process(*args, "--prune-checkpoints")
     assert again.exit_code == 0 and "3 of 3 runs already trained: skipped" in again.output
+    assert "pruned the checkpoints of 3 finished run(s)" in again.output
+    assert not list(runs.glob("**/checkpoints")) and doc.read_text() == text  # results kept, tables unchanged
 
 
 def _popen(*args: str) -> subprocess.Popen:
