@@ -73,6 +73,9 @@ def test_head_attention_and_readout_match_naive_reference():
         ref = _naive_attention(head, tokens, q3)
         torch.testing.assert_close(z.double(), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)))
+        if mode == "prompts":  # shared queries (projected once) attend exactly like the per-image copies
+            z_shared, w_shared = head.attend(tokens, queries)
+            torch.testing.assert_close(z_shared, z), torch.testing.assert_close(w_shared, weights)
         logits = head(tokens, queries)
         W, bias = head.classifier.weight.double(), head.classifier.bias.double()
         if mode == "prompts":  # logit c reads class c's attended vector only

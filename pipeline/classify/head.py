@@ -61,11 +61,13 @@ class RepresentationHead(nn.Module):
         self.classifier = nn.Linear(dim, num_classes)
 
     def attend(self, tokens: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (B, T, C), queries (B, Q, D) -> (attended (B, Q, dim), weights (B, heads, Q, T))."""
+        """tokens (B, T, C), queries (B, Q, D) or (Q, D) shared by every image -> (attended (B, Q, dim),
+        weights (B, heads, Q, T))."""
         b, t, _ = tokens.shape
         x = self.norm_tokens(tokens)
         h, dh = self.heads, self.dim // self.heads
-        q = self.q(queries).view(b, -1, h, dh).transpose(1, 2)  # (B, h, Q, dh)
+        # shared queries (the class prompts) are projected once, not once per image: a third of the head's work
+        q = self.q(queries).view(b if queries.dim() == 3 else 1, -1, h, dh).transpose(1, 2)  # (B or 1, h, Q, dh)
         k = self.k(x).view(b, t, h, dh).transpose(1, 2)  # (B, h, T, dh)
         v = self.v(x).view(b, t, h, dh).transpose(1, 2)
         weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1)  # (B, h, Q, T)
@@ -77,8 +79,6 @@ class RepresentationHead(nn.Module):
         if self.mode == "captions":
             z, _ = self.attend(tokens, queries.unsqueeze(1))
             return self.classifier(self.drop(z[:, 0]))
-        if queries.dim() == 2:
-            queries = queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         z, _ = self.attend(tokens, queries)
         return (self.drop(z) * self.classifier.weight).sum(-1) + self.classifier.bias
 
