@@ -105,21 +105,8 @@ def teacher_tokens(
     typer.echo(f"token cache size: {human_bytes(total)} in {out}")
 
 
-def rephead(
-    config: Optional[Path] = ConfigOpt,
-    overrides: List[str] = SetOpt,
-    name: Optional[str] = NameOpt,
-    resume: bool = ResumeOpt,
-    progress: bool = ProgressOpt,
-    print_config: bool = PrintOpt,
-) -> None:
-    """Step 1: train the representation head (text queries over image tokens) and the text-free probe."""
-    from pipeline.classify.experiment import run_step1
-
-    cfg = _load(config, overrides, name, print_config)
-    if cfg is None:
-        return
-    out = run_step1(cfg, resume=resume, progress=progress)
+def _print_teachers(cfg, out: dict) -> None:
+    """What step 1 prints: the head's and the probe's accuracy, and where their soft targets are."""
     for part, label in (("head", "with text (head)"), ("probe", "without text (linear probe)")):
         r = out[part]
         shown = {k: r[k] for k in ("val", "test") if r.get(k)}
@@ -131,44 +118,43 @@ def rephead(
     typer.echo(f"soft targets: {Path(cfg.runs_dir) / cfg.name}/{{head,probe}}/targets.h5")
 
 
-def self_distill(
-    config: Optional[Path] = ConfigOpt,
-    overrides: List[str] = SetOpt,
-    name: Optional[str] = NameOpt,
-    resume: bool = ResumeOpt,
-    progress: bool = ProgressOpt,
-    print_config: bool = PrintOpt,
-) -> None:
-    """Step 2: fresh students of the teacher's image architecture on soft targets, per generation."""
-    from pipeline.classify.experiment import run_step2
-
-    _run_with_table(run_step2, config, overrides, name, resume, progress, print_config)
-
-
-def classify(
-    config: Optional[Path] = ConfigOpt,
-    overrides: List[str] = SetOpt,
-    name: Optional[str] = NameOpt,
-    resume: bool = ResumeOpt,
-    progress: bool = ProgressOpt,
-    print_config: bool = PrintOpt,
-) -> None:
-    """Steps 1 and 2 in one call (rephead, then self-distill): what a classification sweep runs per cell."""
-    from pipeline.classify.experiment import run_both
-
-    _run_with_table(run_both, config, overrides, name, resume, progress, print_config)
-
-
-def _run_with_table(run, config, overrides, name, resume, progress, print_config) -> None:
-    """Load the config, ``run(cfg)`` (a step that ends with the results table) and print the table."""
+def _print_table(cfg, results: dict) -> None:
+    """What a step ending with students prints: the results table and where results.json is."""
     from pipeline.classify.report import classification_table
 
-    cfg = _load(config, overrides, name, print_config)
-    if cfg is None:
-        return
-    results = run(cfg, resume=resume, progress=progress)
     typer.echo("\n" + classification_table([results]) + "\n")
     typer.echo(f"results: {Path(cfg.runs_dir) / cfg.name / 'results.json'}")
+
+
+def _step_command(step: str, report, doc: str):
+    """The command that runs ``pipeline.classify.experiment.<step>`` and ``report``s its outcome: rephead,
+    self-distill and classify differ only in these."""
+
+    def command(
+        config: Optional[Path] = ConfigOpt,
+        overrides: List[str] = SetOpt,
+        name: Optional[str] = NameOpt,
+        resume: bool = ResumeOpt,
+        progress: bool = ProgressOpt,
+        print_config: bool = PrintOpt,
+    ) -> None:
+        from pipeline.classify import experiment
+
+        cfg = _load(config, overrides, name, print_config)
+        if cfg is None:
+            return
+        report(cfg, getattr(experiment, step)(cfg, resume=resume, progress=progress))
+
+    command.__doc__ = doc
+    return command
+
+
+rephead = _step_command("run_step1", _print_teachers, "Step 1: train the representation head (text queries over "
+                        "image tokens) and the text-free probe.")
+self_distill = _step_command("run_step2", _print_table, "Step 2: fresh students of the teacher's image "
+                             "architecture on soft targets, per generation.")
+classify = _step_command("run_both", _print_table, "Steps 1 and 2 in one call (rephead, then self-distill): what a "
+                         "classification sweep runs per cell.")
 
 
 def class_folder(
