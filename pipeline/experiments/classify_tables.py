@@ -62,10 +62,6 @@ def _columns(gens: int) -> list[tuple[str, str, int, str]]:
             for kind, part, label in KINDS for g in range(gens + 1)]
 
 
-def _seeds(row: RowStats) -> str:
-    return str(len(row.results)) if len(row.results) == row.planned else f"{len(row.results)} of {row.planned}"
-
-
 def render_tables(rows: list[RowStats]) -> str:
     """Top-1 table (with the majority class), top-5 table, then soft targets and retrieval."""
     gens = generations(rows)
@@ -75,7 +71,7 @@ def render_tables(rows: list[RowStats]) -> str:
         header = ["Row", "Seeds", *(["majority class"] if metric == "top1" else []), *(c[3] for c in cols)]
         lines = []
         for row in rows:
-            line = [row.label, _seeds(row)]
+            line = [row.label, tables.seeds_cell(row)]
             if metric == "top1":
                 majority = [r["majority_class"]["test_top1"] for r in row.results
                             if "test_top1" in r.get("majority_class", {})]

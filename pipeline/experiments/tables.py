@@ -95,6 +95,12 @@ def row_stats(plan: Plan, table: SweepTable, records: dict[str, dict],
     return rows
 
 
+def seeds_cell(row: RowStats) -> str:
+    """How many seeds a row's means stand on: "3", or "2 of 3" while runs are missing or failed."""
+    n = len(row.results)
+    return str(n) if n == row.planned else f"{n} of {row.planned}"
+
+
 def _params(result: dict) -> str:
     total = (result.get("params") or {}).get("total")
     if total is None:
@@ -137,8 +143,7 @@ def render_table(table: SweepTable, rows: list[RowStats], teacher: Optional[dict
         line += [f"{teacher['metrics'][m]:.1f}" for m in METRICS] + ["100.0%"]
         lines.append(line)
     for r in rows:
-        seeds = str(len(r.results)) if len(r.results) == r.planned else f"{len(r.results)} of {r.planned}"
-        line = [r.label, seeds, _params(r.results[0]) if r.results else "-"]
+        line = [r.label, seeds_cell(r), _params(r.results[0]) if r.results else "-"]
         if table.cost:
             line += [_flops(r.flops) if r.results else "-", _latency(r.results)]
         line += [mean_std(r.values(m)) for m in METRICS]
