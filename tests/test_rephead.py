@@ -248,6 +248,16 @@ def test_lit_tokens_are_the_feature_map_behind_the_teacher_embedding():
         tuple(v) for v in tower.values()
     ]
     assert student.feat_dim == 1280
+    # distill.init_weights: the student's encoder starts from the packaged ImageNet weights (those of the
+    # teacher's frozen tower here), tensor for tensor; the default init shares none of them
+    pretrained = ImageClassifier(arch, 64, 3, init_weights="efficientnet-lite0")
+    packaged = [v for k, v in teacher.towers.image_tower.state_dict().items() if not k.startswith("_fc.")]
+    for mine, theirs in zip(pretrained.encoder.state_dict().values(), packaged):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    conv = next(iter(student.encoder.state_dict().values()))
+    assert not torch.equal(conv, packaged[0])
+    with pytest.raises(PipelineError, match="init_weights"):
+        ImageClassifier({"kind": "hf", "kwargs": {}}, 64, 3, init_weights="efficientnet-lite0")
 
 
 # ---- exact resume of the one training loop (pipeline.train.loop) through the classification adapter ----------------------------------------------------------------------

@@ -49,6 +49,10 @@ class DistillSection:  # step 2: fresh image encoder of the teacher's architectu
     generations: int = 2  # gen g+1 learns from gen g ("born-again"); gen 1 from the head / the probe
     teachers: tuple = ("text", "notext")  # text: head targets; notext: linear-probe targets (the baseline)
     arch: dict = field(default_factory=dict)  # override the student encoder: {kind: timm, name: resnet18}
+    # "" = random init (method.md 4). Or generic pretrained weights for the student's encoder (e.g.
+    # efficientnet-lite2: the ImageNet weights the strong teacher's tower started from, so no knowledge of the
+    # task comes with them): small labelled sets are too few images to train a CNN from scratch.
+    init_weights: str = ""
     image_size: int = 112  # reduced from the teacher's 224 px for CPU budgets
     epochs: int = 10
     lr: float = 2e-3

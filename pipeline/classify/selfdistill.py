@@ -34,8 +34,10 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 def new_student(cfg: ClassifyConfig, arch: dict, num_classes: int, generation: int) -> ImageClassifier:
     d = cfg.distill
-    seed_all(cfg.seed + generation)  # every generation starts from its own fresh random init
-    return ImageClassifier(arch, d.image_size, num_classes, d.train_crop_scale, d.hflip, d.channels_last)
+    seed_all(cfg.seed + generation)  # every generation starts afresh (its own random classifier / encoder init)
+    return ImageClassifier(
+        arch, d.image_size, num_classes, d.train_crop_scale, d.hflip, d.channels_last, d.init_weights
+    )
 
 
 def train_generation(

@@ -44,17 +44,20 @@ class _HFVision(nn.Module):
 
 
 def build_encoder(
-    arch: dict, image_size: int, train_scale=(0.6, 1.0), hflip: float = 0.5
+    arch: dict, image_size: int, train_scale=(0.6, 1.0), hflip: float = 0.5, init_weights: str = ""
 ) -> tuple[nn.Module, int, TransformSettings]:
-    """(encoder: pixels -> (B, F), F, transform settings) with random weights."""
+    """(encoder: pixels -> (B, F), F, transform settings), random weights unless ``init_weights`` names
+    weights the tower builder knows (a packaged name such as efficientnet-lite2, a file, or hub)."""
     kind = arch.get("kind")
     if kind in ("timm", "open_clip"):
         kwargs = copy.deepcopy(arch.get("kwargs") or {})
-        spec = ImageTowerSpec(kind=kind, name=arch.get("name", ""), kwargs=kwargs, weights=None)
+        spec = ImageTowerSpec(kind=kind, name=arch.get("name", ""), kwargs=kwargs, weights=init_weights or None)
         tower, width, settings, _ = build_image_tower(
-            spec, image_size, load_weights=False, train_scale=tuple(train_scale), hflip=hflip
+            spec, image_size, load_weights=bool(init_weights), train_scale=tuple(train_scale), hflip=hflip
         )
         return tower, width, settings
+    if init_weights:
+        raise PipelineError(f"distill.init_weights works for timm and open_clip students, not {kind!r}")
     if kind == "hf":
         kw = copy.deepcopy(arch["kwargs"])
         cfg = {**kw["config"], "image_size": image_size}
@@ -82,10 +85,13 @@ class ImageClassifier(nn.Module):
         train_scale=(0.6, 1.0),
         hflip: float = 0.5,
         channels_last: bool = False,
+        init_weights: str = "",
     ):
         super().__init__()
         self.arch, self.image_size = arch, image_size
-        self.encoder, self.feat_dim, self.settings = build_encoder(arch, image_size, train_scale, hflip)
+        self.encoder, self.feat_dim, self.settings = build_encoder(
+            arch, image_size, train_scale, hflip, init_weights
+        )
         self.classifier = nn.Linear(self.feat_dim, num_classes)
         self.channels_last = channels_last and arch.get("kind") == "timm"
         if self.channels_last:
