@@ -545,7 +545,7 @@ def test_cli_teacher_tokens_rephead_self_distill(tiny):
         assert (run / kind / "gen-2" / "export" / "classifier.pt").is_file()
         assert (run / kind / "gen-1" / "checkpoints" / "last.pt").is_file()
     assert res["images"] == {"train": 36, "val": 6, "test": 6}
-    assert "| open_clip 32 px, 2 ep | prompts | all |" in (run / "results.md").read_text()
+    assert "| open_clip 32 px, 2 ep, random init | prompts | all |" in (run / "results.md").read_text()
 
     # the export rebuilds without training code and reproduces the reported test accuracy
     from pipeline.classify.student import load_classifier, predict

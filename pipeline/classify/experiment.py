@@ -334,6 +334,7 @@ def _write_results(cfg: ClassifyConfig, run_dir: Path, data: Data) -> dict:
             "arch": dict(cfg.distill.arch) or data.train.tokens.arch,
             "image_size": cfg.distill.image_size,
             "epochs": cfg.distill.epochs,
+            "init": cfg.distill.init_weights or "random",
         },
         "majority_class": {
             "class": data.classes[majority],

@@ -39,7 +39,8 @@ def classification_table(results: Sequence[dict]) -> str:
     for r in results:
         st = r.get("student", {})
         student = (
-            f"{_arch_name(st.get('arch', {}))} {st.get('image_size', '?')} px, {st.get('epochs', '?')} ep"
+            f"{_arch_name(st.get('arch', {}))} {st.get('image_size', '?')} px, {st.get('epochs', '?')} ep, "
+            f"{st.get('init', 'random')} init"
         )
         row = [f"{r['teacher_name']} ({r['teacher']})", student, r["text_mode"], str(r["few_shot"] or "all")]
         for kind, part in (("notext", "probe"), ("text", "head")):
