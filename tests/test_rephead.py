@@ -566,8 +566,10 @@ def test_cli_teacher_tokens_rephead_self_distill(tiny):
         run_step1(cfgio.load(ClassifyConfig, cfg, ["head.dim=32"]), progress=False)
 
 
-def test_captions_few_shot_and_retrieval_in_process(tiny):
-    """Captions as queries, 2 labelled images per class for the teachers, one generation, student Recall@K."""
+def test_captions_few_shot_and_retrieval_in_process(tiny, monkeypatch):
+    """Captions as queries, 2 labelled images per class for the teachers, one generation, student Recall@K;
+    the student runs its forward passes in the precision asked (bf16 autocast here, on the CPU)."""
+    from pipeline.classify import experiment
     from pipeline.classify.experiment import run_step1, run_step2
     from pipeline.classify.extract import cache_split_tokens
     from pipeline.teachers import load_teacher
@@ -612,12 +614,25 @@ def test_captions_few_shot_and_retrieval_in_process(tiny):
         "distill.batch_size=8",
         "distill.teachers=[text]",
         "distill.label_weight=0.5",
+        "distill.precision=bf16",
     ]
+    dtypes = []  # of the student classifier's outputs, in training and in prediction
+
+    def watched_student(*args):
+        model = new_student(*args)
+        model.classifier.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        return model
+
+    new_student = experiment.new_student
+    monkeypatch.setattr(experiment, "new_student", watched_student)
     cfg = cfgio.load(ClassifyConfig, None, overrides)
     step1 = run_step1(cfg, progress=False)
     assert step1["head"]["steps"] == 3 * (6 * 2 * 2 // 4)  # 6 classes x 2 shots x 2 captions, batch 4
     res = run_step2(cfg, progress=False)
     assert list(res["students"]) == ["text"] and len(res["students"]["text"]) == 1
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    with pytest.raises(PipelineError, match="precision must be one of"):
+        run_step2(cfgio.load(ClassifyConfig, None, [*overrides, "name=p16", "distill.precision=fp16"]))
     retrieval = res["students"]["text"][0]["retrieval"]
     assert {"i2t_r1", "t2i_r10", "rsum"} <= set(retrieval) and 0 <= retrieval["rsum"] <= 600
     assert 0 <= res["teacher_retrieval"]["rsum"] <= 600

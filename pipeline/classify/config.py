@@ -71,6 +71,7 @@ class DistillSection:  # step 2: fresh image encoder of the teacher's architectu
     preload: bool = True  # decode every training image once into RAM
     workers: int = 0  # DataLoader workers for training batches (0: in-process, fine with preload)
     grad_clip: float = 5.0
+    precision: str = "auto"  # the students' forward passes: auto = bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from pipeline.common import config as cfgio
 from pipeline.common.distributed import resolve_device
 from pipeline.common import io
 from pipeline.common.errors import PipelineError
+from pipeline.common.precision import check_precision
 from pipeline.data.manifest import Manifest
 from pipeline.classify.config import ClassifyConfig, comparable
 from pipeline.classify.head import topk_accuracy
@@ -46,6 +47,7 @@ from pipeline.classify.trainers import (
     train_head,
     train_probe,
 )
+from pipeline.train.state import TRAINING_PRECISIONS
 
 TEACHER_PART = {"text": "head", "notext": "probe"}
 
@@ -220,6 +222,7 @@ def out_of_fold_probs(cfg: ClassifyConfig, kind: str, part_dir: Path, data: Data
 # ---- step 2 --------------------------------------------------------------------------------------------
 def run_step2(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) -> dict:
     """Every student generation for every teacher kind (distill.teachers), then the results table."""
+    check_precision(cfg.distill.precision, TRAINING_PRECISIONS)
     run_dir = prepare_run(cfg)
     device = torch.device(resolve_device(cfg.device))
     data = load_data(cfg)
@@ -276,7 +279,7 @@ def run_step2(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) 
 
 def _report_generation(cfg, gen_dir: Path, model, data: Data, kind: str, g: int, loop, source: Path) -> dict:
     bs, workers = cfg.eval_batch_size, cfg.data.workers
-    logits, feats, ok = predict(model, data.train.images.locations, bs, workers)
+    logits, feats, ok = predict(model, data.train.images.locations, bs, workers, cfg.distill.precision)
     probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
     probs[~ok] = load_targets(source, data.train.images.image_ids, data.classes)[~ok]  # keep the old targets
     save_targets(gen_dir / "targets.h5", data.train.images.image_ids, probs, data.classes, f"{kind} gen {g}")
@@ -293,7 +296,7 @@ def _report_generation(cfg, gen_dir: Path, model, data: Data, kind: str, g: int,
         split = getattr(data, name)
         if split is None:
             continue
-        lg, f, ok_s = predict(model, split.images.locations, bs, workers)
+        lg, f, ok_s = predict(model, split.images.locations, bs, workers, cfg.distill.precision)
         result[name] = topk_accuracy(torch.from_numpy(lg[ok_s]), torch.from_numpy(split.images.labels[ok_s]))
         if name == "test" and cfg.retrieval and split.tokens.has_captions:
             result["retrieval"] = student_retrieval(feats[ok], data.train, f, split)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.common.precision import autocast
 from pipeline.retrieval.metrics import recall_at_k
 from pipeline.classify.config import ClassifyConfig
 from pipeline.classify.head import soft_cross_entropy, topk_accuracy
@@ -77,7 +78,9 @@ def train_generation(
         rows, pixels = batch
         if pixels is None:  # a whole batch of undecodable images: nothing to learn, zero loss keeps order
             return torch.zeros((), device=device, requires_grad=True)
-        logits = model(pixels.to(device, non_blocking=True))
+        with autocast(device, d.precision):
+            logits = model(pixels.to(device, non_blocking=True))
+        logits = logits.float()  # the losses in full precision
         loss = soft_cross_entropy(logits, soft[rows].to(device), d.temperature)
         mask = has_label[rows]
         if d.label_weight > 0 and mask.any():
@@ -87,7 +90,7 @@ def train_generation(
         return loss
 
     def evaluate() -> dict:
-        logits, _, ok = predict(model, val.images.locations, cfg.eval_batch_size, cfg.data.workers)
+        logits, _, ok = predict(model, val.images.locations, cfg.eval_batch_size, cfg.data.workers, d.precision)
         return topk_accuracy(torch.from_numpy(logits[ok]), torch.from_numpy(val.images.labels[ok]))
 
     settings = LoopSettings(d.epochs, len(train) // bs, d.lr, d.weight_decay, warmup_steps=d.warmup_steps,

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.common.errors import PipelineError
+from pipeline.common.precision import autocast
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.data.loader import iter_image_batches
 from pipeline.train.state import atomic_save, load_checkpoint
@@ -208,7 +209,11 @@ def epoch_loader(dataset: ImageRows, batch_size: int, workers: int) -> tuple[Dat
 
 @torch.no_grad()
 def predict(
-    model: ImageClassifier, locations: Sequence[str], batch_size: int = 128, workers: int = 0
+    model: ImageClassifier,
+    locations: Sequence[str],
+    batch_size: int = 128,
+    workers: int = 0,
+    precision: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits (N, K), features (N, F), ok mask (N,)) with the eval transform; failed images get zeros."""
     model.eval()
@@ -220,8 +225,10 @@ def predict(
     for batch in iter_image_batches(list(locations), model.transform(train=False), batch_size, workers):
         if batch.pixels is None:
             continue
-        f = model.features(batch.pixels.to(device))
-        logits[batch.positions] = model.classifier(f).float().cpu().numpy()
+        with autocast(device, precision):
+            f = model.features(batch.pixels.to(device))
+            out = model.classifier(f)
+        logits[batch.positions] = out.float().cpu().numpy()
         feats[batch.positions] = f.float().cpu().numpy()
         ok[batch.positions] = True
     return logits, feats, ok
