@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # benchmark -> a line it must print (its headline ratio against the baseline measured in the same run)
 EXPECTED = {
     "bench_cache.py": "full verification of the",
+    "bench_classify_student.py": "speed vs NCHW fp32 (its median step time",
     "bench_features.py": "ratio end to end / model only (items/s):",
     "bench_distill.py": "step overhead (cache gather",
     "bench_eval.py": "recall@10 vs exact",

@@ -41,6 +41,28 @@ def new_student(cfg: ClassifyConfig, arch: dict, num_classes: int, generation: i
     )
 
 
+def student_loss(
+    model: ImageClassifier,
+    pixels: torch.Tensor,
+    soft: torch.Tensor,
+    temperature: float,
+    precision: str = "auto",
+    labels: Optional[torch.Tensor] = None,
+    labelled: Optional[torch.Tensor] = None,
+    label_weight: float = 0.0,
+) -> torch.Tensor:
+    """A generation's loss on one batch: soft cross-entropy against its teacher's targets (B, K), plus
+    ``label_weight`` x hard-label cross-entropy on the ``labelled`` rows (bool mask)."""
+    device = next(model.parameters()).device
+    with autocast(device, precision):
+        logits = model(pixels.to(device, non_blocking=True))
+    logits = logits.float()  # the losses in full precision
+    loss = soft_cross_entropy(logits, soft.to(device), temperature)
+    if label_weight > 0 and labelled is not None and labelled.any():
+        loss = loss + label_weight * F.cross_entropy(logits[labelled.to(device)], labels[labelled].to(device))
+    return loss
+
+
 def train_generation(
     cfg: ClassifyConfig,
     run_dir: Path,
@@ -78,16 +100,9 @@ def train_generation(
         rows, pixels = batch
         if pixels is None:  # a whole batch of undecodable images: nothing to learn, zero loss keeps order
             return torch.zeros((), device=device, requires_grad=True)
-        with autocast(device, d.precision):
-            logits = model(pixels.to(device, non_blocking=True))
-        logits = logits.float()  # the losses in full precision
-        loss = soft_cross_entropy(logits, soft[rows].to(device), d.temperature)
-        mask = has_label[rows]
-        if d.label_weight > 0 and mask.any():
-            loss = loss + d.label_weight * F.cross_entropy(
-                logits[mask.to(device)], labels[rows][mask].to(device)
-            )
-        return loss
+        mask = has_label[rows] if d.label_weight > 0 else None
+        return student_loss(model, pixels, soft[rows], d.temperature, d.precision, labels[rows], mask,
+                            d.label_weight)
 
     def evaluate() -> dict:
         logits, _, ok = predict(model, val.images.locations, cfg.eval_batch_size, cfg.data.workers, d.precision)
@@ -135,6 +150,7 @@ def caption_recall(image_emb: np.ndarray, split: Split) -> dict:
 __all__ = [
     "sharpen",
     "new_student",
+    "student_loss",
     "train_generation",
     "fit_linear_map",
     "student_retrieval",
