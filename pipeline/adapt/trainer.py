@@ -45,7 +45,7 @@ from pipeline.data.manifest import Manifest
 from pipeline.retrieval.validate import student_recall
 from pipeline.students import ImageTransform, StudentModel, export_student, export_torchscript
 from pipeline.train.loop import LoopSettings, Objective, StepOutput, TrainResult, best_checkpoint, fit
-from pipeline.train.state import TRAINING_PRECISIONS, RunOptions, prepare_run_dir, seed_all
+from pipeline.train.state import TRAINING_PRECISIONS, RunOptions, one_process_per_run, prepare_run_dir, seed_all
 
 MODES = ("supervised", "mean_teacher")
 
@@ -290,6 +290,7 @@ class AdaptObjective(Objective):
             self.txt_bank.load_state_dict(ckpt["text_bank"])
 
 
+@one_process_per_run
 def train(cfg: AdaptConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     """Run (or resume) one adaptation run; returns where it went and how it did."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:

@@ -47,7 +47,7 @@ from pipeline.classify.trainers import (
     train_head,
     train_probe,
 )
-from pipeline.train.state import TRAINING_PRECISIONS
+from pipeline.train.state import TRAINING_PRECISIONS, one_process_per_run
 
 TEACHER_PART = {"text": "head", "notext": "probe"}
 
@@ -129,6 +129,7 @@ def _metrics(probs_or_logits: np.ndarray, split: Optional[Split]) -> Optional[di
 
 
 # ---- step 1 --------------------------------------------------------------------------------------------
+@one_process_per_run
 def run_step1(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train the head (text) and the probe (no text) on cached features; write their soft targets."""
     run_dir = prepare_run(cfg)
@@ -220,6 +221,7 @@ def out_of_fold_probs(cfg: ClassifyConfig, kind: str, part_dir: Path, data: Data
 
 
 # ---- step 2 --------------------------------------------------------------------------------------------
+@one_process_per_run
 def run_step2(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) -> dict:
     """Every student generation for every teacher kind (distill.teachers), then the results table."""
     check_precision(cfg.distill.precision, TRAINING_PRECISIONS)
@@ -368,6 +370,7 @@ def _write_results(cfg: ClassifyConfig, run_dir: Path, data: Data) -> dict:
     return results
 
 
+@one_process_per_run
 def run_both(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) -> dict:
     """Step 1 then step 2 (``clipdistill classify``; one cell of a classification sweep)."""
     run_step1(cfg, resume=resume, progress=progress)

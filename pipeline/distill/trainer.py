@@ -37,7 +37,7 @@ from pipeline.features.cache import open_cached_split
 from pipeline.retrieval.validate import student_recall
 from pipeline.students import StudentConfig, build_student, export_student, export_torchscript, get_preset
 from pipeline.train.loop import LoopSettings, Objective, StepOutput, TrainResult, best_checkpoint, fit
-from pipeline.train.state import TRAINING_PRECISIONS, RunOptions, prepare_run_dir, seed_all
+from pipeline.train.state import TRAINING_PRECISIONS, RunOptions, one_process_per_run, prepare_run_dir, seed_all
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,7 @@ def teacher_free(losses: LossConfig) -> bool:
     return set(losses.enabled) <= set(TEACHER_FREE_LOSSES)
 
 
+@one_process_per_run
 def train(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     """Run (or resume) one distillation run; returns where it went and how it did."""
     started = time.perf_counter()

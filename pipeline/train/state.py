@@ -3,10 +3,14 @@ writes and the precision setting (bf16 autocast on CUDA by default)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import pickle
 from dataclasses import dataclass
 import random
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -88,6 +92,41 @@ def load_checkpoint(path: Path, what: str = "checkpoint", map_location="cpu", mm
             from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated or foreign files
         raise PipelineError(f"cannot read {what} {path}: {first_line(exc)}") from None
+
+
+_CLAIMED: set[Path] = set()  # run folders this process is training (claims are re-entrant)
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: str | Path) -> Iterator[None]:
+    """Hold ``<run_dir>/training.lock`` while the block runs: a second process on the same run (another sweep
+    runner, a second terminal) would interleave its checkpoints with the first's, so it stops with an error
+    instead. A lock left by a killed process is taken over. torchrun ranks other than 0 do not claim."""
+    run_dir = Path(run_dir).resolve()
+    if int(os.environ.get("RANK", "0")) != 0 or run_dir in _CLAIMED:
+        yield
+        return
+    with io.exclusive(run_dir / "training") as mine:
+        if not mine:
+            holder = (run_dir / "training.lock").read_text(errors="replace").strip() or "?"
+            raise PipelineError(f"run {run_dir} is being trained by another process (pid {holder}); wait for it to "
+                                f"finish or stop it, then resume (no such training? delete {run_dir}/training.lock)")
+        _CLAIMED.add(run_dir)
+        try:
+            yield
+        finally:
+            _CLAIMED.discard(run_dir)
+
+
+def one_process_per_run(train: Callable) -> Callable:
+    """Decorate a trainer ``train(cfg, ...)`` (cfg with ``runs_dir`` and ``name``) with :func:`claim_run_dir`."""
+
+    @functools.wraps(train)
+    def claimed(cfg, *args, **kwargs):
+        with claim_run_dir(Path(cfg.runs_dir) / cfg.name):
+            return train(cfg, *args, **kwargs)
+
+    return claimed
 
 
 def prepare_run_dir(cfg, resume: bool) -> Path:
