@@ -108,7 +108,10 @@ def claim_run_dir(run_dir: str | Path) -> Iterator[None]:
         return
     with io.exclusive(run_dir / "training") as mine:
         if not mine:
-            holder = (run_dir / "training.lock").read_text(errors="replace").strip() or "?"
+            try:
+                holder = (run_dir / "training.lock").read_text(errors="replace").strip() or "?"
+            except OSError:  # released this instant
+                holder = "?"
             raise PipelineError(f"run {run_dir} is being trained by another process (pid {holder}); wait for it to "
                                 f"finish or stop it, then resume (no such training? delete {run_dir}/training.lock)")
         _CLAIMED.add(run_dir)
