@@ -751,6 +751,15 @@ tables:
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())["sweeps"]["classify-tiny"]
     cell = summary["tables"]["thesis"]["prompts"]["columns"]["with text: gen 1"]["top1"]
     assert cell["n"] == 2 and sorted(cell["values"]) == sorted(x["students"]["text"][0]["test"]["top1"] for x in seeds)
+    # the paired differences: two seeds give numbers but no verdict; across rows, the same seed on both sides
+    assert "| with text - w/o text, teacher | 2 |" in text and "too few seeds" in text
+    diffs = {d["name"]: d for d in summary["paired_differences"]["targets"]}
+    folds2 = next(x for x in results.values() if x["probe"]["targets"]["kind"] == "out-of-fold")
+    plain = next(n for n, x in records.items() if {u["table"] for u in x["uses"]} >= {"thesis", "targets"}
+                 and results[n]["probe"]["targets"]["kind"] != "out-of-fold")
+    d = diffs["2 folds - prompts: with text: gen 1"]
+    assert d["seeds"] == [0] and d["values"] == [round(folds2["students"]["text"][0]["test"]["top1"]
+                                                       - results[plain]["students"]["text"][0]["test"]["top1"], 3)]
 
     assert list(runs.glob("*/text/gen-1/checkpoints/last.pt")) and list(runs.glob("*/head/fold-1/checkpoints"))
     again = _cli_in_process(*args, "--prune-checkpoints")

@@ -3,12 +3,17 @@
 Per row and column, mean ± sample std over the row's seeds of the test top-1 and top-5 (%) of the text-free
 teacher (linear probe), the teacher with text (representation head) and each student generation learning from
 them; then what the first generation learns from (the soft targets' top-1 on the training images: out-of-fold or
-in-sample) and, where the runs report it, image-text retrieval RSUM of the teacher and of each student. The blocks
-go between the same markers and into the same summary file as retrieval tables (pipeline.experiments.tables).
+in-sample) and, where the runs report it, image-text retrieval RSUM of the teacher and of each student. Then the
+paired differences the findings rest on (the same seed on both sides): text against no text, a generation against
+its teacher and against generation 1, and every row against the table's first row, each with the verdict whether
+it clears the seeds' spread. The blocks go between the same markers and into the same summary file as retrieval
+tables (pipeline.experiments.tables).
 """
 
 from __future__ import annotations
 
+import statistics
+from dataclasses import dataclass
 from typing import Optional
 
 from pipeline.experiments import tables
@@ -57,8 +62,12 @@ def target_values(row: RowStats, part: str) -> list[float]:
             if (r.get(part) or {}).get("targets")]
 
 
+def _gen_name(g: int) -> str:
+    return "teacher" if g == 0 else f"gen {g}"
+
+
 def _columns(gens: int) -> list[tuple[str, str, int, str]]:
-    return [(kind, part, g, f"{label}: {'teacher' if g == 0 else f'gen {g}'}")
+    return [(kind, part, g, f"{label}: {_gen_name(g)}")
             for kind, part, label in KINDS for g in range(gens + 1)]
 
 
@@ -93,12 +102,88 @@ def render_tables(rows: list[RowStats]) -> str:
     return "\n".join(out)
 
 
+# ---- paired differences ------------------------------------------------------------------------------------------
+CLEARS = 2.0  # a difference clears the spread when |mean| > CLEARS x the std of its per-seed differences
+MIN_SEEDS = 3  # fewer seeds give no verdict: the std of two differences says little
+
+
+@dataclass
+class Difference:
+    """``a - b`` of test top-1 (points) for the seeds both sides finished, ascending seed."""
+
+    name: str
+    seeds: list[int]
+    values: list[float]
+
+    @property
+    def verdict(self) -> str:
+        if len(self.values) < MIN_SEEDS:
+            return "too few seeds"
+        mean, std = statistics.mean(self.values), statistics.stdev(self.values)
+        return "clears the spread" if abs(mean) > CLEARS * std else "inside the spread"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "seeds": self.seeds, **tables.stats(self.values), "verdict": self.verdict}
+
+
+def by_seed(row: RowStats, kind: str, part: str, g: int, metric: str = "top1") -> dict[int, float]:
+    """One column's test ``metric`` per seed."""
+    out = {}
+    for seed, result in zip(row.seeds, row.results):
+        p = _part(result, kind, part, g)
+        if p and p.get("test"):
+            out[seed] = float(p["test"][metric])
+    return out
+
+
+def paired(name: str, a: dict[int, float], b: dict[int, float]) -> Optional[Difference]:
+    seeds = sorted(set(a) & set(b))
+    return Difference(name, seeds, [a[s] - b[s] for s in seeds]) if seeds else None
+
+
+def differences(rows: list[RowStats], metric: str = "top1") -> list[Difference]:
+    """Within each row: with text - without (teacher, gen 1, last gen), gen 1 - its teacher, last gen - gen 1 (per
+    kind). Across rows: each row - the first row, column by column. Only pairs that both sides have."""
+    gens = generations(rows)
+    last = [1, gens] if gens > 1 else [1]
+    out: list[Optional[Difference]] = []
+    for row in rows:
+        prefix = f"{row.label}: " if len(rows) > 1 else ""
+        col = lambda kind, part, g: by_seed(row, kind, part, g, metric)  # noqa: E731
+        for g in [0, *last] if gens else [0]:
+            out.append(paired(f"{prefix}with text - w/o text, {_gen_name(g)}",
+                              col("text", "head", g), col("notext", "probe", g)))
+        for kind, part, label in KINDS:
+            out.append(paired(f"{prefix}{label}: gen 1 - teacher", col(kind, part, 1), col(kind, part, 0)))
+            if gens > 1:
+                out.append(paired(f"{prefix}{label}: gen {gens} - gen 1", col(kind, part, gens), col(kind, part, 1)))
+    for row in rows[1:]:
+        for kind, part, g, name in _columns(gens):
+            out.append(paired(f"{row.label} - {rows[0].label}: {name}",
+                              by_seed(row, kind, part, g, metric), by_seed(rows[0], kind, part, g, metric)))
+    return [d for d in out if d is not None]
+
+
+def render_differences(diffs: list[Difference]) -> str:
+    if not diffs:
+        return ""
+    lines = [[d.name, str(len(d.values)), " / ".join(f"{v:+.1f}" for v in d.values), mean_std(d.values), d.verdict]
+             for d in diffs]
+    header = ["Difference (test top-1, points)", "Seeds", "per seed", "mean ± std", "verdict"]
+    return "\n".join([
+        "<details><summary>Paired differences (the same seed on both sides; a difference clears the spread when "
+        f"|mean| > {CLEARS:g} x the std of its per-seed differences, over at least {MIN_SEEDS} seeds)</summary>",
+        "", tables.markdown(header, lines), "", "</details>"])
+
+
 def section(table: SweepTable, rows: list[RowStats], command: str, wall: str) -> str:
     """The marker-delimited block of one classification table."""
     parts = [tables.start_marker(table.id), f"### {table.title}", ""]
     if table.description:
         parts += [table.description.strip(), ""]
-    parts += [render_tables(rows), "", tables.seeds_note(table, rows), *tables.errors_note(rows), "", wall, "",
+    diffs = render_differences(differences(rows))
+    parts += [render_tables(rows), "", *([diffs, ""] if diffs else []), tables.seeds_note(table, rows),
+              *tables.errors_note(rows), "", wall, "",
               f"Regenerate: `{command}`", tables.end_marker(table.id)]
     return "\n".join(parts)
 
@@ -129,7 +214,9 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]]) -> dict:
                       "targets_train_top1": {part: tables.stats(target_values(r, part)) for _, part, _ in KINDS},
                       "columns": _column_stats(r, gens)}
             for r in rows}
+        entry.setdefault("paired_differences", {})[table_id] = [d.as_dict() for d in differences(rows)]
     return entry
 
 
-__all__ = ["render_tables", "section", "summary_entry", "values", "retrieval_values", "target_values"]
+__all__ = ["render_tables", "section", "summary_entry", "values", "retrieval_values", "target_values",
+           "differences", "Difference", "by_seed", "paired"]

@@ -45,6 +45,7 @@ class RowStats:
     planned: int
     results: list[dict] = field(default_factory=list)  # stage-3 records (pipeline.retrieval.evaluate), or what
     # row_stats was told to read
+    seeds: list[int] = field(default_factory=list)  # the seed of each entry of results (pairs runs across rows)
     flops: Optional[dict] = None
     errors: list[str] = field(default_factory=list)  # "seed N: why"
     pending: int = 0
@@ -86,6 +87,7 @@ def row_stats(plan: Plan, table: SweepTable, records: dict[str, dict],
             rec = records.get(cell.key) or {}
             if rec.get("status") == "done":
                 out.results.append(read(cell.key))
+                out.seeds.append(cell.seed)
                 out.flops = out.flops or rec.get("flops")
             elif rec.get("status") == "failed":
                 out.errors.append(f"seed {cell.seed} ({plan.runs[cell.key].name}): {rec.get('error')}")
@@ -283,6 +285,9 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]], teacher:
     return entry
 
 
+PER_TABLE = ("tables", "paired_differences")  # a sweep entry's parts keyed by table id
+
+
 def update_summary(path: Path, sweep_name: str, entry: dict, table_ids: set[str] | None = None) -> Path:
     """Update this sweep's entry in the summary file: its tables written now replace their old versions, its
     other tables (a run with --only) and the other sweeps' entries are kept. ``table_ids``: the tables the sweep
@@ -296,9 +301,13 @@ def update_summary(path: Path, sweep_name: str, entry: dict, table_ids: set[str]
         except ValueError as exc:
             raise PipelineError(f"{path} is not valid JSON ({exc}); fix or delete it") from None
     sweeps = data.setdefault("sweeps", {})
-    old = (sweeps.get(sweep_name) or {}).get("tables", {})
-    if table_ids is not None:
-        old = {k: v for k, v in old.items() if k in table_ids}
-    tables = {**old, **entry["tables"]}
-    sweeps[sweep_name] = {**entry, "tables": tables}
+    merged = dict(entry)
+    for key in PER_TABLE:
+        if key not in entry:
+            continue
+        old = (sweeps.get(sweep_name) or {}).get(key, {})
+        if table_ids is not None:
+            old = {k: v for k, v in old.items() if k in table_ids}
+        merged[key] = {**old, **entry[key]}
+    sweeps[sweep_name] = merged
     return io.write_json(path, data)

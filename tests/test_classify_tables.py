@@ -1,0 +1,100 @@
+"""Paired differences of a classification sweep (pipeline.experiments.classify_tables): the same seed on both
+sides, checked against a plain reference computation, and the verdict whether a difference clears the spread."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+
+import pytest
+
+from pipeline.experiments import classify_tables as ct
+from pipeline.experiments.tables import RowStats, update_summary
+
+
+def _result(rng: random.Random, gens: int, text_only: bool = False) -> dict:
+    top1 = lambda: {"test": {"top1": round(rng.uniform(20, 80), 2), "top5": 90.0}}  # noqa: E731
+    students = {"text": [top1() for _ in range(gens)]}
+    out = {"head": top1(), "students": students}
+    if not text_only:
+        out["probe"] = top1()
+        students["notext"] = [top1() for _ in range(gens)]
+    return out
+
+
+def _row(label: str, seeds: list[int], gens: int, seed: int, text_only: bool = False) -> RowStats:
+    rng = random.Random(seed)
+    return RowStats(label, len(seeds), [_result(rng, gens, text_only) for _ in seeds], seeds=list(seeds))
+
+
+def _reference(a_row: RowStats, a_get, b_row: RowStats, b_get) -> list[float]:
+    """a - b for every seed both rows finished and both values exist, ascending seed: a plain double loop."""
+    out = []
+    for seed in sorted(a_row.seeds):
+        for s2, rb in zip(b_row.seeds, b_row.results):
+            if s2 != seed:
+                continue
+            ra = a_row.results[a_row.seeds.index(seed)]
+            try:
+                out.append(a_get(ra) - b_get(rb))
+            except (KeyError, IndexError):
+                pass
+    return out
+
+
+def test_within_and_across_row_differences_pair_the_same_seed():
+    ref = _row("class prompts", [2, 0, 1], gens=3, seed=1)  # results in an unsorted seed order
+    other = _row("captions", [1, 2, 5], gens=1, seed=2, text_only=True)  # seed 5 has no partner, seed 0 is missing
+    diffs = {d.name: d for d in ct.differences([ref, other])}
+
+    text = lambda g: (lambda r: r["head"]["test"]["top1"] if g == 0  # noqa: E731
+                      else r["students"]["text"][g - 1]["test"]["top1"])
+    notext = lambda g: (lambda r: r["probe"]["test"]["top1"] if g == 0  # noqa: E731
+                        else r["students"]["notext"][g - 1]["test"]["top1"])
+    d = diffs["class prompts: with text - w/o text, teacher"]
+    assert d.seeds == [0, 1, 2] and d.values == pytest.approx(_reference(ref, text(0), ref, notext(0)))
+    d = diffs["class prompts: w/o text: gen 3 - gen 1"]
+    assert d.values == pytest.approx(_reference(ref, notext(3), ref, notext(1)))
+    d = diffs["captions - class prompts: with text: gen 1"]
+    assert d.seeds == [1, 2] and d.values == pytest.approx(_reference(other, text(1), ref, text(1)))
+    assert d.verdict == "too few seeds"
+    # only pairs both sides have: the captions row has no text-free teacher and one generation
+    assert "captions: with text - w/o text, teacher" not in diffs
+    assert "captions - class prompts: w/o text: teacher" not in diffs
+    assert "captions - class prompts: with text: gen 3" not in diffs
+    assert "captions: with text: gen 1 - teacher" in diffs
+
+
+@pytest.mark.parametrize("values, verdict", [
+    ([-6.7, -12.2, -9.8], "clears the spread"),  # mean -9.57, std 2.75: |mean| > 2 std
+    ([-10.4, -18.2, -2.4], "inside the spread"),  # mean -10.3, std 7.9
+    ([1.0, 1.0, 1.0], "clears the spread"),  # no spread at all
+    ([0.0, 0.0, 0.0], "inside the spread"),  # no difference at all
+    ([5.0, 6.0], "too few seeds"),
+])
+def test_a_difference_clears_the_spread_when_its_mean_exceeds_two_stds(values, verdict):
+    d = ct.Difference("x", list(range(len(values))), values)
+    assert d.verdict == verdict
+    if len(values) >= ct.MIN_SEEDS:
+        assert (abs(statistics.mean(values)) > 2 * statistics.stdev(values)) == (verdict == "clears the spread")
+
+
+def test_the_block_lists_each_difference_with_its_per_seed_values():
+    row = _row("all labels", [0, 1, 2], gens=2, seed=3)
+    block = ct.render_differences(ct.differences([row]))
+    d = next(x for x in ct.differences([row]) if x.name == "with text: gen 2 - gen 1")
+    line = next(x for x in block.splitlines() if x.startswith("| with text: gen 2 - gen 1 |"))
+    assert " / ".join(f"{v:+.1f}" for v in d.values) in line and d.verdict in line
+    assert block.startswith("<details>") and block.rstrip().endswith("</details>")
+    assert ct.render_differences([]) == ""
+
+
+def test_a_sweep_run_with_only_one_table_keeps_the_other_tables_differences(tmp_path):
+    path = tmp_path / "summary.json"
+    update_summary(path, "s", {"tables": {"a": {}, "b": {}}, "paired_differences": {"a": [1], "b": [2]}}, {"a", "b"})
+    update_summary(path, "s", {"tables": {"b": {"r": 1}}, "paired_differences": {"b": [3]}}, {"a", "b"})
+    entry = json.loads(path.read_text())["sweeps"]["s"]
+    assert entry["paired_differences"] == {"a": [1], "b": [3]} and entry["tables"] == {"a": {}, "b": {"r": 1}}
+    update_summary(path, "s", {"tables": {"b": {}}, "paired_differences": {"b": [4]}}, {"b"})  # table a removed
+    assert json.loads(path.read_text())["sweeps"]["s"]["paired_differences"] == {"b": [4]}
