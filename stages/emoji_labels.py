@@ -32,6 +32,10 @@ def emoji_labels(
     for split, path in s.paths.items():
         typer.echo(f"  {split:<6} {s.images[split]:>6} images, {s.unlabelled[split]:>4} unlabelled -> {path}")
     typer.echo(f"  {len(s.classes)} classes: " + ", ".join(f"{c} ({n})" for c, n in s.classes.most_common()))
+    for split, counts in s.per_split.items():
+        n = sum(counts.values()) or 1
+        typer.echo(f"  {split:<6} {len(counts):>4} classes; largest: "
+                   + ", ".join(f"{c} {100 * k / n:.1f} %" for c, k in counts.most_common(3)))
     if out.resolve() == manifest_dir.resolve():
         typer.echo(
             "note: manifests rewritten in place; rebuild their stage-1 caches (the content hash changed)"

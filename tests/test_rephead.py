@@ -389,6 +389,7 @@ def test_emoji_labeller_matching_and_manifests(tmp_path):
         "face-smiling": 1,
         "hand-fingers-closed": 1,
     }
+    assert s.per_split == {"train": {"face-smiling": 1, "hand-fingers-closed": 1}, "test": {}}  # the unknown one: none
     m = Manifest.read(tmp_path / "groups" / "train.parquet")
     assert m.column("label").tolist() == ["face-smiling", "hand-fingers-closed"]
     assert Path(m.resolve("1F600.png")).is_file()  # image root re-pointed at the original images

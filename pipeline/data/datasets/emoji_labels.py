@@ -127,6 +127,8 @@ class LabelSummary:
     images: dict[str, int] = field(default_factory=dict)  # per split
     unlabelled: dict[str, int] = field(default_factory=dict)  # images per split
     classes: Counter = field(default_factory=Counter)  # images per label over all splits
+    per_split: dict[str, Counter] = field(default_factory=dict)  # images per label in each split: splits follow
+    # openmoji's, not the labels, so their class mixes can differ a lot (say so before picking epochs on val)
 
 
 def label_manifests(
@@ -165,7 +167,8 @@ def label_manifests(
         images = dict(zip(paths, labels))
         summary.images[path.stem] = len(images)
         summary.unlabelled[path.stem] = sum(v is None for v in images.values())
-        summary.classes.update(v for v in images.values() if v is not None)
+        summary.per_split[path.stem] = Counter(v for v in images.values() if v is not None)
+        summary.classes.update(summary.per_split[path.stem])
     if not summary.classes:
         raise PipelineError(
             f"no image in {manifest_dir} matched an emoji ({labeller.source}); "
