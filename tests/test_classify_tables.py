@@ -104,3 +104,20 @@ def test_a_sweep_run_with_only_one_table_keeps_the_other_tables_differences(tmp_
     assert entry["paired_differences"] == {"a": [1], "b": [3]} and entry["tables"] == {"a": {}, "b": {"r": 1}}
     update_summary(path, "s", {"tables": {"b": {}}, "paired_differences": {"b": [4]}}, {"b"})  # table a removed
     assert json.loads(path.read_text())["sweeps"]["s"]["paired_differences"] == {"b": [4]}
+
+
+def test_balanced_top1_is_tabled_only_for_rows_whose_every_seed_measured_it():
+    rng = random.Random(4)
+    measured = _row("new runs", [0, 1, 2], gens=1, seed=5)
+    for r in measured.results:
+        for part in (r["head"], r["probe"], *r["students"]["text"], *r["students"]["notext"]):
+            part["test"]["balanced_top1"] = round(rng.uniform(10, 60), 2)
+    mixed = _row("older runs", [0, 1, 2], gens=1, seed=6)
+    mixed.results[1]["head"]["test"]["balanced_top1"] = 50.0  # one seed re-evaluated, two not
+    assert "balanced top-1" not in ct.render_tables([mixed])
+    text = ct.render_tables([measured, mixed])
+    block = text[text.index("Test balanced top-1"):text.index("What the first generation")]
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in block.splitlines() if line.startswith("| ")}
+    want = [r["head"]["test"]["balanced_top1"] for r in measured.results]
+    assert f"{statistics.mean(want):.1f} ± {statistics.stdev(want):.1f}" in lines["new runs"]
+    assert set(lines["older runs"].strip("| ").split(" | ")[2:]) == {"-"}  # no mean over a subset of seeds

@@ -124,6 +124,12 @@ def test_topk_accuracy_against_reference():
         assert abs(got[f"top{k}"] - ref) < 1e-4
     few = topk_accuracy(torch.from_numpy(logits[:, :3]), torch.from_numpy(labels % 3))
     assert few["top5"] == 100.0  # k capped at the number of classes
+    # balanced: per-class top-1 averaged over the classes present (class 6 left out: it is not averaged in)
+    keep = labels != 6
+    got = topk_accuracy(torch.from_numpy(logits[keep]), torch.from_numpy(labels[keep]))
+    per_class = [np.mean([np.argmax(logits[i]) == c for i in np.flatnonzero(labels == c)]) for c in range(6)]
+    assert abs(got["balanced_top1"] - np.mean(per_class) * 100) < 1e-4
+    assert abs(got["top1"] - got["balanced_top1"]) > 1e-3  # unequal class sizes: the two differ here
 
 
 def test_linear_probe_standardises_with_train_stats():

@@ -38,13 +38,10 @@ def _part(result: dict, kind: str, part: str, g: int) -> Optional[dict]:
 
 
 def values(row: RowStats, kind: str, part: str, g: int, metric: str) -> list[float]:
-    """Test ``metric`` (top1, top5) of one column over the row's finished seeds."""
-    out = []
-    for r in row.results:
-        p = _part(r, kind, part, g)
-        if p and p.get("test"):
-            out.append(float(p["test"][metric]))
-    return out
+    """Test ``metric`` (top1, top5, balanced_top1) of one column over the row's finished seeds; none when some
+    seed lacks the metric (runs from before it was measured): a mean over a subset of seeds would mislead."""
+    tests = [p["test"] for r in row.results if (p := _part(r, kind, part, g)) and p.get("test")]
+    return [float(t[metric]) for t in tests] if all(metric in t for t in tests) else []
 
 
 def retrieval_values(row: RowStats, kind: str, g: int) -> list[float]:
@@ -72,11 +69,14 @@ def _columns(gens: int) -> list[tuple[str, str, int, str]]:
 
 
 def render_tables(rows: list[RowStats]) -> str:
-    """Top-1 table (with the majority class), top-5 table, then soft targets and retrieval."""
+    """Top-1 table (with the majority class), top-5, balanced top-1 where measured, then soft targets and retrieval."""
     gens = generations(rows)
     cols = _columns(gens)
     out = []
-    for metric, title in (("top1", "Test top-1 (%)"), ("top5", "Test top-5 (%)")):
+    metrics = [("top1", "Test top-1 (%)"), ("top5", "Test top-5 (%)")]
+    if any(values(row, kind, part, g, "balanced_top1") for row in rows for kind, part, g, _ in cols):
+        metrics.append(("balanced_top1", "Test balanced top-1 (%: each class's top-1, averaged over the classes)"))
+    for metric, title in metrics:
         header = ["Row", "Seeds", *(["majority class"] if metric == "top1" else []), *(c[3] for c in cols)]
         lines = []
         for row in rows:
@@ -193,8 +193,7 @@ def section(table: SweepTable, rows: list[RowStats], command: str, wall: str) ->
 def _column_stats(row: RowStats, gens: int) -> dict:
     out = {}
     for kind, part, g, name in _columns(gens):
-        out[name] = {"top1": tables.stats(values(row, kind, part, g, "top1")),
-                     "top5": tables.stats(values(row, kind, part, g, "top5"))}
+        out[name] = {m: tables.stats(values(row, kind, part, g, m)) for m in ("top1", "top5", "balanced_top1")}
         rsum = retrieval_values(row, kind, g)
         if rsum:
             out[name]["retrieval_rsum"] = tables.stats(rsum)
