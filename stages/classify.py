@@ -157,6 +157,21 @@ classify = _step_command("run_both", _print_table, "Steps 1 and 2 in one call (r
                          "classification sweep runs per cell.")
 
 
+def classify_eval(
+    config: Optional[Path] = ConfigOpt,
+    overrides: List[str] = SetOpt,
+    name: Optional[str] = NameOpt,
+    progress: bool = ProgressOpt,
+) -> None:
+    """Measure a finished classify run again from its exports (nothing is retrained): every model's val and test
+    metrics with today's code (e.g. balanced top-1 for a run made before it); refused if a stored top-1 does not
+    come back."""
+    from pipeline.classify import experiment
+
+    cfg = _load(config, overrides, name, False)
+    _print_table(cfg, experiment.reevaluate(cfg, progress=progress))
+
+
 def class_folder(
     path: Path = typer.Argument(..., help="ImageFolder root: <class>/<image> or <split>/<class>/<image>."),
     out: Path = typer.Option(..., help="Output folder for <split>.parquet and rejects.parquet."),

@@ -17,7 +17,9 @@ from stages.build_icons import build_icons  # noqa: E402
 from stages.build_lit import build_lit  # noqa: E402
 from stages.build_manifest import build_manifest  # noqa: E402
 from stages.build_openmoji import build_openmoji  # noqa: E402
-from stages.classify import class_folder, classify, rephead, self_distill, teacher_tokens  # noqa: E402
+from stages.classify import (  # noqa: E402
+    class_folder, classify, classify_eval, rephead, self_distill, teacher_tokens,
+)
 from stages.distill import distill  # noqa: E402
 from stages.emoji_labels import emoji_labels  # noqa: E402
 from stages.evaluate import evaluate  # noqa: E402
@@ -49,6 +51,7 @@ app.command("teacher-tokens")(teacher_tokens)
 app.command("rephead")(rephead)
 app.command("self-distill")(self_distill)
 app.command("classify")(classify)
+app.command("classify-eval")(classify_eval)
 app.command("class-folder")(class_folder)
 app.command("experiments")(experiments)
 app.command("students")(students)

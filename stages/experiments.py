@@ -33,6 +33,9 @@ def experiments(
     tables_only: bool = typer.Option(False, "--tables-only", help="Train and evaluate nothing: write the "
                                      "tables from the results already in --runs-dir (e.g. copied from a GPU "
                                      "machine without the exports)."),
+    reevaluate: bool = typer.Option(False, "--reevaluate", help="Classification sweeps: measure every finished "
+                                    "run again from its exports before the tables (nothing retrained; new "
+                                    "metrics such as balanced top-1 for older runs)."),
     prune: bool = typer.Option(False, "--prune-checkpoints", help="At the end, delete the checkpoints of every "
                                "finished run of the sweep (they only serve to resume training; about 0.3 GB "
                                "a run). The export, metrics and results stay; unfinished runs keep theirs."),
@@ -45,5 +48,5 @@ def experiments(
     fig_dir = (figures_dir or results.parent / "results") if figures else None
     run_sweep(load_sweep(sweep), runs_dir, results, fig_dir, only=only, global_sets=overrides, jobs=jobs,
               max_runs=max_runs, skip_failed=skip_failed, dry_run=dry_run, tables_only=tables_only,
-              prune=prune, log=typer.echo,
+              prune=prune, reevaluate=reevaluate, log=typer.echo,
               defaults=(RUNS_DIR, RESULTS))

@@ -511,7 +511,7 @@ def _config(tiny: Path, **extra) -> Path:
 
 
 def _check_metrics(m: dict) -> None:
-    assert set(m) == {"top1", "top5"} and 0 <= m["top1"] <= m["top5"] <= 100
+    assert set(m) == {"top1", "top5", "balanced_top1"} and 0 <= m["top1"] <= m["top5"] <= 100
 
 
 def test_cli_teacher_tokens_rephead_self_distill(tiny):
@@ -571,6 +571,50 @@ def test_cli_teacher_tokens_rephead_self_distill(tiny):
     ) == 2
     with pytest.raises(PipelineError, match="head.dim"):
         run_step1(cfgio.load(ClassifyConfig, cfg, ["head.dim=32"]), progress=False)
+
+
+def test_classify_eval_remeasures_a_finished_run_and_refuses_one_its_exports_do_not_reproduce(tiny):
+    """An older run (its results without balanced top-1) is measured again from its exports: the stored top-1
+    comes back and the new metric is added; a run whose stored numbers its exports do not give is refused whole."""
+    from pipeline.classify.experiment import run_both
+    from stages.classify import class_folder
+
+    if not (tiny / "tokens" / "test.h5").is_file():  # the CLI test above builds them; alone, build them here
+        class_folder(tiny / "folder", out=tiny / "manifests", split_fractions=None)
+        assert _cli_in_process("teacher-tokens", "-c", str(_config(tiny)), "--no-progress").exit_code == 0
+    cfg = _config(tiny, name="reeval")
+    sets = ["distill.generations=1", "distill.epochs=1"]
+    run_both(cfgio.load(ClassifyConfig, cfg, sets), progress=False)
+    run = tiny / "runs" / "reeval"
+    parts = [run / "head" / "result.json", run / "probe" / "result.json",
+             run / "text" / "gen-1" / "result.json", run / "notext" / "gen-1" / "result.json"]
+    before = {}
+    for path in parts:  # what a run made before balanced top-1 existed looks like
+        r = json.loads(path.read_text())
+        for split in ("val", "test"):
+            r[split].pop("balanced_top1")
+        path.write_text(json.dumps(r))
+        before[path] = r
+    args = ["classify-eval", "-c", str(cfg), *[x for s in sets for x in ("--set", s)], "--no-progress"]
+    r = _cli_in_process(*args)
+    assert r.exit_code == 0, r.output[-2000:]
+    res = json.loads((run / "results.json").read_text())
+    for got, path in zip((res["head"], res["probe"], res["students"]["text"][0], res["students"]["notext"][0]), parts):
+        for split in ("val", "test"):
+            _check_metrics(got[split])
+            assert abs(got[split]["top1"] - before[path][split]["top1"]) <= 100 / 6 + 0.01
+        assert got["reevaluated"] is True
+
+    # a stored number the export does not give back: refused, and no file is rewritten
+    gen = json.loads(parts[2].read_text())
+    gen["test"]["top1"] = (gen["test"]["top1"] + 50) % 100
+    parts[2].write_text(json.dumps(gen))
+    kept = {p: p.read_bytes() for p in [*parts, run / "results.json"]}
+    with pytest.raises(PipelineError, match="does not reproduce the run"):
+        _cli_in_process(*args)
+    assert {p: p.read_bytes() for p in kept} == kept
+    with pytest.raises(PipelineError, match="only a run that has finished"):
+        _cli_in_process("classify-eval", "-c", str(_config(tiny, name="never-trained")))
 
 
 def test_captions_few_shot_and_retrieval_in_process(tiny, monkeypatch):

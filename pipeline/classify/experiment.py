@@ -29,12 +29,14 @@ from pipeline.common.errors import PipelineError
 from pipeline.common.precision import check_precision
 from pipeline.data.manifest import Manifest
 from pipeline.classify.config import ClassifyConfig, comparable
-from pipeline.classify.head import topk_accuracy
+from pipeline.classify.head import LinearProbe, topk_accuracy
 from pipeline.classify.labels import class_list, sample_few_shot
 from pipeline.classify.report import classification_table
 from pipeline.classify.selfdistill import caption_recall, new_student, student_retrieval, train_generation
-from pipeline.classify.student import ImageRows, export_classifier, predict
+from pipeline.classify.student import ImageRows, export_classifier, load_classifier, predict
 from pipeline.classify.trainers import (
+    Queries,
+    build_head,
     Split,
     evaluate_probs,
     export_teacher,
@@ -47,7 +49,7 @@ from pipeline.classify.trainers import (
     train_head,
     train_probe,
 )
-from pipeline.train.state import TRAINING_PRECISIONS, one_process_per_run
+from pipeline.train.state import TRAINING_PRECISIONS, load_checkpoint, one_process_per_run
 
 TEACHER_PART = {"text": "head", "notext": "probe"}
 
@@ -147,18 +149,14 @@ def run_step1(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) 
             model, q, loop = train_head(
                 cfg, part_dir, data.train, data.val, data.classes, data.known, device, resume, progress
             )
-
-            def probs(split: Split, model=model):
-                return head_probs(
-                    model, split, q if split is data.train else queries_for(cfg, split, data.classes)
-                )
         else:
             model, loop = train_probe(
                 cfg, part_dir, data.train, data.val, data.classes, data.known, device, resume, progress
             )
+            q = None
 
-            def probs(split: Split, model=model):
-                return probe_probs(model, split)
+        def probs(split: Split, model=model, part=part, q=q):
+            return teacher_probs(cfg, part, model, split, data.classes, q if split is data.train else None)
 
         train_probs = probs(data.train)
         folds = cfg.distill.oof_folds
@@ -279,6 +277,22 @@ def run_step2(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) 
     return _write_results(cfg, run_dir, data)
 
 
+def student_metrics(cfg: ClassifyConfig, model, split: Split) -> tuple[dict, np.ndarray]:
+    """A student's accuracies on a split's decodable images, and its features of every image."""
+    lg, feats, ok = predict(model, split.images.locations, cfg.eval_batch_size, cfg.data.workers,
+                            cfg.distill.precision)
+    return topk_accuracy(torch.from_numpy(lg[ok]), torch.from_numpy(split.images.labels[ok])), feats
+
+
+def teacher_probs(cfg: ClassifyConfig, part: str, model, split: Split, classes: list[str],
+                  queries: Optional[Queries] = None) -> np.ndarray:
+    """The head's (its queries for the split: class prompts, or the split's own captions) or the probe's
+    class probabilities for a split's images."""
+    if part == "head":
+        return head_probs(model, split, queries or queries_for(cfg, split, classes))
+    return probe_probs(model, split)
+
+
 def _report_generation(cfg, gen_dir: Path, model, data: Data, kind: str, g: int, loop, source: Path) -> dict:
     bs, workers = cfg.eval_batch_size, cfg.data.workers
     logits, feats, ok = predict(model, data.train.images.locations, bs, workers, cfg.distill.precision)
@@ -298,8 +312,7 @@ def _report_generation(cfg, gen_dir: Path, model, data: Data, kind: str, g: int,
         split = getattr(data, name)
         if split is None:
             continue
-        lg, f, ok_s = predict(model, split.images.locations, bs, workers, cfg.distill.precision)
-        result[name] = topk_accuracy(torch.from_numpy(lg[ok_s]), torch.from_numpy(split.images.labels[ok_s]))
+        result[name], f = student_metrics(cfg, model, split)
         if name == "test" and cfg.retrieval and split.tokens.has_captions:
             result["retrieval"] = student_retrieval(feats[ok], data.train, f, split)
     export_classifier(
@@ -370,6 +383,64 @@ def _write_results(cfg: ClassifyConfig, run_dir: Path, data: Data) -> dict:
     return results
 
 
+# ---- re-evaluation -------------------------------------------------------------------------------------
+def _remeasured(where: str, name: str, old: Optional[dict], new: dict, n_images: int) -> dict:
+    """The new metrics, once the stored top-1 comes back (within one image: thread counts can flip a near tie)."""
+    if old and abs(old["top1"] - new["top1"]) > 100.0 / max(n_images, 1) + 0.01:
+        raise PipelineError(f"{where}: re-evaluated {name} top-1 {new['top1']:.2f} is not the stored "
+                            f"{old['top1']:.2f}; its export does not reproduce the run, so nothing was rewritten")
+    return new
+
+
+@one_process_per_run
+def reevaluate(cfg: ClassifyConfig, progress: bool = True) -> dict:
+    """Measure a finished run's models again on val and test from their exports (nothing is retrained), with the
+    metrics of today's code, e.g. balanced top-1 for a run made before it existed; rewrite results.json."""
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    if not (run_dir / "results.json").is_file():
+        raise PipelineError(f"{run_dir} has no results.json: only a run that has finished can be re-evaluated")
+    prepare_run(cfg)  # the config must be the run's own
+    device = torch.device(resolve_device(cfg.device))
+    data = load_data(cfg)
+    splits = [(name, getattr(data, name)) for name in ("val", "test") if getattr(data, name) is not None]
+    updates: dict[Path, dict] = {}  # checked first, written together: a refused run keeps every old number
+    for part in TEACHER_PART.values():
+        path = run_dir / part / "result.json"
+        if not path.is_file():
+            continue
+        result, model = json.loads(path.read_text()), load_teacher_export(cfg, part, run_dir, data).to(device)
+        for name, split in splits:
+            new = evaluate_probs(teacher_probs(cfg, part, model, split, data.classes), split)
+            result[name] = _remeasured(f"{run_dir}/{part}", name, result.get(name), new, len(split))
+        updates[path] = result
+    for kind in TEACHER_PART:
+        for path in sorted((run_dir / kind).glob("gen-*/result.json")):
+            result = json.loads(path.read_text())
+            model, _ = load_classifier(path.parent / "export" / "classifier.pt", device)
+            for name, split in splits:
+                new, _ = student_metrics(cfg, model, split)
+                result[name] = _remeasured(str(path.parent), name, result.get(name), new, len(split))
+            updates[path] = result
+            if progress:
+                print(f"re-evaluated {path.parent.relative_to(run_dir)}: test {result.get('test')}")
+    for path, result in updates.items():
+        _write_json(path, {**result, "reevaluated": True})
+    return _write_results(cfg, run_dir, data)
+
+
+def load_teacher_export(cfg: ClassifyConfig, part: str, run_dir: Path, data: Data) -> torch.nn.Module:
+    """The head or probe of ``run_dir`` from its export (``export_teacher``)."""
+    path = run_dir / part / "export" / f"{part}.pt"
+    blob = load_checkpoint(path, f"{part} export")
+    if not isinstance(blob, dict) or blob.get("format") != f"clipdistill-{part}/1" or blob.get("classes") != data.classes:
+        raise PipelineError(f"{path} is not the {part} export of this run's classes")
+    weight = blob["state_dict"]["linear.weight"] if part == "probe" else None
+    model = (build_head(cfg, data.train.tokens, len(data.classes)) if part == "head"
+             else LinearProbe(weight.shape[1], len(data.classes)))
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()
+
+
 @one_process_per_run
 def run_both(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) -> dict:
     """Step 1 then step 2 (``clipdistill classify``; one cell of a classification sweep)."""
@@ -377,4 +448,4 @@ def run_both(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) -
     return run_step2(cfg, resume=resume, progress=progress)
 
 
-__all__ = ["run_step1", "run_step2", "run_both", "prepare_run", "load_data"]
+__all__ = ["run_step1", "run_step2", "run_both", "reevaluate", "prepare_run", "load_data"]

@@ -117,6 +117,8 @@ class Difference:
 
     @property
     def verdict(self) -> str:
+        if not any(self.values):  # e.g. a part a row's override leaves alone: the same model on both sides
+            return "the same in every seed"
         if len(self.values) < MIN_SEEDS:
             return "too few seeds"
         mean, std = statistics.mean(self.values), statistics.stdev(self.values)
@@ -143,8 +145,7 @@ def paired(name: str, a: dict[int, float], b: dict[int, float]) -> Optional[Diff
 
 def differences(rows: list[RowStats], metric: str = "top1") -> list[Difference]:
     """Within each row: with text - without (teacher, gen 1, last gen), gen 1 - its teacher, last gen - gen 1 (per
-    kind). Across rows: each row - the first row, column by column. Only pairs that both sides have, and that
-    differ in some seed."""
+    kind). Across rows: each row - the first row, column by column. Only pairs that both sides have."""
     gens = generations(rows)
     last = [1, gens] if gens > 1 else [1]
     out: list[Optional[Difference]] = []
@@ -162,8 +163,7 @@ def differences(rows: list[RowStats], metric: str = "top1") -> list[Difference]:
         for kind, part, g, name in _columns(gens):
             out.append(paired(f"{row.label} - {rows[0].label}: {name}",
                               by_seed(row, kind, part, g, metric), by_seed(rows[0], kind, part, g, metric)))
-    # an across-row pair that is zero in every seed is one model on both sides (a part the override left alone)
-    return [d for d in out if d is not None and any(d.values)]
+    return [d for d in out if d is not None]
 
 
 def render_differences(diffs: list[Difference]) -> str:

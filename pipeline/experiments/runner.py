@@ -14,6 +14,7 @@ results.json says both steps are complete): reruns skip it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -427,6 +428,25 @@ def mark_classification_runs(plan: Plan) -> dict[str, dict]:
     return records
 
 
+def reevaluate_classification_runs(plan: Plan, records: dict[str, dict], log: Log) -> None:
+    """Measure every finished classification run of the plan again from its exports, with today's metrics
+    (pipeline.classify.experiment.reevaluate); a run whose exports do not reproduce it keeps its numbers."""
+    from pipeline.classify.config import ClassifyConfig
+    from pipeline.classify.experiment import reevaluate
+    from pipeline.common import config as cfgio
+
+    done = [key for key in plan.runs if records.get(key, {}).get("status") == "done"]
+    for n, key in enumerate(done, 1):
+        run_dir = plan.run_dir(key)
+        cfg = dataclasses.replace(cfgio.load(ClassifyConfig, run_dir / "config.json"),
+                                  runs_dir=str(run_dir.parent), name=run_dir.name)
+        try:
+            reevaluate(cfg, progress=False)
+            log(f"[{n}/{len(done)}] re-evaluated {run_dir.name}")
+        except PipelineError as exc:
+            log(f"[{n}/{len(done)}] {run_dir.name} not re-evaluated: {exc}")
+
+
 def describe_plan(plan: Plan) -> list[str]:
     """Human-readable plan: per table its cells and run names, dedupe counts and what is already done."""
     lines = []
@@ -482,7 +502,7 @@ def run_sweep(
     sweep: Sweep, runs_dir: str | Path, results: str | Path, figures_dir: str | Path | None, *,
     only: Sequence[str] = (), global_sets: Sequence[str] = (), jobs: int = 1, max_runs: int = 0,
     skip_failed: bool = False, dry_run: bool = False, tables_only: bool = False, prune: bool = False,
-    log: Log = print,
+    reevaluate: bool = False, log: Log = print,
     defaults: tuple[Path, Path] = (Path("runs/experiments"), Path("docs/RESULTS.md")),
 ) -> SweepOutcome:
     """Plan, train what is missing, evaluate what is stale and rewrite the chosen tables of ``results``.
@@ -512,6 +532,8 @@ def run_sweep(
         ctx = None if classify else open_eval(plan)
     if classify:  # each run evaluated itself on its test split (its results.json); there is no teacher cache
         teacher, records = None, mark_classification_runs(plan)
+        if reevaluate:
+            reevaluate_classification_runs(plan, records, log)
     else:
         teacher = evaluate_teacher(plan, ctx or open_eval(plan), log, measure_speed=not tables_only)
         records = (evaluate_all(plan, ctx, log) if ctx is not None
