@@ -595,9 +595,13 @@ def test_classify_eval_remeasures_a_finished_run_and_refuses_one_its_exports_do_
             r[split].pop("balanced_top1")
         path.write_text(json.dumps(r))
         before[path] = r
+    from pipeline.classify.experiment import measured_today
+
+    assert not measured_today(run)
     args = ["classify-eval", "-c", str(cfg), *[x for s in sets for x in ("--set", s)], "--no-progress"]
     r = _cli_in_process(*args)
     assert r.exit_code == 0, r.output[-2000:]
+    assert measured_today(run)
     res = json.loads((run / "results.json").read_text())
     for got, path in zip((res["head"], res["probe"], res["students"]["text"][0], res["students"]["notext"][0]), parts):
         for split in ("val", "test"):
@@ -817,6 +821,9 @@ tables:
     assert again.exit_code == 0 and "3 of 3 runs already trained: skipped" in again.output
     assert "pruned the checkpoints of 3 finished run(s)" in again.output
     assert not list(runs.glob("**/checkpoints")) and doc.read_text() == text  # results kept, tables unchanged
+    # runs trained by today's code already carry today's metrics: --reevaluate leaves them alone
+    again = _cli_in_process(*args, "--tables-only", "--reevaluate")
+    assert again.exit_code == 0 and again.output.count("already has today's metrics") == 3, again.output
 
 
 def _popen(*args: str) -> subprocess.Popen:

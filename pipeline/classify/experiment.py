@@ -384,6 +384,15 @@ def _write_results(cfg: ClassifyConfig, run_dir: Path, data: Data) -> dict:
 
 
 # ---- re-evaluation -------------------------------------------------------------------------------------
+def measured_today(run_dir: Path) -> bool:
+    """Whether every model of a finished run already carries every metric today's code measures."""
+    current = set(topk_accuracy(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)))
+    results = _read_json(run_dir / "results.json") or {}
+    models = [results.get("head"), results.get("probe"), *[g for gens in results.get("students", {}).values()
+                                                          for g in gens]]
+    return all(current <= set(m.get(split) or current) for m in models if m for split in ("val", "test"))
+
+
 def _remeasured(where: str, name: str, old: Optional[dict], new: dict, n_images: int) -> dict:
     """The new metrics, once the stored top-1 comes back (within one image: thread counts can flip a near tie)."""
     if old and abs(old["top1"] - new["top1"]) > 100.0 / max(n_images, 1) + 0.01:
@@ -448,4 +457,4 @@ def run_both(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) -
     return run_step2(cfg, resume=resume, progress=progress)
 
 
-__all__ = ["run_step1", "run_step2", "run_both", "reevaluate", "prepare_run", "load_data"]
+__all__ = ["run_step1", "run_step2", "run_both", "reevaluate", "measured_today", "prepare_run", "load_data"]

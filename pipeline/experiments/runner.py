@@ -432,12 +432,15 @@ def reevaluate_classification_runs(plan: Plan, records: dict[str, dict], log: Lo
     """Measure every finished classification run of the plan again from its exports, with today's metrics
     (pipeline.classify.experiment.reevaluate); a run whose exports do not reproduce it keeps its numbers."""
     from pipeline.classify.config import ClassifyConfig
-    from pipeline.classify.experiment import reevaluate
+    from pipeline.classify.experiment import measured_today, reevaluate
     from pipeline.common import config as cfgio
 
     done = [key for key in plan.runs if records.get(key, {}).get("status") == "done"]
     for n, key in enumerate(done, 1):
         run_dir = plan.run_dir(key)
+        if measured_today(run_dir):
+            log(f"[{n}/{len(done)}] {run_dir.name} already has today's metrics")
+            continue
         cfg = dataclasses.replace(cfgio.load(ClassifyConfig, run_dir / "config.json"),
                                   runs_dir=str(run_dir.parent), name=run_dir.name)
         try:
