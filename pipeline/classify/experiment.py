@@ -387,10 +387,10 @@ def _write_results(cfg: ClassifyConfig, run_dir: Path, data: Data) -> dict:
 def measured_today(run_dir: Path) -> bool:
     """Whether every model of a finished run already carries every metric today's code measures."""
     current = set(topk_accuracy(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)))
-    results = _read_json(run_dir / "results.json") or {}
-    models = [results.get("head"), results.get("probe"), *[g for gens in results.get("students", {}).values()
-                                                          for g in gens]]
-    return all(current <= set(m.get(split) or current) for m in models if m for split in ("val", "test"))
+    parts = [run_dir / part / "result.json" for part in TEACHER_PART.values()]
+    parts += [p for kind in TEACHER_PART for p in (run_dir / kind).glob("gen-*/result.json")]
+    models = [json.loads(p.read_text()) for p in parts if p.is_file()]
+    return all(current <= set(m.get(split) or current) for m in models for split in ("val", "test"))
 
 
 def _remeasured(where: str, name: str, old: Optional[dict], new: dict, n_images: int) -> dict:
