@@ -441,11 +441,12 @@ def load_teacher_export(cfg: ClassifyConfig, part: str, run_dir: Path, data: Dat
     """The head or probe of ``run_dir`` from its export (``export_teacher``)."""
     path = run_dir / part / "export" / f"{part}.pt"
     blob = load_checkpoint(path, f"{part} export")
-    if not isinstance(blob, dict) or blob.get("format") != f"clipdistill-{part}/1" or blob.get("classes") != data.classes:
+    ok = isinstance(blob, dict) and blob.get("format") == f"clipdistill-{part}/1"
+    if not ok or blob.get("classes") != data.classes:
         raise PipelineError(f"{path} is not the {part} export of this run's classes")
-    weight = blob["state_dict"]["linear.weight"] if part == "probe" else None
-    model = (build_head(cfg, data.train.tokens, len(data.classes)) if part == "head"
-             else LinearProbe(weight.shape[1], len(data.classes)))
+    k = len(data.classes)
+    model = (build_head(cfg, data.train.tokens, k) if part == "head"
+             else LinearProbe(blob["state_dict"]["linear.weight"].shape[1], k))
     model.load_state_dict(blob["state_dict"])
     return model.eval()
 

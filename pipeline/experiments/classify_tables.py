@@ -37,11 +37,17 @@ def _part(result: dict, kind: str, part: str, g: int) -> Optional[dict]:
     return students[g - 1] if g <= len(students) else None
 
 
+def by_seed(row: RowStats, kind: str, part: str, g: int, metric: str = "top1") -> dict[int, float]:
+    """One column's test ``metric`` per finished seed (in the row's order); empty when some seed lacks the metric."""
+    tests = {seed: p["test"] for seed, r in zip(row.seeds, row.results)
+             if (p := _part(r, kind, part, g)) and p.get("test")}
+    return {s: float(t[metric]) for s, t in tests.items()} if all(metric in t for t in tests.values()) else {}
+
+
 def values(row: RowStats, kind: str, part: str, g: int, metric: str) -> list[float]:
     """Test ``metric`` (top1, top5, balanced_top1) of one column over the row's finished seeds; none when some
     seed lacks the metric (runs from before it was measured): a mean over a subset of seeds would mislead."""
-    tests = [p["test"] for r in row.results if (p := _part(r, kind, part, g)) and p.get("test")]
-    return [float(t[metric]) for t in tests] if all(metric in t for t in tests) else []
+    return list(by_seed(row, kind, part, g, metric).values())
 
 
 def retrieval_values(row: RowStats, kind: str, g: int) -> list[float]:
@@ -128,14 +134,6 @@ class Difference:
         return {"name": self.name, "seeds": self.seeds, **tables.stats(self.values), "verdict": self.verdict}
 
 
-def by_seed(row: RowStats, kind: str, part: str, g: int, metric: str = "top1") -> dict[int, float]:
-    """One column's test ``metric`` per seed."""
-    out = {}
-    for seed, result in zip(row.seeds, row.results):
-        p = _part(result, kind, part, g)
-        if p and p.get("test"):
-            out[seed] = float(p["test"][metric])
-    return out
 
 
 def paired(name: str, a: dict[int, float], b: dict[int, float]) -> Optional[Difference]:
