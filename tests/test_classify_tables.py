@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+from types import SimpleNamespace
 
 import pytest
 
@@ -121,3 +122,45 @@ def test_balanced_top1_is_tabled_only_for_rows_whose_every_seed_measured_it():
     want = [r["head"]["test"]["balanced_top1"] for r in measured.results]
     assert f"{statistics.mean(want):.1f} ± {statistics.stdev(want):.1f}" in lines["new runs"]
     assert set(lines["older runs"].strip("| ").split(" | ")[2:]) == {"-"}  # no mean over a subset of seeds
+
+
+def _with_balanced(row: RowStats, rng: random.Random, skip_seed: int | None = None) -> RowStats:
+    """Add a balanced top-1 to every test part of the row's results, except in the run of ``skip_seed``."""
+    for seed, r in zip(row.seeds, row.results):
+        if seed == skip_seed:
+            continue
+        parts = [r["head"], r.get("probe"), *(s for kind in r["students"].values() for s in kind)]
+        for p in filter(None, parts):
+            p["test"]["balanced_top1"] = round(rng.uniform(10, 60), 2)
+    return row
+
+
+def test_balanced_top1_gets_its_own_block_only_where_every_seed_measured_it():
+    from pipeline.experiments.sweep import SweepTable
+
+    rng = random.Random(7)
+    ref = _with_balanced(_row("out-of-fold", [0, 1, 2], gens=2, seed=4), rng)
+    other = _with_balanced(_row("in-sample", [2, 1, 0], gens=1, seed=5), rng)
+    table = SweepTable("targets", "Table X", "", (0, 1, 2), ())
+    text = ct.section(table, [ref, other], "cmd", "wall")
+    assert "Paired differences of test top-1" in text and "Paired differences of test balanced top-1" in text
+    block = text[text.index("Paired differences of test balanced top-1"):]
+    d = next(x for x in ct.differences([ref, other], "balanced_top1")
+             if x.name == "in-sample - out-of-fold: w/o text: gen 1")
+    bal = lambda r: r["students"]["notext"][0]["test"]["balanced_top1"]  # noqa: E731
+    assert d.values == pytest.approx(_reference(other, bal, ref, bal))
+    line = next(x for x in block.splitlines() if x.startswith("| in-sample - out-of-fold: w/o text: gen 1 |"))
+    assert " / ".join(f"{v:+.1f}" for v in d.values) in line
+    # one run from before balanced top-1 was measured: that row's balanced differences are left out, not averaged
+    # over the other seeds
+    partial = _with_balanced(_row("in-sample", [0, 1, 2], gens=1, seed=5), rng, skip_seed=1)
+    names = {x.name for x in ct.differences([ref, partial], "balanced_top1")}
+    assert names and not any(n.startswith("in-sample") for n in names)
+    assert "balanced top-1" not in ct.section(table, [_row("a", [0, 1, 2], gens=1, seed=6)], "cmd", "wall")
+    for r in ref.results + other.results:
+        r["classes"] = ["a", "b"]
+    plan = SimpleNamespace(sweep=SimpleNamespace(path="s.yaml"),
+                           base=SimpleNamespace(data=SimpleNamespace(manifest_dir="m"), teacher="t"))
+    entry = ct.summary_entry(plan, {"targets": [ref, other]})
+    assert [x["name"] for x in entry["paired_differences_balanced_top1"]["targets"]] == [
+        x.name for x in ct.differences([ref, other], "balanced_top1")]

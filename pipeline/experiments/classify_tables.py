@@ -111,11 +111,15 @@ def render_tables(rows: list[RowStats]) -> str:
 # ---- paired differences ------------------------------------------------------------------------------------------
 CLEARS = 2.0  # a difference clears the spread when |mean| > CLEARS x the std of its per-seed differences
 MIN_SEEDS = 3  # fewer seeds give no verdict: the std of two differences says little
+# the metrics whose paired differences are listed, and their summary.json keys; balanced top-1 too, because a
+# change can trade the frequent classes for the rare ones with top-1 unmoved (Table C4)
+DIFF_METRICS = (("top1", "test top-1", "paired_differences"),
+                ("balanced_top1", "test balanced top-1", "paired_differences_balanced_top1"))
 
 
 @dataclass
 class Difference:
-    """``a - b`` of test top-1 (points) for the seeds both sides finished, ascending seed."""
+    """``a - b`` of a test metric (points) for the seeds both sides finished, ascending seed."""
 
     name: str
     seeds: list[int]
@@ -164,15 +168,16 @@ def differences(rows: list[RowStats], metric: str = "top1") -> list[Difference]:
     return [d for d in out if d is not None]
 
 
-def render_differences(diffs: list[Difference]) -> str:
+def render_differences(diffs: list[Difference], what: str = "test top-1") -> str:
     if not diffs:
         return ""
     lines = [[d.name, str(len(d.values)), " / ".join(f"{v:+.1f}" for v in d.values), mean_std(d.values), d.verdict]
              for d in diffs]
-    header = ["Difference (test top-1, points)", "Seeds", "per seed", "mean ± std", "verdict"]
+    header = [f"Difference ({what}, points)", "Seeds", "per seed", "mean ± std", "verdict"]
     return "\n".join([
-        "<details><summary>Paired differences (the same seed on both sides; a difference clears the spread when "
-        f"|mean| > {CLEARS:g} x the std of its per-seed differences, over at least {MIN_SEEDS} seeds)</summary>",
+        f"<details><summary>Paired differences of {what} (the same seed on both sides; a difference clears the "
+        f"spread when |mean| > {CLEARS:g} x the std of its per-seed differences, over at least {MIN_SEEDS} "
+        "seeds)</summary>",
         "", tables.markdown(header, lines), "", "</details>"])
 
 
@@ -181,8 +186,8 @@ def section(table: SweepTable, rows: list[RowStats], command: str, wall: str) ->
     parts = [tables.start_marker(table.id), f"### {table.title}", ""]
     if table.description:
         parts += [table.description.strip(), ""]
-    diffs = render_differences(differences(rows))
-    parts += [render_tables(rows), "", *([diffs, ""] if diffs else []), tables.seeds_note(table, rows),
+    blocks = [b for metric, what, _ in DIFF_METRICS if (b := render_differences(differences(rows, metric), what))]
+    parts += [render_tables(rows), "", *(x for b in blocks for x in (b, "")), tables.seeds_note(table, rows),
               *tables.errors_note(rows), "", wall, "",
               f"Regenerate: `{command}`", tables.end_marker(table.id)]
     return "\n".join(parts)
@@ -213,9 +218,10 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]]) -> dict:
                       "targets_train_top1": {part: tables.stats(target_values(r, part)) for _, part, _ in KINDS},
                       "columns": _column_stats(r, gens)}
             for r in rows}
-        entry.setdefault("paired_differences", {})[table_id] = [d.as_dict() for d in differences(rows)]
+        for metric, _, key in DIFF_METRICS:
+            entry.setdefault(key, {})[table_id] = [d.as_dict() for d in differences(rows, metric)]
     return entry
 
 
 __all__ = ["render_tables", "section", "summary_entry", "values", "retrieval_values", "target_values",
-           "differences", "Difference", "by_seed", "paired"]
+           "differences", "Difference", "by_seed", "paired", "DIFF_METRICS"]

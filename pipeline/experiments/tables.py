@@ -285,7 +285,7 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]], teacher:
     return entry
 
 
-PER_TABLE = ("tables", "paired_differences")  # a sweep entry's parts keyed by table id
+PER_TABLE = ("tables", "paired_differences", "paired_differences_balanced_top1")  # an entry's parts keyed by table
 
 
 def update_summary(path: Path, sweep_name: str, entry: dict, table_ids: set[str] | None = None) -> Path:
