@@ -164,3 +164,19 @@ def test_balanced_top1_gets_its_own_block_only_where_every_seed_measured_it():
     entry = ct.summary_entry(plan, {"targets": [ref, other]})
     assert [x["name"] for x in entry["paired_differences_balanced_top1"]["targets"]] == [
         x.name for x in ct.differences([ref, other], "balanced_top1")]
+
+
+def test_the_targets_balanced_top1_is_tabled_only_over_seeds_that_all_measured_it():
+    row = _row("in-sample", [0, 1, 2], gens=1, seed=8)
+    for i, r in enumerate(row.results):
+        for part in ("head", "probe"):
+            r[part]["targets"] = {"train": {"top1": 90.0 + i, **({"balanced_top1": 50.0 + 2 * i} if i else {})}}
+    assert ct.target_values(row, "probe", "balanced_top1") == [] and ct.target_values(row, "probe") == [90, 91, 92]
+    assert "train balanced top-1" not in ct.render_tables([row])
+    row.results[0]["probe"]["targets"]["train"]["balanced_top1"] = 50.0
+    row.results[0]["head"]["targets"]["train"]["balanced_top1"] = 50.0
+    text = ct.render_tables([row])
+    header = next(x for x in text.splitlines() if "train balanced top-1" in x)
+    cells = next(x for x in text.splitlines() if x.startswith("| in-sample |") and "91.0 ± 1.0" in x)
+    col = [c.strip() for c in header.split("|")].index("targets w/o text: train balanced top-1")
+    assert [c.strip() for c in cells.split("|")][col] == "52.0 ± 2.0"

@@ -593,6 +593,8 @@ def test_classify_eval_remeasures_a_finished_run_and_refuses_one_its_exports_do_
         r = json.loads(path.read_text())
         for split in ("val", "test"):
             r[split].pop("balanced_top1")
+        if r.get("targets"):  # the head's / probe's soft targets, measured on the training images
+            r["targets"]["train"].pop("balanced_top1")
         path.write_text(json.dumps(r))
         before[path] = r
     from pipeline.classify.experiment import measured_today
@@ -608,6 +610,15 @@ def test_classify_eval_remeasures_a_finished_run_and_refuses_one_its_exports_do_
             _check_metrics(got[split])
             assert abs(got[split]["top1"] - before[path][split]["top1"]) <= 100 / 6 + 0.01
         assert got["reevaluated"] is True
+    for got, part in ((res["head"], "head"), (res["probe"], "probe")):  # targets: read back from targets.h5
+        stored = json.loads((run / part / "result.json").read_text())["targets"]["train"]
+        assert got["targets"]["train"] == stored and set(stored) == {"top1", "top5", "balanced_top1"}
+        assert stored["top1"] == before[run / part / "result.json"]["targets"]["train"]["top1"]
+    probe = json.loads(parts[1].read_text())
+    probe["targets"]["train"].pop("balanced_top1")  # only the targets lack today's metric: not measured today
+    parts[1].write_text(json.dumps(probe))
+    assert not measured_today(run)
+    assert _cli_in_process(*args).exit_code == 0 and measured_today(run)
 
     # a stored number the export does not give back: refused, and no file is rewritten
     gen = json.loads(parts[2].read_text())

@@ -390,7 +390,9 @@ def measured_today(run_dir: Path) -> bool:
     parts = [run_dir / part / "result.json" for part in TEACHER_PART.values()]
     parts += [p for kind in TEACHER_PART for p in (run_dir / kind).glob("gen-*/result.json")]
     models = [json.loads(p.read_text()) for p in parts if p.is_file()]
-    return all(current <= set(m.get(split) or current) for m in models for split in ("val", "test"))
+    measured = [m.get(split) for m in models for split in ("val", "test")]
+    measured += [m["targets"]["train"] for m in models if m.get("targets")]  # what the students learnt from
+    return all(current <= set(x or current) for x in measured)
 
 
 def _remeasured(where: str, name: str, old: Optional[dict], new: dict, n_images: int) -> dict:
@@ -421,6 +423,10 @@ def reevaluate(cfg: ClassifyConfig, progress: bool = True) -> dict:
         for name, split in splits:
             new = evaluate_probs(teacher_probs(cfg, part, model, split, data.classes), split)
             result[name] = _remeasured(f"{run_dir}/{part}", name, result.get(name), new, len(split))
+        if result.get("targets"):  # the soft targets as stored, e.g. out-of-fold ones (no fold model is kept)
+            stored = load_targets(run_dir / part / "targets.h5", data.train.images.image_ids, data.classes)
+            result["targets"]["train"] = _remeasured(f"{run_dir}/{part} targets", "train", result["targets"]["train"],
+                                                     evaluate_probs(stored, data.train), len(data.train))
         updates[path] = result
     for kind in TEACHER_PART:
         for path in sorted((run_dir / kind).glob("gen-*/result.json")):

@@ -60,9 +60,10 @@ def retrieval_values(row: RowStats, kind: str, g: int) -> list[float]:
     return out
 
 
-def target_values(row: RowStats, part: str) -> list[float]:
-    return [float(r[part]["targets"]["train"]["top1"]) for r in row.results
-            if (r.get(part) or {}).get("targets")]
+def target_values(row: RowStats, part: str, metric: str = "top1") -> list[float]:
+    """The ``metric`` of ``part``'s soft targets on the training images, per seed; none when a seed lacks it."""
+    found = [r[part]["targets"]["train"] for r in row.results if (r.get(part) or {}).get("targets")]
+    return [float(t[metric]) for t in found] if all(metric in t for t in found) else []
 
 
 def _gen_name(g: int) -> str:
@@ -96,15 +97,22 @@ def render_tables(rows: list[RowStats]) -> str:
         out += [f"{title}:", "", tables.markdown(header, lines), ""]
     # retrieval columns only where some run measured it (retrieval: true and a test split with captions)
     retrieval = [c for c in cols if any(retrieval_values(row, c[0], c[2]) for row in rows)]
-    header = ["Row", "targets w/o text: train top-1", "targets with text: train top-1",
+    # balanced top-1 of the targets shows whether their errors fall on the rare classes (Table C4)
+    target_metrics = ["top1"] + (["balanced_top1"] if any(target_values(row, part, "balanced_top1")
+                                                          for row in rows for _, part, _ in KINDS) else [])
+    header = ["Row", *(f"targets {label}: train {metric.replace('_', ' ').replace('top1', 'top-1')}"
+                       for metric in target_metrics for _, _, label in KINDS),
               *(f"{'teacher' if c[2] == 0 else c[3]}: retrieval RSUM" for c in retrieval if c[0] == "text" or c[2])]
     lines = []
     for row in rows:
-        line = [row.label, *(mean_std(target_values(row, part)) for _, part, _ in KINDS)]
+        line = [row.label, *(mean_std(target_values(row, part, metric))
+                             for metric in target_metrics for _, part, _ in KINDS)]
         line += [mean_std(retrieval_values(row, kind, g)) for kind, _, g, _ in retrieval if kind == "text" or g]
         lines.append(line)
-    out += ["What the first generation learns from (top-1 of the teachers' soft targets on the training images)"
-            + (" and image-text retrieval (test RSUM):" if retrieval else ":"), "", tables.markdown(header, lines)]
+    measured = " and balanced top-1" if len(target_metrics) > 1 else ""
+    out += [f"What the first generation learns from (top-1{measured} of the teachers' soft targets on the training "
+            "images)" + (" and image-text retrieval (test RSUM):" if retrieval else ":"),
+            "", tables.markdown(header, lines)]
     return "\n".join(out)
 
 
@@ -216,6 +224,8 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]]) -> dict:
                       "majority_class_top1": tables.stats([x["majority_class"]["test_top1"] for x in r.results
                                                            if "test_top1" in x.get("majority_class", {})]),
                       "targets_train_top1": {part: tables.stats(target_values(r, part)) for _, part, _ in KINDS},
+                      "targets_train_balanced_top1": {part: tables.stats(target_values(r, part, "balanced_top1"))
+                                                      for _, part, _ in KINDS},
                       "columns": _column_stats(r, gens)}
             for r in rows}
         for metric, _, key in DIFF_METRICS:
