@@ -66,6 +66,9 @@ def target_values(row: RowStats, part: str, metric: str = "top1") -> list[float]
     return [float(t[metric]) for t in found] if all(metric in t for t in found) else []
 
 
+METRIC_NAMES = {"top1": "top-1", "top5": "top-5", "balanced_top1": "balanced top-1"}
+
+
 def _gen_name(g: int) -> str:
     return "teacher" if g == 0 else f"gen {g}"
 
@@ -100,8 +103,8 @@ def render_tables(rows: list[RowStats]) -> str:
     # balanced top-1 of the targets shows whether their errors fall on the rare classes (Table C4)
     target_metrics = ["top1"] + (["balanced_top1"] if any(target_values(row, part, "balanced_top1")
                                                           for row in rows for _, part, _ in KINDS) else [])
-    header = ["Row", *(f"targets {label}: train {metric.replace('_', ' ').replace('top1', 'top-1')}"
-                       for metric in target_metrics for _, _, label in KINDS),
+    header = ["Row", *(f"targets {label}: train {METRIC_NAMES[metric]}" for metric in target_metrics
+                       for _, _, label in KINDS),
               *(f"{'teacher' if c[2] == 0 else c[3]}: retrieval RSUM" for c in retrieval if c[0] == "text" or c[2])]
     lines = []
     for row in rows:
@@ -121,8 +124,7 @@ CLEARS = 2.0  # a difference clears the spread when |mean| > CLEARS x the std of
 MIN_SEEDS = 3  # fewer seeds give no verdict: the std of two differences says little
 # the metrics whose paired differences are listed, and their summary.json keys; balanced top-1 too, because a
 # change can trade the frequent classes for the rare ones with top-1 unmoved (Table C4)
-DIFF_METRICS = (("top1", "test top-1", "paired_differences"),
-                ("balanced_top1", "test balanced top-1", "paired_differences_balanced_top1"))
+DIFF_METRICS = (("top1", "paired_differences"), ("balanced_top1", "paired_differences_balanced_top1"))
 
 
 @dataclass
@@ -194,7 +196,8 @@ def section(table: SweepTable, rows: list[RowStats], command: str, wall: str) ->
     parts = [tables.start_marker(table.id), f"### {table.title}", ""]
     if table.description:
         parts += [table.description.strip(), ""]
-    blocks = [b for metric, what, _ in DIFF_METRICS if (b := render_differences(differences(rows, metric), what))]
+    blocks = [b for metric, _ in DIFF_METRICS
+              if (b := render_differences(differences(rows, metric), f"test {METRIC_NAMES[metric]}"))]
     parts += [render_tables(rows), "", *(x for b in blocks for x in (b, "")), tables.seeds_note(table, rows),
               *tables.errors_note(rows), "", wall, "",
               f"Regenerate: `{command}`", tables.end_marker(table.id)]
@@ -228,7 +231,7 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]]) -> dict:
                                                       for _, part, _ in KINDS},
                       "columns": _column_stats(r, gens)}
             for r in rows}
-        for metric, _, key in DIFF_METRICS:
+        for metric, key in DIFF_METRICS:
             entry.setdefault(key, {})[table_id] = [d.as_dict() for d in differences(rows, metric)]
     return entry
 
