@@ -129,7 +129,7 @@ class StudentEncoder(Teacher):
         return self.model.image_transform(train=False)
 
     def tensor_preprocess(self):
-        from pipeline.features.device_input import INTERPOLATIONS, TensorPreprocess
+        from pipeline.teachers.preprocess import INTERPOLATIONS, TensorPreprocess
 
         s = self.model.transform_settings  # eval: ImageTransform's Resize(floor(size / crop_pct)) + CenterCrop(size)
         if s.interpolation not in INTERPOLATIONS:

@@ -52,7 +52,7 @@ class Teacher(ABC):
         """PIL RGB image -> CHW float tensor; picklable so DataLoader workers can run it."""
 
     def tensor_preprocess(self):
-        """``image_transform`` as tensor ops (``features.device_input.TensorPreprocess``), so stage 1 can decode
+        """``image_transform`` as tensor ops (``teachers.preprocess.TensorPreprocess``), so stage 1 can decode
         and preprocess on the GPU; None when it has no such form (stage 1 then preprocesses in CPU workers)."""
         return None
 

@@ -84,7 +84,7 @@ class OpenClipTeacher(Teacher):
         return self._transform
 
     def tensor_preprocess(self):
-        from pipeline.features.device_input import INTERPOLATIONS, TensorPreprocess
+        from pipeline.teachers.preprocess import INTERPOLATIONS, TensorPreprocess
 
         cfg = self.preprocess_cfg
         size = cfg.get("size", 224)
