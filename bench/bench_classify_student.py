@@ -1,7 +1,7 @@
 """Classification students (method.md 4, step 2): what memory layout and precision cost per training step.
 
 A student generation's step is the real one: ``ImageClassifier`` (the teacher's architecture, e.g.
-EfficientNet-Lite2) + ``selfdistill.student_loss`` (soft cross-entropy against cached targets) through
+EfficientNet-Lite2) + ``student_training.student_loss`` (soft cross-entropy against cached targets) through
 ``pipeline.train.loop.train_step`` (AdamW, clipping, schedule). Configurations:
     NCHW fp32           contiguous tensors, full precision (the baseline)
     channels_last fp32  NHWC activations (``distill.channels_last``, the default)
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from bench.bench_features import environment, table  # noqa: E402
-from pipeline.classify.loop import FunctionObjective  # noqa: E402
-from pipeline.classify.selfdistill import student_loss  # noqa: E402
+from pipeline.classify.objective import FunctionObjective  # noqa: E402
+from pipeline.classify.student_training import student_loss  # noqa: E402
 from pipeline.classify.student import ImageClassifier  # noqa: E402
 from pipeline.train.loop import LoopSettings, make_optimizer, train_step  # noqa: E402
 

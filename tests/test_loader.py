@@ -61,7 +61,7 @@ def test_persistent_workers_see_every_epoch_like_the_main_process(rows):
 
 
 def test_the_classification_loader_keeps_its_workers_and_still_sees_every_epoch(rows):
-    from pipeline.classify.loop import epoch_order
+    from pipeline.classify.objective import epoch_order
     from pipeline.classify.student import ImageRows, epoch_loader
 
     data = ImageRows(rows.locations, augment(), seed=5, preload_size=24)

@@ -23,14 +23,11 @@ from pipeline.common import config as cfgio  # noqa: E402
 from pipeline.common.errors import PipelineError  # noqa: E402
 from pipeline.data.manifest import Manifest, write_splits  # noqa: E402
 from pipeline.classify.config import ClassifyConfig  # noqa: E402
-from pipeline.classify.head import (  # noqa: E402
-    LinearProbe,
-    RepresentationHead,
-    soft_cross_entropy,
-    topk_accuracy,
-)
+from pipeline.classify.head import LinearProbe, RepresentationHead  # noqa: E402
+from pipeline.classify.losses import soft_cross_entropy  # noqa: E402
+from pipeline.classify.metrics import topk_accuracy  # noqa: E402
 from pipeline.classify.labels import class_list, labelled_images, sample_few_shot  # noqa: E402
-from pipeline.classify.loop import LoopSettings, fit  # noqa: E402
+from pipeline.classify.objective import LoopSettings, fit  # noqa: E402
 from pipeline.classify.store import TokenMeta, TokenSplit, TokenWriter  # noqa: E402
 
 torch.set_num_threads(1)
@@ -680,7 +677,7 @@ def test_captions_few_shot_and_retrieval_in_process(tiny, monkeypatch):
         "distill.batch_size=8",
         "distill.teachers=[text]",
         "distill.label_weight=0.5",
-        "distill.precision=bf16",
+        "precision=bf16",
     ]
     dtypes = []  # of the student classifier's outputs, in training and in prediction
 
@@ -698,7 +695,7 @@ def test_captions_few_shot_and_retrieval_in_process(tiny, monkeypatch):
     assert list(res["students"]) == ["text"] and len(res["students"]["text"]) == 1
     assert dtypes and set(dtypes) == {torch.bfloat16}
     with pytest.raises(PipelineError, match="precision must be one of"):
-        run_step2(cfgio.load(ClassifyConfig, None, [*overrides, "name=p16", "distill.precision=fp16"]))
+        run_step2(cfgio.load(ClassifyConfig, None, [*overrides, "name=p16", "precision=fp16"]))
     retrieval = res["students"]["text"][0]["retrieval"]
     assert {"i2t_r1", "t2i_r10", "rsum"} <= set(retrieval) and 0 <= retrieval["rsum"] <= 600
     assert 0 <= res["teacher_retrieval"]["rsum"] <= 600
@@ -715,7 +712,7 @@ def test_out_of_fold_targets_come_from_a_model_that_did_not_see_the_image(tiny):
     """distill.oof_folds=3: each training image's soft target is the prediction of the fold model trained without
     it (checked against that fold model's own export-free prediction), not the in-sample one."""
     from pipeline.classify.experiment import fold_of, load_data, run_step1
-    from pipeline.classify.trainers import load_targets, probe_probs, train_probe
+    from pipeline.classify.teacher_training import load_targets, probe_probs, train_probe
 
     overrides = [
         "name=oof", f"runs_dir={tiny / 'runs'}", f"data.manifest_dir={tiny / 'manifests'}",

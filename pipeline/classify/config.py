@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.common.config import to_dict
+from pipeline.train.state import RunOptions
 
 
 @dataclass(frozen=True)
@@ -71,15 +72,18 @@ class DistillSection:  # step 2: fresh image encoder of the teacher's architectu
     preload: bool = True  # decode every training image once into RAM
     workers: int = 0  # DataLoader workers for training batches (0: in-process, fine with preload)
     grad_clip: float = 5.0
-    # the students' forward passes: auto = bf16 autocast on CUDA, fp32 on CPU (bf16 was no faster there: the
-    # bench above) | fp32 | bf16
-    precision: str = "auto"
 
 
 @dataclass(frozen=True)
-class ClassifyConfig:
+class ClassifyConfig(RunOptions):
+    """The shared run options (name, runs_dir, seed, device, logging, ...) plus the two steps' sections.
+
+    ``precision`` is the student generations' forward passes (auto = bf16 autocast on CUDA, fp32 on CPU, where
+    bf16 was no faster: bench/bench_classify_student.py); head and probe train on cached features in fp32.
+    ``max_steps`` counts per student generation.
+    """
+
     name: str = "rephead"
-    runs_dir: str = "runs"
     teacher: str = "lit"  # teacher spec, used by teacher-tokens only (steps 1-2 read the token cache)
     data: DataSection = field(default_factory=DataSection)
     text: TextSection = field(default_factory=TextSection)
@@ -88,11 +92,6 @@ class ClassifyConfig:
     distill: DistillSection = field(default_factory=DistillSection)
     few_shot: int = 0  # k labelled training images per class for the head / probe (0: every labelled image)
     retrieval: bool = False  # also report the students' image-text Recall@K on the test split
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = 10
-    max_steps: int = 0  # per student generation (0: all epochs); for quick trials and tests
-    eval_batch_size: int = 128
 
 
 def comparable(cfg: ClassifyConfig) -> dict:
@@ -101,7 +100,7 @@ def comparable(cfg: ClassifyConfig) -> dict:
     d = to_dict(cfg)
     d["distill"].pop("generations")
     d["distill"].pop("workers")
-    for key in ("device", "eval_batch_size", "log_every"):
+    for key in ("device", "eval_batch_size", "log_every", "checkpoint_every"):
         d.pop(key)
     d["data"].pop("workers")
     d["data"].pop("batch_size")

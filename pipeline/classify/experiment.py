@@ -29,22 +29,20 @@ from pipeline.common.errors import PipelineError
 from pipeline.common.precision import check_precision
 from pipeline.data.manifest import Manifest
 from pipeline.classify.config import ClassifyConfig, comparable
-from pipeline.classify.head import LinearProbe, topk_accuracy
+from pipeline.classify.head import LinearProbe
 from pipeline.classify.labels import class_list, sample_few_shot
+from pipeline.classify.metrics import topk_accuracy
 from pipeline.classify.report import classification_table
-from pipeline.classify.selfdistill import caption_recall, new_student, student_retrieval, train_generation
+from pipeline.classify.splits import Queries, Split, open_split, queries_for
+from pipeline.classify.student_training import caption_recall, new_student, student_retrieval, train_generation
 from pipeline.classify.student import ImageRows, export_classifier, load_classifier, predict
-from pipeline.classify.trainers import (
-    Queries,
+from pipeline.classify.teacher_training import (
     build_head,
-    Split,
     evaluate_probs,
     export_teacher,
     head_probs,
     load_targets,
-    open_split,
     probe_probs,
-    queries_for,
     save_targets,
     train_head,
     train_probe,
@@ -222,7 +220,7 @@ def out_of_fold_probs(cfg: ClassifyConfig, kind: str, part_dir: Path, data: Data
 @one_process_per_run
 def run_step2(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) -> dict:
     """Every student generation for every teacher kind (distill.teachers), then the results table."""
-    check_precision(cfg.distill.precision, TRAINING_PRECISIONS)
+    check_precision(cfg.precision, TRAINING_PRECISIONS)
     run_dir = prepare_run(cfg)
     device = torch.device(resolve_device(cfg.device))
     data = load_data(cfg)
@@ -280,7 +278,7 @@ def run_step2(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) 
 def student_metrics(cfg: ClassifyConfig, model, split: Split) -> tuple[dict, np.ndarray]:
     """A student's accuracies on a split's decodable images, and its features of every image."""
     lg, feats, ok = predict(model, split.images.locations, cfg.eval_batch_size, cfg.data.workers,
-                            cfg.distill.precision)
+                            cfg.precision)
     return topk_accuracy(torch.from_numpy(lg[ok]), torch.from_numpy(split.images.labels[ok])), feats
 
 
@@ -295,7 +293,7 @@ def teacher_probs(cfg: ClassifyConfig, part: str, model, split: Split, classes: 
 
 def _report_generation(cfg, gen_dir: Path, model, data: Data, kind: str, g: int, loop, source: Path) -> dict:
     bs, workers = cfg.eval_batch_size, cfg.data.workers
-    logits, feats, ok = predict(model, data.train.images.locations, bs, workers, cfg.distill.precision)
+    logits, feats, ok = predict(model, data.train.images.locations, bs, workers, cfg.precision)
     probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
     probs[~ok] = load_targets(source, data.train.images.image_ids, data.classes)[~ok]  # keep the old targets
     save_targets(gen_dir / "targets.h5", data.train.images.image_ids, probs, data.classes, f"{kind} gen {g}")

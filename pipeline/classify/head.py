@@ -1,4 +1,4 @@
-"""The image-text representation head, the text-free linear probe, and the classification losses/metrics.
+"""The image-text representation head and the text-free linear probe (the two step-1 models).
 
 Head (method.md 4, step 1): ``y_hat = softmax(W . Attention(Q = t', K = x', V = x'))`` with x' the teacher's
 image tokens and t' text embeddings. Two text modes:
@@ -14,10 +14,8 @@ image tokens and t' text embeddings. Two text modes:
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 MODES = ("prompts", "captions")
@@ -100,31 +98,4 @@ class LinearProbe(nn.Module):
         return self.linear((feats - self.mean) / self.std)
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """mean_i -sum_c p_ic log softmax(logits_i / T)_c, with p the teacher's soft targets (rows sum to 1).
-
-    Scaled by T^2 (Hinton et al.) so the gradient size does not depend on the temperature.
-    """
-    logp = F.log_softmax(logits / temperature, dim=-1)
-    return -(targets * logp).sum(-1).mean() * temperature**2
-
-
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Percent of rows whose label is among the k highest logits (k capped at the number of classes), and
-    ``balanced_top1``: the top-1 accuracy of each class present in ``labels``, averaged over those classes (a
-    split whose class mix differs from training's then weighs every class alike)."""
-    out = {}
-    if len(labels) == 0:
-        return {**{f"top{k}": float("nan") for k in ks}, "balanced_top1": float("nan")}
-    kmax = min(max(ks), logits.shape[1])
-    top = logits.topk(kmax, dim=1).indices
-    hit = top == labels.view(-1, 1)
-    for k in ks:
-        out[f"top{k}"] = float(hit[:, : min(k, kmax)].any(1).float().mean() * 100)
-    present, index = labels.unique(return_inverse=True)
-    per_class = torch.zeros(len(present), dtype=torch.float64).index_add_(0, index, hit[:, 0].double())
-    out["balanced_top1"] = float((per_class / index.bincount(minlength=len(present))).mean() * 100)
-    return out
-
-
-__all__ = ["RepresentationHead", "LinearProbe", "soft_cross_entropy", "topk_accuracy", "MODES"]
+__all__ = ["RepresentationHead", "LinearProbe", "MODES"]

@@ -50,7 +50,7 @@ BOOKKEEPING_KEYS = ("name", "runs_dir", "device", "log_every", "checkpoint_every
 # Keys added after runs were first hashed: left out at their default value, so existing runs keep their keys.
 ADDED_KEYS = {"losses.extra": {}, "optim.min_steps": 0, "data.transfer": (), "data.transfer_ratio": 0.0,
               "data.views": 0, "distill.init_weights": "",
-              "distill.precision": "auto"}
+              "precision": "auto"}
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 EVAL_DIR = "eval"  # a run's stage-3 folder, <runs_dir>/<name>/eval (pipeline.retrieval.evaluate outputs)
 

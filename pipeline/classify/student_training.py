@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from pipeline.common.precision import autocast
 from pipeline.retrieval.metrics import recall_at_k
 from pipeline.classify.config import ClassifyConfig
-from pipeline.classify.head import soft_cross_entropy, topk_accuracy
-from pipeline.classify.loop import LoopResult, LoopSettings, epoch_order, fit
+from pipeline.classify.losses import soft_cross_entropy
+from pipeline.classify.metrics import topk_accuracy
+from pipeline.classify.objective import LoopResult, LoopSettings, epoch_order, fit
 from pipeline.train.state import seed_all
 from pipeline.classify.student import ImageClassifier, ImageRows, epoch_loader, predict
-from pipeline.classify.trainers import Split
+from pipeline.classify.splits import Split
 
 
 def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -101,15 +102,16 @@ def train_generation(
         if pixels is None:  # a whole batch of undecodable images: nothing to learn, zero loss keeps order
             return torch.zeros((), device=device, requires_grad=True)
         mask = has_label[rows] if d.label_weight > 0 else None
-        return student_loss(model, pixels, soft[rows], d.temperature, d.precision, labels[rows], mask,
+        return student_loss(model, pixels, soft[rows], d.temperature, cfg.precision, labels[rows], mask,
                             d.label_weight)
 
     def evaluate() -> dict:
-        logits, _, ok = predict(model, val.images.locations, cfg.eval_batch_size, cfg.data.workers, d.precision)
+        logits, _, ok = predict(model, val.images.locations, cfg.eval_batch_size, cfg.data.workers, cfg.precision)
         return topk_accuracy(torch.from_numpy(logits[ok]), torch.from_numpy(val.images.labels[ok]))
 
     settings = LoopSettings(d.epochs, len(train) // bs, d.lr, d.weight_decay, warmup_steps=d.warmup_steps,
-                            grad_clip=d.grad_clip, log_every=cfg.log_every, max_steps=cfg.max_steps, score="top1",
+                            grad_clip=d.grad_clip, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                            max_steps=cfg.max_steps, score="top1",
                             desc=f"gen {generation}")
     return fit(run_dir, model, settings, seed, batches, loss_fn, evaluate if val is not None else None, resume,
                progress)
