@@ -1,5 +1,6 @@
-"""The layout stays as docs/architecture.md draws it: stage packages only, no import cycles, no stages/ from the
-library, and each package says its job in its first docstring line."""
+"""The layout stays as docs/architecture.md draws it: stage packages only, each importing only the packages below it
+in LAYERS (imports inside functions count too), no import cycles, no stages/ from the library, thin commands, and
+each package says its job in its first docstring line."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "pipeline"
+# The package order of docs/architecture.md, lowest first: a package may import those before it, never after.
+LAYERS = ("common", "data", "train", "teachers", "features", "students", "retrieval", "distill", "adapt", "classify",
+          "experiments")
+STAGE_LINES = 140  # stages/ modules parse arguments, call the library and print: about a screen each
 
 
 def _modules() -> dict[str, Path]:
@@ -56,3 +61,48 @@ def test_no_import_cycles_and_no_stages_in_the_library():
     for m in graph:
         if m not in state:
             visit(m, [])
+
+
+def _all_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every pipeline import in ``path``, at any depth (functions too), except under
+    ``if TYPE_CHECKING:`` (annotations only, never run)."""
+    tree = ast.parse(path.read_text())
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for n in ast.walk(node)}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline."):
+            found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("pipeline.")]
+    return found
+
+
+def test_packages_import_only_the_layers_below_them():
+    packages = sorted(p.name for p in PIPELINE.iterdir() if (p / "__init__.py").is_file())
+    assert sorted(LAYERS) == packages, "every package has a place in LAYERS (and docs/architecture.md)"
+    upward = []
+    for path in PIPELINE.glob("*/**/*.py"):
+        here = LAYERS.index(path.relative_to(PIPELINE).parts[0])
+        for line, module in _all_imports(path):
+            there = LAYERS.index(module.split(".")[1])
+            if there > here:
+                upward.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert not upward, "imports against the layer order:\n" + "\n".join(upward)
+
+
+def test_layer_check_sees_imports_inside_functions(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pipeline.classify import x\n"
+                   "def f():\n    from pipeline.distill.trainer import y\n")
+    assert _all_imports(src) == [(5, "pipeline.distill.trainer")]
+
+
+def test_commands_stay_thin():
+    long = {p.name: n for p in (ROOT / "stages").glob("*.py")
+            if (n := sum(1 for line in p.read_text().splitlines() if line.strip())) > STAGE_LINES}
+    assert not long, f"stages/ modules over {STAGE_LINES} non-blank lines (move the logic into pipeline/): {long}"
