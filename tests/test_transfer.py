@@ -242,3 +242,39 @@ def test_a_transfer_image_is_the_same_file_whatever_the_path_spelling():
 
     assert _same_file("data/corpus/../openmoji/images/a.png") == _same_file("data/openmoji/images/a.png")
     assert _same_file("x/shard.tar::a.png") != _same_file("x/shard.tar::b.png")
+
+
+def _objective(tmp_path, *overrides):
+    """A stage-2 objective built in this process (what the trainer steps on), with ``overrides`` as --set."""
+    from pipeline.common import config as cfgio
+    from pipeline.common.distributed import DistEnv
+    from pipeline.distill.trainer import DistillConfig, DistillObjective
+
+    cfg = cfgio.load(DistillConfig, None, list(overrides) + [f"runs_dir={tmp_path / 'runs'}"])
+    run_dir = tmp_path / "runs" / cfg.name
+    run_dir.mkdir(parents=True)
+    return DistillObjective(cfg, run_dir, torch.device("cpu"), DistEnv())
+
+
+def test_two_datasets_whose_ids_overlap_never_mask_an_unrelated_image(worlds, tmp_path):
+    """Both shape datasets number their images 0, 1, 2, ...: the ids the trainer gives the pairs and the transfer
+    images (the queue's ids and the false-negative masks) must still name one image each."""
+    (pairs, pairs_cache), (other, other_cache) = worlds
+    assert set(Manifest.read(pairs / "train.parquet").column("image_id").tolist()) & set(
+        Manifest.read(other / "train.parquet").column("image_id").tolist())  # the premise: ids overlap
+    from tests.test_distill import settings
+
+    obj = _objective(tmp_path, *settings((pairs, pairs_cache), tmp_path / "runs"), "data.transfer_ratio=0.5",
+                     f'data.transfer=[{{manifest_dir: "{other}", cache_dir: "{other_cache}"}}]')
+    file_of: dict[int, str] = {}  # every id the trainer used -> the one image file it stands for
+    for step, batch in enumerate(obj.epoch_batches(0, 0)):
+        obj.step(batch, step)
+        q_ids = obj._pending[1].tolist()  # the ids enqueued: the pairs', then the transfer images'
+        locs = [obj.rows.locations[i] for i in batch.rows.tolist()]
+        locs += [obj.transfer.locations[r] for r in batch.transfer_rows.tolist()]
+        assert len(q_ids) == len(locs)
+        for image_id, loc in zip(q_ids, locs):
+            assert file_of.setdefault(image_id, loc) == loc, f"id {image_id} names {file_of[image_id]} and {loc}"
+    assert len(set(file_of.values())) == len(file_of)
+    mask = false_negative_mask(torch.tensor(list(file_of)), torch.tensor(list(file_of)))
+    assert torch.equal(mask, torch.eye(len(file_of), dtype=torch.bool))  # masks only an image against itself

@@ -373,7 +373,7 @@ class DistillObjective(Objective):
                 trows = batch.transfer_rows.numpy()
                 tviews = batch.views[len(idx):] if self.views is not None else None
                 transfer = (torch.from_numpy(self.transfer.targets(trows, tviews)).to(device, non_blocking=True),
-                            torch.from_numpy(self.transfer.image_ids[trows]).to(device))
+                            torch.from_numpy(self.transfer.ids_of(trows)).to(device))
         with clock("forward"), autocast(device, cfg.precision):
             # one forward over the pairs' and the transfer images (one DDP call); split after
             s_all, s_txt_all = self.ddp_model(batch.pixels.to(device, non_blocking=True), tokens)

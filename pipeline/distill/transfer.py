@@ -28,6 +28,9 @@ from pipeline.features.cache import FeatureCache, open_cached_split
 
 # Mixed into the permutation seed so the transfer stream never mirrors the pair order of the same seed.
 _STREAM_SALT = 0x7472616E
+# Mask ids of transfer images: -2**62 - pool row. Pairs keep their manifest ids (>= 0), -1 is a caption-only row's
+# image, transfer captions take -2 - pool row.
+TRANSFER_IMAGE_IDS = -(1 << 62)
 
 
 @dataclass
@@ -44,6 +47,14 @@ class TransferImages:
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    @staticmethod
+    def ids_of(rows: np.ndarray) -> np.ndarray:
+        """One id per pool row for the false-negative masks and the queue. Not the source's ``image_id``: readers
+        number every dataset from 0, so another dataset's image 5 would pass for the pairs' image 5. A pool row is
+        one image that is no training pair (files already pairs are left out), so a range of its own, below the
+        transfer captions' (``TransferCaptions.ids_of``), cannot collide; it is stable across steps and resumes."""
+        return TRANSFER_IMAGE_IDS - np.asarray(rows, np.int64)
 
     def targets(self, rows: np.ndarray, views: np.ndarray | None = None) -> np.ndarray:
         """(len(rows), D) float32 teacher image embeddings of transfer rows, gathered source by source; with
