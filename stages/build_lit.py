@@ -27,7 +27,7 @@ def build_lit(
     seed: int = typer.Option(0, help="Seed for head init, batch order and the held-out split."),
 ) -> None:
     """Encode the train split with the frozen towers (cached next to --out) and train the linear heads."""
-    from pipeline.teachers.lit_training import feature_cache_path, train_lit_heads
+    from pipeline.distill.lit_heads import feature_cache_path, train_lit_heads
 
     sibling_val = paths.manifest_path(manifest.parent, "val")
     if val_manifest is None and sibling_val.exists() and manifest.name != sibling_val.name:

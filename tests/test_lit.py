@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from pipeline.common.errors import PipelineError
 from pipeline.retrieval.metrics import recall_at_k
-from pipeline.teachers.lit_training import feature_cache_path, train_lit_heads
+from pipeline.distill.lit_heads import feature_cache_path, train_lit_heads
 from pipeline.data.manifest import Manifest
 from pipeline.teachers import load_teacher
 from pipeline.teachers.lit import LitImageTransform, LitTeacher, LitTowers

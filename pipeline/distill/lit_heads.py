@@ -4,6 +4,9 @@ The towers are frozen, so their features are computed once per split (images onc
 every caption) and kept in an npz next to the checkpoint; head training then runs many cheap epochs
 of symmetric InfoNCE (CLIP/LiT loss, learnable temperature) over those features. The epoch with the
 best held-out RSUM (val manifest, or a held-out slice of the train images) is the one saved.
+
+It lives in distill, above retrieval whose recall it reports: a teacher this project makes is trained here,
+like the strong teacher.
 """
 
 from __future__ import annotations
