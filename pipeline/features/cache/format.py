@@ -27,6 +27,7 @@ import re
 from dataclasses import asdict, dataclass
 
 FORMAT_VERSION = 1
+TOKEN_FORMAT = "clipdistill-tokens/1"  # the classification token cache (cache/tokens.py): one file per split
 SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.h5$")
 
 

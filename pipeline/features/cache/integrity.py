@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -36,21 +37,49 @@ def checksum_attrs(arrays: dict[str, np.ndarray]) -> dict[str, str]:
     return {CHECKSUM_PREFIX + name: array_checksum(a) for name, a in arrays.items()}
 
 
-def shard_problems(path: Path) -> list[str]:
-    """What is wrong with a shard's content (empty when every dataset matches its recorded checksum)."""
+def dataset_checksum(dset: h5py.Dataset, rows_per_read: int | None = None) -> str:
+    """``array_checksum`` of a stored dataset, read a block of rows at a time (a token cache can be larger than
+    RAM): the same bytes in the same order, so the same digest."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{np.dtype(dset.dtype).str}{tuple(dset.shape)}".encode())
+    if dset.size == 0:
+        return h.hexdigest()
+    if not dset.shape:
+        h.update(memoryview(np.ascontiguousarray(dset[()])).cast("B"))
+        return h.hexdigest()
+    row_bytes = max(1, dset.size // dset.shape[0] * dset.dtype.itemsize)
+    step = rows_per_read or max(1, (64 << 20) // row_bytes)
+    for lo in range(0, dset.shape[0], step):
+        h.update(memoryview(np.ascontiguousarray(dset[lo:lo + step])).cast("B"))
+    return h.hexdigest()
+
+
+def _datasets(f: h5py.File) -> list[str]:
+    names: list[str] = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return names
+
+
+def file_problems(path: Path) -> list[str]:
+    """What is wrong with an HDF5 file's content (a cache shard, a token split): empty when every dataset
+    matches its recorded ``checksum:<name>`` attribute (datasets in groups named by their path)."""
     try:
         with h5py.File(path, "r") as f:
             recorded = {k[len(CHECKSUM_PREFIX):]: str(v) for k, v in f.attrs.items() if k.startswith(CHECKSUM_PREFIX)}
             if not recorded:
                 return [LEGACY]
-            problems = [f"dataset {name!r} is missing" for name in recorded if name not in f]
-            problems += [f"dataset {name!r} has no recorded checksum" for name in f if name not in recorded]
+            present = _datasets(f)
+            problems = [f"dataset {name!r} is missing" for name in recorded if name not in present]
+            problems += [f"dataset {name!r} has no recorded checksum" for name in present if name not in recorded]
             for name in recorded:
-                if name in f and array_checksum(f[name][()]) != recorded[name]:
+                if name in present and dataset_checksum(f[name]) != recorded[name]:
                     problems.append(f"{name} differs from its checksum (the file was changed or damaged)")
             return problems
     except (OSError, ValueError, KeyError) as exc:  # truncated or not HDF5
         return [f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"]
+
+
+shard_problems = file_problems  # the name stage 1's reader and older callers use
 
 
 def _identity(path: Path) -> dict:
@@ -88,5 +117,75 @@ def verify_shard(path: Path, force: bool = False) -> list[str]:
     return problems
 
 
-__all__ = ["array_checksum", "checksum_attrs", "shard_problems", "verify_shard", "is_stamped", "stamp",
+@dataclass(frozen=True)
+class Finding:
+    status: str  # ok | damaged | missing | unchecked
+    path: Path
+    detail: str = ""
+
+    @property
+    def bad(self) -> bool:
+        return self.status in ("damaged", "missing")
+
+
+def _token_file(path: Path) -> bool | None:
+    """True for a token cache file (split or class prompts), False for another HDF5 file, None if unreadable."""
+    from pipeline.features.cache.format import TOKEN_FORMAT
+
+    try:
+        with h5py.File(path, "r") as f:
+            return str(f.attrs.get("format", "")) == TOKEN_FORMAT
+    except OSError:
+        return None
+
+
+def verify_tree(path: Path) -> list[Finding]:
+    """Check every stored file under ``path`` (or ``path`` itself): stage-1 shards (and the shards missing from
+    their split), token cache files, checkpoints and exports (``.pt`` with a ``.blake2b`` sidecar). A file that
+    passes a full check is stamped, as when a cache opens it."""
+    from pipeline.common.errors import PipelineError
+    from pipeline.features.cache.format import SHARD_RE, CacheMeta, shard_name
+
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"nothing to verify at {path}")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    shards = [p for p in files if SHARD_RE.match(p.name)]
+    others = {p: _token_file(p) for p in files if p.suffix == ".h5" and not SHARD_RE.match(p.name)}
+    tokens = [p for p, kind in others.items() if kind is not False]
+    stored = [p for p in files if p.suffix == ".pt" and "queue" not in p.parts]
+    if not shards and not tokens and not stored:
+        raise PipelineError(f"{path} holds no cache shards, token caches, checkpoints or exports")
+    found: list[Finding] = []
+    for split_dir in sorted({p.parent for p in shards}):
+        present = sorted(p for p in shards if p.parent == split_dir)
+        try:
+            with h5py.File(present[0], "r") as f:
+                total = CacheMeta.from_attrs(f.attrs).total_shards
+            found += [Finding("missing", split_dir / n, f"shard {n} of {total}")
+                      for n in (shard_name(i, total) for i in range(total)) if not (split_dir / n).exists()]
+        except (OSError, KeyError, TypeError):
+            pass  # the unreadable shard is reported below
+        found += [_check_h5(p) for p in present]
+    found += [_check_h5(p) for p in tokens]
+    for file in stored:
+        problem = io.verify_file(file)
+        if problem == "no checksum recorded":
+            found.append(Finding("unchecked", file, "no checksum recorded (written before checksums)"))
+        else:
+            found.append(Finding("damaged", file, problem) if problem else Finding("ok", file))
+    return found
+
+
+def _check_h5(path: Path) -> Finding:
+    problems = file_problems(path)
+    if problems == [LEGACY]:
+        return Finding("unchecked", path, LEGACY)
+    if problems:
+        return Finding("damaged", path, "; ".join(problems))
+    stamp(path)
+    return Finding("ok", path)
+
+
+__all__ = ["Finding", "verify_tree", "array_checksum", "checksum_attrs", "dataset_checksum", "file_problems", "shard_problems", "verify_shard", "is_stamped", "stamp",
            "CHECKSUM_PREFIX", "STAMP_SUFFIX"]
