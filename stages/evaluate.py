@@ -12,49 +12,12 @@ from stages.common import resolve_device
 from pipeline.common import paths
 
 
-def _exports(runs: Optional[List[Path]], runs_dir: Path) -> list[Path]:
-    """Student export files from run folders or export paths; every export under runs_dir by default."""
-    if not runs:
-        return sorted(p for p in (paths.student_export(r) for r in sorted(runs_dir.glob("*"))) if p.is_file())
-    out = []
-    for run in runs:
-        if run.is_dir():
-            export = paths.student_export(run)
-            if not export.is_file():
-                raise PipelineError(f"run {run} has no student export ({export}); has its training finished?")
-            out.append(export)
-        elif run.is_file():
-            out.append(run)
-        else:
-            raise PipelineError(f"run folder or student export not found: {run}")
-    return out
-
-
-def _foreign(exports: list[Path], cache) -> dict[Path, str]:
-    """Exports distilled from another teacher or dataset than ``cache`` holds, with the reason to skip each."""
-    from pipeline.retrieval.evaluate import foreign_export_reason
-
-    reasons = {export: foreign_export_reason(export, cache) for export in exports}
-    return {export: why for export, why in reasons.items() if why}
-
-
-def _name(export: Path, taken: set[str]) -> str:
-    """Folder name of a student's results: its run's name (export at runs/<name>/export/student.pt)."""
-    from pipeline.retrieval.evaluate import safe_name
-
-    run = paths.run_of_export(export)
-    base = safe_name(run.name if run else export.stem)
-    name, n = base, 1
-    while name in taken:
-        n += 1
-        name = f"{base}-{n}"
-    taken.add(name)
-    return name
-
-
-def _summary(r: dict) -> str:
+def _print(name: str, r: dict, evaluated_now: bool) -> None:
+    if not evaluated_now:
+        typer.echo(f"{name}: up to date, not re-evaluated")
+        return
     m = r["metrics"]
-    return f"RSUM {m['rsum']:.1f} (i2t R@1 {m['i2t_r1']:.1f}, t2i R@1 {m['t2i_r1']:.1f})"
+    typer.echo(f"{name}: RSUM {m['rsum']:.1f} (i2t R@1 {m['i2t_r1']:.1f}, t2i R@1 {m['t2i_r1']:.1f})")
 
 
 def evaluate(
@@ -85,12 +48,13 @@ def evaluate(
                                 "shards verified before (default: only shards new to this place)."),
 ) -> None:
     """Retrieval R@1/5/10 + RSUM of the teacher and students on a split (method.md section 2) + a report."""
-    from pipeline.features.cache import FeatureCache
-    from pipeline.retrieval.evaluate import (
-        TRUNCATED_CAPTIONS, SpeedSettings, evaluate_student, evaluate_teacher_cache, is_fresh, read_result,
-        safe_name, student_settings, teacher_settings,
-    )
     from pipeline.data.manifest import Manifest
+    from pipeline.distill.trainer import export_reads_teacher
+    from pipeline.features.cache import FeatureCache
+    from pipeline.retrieval.evaluate import TRUNCATED_CAPTIONS, SpeedSettings, safe_name
+    from pipeline.retrieval.exports import (
+        EvalOptions, find_exports, foreign_exports, result_name, student_unless_fresh, teacher_unless_fresh,
+    )
     from pipeline.retrieval.report import write_report
 
     manifest = Manifest.read(paths.manifest_path(manifest_dir, split))
@@ -98,36 +62,25 @@ def evaluate(
         raise PipelineError(f"no {split} cache in {cache_dir}; run `clipdistill teacher-features` for it")
     cache = FeatureCache(paths.cache_split_dir(cache_dir, split), expect_manifest_hash=manifest.content_hash,
                          verify=True if verify else None)
-    exports = _exports(runs, runs_dir)
-    skipped = {} if runs else _foreign(exports, cache)  # runs named by the user are never skipped silently
+    exports = find_exports(runs, runs_dir)
+    # runs named by the user are never skipped silently
+    skipped = {} if runs else foreign_exports(exports, cache, export_reads_teacher)
     exports = [e for e in exports if e not in skipped]
-    device = resolve_device(device)
-    max_caps = TRUNCATED_CAPTIONS if truncate_captions else None
-    speed = SpeedSettings(repeats=latency_repeats) if latency_repeats > 0 else None
+    opts = EvalOptions(split, index, TRUNCATED_CAPTIONS if truncate_captions else None, resolve_device(device),
+                       batch_size, workers, SpeedSettings(repeats=latency_repeats) if latency_repeats > 0 else None,
+                       teacher_spec)
 
     teacher_dir = out / safe_name(f"teacher-{cache.meta.teacher_name}")
-    settings = teacher_settings(split, index, max_caps, manifest, teacher_spec)
-    if not force and is_fresh(teacher_dir, cache.shard_paths, settings):
-        typer.echo(f"{teacher_dir.name}: up to date, not re-evaluated")
-    else:
-        r = evaluate_teacher_cache(cache, manifest, index, teacher=teacher_spec, split=split,
-                                   max_captions_per_image=max_caps, out_dir=teacher_dir,
-                                   name=teacher_dir.name, device=device, speed=speed)
-        typer.echo(f"{teacher_dir.name}: {_summary(r)}")
-    results = [read_result(teacher_dir)]
-
+    r, now = teacher_unless_fresh(cache, manifest, opts, teacher_dir, force=force)
+    _print(teacher_dir.name, r, now)
+    results = [r]
     taken = {teacher_dir.name}
     for export in exports:
-        model_dir = out / _name(export, taken)
-        settings = student_settings(split, index, max_caps, manifest, cache)
-        if not force and is_fresh(model_dir, [export], settings):
-            typer.echo(f"{model_dir.name}: up to date, not re-evaluated")
-        else:
-            r = evaluate_student(export, manifest, cache, index, split=split, max_captions_per_image=max_caps,
-                                 out_dir=model_dir, name=model_dir.name, device=device, batch_size=batch_size,
-                                 workers=workers, speed=speed)
-            typer.echo(f"{model_dir.name}: {_summary(r)}")
-        results.append(read_result(model_dir))
+        model_dir = out / result_name(export, taken)
+        r, now = student_unless_fresh(export, manifest, cache, opts, model_dir, model_dir.name, force=force,
+                                      reads_teacher=export_reads_teacher)
+        _print(model_dir.name, r, now)
+        results.append(r)
     for export, why in skipped.items():
         typer.echo(f"skipped {paths.run_of_export(export) or export}: {why}")
     if not exports:

@@ -369,6 +369,7 @@ def test_exports_of_another_teacher_or_dataset_are_skipped_with_the_reason(env, 
 def test_a_run_that_never_read_the_teacher_belongs_to_any_teacher_cache_of_its_dataset(env, tmp_path):
     """A pairs-only run records its cache's teacher, but no loss read that teacher's targets: after the cache is
     rebuilt with a better teacher it is still evaluated (the baseline row of the same table)."""
+    from pipeline.distill.trainer import export_reads_teacher
     from pipeline.retrieval.evaluate import foreign_export_reason
 
     model = build_student(get_preset("tiny", embed_dim=env.cache.width))
@@ -377,4 +378,4 @@ def test_a_run_that_never_read_the_teacher_belongs_to_any_teacher_cache_of_its_d
     for name, recipe, foreign in (("pairs", pairs_only, False), ("dsmd", distilled, True)):
         path = export_student(model, None, tmp_path / name / "student.pt",
                               meta={"teacher_fingerprint": "old-teacher-0123", "recipe": recipe})
-        assert bool(foreign_export_reason(path, env.cache)) == foreign, name
+        assert bool(foreign_export_reason(path, env.cache, export_reads_teacher)) == foreign, name

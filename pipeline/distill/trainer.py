@@ -138,6 +138,13 @@ def teacher_free(losses: LossConfig) -> bool:
     return set(losses.enabled) <= set(TEACHER_FREE_LOSSES)
 
 
+def export_reads_teacher(meta: dict) -> bool:
+    """Whether a student export's recorded losses read its teacher's targets (stage 3 passes this to its
+    foreign-export checks); an export without a recorded recipe counts as reading them."""
+    recipe = meta.get("recipe") or {}
+    return "losses" not in recipe or not teacher_free(cfgio.from_dict(LossConfig, recipe["losses"]))
+
+
 @one_process_per_run
 def train(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     """Run (or resume) one distillation run; returns where it went and how it did."""

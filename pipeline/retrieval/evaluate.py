@@ -253,26 +253,27 @@ def _record(name: str, kind: str, emb: SplitEmbeddings, metrics: dict, settings:
     }
 
 
-def distilled_from(meta: dict) -> str | None:
-    """The teacher fingerprint a student export learned from, or None: none recorded, or a run whose losses
-    never read the teacher's targets (pairs only), for which any teacher's cache of its dataset is context."""
-    recipe = meta.get("recipe") or {}
-    if "losses" in recipe:
-        from pipeline.common import config as cfgio
-        from pipeline.distill.losses import LossConfig
-        from pipeline.distill.trainer import teacher_free
+# Does an export's recipe read its teacher's targets? Answered by the package that wrote the recipe
+# (pipeline.distill.trainer.export_reads_teacher) and passed in: retrieval sits below distill.
+ReadsTeacher = Callable[[dict], bool]
 
-        if teacher_free(cfgio.from_dict(LossConfig, recipe["losses"])):
-            return None
+
+def distilled_from(meta: dict, reads_teacher: ReadsTeacher | None = None) -> str | None:
+    """The teacher fingerprint a student export learned from, or None: none recorded, or (``reads_teacher``
+    says so) a run whose losses never read the teacher's targets (pairs only), for which any teacher's cache
+    of its dataset is context. Without ``reads_teacher`` a recorded fingerprint counts."""
+    if reads_teacher is not None and not reads_teacher(meta):
+        return None
     return meta.get("teacher_fingerprint")
 
 
-def foreign_export_reason(export_path: str | Path, cache: FeatureCache) -> str | None:
+def foreign_export_reason(export_path: str | Path, cache: FeatureCache,
+                          reads_teacher: ReadsTeacher | None = None) -> str | None:
     """Why a student export does not belong to ``cache`` (another teacher or dataset), or None if it does."""
     from pipeline.students.export import export_meta
 
     meta = export_meta(export_path)
-    fp, ds = distilled_from(meta), meta.get("dataset")
+    fp, ds = distilled_from(meta, reads_teacher), meta.get("dataset")
     here_fp, here_ds = cache.meta.teacher_fingerprint, cache.meta.dataset
     if (fp and fp != here_fp) or (ds and here_ds and ds != here_ds):
         return f"distilled from teacher {fp} on dataset {ds}; this cache holds teacher {here_fp} on dataset {here_ds}"
@@ -284,6 +285,7 @@ def evaluate_student(
     index: str = "exact", *, split: str = "test", max_captions_per_image: int | None = None,
     out_dir: str | Path | None = None, name: str | None = None, device: str = "cpu", batch_size: int = 64,
     workers: int = 2, speed: SpeedSettings | None = SpeedSettings(), gpu: bool | str = "auto",
+    reads_teacher: ReadsTeacher | None = None,
 ) -> dict[str, Any]:
     """Embed ``manifest`` with a student export and compute its retrieval metrics.
 
@@ -296,13 +298,14 @@ def evaluate_student(
         max_captions_per_image: None keeps every caption; N keeps each image's first N.
         out_dir: Write result.json, indexes and embeddings there (see module docstring).
         speed: Latency/throughput settings; None skips the measurement.
+        reads_teacher: see :func:`distilled_from`.
 
     Returns:
         The result record (also ``out_dir/result.json``).
     """
     export_path = Path(export_path)
     encoder = load_student(export_path, device)
-    teacher_fp = distilled_from(encoder.meta)
+    teacher_fp = distilled_from(encoder.meta, reads_teacher)
     if teacher_cache is not None:
         check_cache_matches(teacher_cache, manifest)
         cached_fp = teacher_cache.meta.teacher_fingerprint
