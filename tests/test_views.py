@@ -120,3 +120,32 @@ def test_stage2_replays_views_and_checks_the_count(world, tmp_path):
     bad = cli(distill_args(shapes, runs, "w", "data.views=5"), stdout=-1, stderr=-2, text=True)
     out, _ = bad.communicate(timeout=120)
     assert bad.returncode != 0 and "holds 3 views per image" in out and "Traceback" not in out, out
+
+
+def test_training_replays_the_pixels_stage1_encoded_with_preload_and_thumbnail_on(world, tmp_path):
+    """Through the trainer's own loader: preloading on, and the shapes (40 px) larger than the preload size
+    (1.15 x the student's 32 px), so a crop of the downsized copy would not be the teacher's pixels."""
+    from tests.test_distill import settings
+    from tests.test_transfer import _objective
+
+    root, data, spec = world
+    obj = _objective(tmp_path, *settings((data, root / "cache"), tmp_path / "runs"), "data.views=2",
+                     "data.preload=true")
+    assert "preloaded into RAM" in obj.dataset.preload_summary and obj.dataset.preload_size < 40
+    stage1 = teacher_view_transform(load_teacher(spec, device="cpu"))  # what teacher-features fed the teacher
+    cache = FeatureCache(root / "cache" / "train")
+    checked = 0
+    for batch in obj.epoch_batches(1, 0):
+        for j, row in enumerate(batch.rows.tolist()):
+            view = int(batch.views[j])
+            assert 0 <= view < 2
+            params = cache.view_params[obj.rows.image_rows[row], view]
+            expected = stage1(load_rgb(obj.rows.locations[row]), params)
+            assert torch.equal(batch.pixels[j], expected), f"row {row} view {view}: not the pixels stage 1 encoded"
+            checked += 1
+    assert checked >= 16
+    # streamed from disk: the same pixels
+    streamed = _objective(tmp_path / "s", *settings((data, root / "cache"), tmp_path / "runs"), "data.views=2",
+                          "data.preload=false")
+    first = next(iter(streamed.epoch_batches(1, 0)))
+    assert torch.equal(first.pixels, next(iter(obj.epoch_batches(1, 0))).pixels)

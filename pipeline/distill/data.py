@@ -13,6 +13,8 @@ training grows the heap). A worker forked every epoch from a process that rewrit
 gradients each step keeps its own copy of every page the trainer writes afterwards: with 16k preloaded images
 that doubled a run's memory (bench/bench_loader_memory.py). Preloaded and streamed images are the same pixels
 (both downsized to ``preload_size``), so preloading, which ``preload_limit_gb`` caps, never changes results.
+View replay crops the full-resolution image, as stage 1 did, and resizes the crop to the student's size; preloading
+then keeps those crops (never a downsized copy to crop from: the student would not see the teacher's pixels).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import functional as TF
 
 from pipeline.features.cache import FeatureCache
 from pipeline.common.errors import PipelineError
@@ -31,7 +34,7 @@ from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.distill.losses import caption_hashes
 from pipeline.data.manifest import Manifest
 from pipeline.distill.transfer import TransferImages, TransferStream
-from pipeline.features.views import ViewTransform, pick_view
+from pipeline.features.views import ViewTransform, pick_view, render_view
 
 
 @dataclass
@@ -116,12 +119,22 @@ class ViewReplay:
     pair_params: np.ndarray
     transfer_params: np.ndarray | None = None
 
+    def crop(self, img: Image.Image, params: np.ndarray) -> Image.Image:
+        """The view's pixels at the student's size, cropped from the full-resolution image as stage 1 did."""
+        t = self.transform
+        return render_view(img, params, t.size, t.interpolation)
 
-def preload_bytes(n_images: int, size: int | None) -> int:
+    def tensor(self, crop: Image.Image) -> torch.Tensor:
+        """A crop as the student's input: the rest of ``ViewTransform`` (so the pixels equal its output)."""
+        return TF.normalize(TF.to_tensor(crop), list(self.transform.mean), list(self.transform.std))
+
+
+def preload_bytes(n_images: int, size: int | None, per_image: int = 1) -> int:
     """Upper bound of the RAM that ``n_images`` preloaded images take: PIL keeps RGB at 4 bytes a pixel, and
-    each image fits in size x size (unknown without a size: counted as 512 x 512)."""
+    each image fits in size x size (unknown without a size: counted as 512 x 512); ``per_image``: pictures kept
+    per image (the cached view crops)."""
     side = size or 512
-    return n_images * side * side * 4
+    return n_images * per_image * side * side * 4
 
 
 class PairDataset(Dataset):
@@ -130,7 +143,9 @@ class PairDataset(Dataset):
     the pixels replay (-1 without view replay: the student's own random augmentation).
 
     ``preload`` decodes every image once into RAM, downsized to fit ``preload_size`` (what the student's
-    crops are taken from); without it each item is decoded and downsized the same way, so the pixels agree."""
+    crops are taken from); without it each item is decoded and downsized the same way, so the pixels agree.
+    With view replay it keeps each image's ``views.count`` view crops instead, cut from the full-resolution image
+    like the streamed items."""
 
     def __init__(self, rows: AlignedRows, transform: Callable, seed: int, preload: bool = False,
                  preload_size: int | None = None, transfer: TransferImages | None = None,
@@ -139,24 +154,40 @@ class PairDataset(Dataset):
         self.rows, self.transform, self.seed, self.preload_size = rows, transform, seed, preload_size
         self.transfer, self.stream, self.views = transfer, stream, views
         self._images: dict[str, Image.Image] = {}
+        self._crops: dict[str, list[Image.Image]] = {}  # view replay: location -> its first views.count crops
         locations = self.locations()
-        bound = preload_bytes(len(locations), preload_size)
+        bound = (preload_bytes(len(locations), views.transform.size, views.count) if views
+                 else preload_bytes(len(locations), preload_size))
         if not preload:
             self.preload_summary = f"{len(locations)} streamed from disk (data.preload: false)"
         elif preload_limit is not None and bound > preload_limit:
             self.preload_summary = (f"{len(locations)} streamed from disk: preloading them could take "
                                     f"{bound / 2**30:.1f} GiB > data.preload_limit_gb {preload_limit / 2**30:g}")
         else:  # decode once, keep in RAM, shared with the workers (forked once, never written after)
+            params = self._view_params() if views else {}
             for loc in locations:
                 try:
-                    self._images[loc] = self._decode(loc)
+                    if views:
+                        img = load_rgb(loc)
+                        self._crops[loc] = [views.crop(img, p) for p in params[loc][:views.count]]
+                    else:
+                        self._images[loc] = self._decode(loc)
                 except ImageDecodeError:
                     continue  # reported per item, as a streamed run would
-            self.preload_summary = f"{len(self._images)} preloaded into RAM (at most {bound / 2**30:.1f} GiB)"
+            what = f" as their {views.count} view crops" if views else ""
+            self.preload_summary = (f"{len(self._images) + len(self._crops)} preloaded into RAM{what} "
+                                    f"(at most {bound / 2**30:.1f} GiB)")
 
     def locations(self) -> list[str]:
         """Every distinct image this dataset can serve: the pairs' and the transfer images."""
         return list(dict.fromkeys(self.rows.locations + (self.transfer.locations if self.transfer else [])))
+
+    def _view_params(self) -> dict[str, np.ndarray]:
+        """Location -> its cached view parameters (captions of one image share them; transfer images are no pairs)."""
+        out = dict(zip(self.rows.locations, self.views.pair_params))
+        if self.transfer is not None:
+            out.update(zip(self.transfer.locations, self.views.transfer_params))
+        return out
 
     def _decode(self, loc: str) -> Image.Image:
         img = load_rgb(loc)
@@ -178,13 +209,18 @@ class PairDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
         loc, params = self._source(i)
+        if params is not None:  # replay a cached view: exactly the crop the teacher embedded
+            view = pick_view(self.seed, epoch, i, self.views.count)
+            try:
+                crops = self._crops.get(loc)
+                crop = crops[view] if crops else self.views.crop(load_rgb(loc), params[view])
+            except ImageDecodeError as exc:
+                return i, None, str(exc), -1
+            return i, self.views.tensor(crop), None, view
         try:
             img = self._images.get(loc) or self._decode(loc)
         except ImageDecodeError as exc:
             return i, None, str(exc), -1
-        if params is not None:  # replay a cached view: exactly the crop the teacher embedded
-            view = pick_view(self.seed, epoch, i, self.views.count)
-            return i, self.views.transform(img, params[view]), None, view
         # Augmentation draws from a seed fixed by (seed, epoch, index): identical on resume, any workers.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFFFFFF)
