@@ -59,8 +59,9 @@ UnpairedCol = Annotated[
                                 "path.")
 ]
 Unpaired = Annotated[
-    bool, typer.Option("--unpaired", help="folder: keep images without a caption file as image-only rows "
-                       "(transfer data for distillation) instead of rejecting them; a folder of images alone works.")
+    bool, typer.Option("--unpaired", help="folder, webdataset, coco, karpathy: keep images without a caption "
+                       "(no sidecar, no .txt/.json caption, no annotation, no sentences) as image-only rows (transfer "
+                       "data for distillation) instead of rejecting them; a folder or shards of images alone work.")
 ]
 
 

@@ -3,6 +3,8 @@ stage 1 (their images, no caption), left out of pair training with a note."""
 
 from __future__ import annotations
 
+import json
+import tarfile
 import numpy as np
 import pytest
 
@@ -55,7 +57,7 @@ def test_a_folder_of_images_alone_through_the_command(tmp_path, capsys):
     m = Manifest.read(paths["train"])
     assert len(m) == 3 and m.image_only_mask().all()
     with pytest.raises(Exception, match="does not apply"):
-        build_manifest("coco", root, tmp_path / "out2", unpaired=True)
+        build_manifest("tabular", root, tmp_path / "out2", unpaired=True)
 
 
 def test_stage1_caches_image_only_rows_and_stage2_uses_the_pairs(tmp_path):
@@ -129,3 +131,54 @@ def test_a_caption_list_through_the_command_and_stage1(tmp_path, capsys):
     assert len(cache.text) == 0 and cache.lone_sample_ids.tolist() == [0, 2, 3]
     want = teacher.encode_texts(teacher.tokenize(["a red square", "a blue circle", "a red square"])).numpy()
     np.testing.assert_allclose(cache.lone_text.to_array().astype(np.float32), want, atol=2e-3)  # fp16 cache
+
+
+def test_webdataset_unpaired_keeps_images_without_captions_without_renumbering_pairs(tmp_path, capsys):
+    g = datagen.make_webdataset(tmp_path, n_images=4, captions_per_image=2, n_shards=1)
+    with tarfile.open(g.image_root / "shard-00001.tar", "w") as tf:  # shards of images alone, and one labelled
+        datagen.add_member(tf, "000010.jpg", datagen.image_bytes(10, "JPEG"))
+        datagen.add_member(tf, "000011.jpg", datagen.image_bytes(11, "JPEG"))
+        datagen.add_member(tf, "000011.json", b'{"label": "red"}')
+        datagen.add_member(tf, "000012.json", b'{"captions": []}')  # no image either: still a reject
+    plain = read_dataset("webdataset", path=g.image_root)
+    m = read_dataset("webdataset", path=g.image_root, unpaired=True)
+    assert sorted(r.source_row for r in plain.rejects) == ["shard-00001.tar:000010", "shard-00001.tar:000011",
+                                                           "shard-00001.tar:000012"]
+    assert [(r.source_row, r.reason) for r in m.rejects] == [
+        ("shard-00001.tar:000012", "image file not found (no image member for this key)")]
+    assert m.paired().table.to_pylist() == plain.table.to_pylist()  # the pairs are exactly as before
+    only = m.table.filter(m.table.column("caption").is_null()).to_pylist()
+    assert [(r["sample_id"], r["image_id"], r["image_path"], r["label"]) for r in only] == [
+        (8, 4, "shard-00001.tar::000010.jpg", None), (9, 5, "shard-00001.tar::000011.jpg", "red")]
+    assert m.image_only_mask().sum() == 2 and m.source.endswith('{"unpaired": true}') and plain.source.endswith("{}")
+    build_manifest("webdataset", g.image_root, tmp_path / "out", unpaired=True)
+    assert "2 image-only rows" in capsys.readouterr().out
+
+
+def test_coco_and_karpathy_unpaired_keep_images_without_captions(tmp_path):
+    coco = datagen.make_coco(tmp_path, n_images=4, captions_per_image=2)
+    data = json.loads(coco.path.read_text())
+    datagen.write_image(coco.image_root / "extra.jpg", 20)
+    data["images"] += [{"id": 5000, "file_name": "extra.jpg"}, {"id": 5001, "file_name": "gone.jpg"}]
+    coco.path.write_text(json.dumps(data))
+    plain, m = read_dataset("coco", **coco.options), read_dataset("coco", **coco.options, unpaired=True)
+    assert {r.reason for r in plain.rejects} == {"image has no captions"}
+    assert [r.reason.split(" (")[0] for r in m.rejects] == ["image file not found"]  # a missing file stays one
+    assert m.paired().table.to_pylist() == plain.table.to_pylist()
+    only = m.table.filter(m.table.column("caption").is_null()).to_pylist()
+    top = max(a["id"] for a in data["annotations"])
+    assert [(r["sample_id"], r["image_id"], r["image_path"], r["split"]) for r in only] == [
+        (top + 1, 5000, "extra.jpg", "val")]
+
+    kp = datagen.make_karpathy(tmp_path, n_images=4, captions_per_image=2)
+    data = json.loads(kp.path.read_text())
+    data["images"][1]["sentences"], data["images"][1]["sentids"] = [], []
+    data["images"].append({"filename": "none.jpg", "imgid": 99, "split": "train", "sentences": []})
+    kp.path.write_text(json.dumps(data))
+    plain, m = read_dataset("karpathy", **kp.options), read_dataset("karpathy", **kp.options, unpaired=True)
+    assert [r.reason for r in plain.rejects][0] == "image has no sentences" and len(plain.rejects) == 2
+    assert [r.reason.split(" (")[0] for r in m.rejects] == ["image file not found"]
+    assert m.paired().table.to_pylist() == plain.table.to_pylist()
+    only = m.table.filter(m.table.column("caption").is_null()).to_pylist()
+    assert [(r["sample_id"], r["image_id"], r["image_path"], r["split"]) for r in only] == [
+        (1000 + 4 * 2, 11, "img_0001.jpg", "val")]  # after the largest sentid, the removed ones' included

@@ -1,7 +1,8 @@
 """COCO caption annotation files (``captions_train2017.json``-style); one file is one split.
 
 Ids: ``sample_id`` is the annotation ``id`` and ``image_id`` the COCO image ``id``, so rows can be
-joined back to the official annotations.
+joined back to the official annotations. With ``unpaired`` an image no annotation names is a declared
+image-only row instead of a reject; its sample id follows the largest annotation id, so no pair is renumbered.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pipeline.data.readers.common import (
 )
 
 
-def read_coco(path: str | Path, image_root: str | Path | None = None, split: str = "train") -> Manifest:
+def read_coco(path: str | Path, image_root: str | Path | None = None, split: str = "train",
+              unpaired: bool = False) -> Manifest:
     """Read a COCO captions JSON.
 
     Args:
@@ -30,6 +32,7 @@ def read_coco(path: str | Path, image_root: str | Path | None = None, split: str
         image_root: folder holding the ``file_name`` images (e.g. ``train2017/``); defaults to the
             JSON file's folder.
         split: split name given to every row.
+        unpaired: keep images without any annotation as image-only rows (transfer data).
 
     Returns:
         Manifest with one row per annotation, in file order. Annotations of unknown or malformed
@@ -109,8 +112,18 @@ def read_coco(path: str | Path, image_root: str | Path | None = None, split: str
             }
         )
     # An image nobody captioned would otherwise vanish without a trace.
+    next_id = 1 + max((i for a in data["annotations"] if isinstance(a, dict)
+                       for i in [as_int_id(a.get("id"))] if i is not None), default=-1)
     for image_id, where in image_where.items():  # file order
-        if image_id not in captioned:
-            rejects.append(Reject(where, "image has no captions", image_path.get(image_id)))
-    source = describe_source("coco", path, image_root=root, split=split)
+        if image_id in captioned:
+            continue
+        if unpaired and image_id not in image_problem:
+            rows.append({"sample_id": next_id, "image_id": image_id, "image_path": image_path[image_id],
+                         "caption": None, "unpaired": True, "split": split, "label": None, "source_row": where})
+            next_id += 1
+        else:
+            reason = image_problem.get(image_id, "image has no captions") if unpaired else "image has no captions"
+            rejects.append(Reject(where, reason, image_path.get(image_id)))
+    options = {"unpaired": True} if unpaired else {}
+    source = describe_source("coco", path, image_root=root, split=split, **options)
     return Manifest.from_rows(rows, source=source, image_root=root, rejects=rejects)

@@ -3,7 +3,8 @@
 Ids: ``sample_id`` is the sentence's ``sentid`` and ``image_id`` is the entry's ``imgid``. Both are
 present in every Karpathy file and unique across the whole file (all splits). ``cocoid`` is only in
 the COCO file, so it is not used: one id scheme for every Karpathy dataset, and ids agree with
-other tools that index these files by ``imgid``/``sentid``.
+other tools that index these files by ``imgid``/``sentid``. With ``unpaired`` an image with an empty
+``sentences`` list is a declared image-only row (its sample id follows the largest ``sentid``) instead of a reject.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def read_karpathy(
     path: str | Path,
     image_root: str | Path | None = None,
     restval_to_train: bool = False,
+    unpaired: bool = False,
 ) -> Manifest:
     """Read a Karpathy split JSON.
 
@@ -37,6 +39,7 @@ def read_karpathy(
             ``image_root/filepath/filename`` (``filepath`` only in the COCO file, e.g. ``val2014``).
             Defaults to the JSON file's folder.
         restval_to_train: fold the ``restval`` split into ``train`` (the usual 113k COCO train set).
+        unpaired: keep images without sentences as image-only rows (transfer data).
 
     Returns:
         Manifest with one row per sentence; malformed entries, missing images and id conflicts
@@ -70,8 +73,11 @@ def read_karpathy(
         image_problem = ids.claim(image_id, rel_path)
         if image_problem is None and not locator.exists(rel_path):
             image_problem = locator.missing_reason(rel_path)
-        if not entry["sentences"]:
-            rejects.append(Reject(where, "image has no sentences", rel_path))
+        if not entry["sentences"] and unpaired and not image_problem:
+            rows.append({"image_id": image_id, "image_path": rel_path, "caption": None, "unpaired": True,
+                         "split": split, "label": None, "source_row": where})  # sample id below
+        elif not entry["sentences"]:
+            rejects.append(Reject(where, image_problem if unpaired else "image has no sentences", rel_path))
         for j, sent in enumerate(entry["sentences"]):
             swhere = f"{where}.sentences[{j}]"
             raw = sent.get("raw") if isinstance(sent, dict) else None
@@ -94,7 +100,15 @@ def read_karpathy(
                     "source_row": swhere,
                 }
             )
-    source = describe_source("karpathy", path, image_root=root, restval_to_train=restval_to_train)
+    sentids = (as_int_id(sent.get("sentid")) for e in images if isinstance(e, dict)
+               and isinstance(e.get("sentences"), list) for sent in e["sentences"] if isinstance(sent, dict))
+    next_id = 1 + max((i for i in sentids if i is not None), default=-1)  # above every sentid, rejected ones too
+    for row in rows:  # image-only rows number after every sentence, so no pair is renumbered
+        if row.get("unpaired"):
+            row["sample_id"] = next_id
+            next_id += 1
+    options = {"unpaired": True} if unpaired else {}
+    source = describe_source("karpathy", path, image_root=root, restval_to_train=restval_to_train, **options)
     return Manifest.from_rows(rows, source=source, image_root=root, rejects=rejects)
 
 

@@ -7,8 +7,10 @@ file is one caption, the img2dataset convention). A ``label`` field in the json 
 
 Ids: shards are taken in sorted relative-path order and keys in sorted order within a shard;
 ``image_id`` numbers every key in that order (also keys that are rejected, so fixing one sample does
-not renumber the rest) and ``sample_id`` numbers the captions. Only member headers and the small
-json/txt members are read; images are decoded later, in stage 1.
+not renumber the rest) and ``sample_id`` numbers the captions. With ``unpaired``, a sample with an image and
+no caption is a declared image-only row (a large unlabelled image set is usually shards of images alone); its
+sample id comes after every caption's, so declaring them never renumbers a pair. Only member headers and the
+small json/txt members are read; images are decoded later, in stage 1.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ from pipeline.data.readers.common import assign_split, describe_source, parse_sp
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
-def read_webdataset(path: str | Path, split_fractions: str | Mapping[str, float] | None = None) -> Manifest:
+def read_webdataset(path: str | Path, split_fractions: str | Mapping[str, float] | None = None,
+                    unpaired: bool = False) -> Manifest:
     """Read tar shards.
 
     Args:
         path: a folder (every ``*.tar`` below it is a shard) or a single ``.tar`` file. The folder
             (or the file's folder) is the manifest's image root; image paths are ``shard.tar::member``.
         split_fractions: hash-based split assignment on ``shard::key``; default all ``train``.
+        unpaired: a sample with an image and no caption becomes a declared image-only row (transfer data)
+            instead of a reject.
 
     Returns:
         Manifest; ``source_row`` is ``shard.tar:key``. Samples without an image or caption, with a
@@ -63,18 +68,22 @@ def read_webdataset(path: str | Path, split_fractions: str | Mapping[str, float]
             rejects.append(Reject(shard_rel, f"cannot read tar shard: {exc}"))
             continue
         for key in sorted(samples):
-            for sample in _sample_rows(samples[key], f"{shard_rel}:{key}", shard_rel, rejects):
-                sample.update(
-                    sample_id=sample_id,
-                    image_id=image_id,
-                    split=assign_split(f"{shard_rel}::{key}", fractions),
-                )
+            for sample in _sample_rows(samples[key], f"{shard_rel}:{key}", shard_rel, rejects, unpaired):
+                sample.update(image_id=image_id, split=assign_split(f"{shard_rel}::{key}", fractions))
                 rows.append(sample)
-                sample_id += 1
+                if not sample.get("unpaired"):
+                    sample["sample_id"] = sample_id
+                    sample_id += 1
             image_id += 1
     if len(unreadable) == len(shards):
         raise PipelineError(f"no readable tar shard under {path} ({unreadable[0]})")
+    for row in rows:  # image-only rows number after every caption
+        if row.get("unpaired"):
+            row["sample_id"] = sample_id
+            sample_id += 1
     options: dict[str, object] = {"split_fractions": fractions} if fractions else {}
+    if unpaired:
+        options["unpaired"] = True
     source = describe_source("webdataset", path, **options)
     return Manifest.from_rows(rows, source=source, image_root=root, rejects=rejects)
 
@@ -114,7 +123,8 @@ def _read_shard(shard: Path) -> dict[str, _Sample]:
     return samples
 
 
-def _sample_rows(sample: _Sample, where: str, shard_rel: str, rejects: list[Reject]) -> list[dict]:
+def _sample_rows(sample: _Sample, where: str, shard_rel: str, rejects: list[Reject], unpaired: bool = False
+                 ) -> list[dict]:
     """Rows for one sample (without ids and split), recording its rejects."""
     image = next((sample.images[e] for e in IMAGE_EXTS if e in sample.images), None)
     image_path = f"{shard_rel}::{image}" if image else None
@@ -150,6 +160,8 @@ def _sample_rows(sample: _Sample, where: str, shard_rel: str, rejects: list[Reje
     if image is None:
         first = captions[0] if captions and isinstance(captions[0], str) else None
         return reject("image file not found (no image member for this key)", first)
+    if not captions and unpaired:
+        return [{"image_path": image_path, "caption": None, "unpaired": True, "label": label, "source_row": where}]
     if not captions:
         return reject("no caption (.txt member or json 'caption'/'captions')")
     rows = []
