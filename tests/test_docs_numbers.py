@@ -1,0 +1,232 @@
+"""The README's (and a few RESULTS findings') headline numbers against docs/results/summary.json.
+
+summary.json is written by the experiment runner from the runs' result files (pipeline/experiments/tables.py and
+classify_tables.py); prose is written by hand. Each check below names a phrase of the document, with ``{}`` where
+a number stands, and for each ``{}`` the summary.json key path and format it must equal. A check fails when the
+phrase is gone (reworded: update the check with the prose) or when a number in it differs from summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY = ROOT / "docs" / "results" / "summary.json"
+NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?(?: ± \d+(?:\.\d+)?)?"
+
+
+def get(summary: dict, path: tuple) -> object:
+    node = summary["sweeps"]
+    for key in path:
+        if isinstance(node, list) and isinstance(key, str):  # paired differences: a list of {"name": ...}
+            node = next((x for x in node if x.get("name") == key), None)
+        elif isinstance(node, list):
+            node = node[key]
+        else:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            raise KeyError(f"summary.json has no {' / '.join(map(str, path))} (stopped at {key!r})")
+    return node
+
+
+# formats: each takes the summary and returns the text the document must show
+def _stats(entry: dict) -> tuple[float, float]:
+    """Mean and sample std from the per-seed values, as the tables compute them."""
+    values = entry["values"]
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _roundings(x: float, digits: int, sign: bool = False) -> set[str]:
+    """How a number stored to 3 decimals may print: summary.json rounds each seed's value to 3 decimals, so a
+    mean at a rounding boundary (176.65) may have printed either way (the table's 176.6) from the exact values."""
+    return {f"{x + e:{'+' if sign else ''}.{digits}f}" for e in (-5e-4, 0.0, 5e-4)}
+
+
+def pm(*path, digits=1):
+    """``mean ± std`` of a stats entry."""
+    def spec(s):
+        m, sd = _stats(get(s, path))
+        return {f"{a} ± {b}" for a in _roundings(m, digits) for b in _roundings(sd, digits)}
+    return spec
+
+
+def mean(*path, digits=1, sign=False):
+    return lambda s: _roundings(_stats(get(s, path))[0], digits, sign)
+
+
+def val(*path, digits=1):
+    return lambda s: f"{get(s, path):.{digits}f}"
+
+
+def ratio(a, b, digits=2):
+    return lambda s: f"{a(s) / b(s):.{digits}f}"
+
+
+def row(sweep, table, label, *rest):
+    return (sweep, "tables", table, label, *rest)
+
+
+def cls(table, label, column, metric="top1"):
+    return row("emoji-subgroups", table, label, "columns", column, metric)
+
+
+def teacher(sweep, metric="rsum"):
+    return (sweep, "teacher", "metrics", metric)
+
+
+def _num(path):
+    return lambda s: get(s, path)
+
+
+W, WV, WL, W2, R = "emoji-world", "world-views", "world-long", "emoji-benchmark", "reinforced"
+PAIRS, DEFAULT = "pairs only (no teacher)", "default: pair + DSMD"
+TRANSFER = "pairs + transfer images and captions (1:1)"
+
+README_CHECKS = [
+    ("scores RSUM **{}** (R@1 {} / {})",
+     [val(*teacher(W)), val(*teacher(W, "i2t_r1")), val(*teacher(W, "t2i_r1"))]),
+    ("(`configs/emoji-lite.yaml`) reaches {}, so the teacher is {}x it",
+     [pm(*row(W, "world", PAIRS, "rsum")),
+      ratio(_num(teacher(W)), _num(row(W, "world", PAIRS, "rsum", "mean")))]),
+    ("(the four DSMD losses + the CLIP loss on the pairs) it reaches {}, inside the pairs-only spread",
+     [pm(*row(W, "world", DEFAULT, "rsum"))]),
+    ("(Table W1v) gives {}, still inside that spread",
+     [pm(*row(W, WV, "pair + DSMD, 3 replayed views", "rsum"))]),
+    ("the pairs-only student reaches {} (the teacher is then only {}x it) and the distilled one with replayed views {}",
+     [pm(*row(W, WL, "pairs only (no teacher), 6 epochs", "rsum")),
+      ratio(_num(teacher(W)), _num(row(W, WL, "pairs only (no teacher), 6 epochs", "rsum", "mean"))),
+      pm(*row(W, WL, "pair + DSMD, 3 replayed views, 6 epochs", "rsum"))]),
+    ("keeps the first, 3-epoch recipe ({})", [val(*teacher("reinforced-3ep"))]),
+    ("DSMD {} vs {} for the pairs alone",
+     [pm(*row(W2, "benchmark-strong", "full method (DSMD)", "rsum")),
+      pm(*row(W2, "benchmark-strong", PAIRS, "rsum"))]),
+    ("(129.6 after 4 epochs, against {} for the same student trained on those pairs alone for 6 epochs",
+     [pm(*row(W2, "benchmark-strong", PAIRS, "rsum"))]),
+    ("that run has since been retrained for Table W1, where seed 2 scores {}",
+     [val(*row(W, "world", DEFAULT, "rsum", "values", 2))]),
+    ("(openmoji test, strong teacher {}, 3 seeds): the student of the 2,956 pairs scores {}; with the corpus's "
+     "13,491 caption-less images {}; with those images and the corpus's captions, unpaired, **{}** ({} % of the "
+     "teacher) at 6 epochs and **{}** ({} %) at 18 epochs (the pairs alone at 18 epochs: {})",
+     [val(*teacher(R)), pm(*row(R, "transfer", "pairs alone", "rsum")),
+      pm(*row(R, "transfer", "pairs + transfer images (1:1)", "rsum")),
+      pm(*row(R, "transfer", TRANSFER, "rsum")), mean(*row(R, "transfer", TRANSFER, "pct_of_teacher_rsum"), digits=0),
+      pm(*row(R, "transfer-long", TRANSFER + ", 18 epochs", "rsum")),
+      mean(*row(R, "transfer-long", TRANSFER + ", 18 epochs", "pct_of_teacher_rsum")),
+      pm(*row(R, "transfer-long", "pairs alone, 18 epochs", "rsum"))]),
+    ("956 pairs reached {}% of the teacher with the floor ({}% without;",
+     [mean(*row("recipe-icons-lucide-small", "recipe-small", "earlier default (6 epochs, 250-step floor)",
+                "pct_of_teacher_rsum")),
+      mean(*row("recipe-icons-lucide-small", "recipe-small", "6 epochs, no floor (min_steps 0)",
+                "pct_of_teacher_rsum"), digits=0)]),
+    ("5,006 pairs {}% at 6 epochs and {}% at 13, 12,664 pairs {}% at 6 epochs",
+     [mean(*row("recipe-icons-tabler", "recipe-tabler", "earlier default (6 epochs, 250-step floor)",
+                "pct_of_teacher_rsum")),
+      mean(*row("recipe-icons-tabler", "recipe-tabler", "floor of 1,000 steps (min_steps 1000)",
+                "pct_of_teacher_rsum")),
+      mean(*row("recipe-line-icons", "recipe-full", "earlier default (6 epochs, 250-step floor)",
+                "pct_of_teacher_rsum"))]),
+    ("956 pairs **{} %** of the teacher ({} of {}), 12,664 pairs **{} %** ({} of {}; {} % at 6 epochs), "
+     "5,006 pairs **{} %** ({} of {}; {} % at 6 epochs)",
+     [pm(*row("recipe-icons-lucide-small", "recipe-small-12", "default config", "pct_of_teacher_rsum")),
+      pm(*row("recipe-icons-lucide-small", "recipe-small-12", "default config", "rsum")),
+      val(*teacher("recipe-icons-lucide-small")),
+      pm(*row("recipe-line-icons", "recipe-full-12", "default config", "pct_of_teacher_rsum")),
+      pm(*row("recipe-line-icons", "recipe-full-12", "default config", "rsum")),
+      val(*teacher("recipe-line-icons")),
+      mean(*row("recipe-line-icons", "recipe-full", "earlier default (6 epochs, 250-step floor)",
+                "pct_of_teacher_rsum")),
+      pm(*row("recipe-icons-tabler", "recipe-tabler-12", "default config", "pct_of_teacher_rsum")),
+      pm(*row("recipe-icons-tabler", "recipe-tabler-12", "default config", "rsum")),
+      val(*teacher("recipe-icons-tabler")),
+      mean(*row("recipe-icons-tabler", "recipe-tabler", "earlier default (6 epochs, 250-step floor)",
+                "pct_of_teacher_rsum"))]),
+    ("(a domain it has never seen: {} RSUM zero-shot) with 120 steps: supervised fine-tuning reaches {} / {} with "
+     "1 % / 10 % of the captions; the mean teacher stays below it ({} / {} in its best variant",
+     [mean(*row("icons-adapt", "icons-adapt", "start (zero-shot)", "rsum")),
+      pm(*row("icons-adapt", "icons-adapt", "1 %: supervised", "rsum")),
+      pm(*row("icons-adapt", "icons-adapt", "10 %: supervised", "rsum")),
+      pm(*row("icons-adapt", "icons-adapt-b", "1 %: mean teacher (ramp-up, student export)", "rsum")),
+      pm(*row("icons-adapt", "icons-adapt-b", "10 %: mean teacher (ramp-up, student export)", "rsum"))]),
+    ("the text-free probe {} % top-1 and the text head {} %; first-generation students {} / {} %",
+     [pm(*cls("subgroups-thesis", "class prompts, all labels", "w/o text: teacher")),
+      pm(*cls("subgroups-thesis", "class prompts, all labels", "with text: teacher")),
+      pm(*cls("subgroups-thesis", "class prompts, all labels", "w/o text: gen 1")),
+      pm(*cls("subgroups-thesis", "class prompts, all labels", "with text: gen 1"))]),
+    ("(Table C3) give a {} % head but students of {} %",
+     [pm(*cls("subgroups-text", "captions", "with text: teacher")),
+      pm(*cls("subgroups-text", "captions", "with text: gen 1"))]),
+    ("(Table C4): the same top-1 ({} points, inside the spread), balanced top-1 {} / {} % instead of {} / {} %",
+     [mean("emoji-subgroups", "paired_differences", "subgroups-targets",
+           "in-sample targets - out-of-fold targets (5 folds): w/o text: gen 1", sign=True),
+      pm(*cls("subgroups-targets", "in-sample targets", "w/o text: gen 1", "balanced_top1")),
+      pm(*cls("subgroups-targets", "in-sample targets", "with text: gen 1", "balanced_top1")),
+      pm(*cls("subgroups-targets", "out-of-fold targets (5 folds)", "w/o text: gen 1", "balanced_top1")),
+      pm(*cls("subgroups-targets", "out-of-fold targets (5 folds)", "with text: gen 1", "balanced_top1"))]),
+]
+
+# RESULTS findings that issue 34 found out of step with their tables
+RESULTS_CHECKS = [
+    ("the default config **{}** (277.6, 277.0, 278.3), **{} % of the teacher**",
+     [pm(*row("recipe-icons-tabler", "recipe-tabler", "earlier default (6 epochs, 250-step floor)", "rsum")),
+      pm(*row("recipe-icons-tabler", "recipe-tabler", "earlier default (6 epochs, 250-step floor)",
+              "pct_of_teacher_rsum"))]),
+    ("per seed the probe is ahead by 6.9 and 5.4 points and behind by 0.2 ({}: inside the spread)",
+     [lambda s: {x.lstrip("-") for x in pm("emoji-subgroups", "paired_differences", "subgroups-thesis",
+                                           "with text - w/o text, teacher")(s)}]),  # the probe's lead: negated
+    ("({} per seed, positive in all three seeds but inside the spread by the 2-std rule)",
+     [lambda s: {"+" + x for x in pm("emoji-subgroups", "paired_differences", "subgroups-text",
+                                     "captions - class prompts: with text: teacher")(s)}]),
+    ("(Table W2, {}). The default", [mean(*row(W2, "benchmark-strong", PAIRS, "rsum"))]),
+]
+
+
+def flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def mismatches(document: str, checks: list, summary: dict) -> list[str]:
+    """Every disagreement between ``document`` and summary.json, one line each; empty when they agree."""
+    text = flat(document)
+    problems = []
+    for phrase, specs in checks:
+        phrase = flat(phrase)
+        assert phrase.count("{}") == len(specs), phrase
+        literal = [re.escape(part) for part in phrase.split("{}")]
+        pattern = literal[0] + "".join(f"({NUMBER})" + part for part in literal[1:])
+        found = re.search(pattern, text)
+        if found is None:
+            problems.append(f"phrase not found (reworded? update the check): {phrase!r}")
+            continue
+        for n, spec in enumerate(specs, 1):
+            want = spec(summary)
+            want = {want} if isinstance(want, str) else want
+            if found.group(n) not in want:
+                shown = " or ".join(repr(w) for w in sorted(want))
+                problems.append(f"{found.group(n)!r} where summary.json gives {shown}, number {n} of: {phrase!r}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def summary():
+    return json.loads(SUMMARY.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("doc, checks", [("README.md", README_CHECKS), ("docs/RESULTS.md", RESULTS_CHECKS)])
+def test_document_numbers_match_summary_json(doc, checks, summary):
+    problems = mismatches((ROOT / doc).read_text(encoding="utf-8"), checks, summary)
+    assert not problems, f"{doc} disagrees with docs/results/summary.json:\n" + "\n".join(problems)
+
+
+def test_a_wrong_number_is_caught(summary):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "scores RSUM **415.5**" in readme
+    problems = mismatches(readme.replace("scores RSUM **415.5**", "scores RSUM **422.8**"), README_CHECKS, summary)
+    assert problems == ["'422.8' where summary.json gives '415.5', number 1 of: "
+                        "'scores RSUM **{}** (R@1 {} / {})'"]
+    assert mismatches("nothing here", README_CHECKS[:1], summary)[0].startswith("phrase not found")
