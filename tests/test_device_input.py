@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.features.job as job_module
+import pipeline.features.shard_writer as writer_module
 from pipeline.common.errors import PipelineError
 from pipeline.data.loader import iter_image_batches
 from pipeline.data.manifest import Manifest
@@ -171,7 +171,7 @@ def test_a_failed_shard_write_surfaces_and_releases_its_lock(tmp_path, monkeypat
     from tests.gen_cache import make_dataset
 
     manifest = Manifest.read(make_dataset(tmp_path / "data", n_images=20) / "train.parquet")
-    real, calls = job_module.write_shard, []
+    real, calls = writer_module.write_shard, []
 
     def failing_once(path, *args, **kwargs):
         calls.append(Path(path).name)
@@ -179,13 +179,43 @@ def test_a_failed_shard_write_surfaces_and_releases_its_lock(tmp_path, monkeypat
             raise OSError("disk full (simulated)")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(job_module, "write_shard", failing_once)
+    monkeypatch.setattr(writer_module, "write_shard", failing_once)
     job = FeatureJob(manifest, "shapes", "train", tmp_path / "cache", shard_size=4, num_workers=0)
     with pytest.raises(OSError, match="disk full"):
         run_feature_job(job, FakeTeacher(), progress=False)
     assert not list((tmp_path / "cache").glob("*.lock"))  # the writer thread released the shard it held
     again = run_feature_job(job, FakeTeacher(), progress=False)
     assert again.complete and "shard-00000-of-00003.h5" in again.shards_written
+
+
+def test_summary_reports_read_model_and_write_time_apart(tmp_path, monkeypatch):
+    """The runner's parts are timed apart: slow image reads show as read time, a slow teacher as model time,
+    a slow writer as write time."""
+    import time
+
+    import pipeline.data.loader as loader_module
+    from tests.gen_cache import make_dataset
+
+    manifest = Manifest.read(make_dataset(tmp_path / "data", n_images=12) / "train.parquet")
+    teacher, real_write, real_load = FakeTeacher(), writer_module.write_shard, loader_module.load_rgb
+    real_images = teacher._encode_images
+
+    def slow(seconds, fn):
+        def wrapped(*args, **kwargs):
+            time.sleep(seconds)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    teacher._encode_images = slow(0.05, real_images)  # per batch of 2
+    monkeypatch.setattr(writer_module, "write_shard", slow(0.2, real_write))  # per shard
+    monkeypatch.setattr(loader_module, "load_rgb", slow(0.06, real_load))  # per image, read in this process
+    s = run_feature_job(FeatureJob(manifest, "shapes", "train", tmp_path / "cache", shard_size=4, num_workers=0,
+                                   batch_size=2, decode="cpu"), teacher, progress=False)
+    shards, batches = len(s.shards_written), (s.images + 1) // 2
+    assert s.complete and shards >= 2 and s.images >= 6
+    assert s.read_seconds >= s.images * 0.06 and s.model_seconds >= batches * 0.05 and s.write_seconds >= shards * 0.2
+    assert s.read_seconds + s.model_seconds <= s.seconds
+    assert s.model_seconds < (batches + shards) * 0.05 + s.images * 0.03  # the slow reads (0.06 s) are not model
 
 
 def test_device_path_reads_webdataset_tar_members(tmp_path, teacher):

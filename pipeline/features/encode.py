@@ -6,8 +6,9 @@ one encode loop is shared. Failures are returned, never raised.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,16 +21,38 @@ from pipeline.teachers.base import Teacher
 Progress = Callable[[int], None]
 
 
+class PhaseClock:
+    """Seconds spent waiting for input batches (``read``: file reads, decoding, preprocessing) and in the model
+    (``model``, kept by the caller); ``timed`` wraps a batch iterator and adds its waits to ``read``."""
+
+    def __init__(self) -> None:
+        self.read = 0.0
+        self.model = 0.0
+
+    def timed(self, batches: Iterable) -> Iterator:
+        it = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                self.read += time.perf_counter() - start
+                return
+            self.read += time.perf_counter() - start
+            yield item
+
+
 def encode_image_locations(encoder: Teacher, locations: Sequence[str], batch_size: int = 64, workers: int = 2,
                            dtype=np.float32, on_progress: Progress | None = None,
                            norms_out: np.ndarray | None = None, device_preprocess: TensorPreprocess | None = None,
-                           transforms: Sequence[Callable] | None = None):
+                           transforms: Sequence[Callable] | None = None, clock: PhaseClock | None = None):
     """Returns (embeddings (N, D) with zero rows for failures, ok mask (N,), [(position, reason)]).
 
     ``norms_out`` (N,), if given, receives each embedding's norm before L2 normalisation.
     ``device_preprocess``: decode JPEGs and preprocess on the encoder's device (``features.device_input``)
     instead of in the DataLoader workers. ``transforms``: one image transform per location, instead of the
-    encoder's own (cached augmented views: ``features.views``).
+    encoder's own (cached augmented views: ``features.views``). ``clock``: adds the time spent waiting for
+    batches to ``clock.read``.
     """
     emb = np.zeros((len(locations), encoder.width), dtype=dtype)
     ok = np.zeros(len(locations), dtype=bool)
@@ -39,6 +62,8 @@ def encode_image_locations(encoder: Teacher, locations: Sequence[str], batch_siz
     else:
         batches = iter_image_batches(locations, transforms or encoder.image_transform(), batch_size, workers,
                                      encoder.device.type == "cuda")
+    if clock is not None:
+        batches = clock.timed(batches)
 
     def store(batch, result) -> None:
         if result is not None:

@@ -145,6 +145,27 @@ class StudentEncoder(Teacher):
     def _encode_texts(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.text_features(tokens)
 
+    @torch.no_grad()
+    def image_tokens(self, pixels: torch.Tensor):
+        """A timm image tower's last feature map as H*W tokens (CNN) or its output tokens (ViT); pooled = the
+        tower's pre-logits feature, the projection's input."""
+        self.token_arch()  # refuses a tower without tokens
+        model, tower = self.model, self.model.image_tower
+        pixels = pixels.to(self.device)
+        if model.config.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        fmap = tower.forward_features(pixels)
+        pooled = tower.forward_head(fmap, pre_logits=True).float()
+        tokens = fmap.float().flatten(2).transpose(1, 2) if fmap.ndim == 4 else fmap.float()
+        return tokens, pooled, nn.functional.normalize(model.image_proj(pooled), dim=-1)
+
+    def token_arch(self) -> dict:
+        spec = self.model.config.image
+        if spec.kind != "timm" or not hasattr(self.model.image_tower, "forward_features"):
+            raise PipelineError(f"token features of a dual: teacher need a timm image tower, not {spec.kind} "
+                                f"{spec.name}")
+        return {"kind": "timm", "name": spec.name, "kwargs": dict(spec.kwargs)}
+
     def fingerprint_parts(self) -> dict:
         config, transform = self.model.resolved_config.to_dict(), self.model.transform_settings.to_dict()
         # Training-only photometric augmentation never changes what the encoder computes (the weights digest covers

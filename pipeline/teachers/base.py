@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.common.errors import PipelineError
+
 
 @dataclass
 class KnownEmbeddings:
@@ -100,6 +102,21 @@ class Teacher(ABC):
     @torch.no_grad()
     def encode_texts_with_norms(self, tokens: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return split_norm(self._encode_texts(to_device(tokens, self.device)))
+
+    def image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Optional capability (classification token cache, method.md 4): preprocessed pixels -> (image tokens
+        (B, T, C), the pooled feature a text-free probe reads (B, P), the L2-normalised embedding (B, D)), all
+        float32. Backends that have tokens override this and ``token_arch``; the others refuse in one line."""
+        raise PipelineError(self._no_tokens())
+
+    def token_arch(self) -> dict:
+        """The image architecture behind ``image_tokens`` ({"kind", "name", "kwargs"}), for a fresh student of
+        the same kind; refused like ``image_tokens`` (call it first to fail before any image is read)."""
+        raise PipelineError(self._no_tokens())
+
+    def _no_tokens(self) -> str:
+        return (f"teacher {self.name} ({type(self).__name__}) has no image tokens; token features need a lit, "
+                "open_clip ViT, hf or dual: (timm image tower) teacher")
 
     def known_embeddings(self, manifest) -> KnownEmbeddings | None:
         """Embeddings of ``manifest``'s images/captions this teacher computed before (e.g. while it was

@@ -101,6 +101,23 @@ class HFTeacher(Teacher):
         with autocast(self.device, self.precision):
             return _features(self.model.get_text_features(**tokens))
 
+    @torch.no_grad()
+    def image_tokens(self, pixels: torch.Tensor):
+        """The vision model's patch tokens (CLIP: class token dropped; SigLIP: all); pooled = the projected
+        image embedding before normalising."""
+        with autocast(self.device, self.precision):
+            out = self.model.vision_model(pixel_values=pixels.to(self.device))
+            pooled = out.pooler_output if self.is_siglip else self.model.visual_projection(out.pooler_output)
+        hidden = out.last_hidden_state.float()
+        tokens = hidden if self.is_siglip else hidden[:, 1:]
+        pooled = pooled.float()
+        return tokens, pooled, torch.nn.functional.normalize(pooled, dim=-1)
+
+    def token_arch(self) -> dict:
+        vision = self.model.config.vision_config
+        return {"kind": "hf", "name": vision.model_type, "kwargs": {
+            "config": vision.to_dict(), "mean": list(self.processor.image_mean), "std": list(self.processor.image_std)}}
+
     def fingerprint_parts(self) -> dict:
         if self._weights_digest is None:  # frozen weights: hash once, lazily (large models take seconds)
             self._weights_digest = state_dict_digest(self.model)

@@ -267,6 +267,20 @@ class LitTeacher(Teacher):
     def fingerprint_parts(self) -> dict:
         return {"towers": towers_fingerprint_parts(), "heads": self.heads.digest()}
 
+    @torch.no_grad()
+    def image_tokens(self, pixels: torch.Tensor):
+        """EfficientNet-Lite0's last feature map (7x7x1280 at 224 px) as 49 tokens; pooled = their mean, the
+        1280-d tower feature the LiT head reads."""
+        pixels = pixels.to(self.device)
+        with autocast(self.device):
+            fmap = self.towers.image_tower.extract_features(pixels)
+        tokens = fmap.float().flatten(2).transpose(1, 2)  # (B, H*W, 1280), row-major positions
+        pooled = tokens.mean(1)  # = LitTowers.image_features
+        return tokens, pooled, torch.nn.functional.normalize(self.heads.image(pooled), dim=-1)
+
+    def token_arch(self) -> dict:
+        return {"kind": "timm", "name": "tf_efficientnet_lite0", "kwargs": {}}
+
     def save(self, path: str | Path) -> Path:
         return save_heads(path, self.heads, self.summary)
 

@@ -106,6 +106,37 @@ class OpenClipTeacher(Teacher):
         with autocast(self.device, self.precision):
             return self.model.encode_text(tokens)
 
+    @torch.no_grad()
+    def image_tokens(self, pixels: torch.Tensor):
+        """A ViT's patch tokens after ``ln_post``; pooled = the projected image embedding before normalising."""
+        self.token_arch()  # refuses a tower without tokens
+        visual = self.model.visual
+        before = visual.output_tokens
+        visual.output_tokens = True
+        try:
+            with autocast(self.device, self.precision):
+                pooled, tokens = visual(pixels.to(self.device))
+        finally:
+            visual.output_tokens = before
+        pooled = pooled.float()
+        return tokens.float(), pooled, torch.nn.functional.normalize(pooled, dim=-1)
+
+    def token_arch(self) -> dict:
+        if not hasattr(self.model.visual, "output_tokens"):
+            raise PipelineError(f"open_clip teacher {self.arch}: token features need a ViT image tower")
+        cfg = self.model_cfg
+        return {
+            "kind": "open_clip",
+            "name": "",
+            "kwargs": {
+                "embed_dim": cfg["embed_dim"],
+                "vision_cfg": cfg["vision_cfg"],
+                **({"quick_gelu": True} if cfg.get("quick_gelu") else {}),
+                "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v
+                                   for k, v in self.preprocess_cfg.items() if k in ("mean", "std")},
+            },
+        }
+
     def fingerprint_parts(self) -> dict:
         if self._weights_digest is None:  # frozen weights: hash once, lazily (large models take seconds)
             self._weights_digest = state_dict_digest(self.model)
