@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from pipeline.common import config as cfgio
 from pipeline.common import io
 from pipeline.common.errors import PipelineError
 from pipeline.distill.trainer import DistillConfig, train
+from pipeline.train.loop import KILL_SWITCH
 from tests.gen_cache import make_cache, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +41,16 @@ def subprocess_env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
-def cli(args: list[str], **kw) -> subprocess.Popen:
+# Kill tests stop a run with the training loop's testing switch (pipeline.train.loop.KILL_SWITCH): the process
+# SIGKILLs itself right after this global step, one past the first checkpoint (checkpoint_every=2), so the step it
+# lost is redone on resume. A kill at a chosen step, not after a sleep that a loaded machine stretches.
+KILL_STEP = 3
+
+
+def cli(args: list[str], kill_at: int | None = None, **kw) -> subprocess.Popen:
     env = subprocess_env()
+    if kill_at is not None:
+        env[KILL_SWITCH] = str(kill_at)
     return subprocess.Popen([sys.executable, "-m", "stages.cli", *args], cwd=ROOT, env=env, **kw)
 
 
@@ -57,23 +65,21 @@ def final_weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
-def kill_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path) -> None:
-    """SIGKILL a training process soon after it writes its first checkpoint (mid-run, nothing flushed)."""
-    ckpt = run_dir / "checkpoints" / "last.pt"
-    deadline = time.time() + 240
-    while time.time() < deadline and not ckpt.exists():
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+def kill_after_first_checkpoint(args: list[str], run_dir: Path, **kw) -> subprocess.Popen:
+    """Run a training command that SIGKILLs itself one step after its first checkpoint (mid-run, nothing
+    flushed); returns the dead process."""
+    proc = cli(args, kill_at=KILL_STEP, **kw)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, out
+    assert (run_dir / "checkpoints" / "last.pt").exists()
+    return proc
 
 
 def test_killed_run_resumes_to_identical_weights(shapes, tmp_path):
     runs = tmp_path / "runs"
     ref = cli(distill_args(shapes, runs, "straight"))
     assert ref.wait(timeout=300) == 0
-    killed = cli(distill_args(shapes, runs, "killed"))
-    kill_after_first_checkpoint(killed, runs / "killed")
+    kill_after_first_checkpoint(distill_args(shapes, runs, "killed"), runs / "killed")
     assert not (runs / "killed" / "export" / "student.pt").exists(), "the kill should land before the run ends"
     stopped_at = final_weights(runs / "killed")["state"]["global_step"]
     resumed = cli(distill_args(shapes, runs, "killed") + ["--resume"])

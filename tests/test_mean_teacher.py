@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from pipeline.data.manifest import Manifest
 from pipeline.adapt.trainer import AdaptConfig, batches_for, check_config, split_for, train
 from pipeline.common.runlog import read_metrics
 from pipeline.students import ImageTransform, build_student, export_student, get_preset, load_student_model
+from pipeline.train.loop import KILL_SWITCH
 from tests.gen_cache import make_cache, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,8 +264,12 @@ def test_step_batches_are_a_function_of_the_step(env):
 # ---- the real CLI: kill, resume, export read by stage 3 -----------------------------------------------
 
 
-def _cli(args: list[str]) -> subprocess.Popen:
+def _cli(args: list[str], kill_at: int | None = None) -> subprocess.Popen:
+    """The CLI in a subprocess; ``kill_at``: it SIGKILLs itself right after that step (the training loop's testing
+    switch, pipeline.train.loop.KILL_SWITCH)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if kill_at is not None:
+        env[KILL_SWITCH] = str(kill_at)
     return subprocess.Popen([sys.executable, "-m", "stages.cli", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -285,13 +289,11 @@ def test_cli_run_killed_and_resumed_equals_straight_run_and_export_evaluates(env
     settings = _cfg(env, runs)
     ckpt = runs / "killed" / "checkpoints" / "last.pt"
     straight = _cli(_adapt_args(settings, "straight"))  # the two processes share the 2 cores
-    killed = _cli(_adapt_args(settings, "killed"))
-    deadline = time.time() + 180
-    while time.time() < deadline and not ckpt.exists() and killed.poll() is None:
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert ckpt.exists(), killed.stdout.read()[-2000:]
+    # killed after step 5: one step past the checkpoint at step 4, so the resume redoes a lost step
+    killed = _cli(_adapt_args(settings, "killed"), kill_at=5)
+    out, _ = killed.communicate(timeout=240)
+    assert killed.returncode == -signal.SIGKILL, out[-2000:]
+    assert ckpt.exists(), out[-2000:]
     assert not (runs / "killed" / "export" / "student.pt").exists(), "the kill must land before the end"
     stopped_at = torch.load(ckpt, weights_only=True)["state"]["global_step"]
     # resumed in this process (the flag only reaches train(resume=True)); one thread, like the CLI runs

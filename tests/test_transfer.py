@@ -212,8 +212,7 @@ def test_stage2_distils_on_image_only_rows_and_another_cache_and_resumes_exactly
     q = ckpt["queue"][0]
     assert q["img"]["fill"] == min(24, steps * 12) and q["txt"]["fill"] == min(24, steps * 12)
     # a killed run resumes to the same weights: the transfer rows are a function of the step
-    killed = cli(distill_args(shapes, runs, "killed", *extra), stdout=-3)
-    kill_after_first_checkpoint(killed, runs / "killed")
+    killed = kill_after_first_checkpoint(distill_args(shapes, runs, "killed", *extra), runs / "killed", stdout=-3)
     assert killed.returncode != 0 and not (runs / "killed" / "export" / "student.pt").exists()
     resumed = cli(distill_args(shapes, runs, "killed", *extra) + ["--resume"], stdout=-3)
     assert resumed.wait(timeout=300) == 0

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import sys
 from abc import ABC, abstractmethod
 import time
 from dataclasses import dataclass, field
@@ -35,6 +38,29 @@ from pipeline.train.state import atomic_save, load_checkpoint, rng_state, set_rn
 
 class NonFiniteLoss(PipelineError):
     pass
+
+
+# Testing switch, for the kill-and-resume tests only: CLIPDISTILL_KILL_AT_STEP=N makes the process SIGKILL itself
+# once global step N is done and written as the loop writes it (after that step's checkpoint, or after the epoch
+# end's validation and checkpoints when N ends an epoch). A test that sleeps before killing from outside lands
+# before or after its point depending on the machine's load; this lands on the step, in every trainer (all run
+# through ``fit``). A real SIGKILL, not an exit: no cleanup runs (only the console is flushed, for the test).
+KILL_SWITCH = "CLIPDISTILL_KILL_AT_STEP"
+
+
+def _kill_step() -> int | None:
+    raw = os.environ.get(KILL_SWITCH, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise PipelineError(f"{KILL_SWITCH}={raw!r}: expected a step number >= 1 (a testing switch; unset it)")
+    return int(raw)
+
+
+def _kill_if_at(kill_step: int | None, step: int) -> None:
+    if kill_step == step:
+        sys.stdout.flush(), sys.stderr.flush()  # the console only: the run's own files stay as a kill leaves them
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -180,6 +206,7 @@ def fit(run_dir: Path, objective: Objective, settings: LoopSettings, *, config: 
     :func:`best_checkpoint` gives the best epoch's.
     """
     started = time.perf_counter()
+    kill_step = _kill_step()  # a testing switch (see KILL_SWITCH); checked before anything is written
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     last, best = paths.last_checkpoint(run_dir), paths.best_checkpoint(run_dir)
@@ -244,6 +271,8 @@ def fit(run_dir: Path, objective: Objective, settings: LoopSettings, *, config: 
                     window_t0, window_items = time.perf_counter(), 0
                 if settings.checkpoint_every and state["global_step"] % settings.checkpoint_every == 0:
                     checkpoint(last)
+                if state["step_in_epoch"] < per_epoch:  # an epoch's last step is killed after its epoch end
+                    _kill_if_at(kill_step, state["global_step"])
             bar.close()
             if state["step_in_epoch"] < per_epoch:  # stopped by max_steps inside the epoch
                 checkpoint(last)
@@ -267,6 +296,7 @@ def fit(run_dir: Path, objective: Objective, settings: LoopSettings, *, config: 
             if improved:
                 checkpoint(best, {"val": val or {}})
             barrier(env)
+            _kill_if_at(kill_step, state["global_step"])
     finally:
         log.close()
     return LoopResult(run_dir, state["best_score"], state["best_epoch"], state["best_val"], state["global_step"],
