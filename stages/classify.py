@@ -182,7 +182,7 @@ def class_folder(
 ) -> None:
     """Manifests for a captionless classification folder (CIFAR/ImageNet exports); caption = class name."""
     from pipeline.data.manifest import write_splits
-    from pipeline.classify.datasets import read_class_folder
+    from pipeline.data.readers.class_folder import read_class_folder
 
     manifest = read_class_folder(path, split_fractions)
     written = write_splits(manifest, out)
