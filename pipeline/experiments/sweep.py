@@ -49,8 +49,10 @@ BOOKKEEPING_KEYS = ("name", "runs_dir", "device", "log_every", "checkpoint_every
                     "data.preload_limit_gb", "eval_batch_size", "distill.workers")
 # Keys added after runs were first hashed: left out at their default value, so existing runs keep their keys.
 ADDED_KEYS = {"losses.extra": {}, "optim.min_steps": 0, "data.transfer": (), "data.transfer_ratio": 0.0,
-              "data.views": 0, "distill.init_weights": "",
-              "precision": "auto"}
+              "data.views": 0, "distill.init_weights": "", "distill.precision": "auto"}
+# Keys added to one config class only: a classification run's precision (once distill.precision) is new to its
+# key, while distill and adapt runs have always hashed theirs, so it is left out for classification runs alone.
+ADDED_KEYS_OF = {"ClassifyConfig": {"precision": "auto"}}
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 EVAL_DIR = "eval"  # a run's stage-3 folder, <runs_dir>/<name>/eval (pipeline.retrieval.evaluate outputs)
 
@@ -216,8 +218,9 @@ def override_strings(sets: dict[str, Any]) -> list[str]:
 def run_key(config: Any) -> str:
     """Hash of a resolved run config without :data:`BOOKKEEPING_KEYS`: equal keys train the same run."""
     flat = cfgio.flatten(cfgio.to_dict(config))  # tuples hash like lists: json writes both as arrays
+    added = {**ADDED_KEYS, **ADDED_KEYS_OF.get(type(config).__name__, {})}
     kept = {k: v for k, v in flat.items()
-            if k not in BOOKKEEPING_KEYS and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
+            if k not in BOOKKEEPING_KEYS and not (k in added and v == added[k])}
     blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
