@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.common import io
 from pipeline.common.errors import PipelineError
@@ -283,3 +284,41 @@ def test_a_full_disk_during_training_ends_in_one_line_and_keeps_the_last_checkpo
     assert io.verify_file(last) is None  # the previous complete checkpoint, intact
     assert load_checkpoint(last)["state"]["epoch"] >= 1
     assert not list(small_disk.rglob("*.tmp"))
+
+
+class _TokenTeacher(FakeTeacher):
+    """FakeTeacher with image tokens: the pixels' 4x4 average-pooled grid as 16 tokens."""
+
+    def image_tokens(self, pixels):
+        tokens = F.adaptive_avg_pool2d(pixels.float(), 4).flatten(2).transpose(1, 2)  # (B, 16, 3)
+        pooled = tokens.mean(1)
+        return tokens, pooled, self.encode_images(pixels)
+
+    def token_arch(self) -> dict:
+        return {"kind": "timm", "name": "fake", "kwargs": {}}
+
+
+def test_a_flipped_byte_in_the_token_cache_is_reported_by_verify_and_refused(tmp_path):
+    """The classification token cache is written like a stage-1 shard (lock, atomic publish, checksums): verify
+    checks it, and a byte flipped in its tokens is named by verify and refused when the split is opened."""
+    from pipeline.features.cache.tokens import TokenSplit
+    from pipeline.features.tokens import run_token_job
+
+    manifests = make_dataset(tmp_path / "data", n_images=12)
+    s = run_token_job(_TokenTeacher(width=8), Manifest.read(manifests / "train.parquet"), "train",
+                      tmp_path / "tokens", workers=0, progress=False)
+    assert s.images > 0 and s.shape == (16, 3) and not list((tmp_path / "tokens").glob("*.lock"))
+    assert s.read_seconds > 0 and s.model_seconds > 0 and s.write_seconds > 0
+    ok = cli("verify", tmp_path / "tokens")
+    assert ok.returncode == 0 and f"ok        {s.path}" in ok.stdout, ok.stdout + ok.stderr
+    with h5py.File(s.path, "r") as f:
+        offset = f["tokens"].id.get_offset()
+    with open(s.path, "r+b") as fh:
+        fh.seek(offset + 5)
+        byte = fh.read(1)
+        fh.seek(offset + 5)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    bad = cli("verify", tmp_path / "tokens")
+    assert bad.returncode == 1 and "damaged" in bad.stdout and "tokens differs from its checksum" in bad.stdout
+    with pytest.raises(PipelineError, match="damaged.*rerun teacher-tokens"):
+        TokenSplit(s.path)
