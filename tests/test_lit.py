@@ -231,3 +231,38 @@ def test_stage1_reuses_build_lit_features_and_matches_encoding(trained, tmp_path
     np.testing.assert_allclose(a.text.to_array(), b.text.to_array(), atol=1e-5)
     np.testing.assert_allclose(a.image_norm, b.image_norm, rtol=1e-5)
     np.testing.assert_allclose(a.text_norm, b.text_norm, rtol=1e-5)
+
+
+def test_build_lit_killed_with_sigkill_resumes_to_the_straight_heads(trained, tmp_path):
+    """build-lit through the real CLI, SIGKILLed one step after its first epoch-end checkpoint (the training loop's
+    testing switch), then run again: it resumes and ends with the heads of the uninterrupted run."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.common import paths
+    from pipeline.teachers.lit_store import feature_cache_path
+    from pipeline.train.loop import KILL_SWITCH
+    from pipeline.train.state import load_checkpoint
+
+    root, out = trained["root"], tmp_path / "lit.pt"
+    for split in ("train", "val"):  # the cached tower features: no tower is loaded
+        shutil.copy(feature_cache_path(trained["ckpt"], split), feature_cache_path(out, split))
+    state = load_checkpoint(paths.last_checkpoint(trained["ckpt"].with_name("lit.run")))["state"]
+    repo = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "stages.cli", "build-lit", "--manifest", str(root / "train.parquet"), "--out",
+            str(out), "--epochs", str(EPOCHS), "--lr", "3e-3", "--batch-size", "8", "--workers", "0",
+            "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    kill_at = state["global_step"] // state["epoch"] + 1
+    killed = subprocess.run(args, cwd=repo, env={**env, KILL_SWITCH: str(kill_at)}, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    stopped = load_checkpoint(paths.last_checkpoint(out.with_name("lit.run")))["state"]["global_step"]
+    assert stopped == kill_at - 1 and not out.exists()
+    again = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = LitTeacher.load(out)
+    assert resumed.summary["resumed"] and resumed.fingerprint() == trained["teacher"].fingerprint()
