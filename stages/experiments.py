@@ -15,8 +15,8 @@ def experiments(
     sweep: Path = typer.Option(Path("sweeps/openmoji.yaml"), "--sweep",
                                help="Sweep file (YAML): base config, overrides, tables of rows x seeds."),
     only: List[str] = typer.Option([], "--only", help="Run and regenerate only this table id (repeatable)."),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Training runs at a time (each a `clipdistill distill` "
-                             "process; on one GPU they share it)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Training runs at a time (each in a process of "
+                             "its own; on one GPU they share it)."),
     runs_dir: Path = typer.Option(RUNS_DIR, "--runs-dir", help="Folder of the runs (one per unique config)."),
     results: Path = typer.Option(RESULTS, "--results", help="Markdown document whose table sections are "
                                  "regenerated; text outside the markers is kept."),

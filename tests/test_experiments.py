@@ -59,7 +59,7 @@ def sweep_args(data, *extra) -> list:
 def swept(data):
     """The tiny sweep run once, three training processes at a time."""
     mp = pytest.MonkeyPatch()
-    mp.chdir(ROOT)  # the sweep's base config path and `python -m stages.cli` are relative to the repo root
+    mp.chdir(ROOT)  # the sweep's base config path is relative to the repo root
     mp.setenv("OMP_NUM_THREADS", "1")
     mp.setenv("HF_HUB_OFFLINE", "1")
     try:
@@ -242,6 +242,24 @@ def test_dry_run_prints_plan_and_trains_nothing(data, tmp_path, monkeypatch):
     assert "table methods" not in result.output and "typo / seed 0: INVALID" in result.output
     assert "3 cells (1 invalid) -> 2 unique runs (0 deduplicated); 0 done" in result.output
     assert not (tmp_path / "runs").exists() and not (tmp_path / "R.md").exists()
+
+
+def test_every_sweep_command_has_a_registered_adapter_and_another_is_one_clear_error():
+    import importlib
+
+    from pipeline.experiments.adapters import ADAPTERS, CommandAdapter, adapter
+    from pipeline.experiments.sweep import COMMANDS
+
+    assert set(ADAPTERS) == set(COMMANDS)
+    for command in COMMANDS:
+        runs = adapter(command)
+        module, _, name = runs.trainer.partition(":")  # a library function, not the command line
+        assert isinstance(runs, CommandAdapter) and callable(getattr(importlib.import_module(module), name))
+        assert not module.startswith("stages")
+    with pytest.raises(PipelineError) as err:
+        adapter("train")
+    assert "no adapter for command 'train'" in str(err.value) and "distill, adapt" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_run_key_ignores_bookkeeping_only():
