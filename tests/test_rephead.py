@@ -836,22 +836,28 @@ tables:
     assert again.exit_code == 0 and again.output.count("already has today's metrics") == 3, again.output
 
 
-def _popen(*args: str) -> subprocess.Popen:
+def _popen(*args: str, kill_at: int | None = None) -> subprocess.Popen:
+    """The CLI in a subprocess; ``kill_at``: it SIGKILLs itself right after that step of its first training run
+    to get there (the training loop's testing switch, pipeline.train.loop.KILL_SWITCH)."""
+    from pipeline.train.loop import KILL_SWITCH
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if kill_at is not None:
+        env[KILL_SWITCH] = str(kill_at)
     return subprocess.Popen([sys.executable, "-m", "stages.cli", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _kill_after(proc: subprocess.Popen, marker: Path, timeout: float = 240) -> None:
+def _kill_after(args: tuple[str, ...], straight: Path, marker: Path, timeout: float = 240) -> None:
+    """Run ``args`` killed one step after its run's first epoch-end checkpoint (``marker``); the steps per epoch
+    come from the same run trained straight (its last checkpoint ``straight``)."""
     import signal
-    import time
 
-    deadline = time.time() + timeout
-    while time.time() < deadline and not marker.exists() and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), proc.stdout.read()[-2000:]
+    state = _weights(straight)["state"]
+    proc = _popen(*args, kill_at=state["global_step"] // state["epoch"] + 1)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == -signal.SIGKILL, out[-2000:]
+    assert marker.exists(), out[-2000:]
 
 
 def _weights(path: Path) -> dict:
@@ -875,8 +881,8 @@ def test_rephead_and_self_distill_killed_with_sigkill_resume_to_the_straight_res
     for cfg in (straight,):
         r = _cli("rephead", "-c", str(cfg), "--no-progress")
         assert r.returncode == 0, r.stderr[-2000:]
-    proc = _popen("rephead", "-c", str(killed), "--no-progress")
-    _kill_after(proc, runs / "kill-resumed" / "head" / "checkpoints" / "last.pt")
+    _kill_after(("rephead", "-c", str(killed), "--no-progress"), runs / "kill-straight" / "head" / "checkpoints" /
+                "last.pt", runs / "kill-resumed" / "head" / "checkpoints" / "last.pt")
     assert not (runs / "kill-resumed" / "probe" / "result.json").exists(), "the kill must land before the end"
     r = _cli("rephead", "-c", str(killed), "--no-progress", "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -888,9 +894,9 @@ def test_rephead_and_self_distill_killed_with_sigkill_resume_to_the_straight_res
     # step 2: a student generation is killed after its first checkpoint
     r = _cli("self-distill", "-c", str(straight), "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
-    proc = _popen("self-distill", "-c", str(killed), "--no-progress")
     gen = runs / "kill-resumed" / "text" / "gen-1"
-    _kill_after(proc, gen / "checkpoints" / "last.pt")
+    _kill_after(("self-distill", "-c", str(killed), "--no-progress"),
+                runs / "kill-straight" / "text" / "gen-1" / "checkpoints" / "last.pt", gen / "checkpoints" / "last.pt")
     assert not (gen / "result.json").exists(), "the kill must land before the end"
     r = _cli("self-distill", "-c", str(killed), "--no-progress", "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
