@@ -44,6 +44,8 @@ import torch  # noqa: E402
 
 import pipeline.features.cache.writer as shard_writer  # noqa: E402
 import pipeline.features.job as features  # noqa: E402
+import pipeline.features.mapper as mapper  # noqa: E402
+import pipeline.features.shard_writer as shard_publisher  # noqa: E402
 from pipeline.features.job import FeatureJob, run_feature_job  # noqa: E402
 from pipeline.data.loader import iter_image_batches  # noqa: E402
 from pipeline.features.device_input import choose_decode, iter_device_batches  # noqa: E402
@@ -196,20 +198,19 @@ class TimedTeacher(Teacher):
 
 @contextlib.contextmanager
 def timed_stage(clock: Clock):
-    """Time run_feature_job's phases by wrapping the functions it looks up in its module."""
-    names = {"image_phase": "encode_image_locations", "text_phase": "encode_captions",
-             "hdf5_write": "write_shard", "rejects_write": "write_rejects", "summary": "_write_summary"}
-    saved = {attr: getattr(features, attr) for attr in names.values()}
-    for phase, attr in names.items():
-        setattr(features, attr, clock.wrap(phase, saved[attr]))
-    checksums = shard_writer.checksum_attrs  # inside write_shard: the integrity cost of the write path
-    shard_writer.checksum_attrs = clock.wrap("checksums", checksums)
+    """Time run_feature_job's phases by wrapping the functions its mapper, writer and runner look up."""
+    names = {"image_phase": (mapper, "encode_image_locations"), "text_phase": (mapper, "encode_captions"),
+             "hdf5_write": (shard_publisher, "write_shard"), "rejects_write": (shard_publisher, "write_rejects"),
+             "summary": (features, "_write_summary"), "checksums": (shard_writer, "checksum_attrs")}
+    # checksum_attrs runs inside write_shard: the integrity cost of the write path
+    saved = {phase: getattr(module, attr) for phase, (module, attr) in names.items()}
+    for phase, (module, attr) in names.items():
+        setattr(module, attr, clock.wrap(phase, saved[phase]))
     try:
         yield
     finally:
-        for attr, fn in saved.items():
-            setattr(features, attr, fn)
-        shard_writer.checksum_attrs = checksums
+        for phase, (module, attr) in names.items():
+            setattr(module, attr, saved[phase])
 
 
 def run_end_to_end(teacher: Teacher, manifest: Manifest, args, out: Path) -> tuple[float, int, int, Clock]:
@@ -220,6 +221,8 @@ def run_end_to_end(teacher: Teacher, manifest: Manifest, args, out: Path) -> tup
         summary = run_feature_job(job, TimedTeacher(teacher, clock), progress=False)
     if summary.rejects:
         print(f"  note: {summary.rejects} rejects (not encoded, not counted as items)")
+    print(f"  job summary: read {summary.read_seconds:.2f}s, model {summary.model_seconds:.2f}s, "
+          f"write {summary.write_seconds:.2f}s (on the writer thread)")
     return summary.seconds, summary.images, summary.texts, clock
 
 

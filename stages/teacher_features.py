@@ -83,7 +83,8 @@ def teacher_features(
         size = sum(p.stat().st_size for p in job.out_dir.glob("shard-*.h5"))
         typer.echo(
             f"{split}: {s.images} images{f' x {views} views' if job.views else ''} + {s.texts} captions encoded in {s.seconds:.1f}s "
-            f"({s.items_per_second:.1f} items/s), {s.rejects} rejects, "
+            f"({s.items_per_second:.1f} items/s; read {s.read_seconds:.1f}s, model {s.model_seconds:.1f}s, "
+            f"write {s.write_seconds:.1f}s), {s.rejects} rejects, "
             f"{len(s.shards_written)} shards written, {len(s.shards_skipped)} already complete; "
             f"{'complete' if s.complete else 'partial (other shard processes pending)'} -> {job.out_dir} "
             f"({human_bytes(size)})"
