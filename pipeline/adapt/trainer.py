@@ -45,7 +45,8 @@ from pipeline.data.manifest import Manifest
 from pipeline.retrieval.validate import student_recall
 from pipeline.students import ImageTransform, StudentModel, export_student, export_torchscript
 from pipeline.train.loop import LoopSettings, Objective, StepOutput, TrainResult, best_checkpoint, fit
-from pipeline.train.state import TRAINING_PRECISIONS, RunOptions, one_process_per_run, prepare_run_dir, seed_all
+from pipeline.train.options import TRAINING_PRECISIONS, RunOptions
+from pipeline.train.state import one_process_per_run, prepare_run_dir, seed_all
 
 MODES = ("supervised", "mean_teacher")
 

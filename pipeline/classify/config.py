@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.common.config import to_dict
-from pipeline.train.state import RunOptions
+from pipeline.train.options import RunOptions
 
 
 @dataclass(frozen=True)

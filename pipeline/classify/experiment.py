@@ -47,7 +47,8 @@ from pipeline.classify.teacher_training import (
     train_head,
     train_probe,
 )
-from pipeline.train.state import TRAINING_PRECISIONS, load_checkpoint, one_process_per_run
+from pipeline.train.options import TRAINING_PRECISIONS
+from pipeline.train.state import load_checkpoint, one_process_per_run
 
 TEACHER_PART = {"text": "head", "notext": "probe"}
 

@@ -37,7 +37,8 @@ from pipeline.features.cache import open_cached_split
 from pipeline.retrieval.validate import student_recall
 from pipeline.students import StudentConfig, build_student, export_student, export_torchscript, get_preset
 from pipeline.train.loop import LoopSettings, Objective, StepOutput, TrainResult, best_checkpoint, fit
-from pipeline.train.state import TRAINING_PRECISIONS, RunOptions, one_process_per_run, prepare_run_dir, seed_all
+from pipeline.train.options import TRAINING_PRECISIONS, RunOptions
+from pipeline.train.state import one_process_per_run, prepare_run_dir, seed_all
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ import contextlib
 import functools
 import os
 import pickle
-from dataclasses import dataclass
 import random
 from pathlib import Path
 from typing import Callable, Iterator
@@ -39,24 +38,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # no fp16: the trainers use no loss scaling
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """The part of a run config every trainer shares (its own config class adds its sections)."""
-
-    name: str = "run"
-    runs_dir: str = "runs"
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
-    log_every: int = 10
-    checkpoint_every: int = 0  # extra checkpoints every N steps (0: at epoch ends only)
-    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
-    eval_batch_size: int = 128
 
 
 def seed_all(seed: int) -> None:
