@@ -42,7 +42,7 @@ from pipeline.common.distributed import resolve_device
 from pipeline.common.errors import PipelineError
 from pipeline.common.precision import autocast, check_precision
 from pipeline.data.manifest import Manifest
-from pipeline.retrieval.validate import student_recall
+from pipeline.retrieval.training_recall import student_recall
 from pipeline.students import ImageTransform, StudentModel, export_student, export_torchscript
 from pipeline.train.loop import LoopSettings, Objective, StepOutput, TrainResult, best_checkpoint, fit
 from pipeline.train.options import TRAINING_PRECISIONS, RunOptions

@@ -34,7 +34,7 @@ from pipeline.features.views import student_view_transform
 from pipeline.distill.queue import NegativeQueue, QueueBatch
 from pipeline.data.manifest import Manifest
 from pipeline.features.cache import open_cached_split
-from pipeline.retrieval.validate import student_recall
+from pipeline.retrieval.training_recall import student_recall
 from pipeline.students import StudentConfig, build_student, export_student, export_torchscript, get_preset
 from pipeline.train.loop import LoopSettings, Objective, StepOutput, TrainResult, best_checkpoint, fit
 from pipeline.train.options import TRAINING_PRECISIONS, RunOptions
