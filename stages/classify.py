@@ -14,10 +14,7 @@ from typing import List, Optional
 import typer
 
 from pipeline.common import config as cfgio
-from pipeline.common.errors import PipelineError
 from pipeline.classify.config import ClassifyConfig
-from stages.common import human_bytes, resolve_device
-from pipeline.common import paths
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML/JSON config (see configs/openmoji-rephead.yaml).")
 SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set few_shot=5 (repeatable).")
@@ -46,63 +43,10 @@ def teacher_tokens(
     progress: bool = ProgressOpt,
 ) -> None:
     """Cache the teacher's image token features, caption and class-prompt embeddings (stage 1, optional)."""
-    from pipeline.classify.extract import cache_prompts, cache_split_tokens
-    from pipeline.classify.labels import image_labels
-    from pipeline.data.manifest import Manifest
-    from pipeline.teachers import load_teacher
+    from pipeline.classify.tokens import cache_run_tokens
 
     cfg = _load(config, overrides, None)
-    manifest_dir, out = Path(cfg.data.manifest_dir), Path(cfg.data.tokens_dir)
-    present = [
-        s for s in paths.present_splits(manifest_dir, [x.strip() for x in splits.split(",") if x.strip()])
-    ]
-    if not present:
-        raise PipelineError(f"no manifests for splits {splits} in {manifest_dir}")
-    teacher = load_teacher(cfg.teacher, device=resolve_device(cfg.device))
-    typer.echo(f"teacher {teacher.fingerprint()} on {teacher.device} -> {out}")
-    record: dict = {"teacher": cfg.teacher, "fingerprint": teacher.fingerprint(), "splits": {}}
-    labels: set[str] = set()
-    for split in present:
-        manifest = Manifest.read(paths.manifest_path(manifest_dir, split))
-        if split == cfg.data.train_split:
-            labels = set(image_labels(manifest)[0].values())
-        s = cache_split_tokens(
-            teacher,
-            manifest,
-            split,
-            out,
-            captions=cfg.data.captions,
-            batch_size=cfg.data.batch_size,
-            workers=cfg.data.workers,
-            progress=progress,
-        )
-        what = "already cached" if s.skipped else f"encoded in {s.seconds:.1f}s"
-        typer.echo(
-            f"{split}: {s.images} images x {s.shape[0]} tokens x {s.shape[1]} + {s.captions} captions "
-            f"{what}, {s.rejects} rejects -> {s.path} ({human_bytes(s.bytes)})"
-        )
-        record["splits"][split] = {
-            "images": s.images,
-            "captions": s.captions,
-            "rejects": s.rejects,
-            "tokens": list(s.shape),
-            "bytes": s.bytes,
-        }
-    if len(labels) >= 2:
-        classes = sorted(labels)
-        path = cache_prompts(teacher, classes, list(cfg.text.templates), out)
-        typer.echo(f"class prompts: {len(classes)} classes x {len(cfg.text.templates)} template(s) -> {path}")
-        record["prompts"] = {
-            "path": path.name,
-            "classes": len(classes),
-            "templates": list(cfg.text.templates),
-        }
-    else:
-        typer.echo("no class labels in the training manifest: class prompts not cached")
-    total = sum(p.stat().st_size for p in out.glob("*.h5"))
-    record["bytes"] = total
-    (out / "summary.json").write_text(json.dumps(record, indent=2))
-    typer.echo(f"token cache size: {human_bytes(total)} in {out}")
+    cache_run_tokens(cfg, [x.strip() for x in splits.split(",") if x.strip()], progress, log=typer.echo)
 
 
 def _print_teachers(cfg, out: dict) -> None:

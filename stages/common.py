@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.common.io import human_bytes  # noqa: F401  (the commands' size format)
+
 __all__ = ["resolve_device", "human_bytes"]
 
 
@@ -10,10 +12,3 @@ def resolve_device(name: str):
 
     return resolve(name)
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"

@@ -28,7 +28,7 @@ from pipeline.classify.losses import soft_cross_entropy  # noqa: E402
 from pipeline.classify.metrics import topk_accuracy  # noqa: E402
 from pipeline.classify.labels import class_list, labelled_images, sample_few_shot  # noqa: E402
 from pipeline.classify.objective import LoopSettings, fit  # noqa: E402
-from pipeline.classify.store import TokenMeta, TokenSplit, TokenWriter  # noqa: E402
+from pipeline.features.cache.tokens import TokenMeta, TokenSplit, TokenWriter  # noqa: E402
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,12 +219,11 @@ def test_token_cache_round_trip_memmapped_with_size(tmp_path):
 def test_lit_tokens_are_the_feature_map_behind_the_teacher_embedding():
     """lit: 7x7x1280 map -> 49 tokens whose mean is the tower feature; the embedding is the teacher's own."""
     pytest.importorskip("efficientnet_lite_pytorch")
-    from pipeline.classify.extract import token_extractor
     from pipeline.teachers.lit import LitHeads, LitTeacher
 
     torch.manual_seed(0)
     teacher = LitTeacher(LitHeads(width=16))
-    extract, arch = token_extractor(teacher)
+    extract, arch = teacher.image_tokens, teacher.token_arch()
     rng = np.random.default_rng(5)
     tf = teacher.image_transform()
     pixels = torch.stack(
@@ -636,7 +635,7 @@ def test_captions_few_shot_and_retrieval_in_process(tiny, monkeypatch):
     the student runs its forward passes in the precision asked (bf16 autocast here, on the CPU)."""
     from pipeline.classify import experiment
     from pipeline.classify.experiment import run_step1, run_step2
-    from pipeline.classify.extract import cache_split_tokens
+    from pipeline.features.tokens import run_token_job
     from pipeline.teachers import load_teacher
 
     folder = Manifest.read(tiny / "manifests" / "train.parquet")  # ImageFolder captions = class names
@@ -650,7 +649,7 @@ def test_captions_few_shot_and_retrieval_in_process(tiny, monkeypatch):
     write_splits(Manifest.from_rows(rows, source="captions"), tiny / "captioned")
     teacher = load_teacher(f"openclip:rephead-test-vit/{tiny / 'teacher'}")
     for split in ("train", "val", "test"):
-        cache_split_tokens(
+        run_token_job(
             teacher,
             Manifest.read(tiny / "captioned" / f"{split}.parquet"),
             split,
@@ -913,7 +912,6 @@ def test_rephead_and_self_distill_killed_with_sigkill_resume_to_the_straight_res
 def test_dual_teacher_tokens_pool_to_its_own_image_embedding(tmp_path, image):
     """dual: teachers (e.g. the strong emoji teacher) give token features: a ViT's tokens or a CNN's feature map,
     whose pooled feature is the tower output and whose embedding is the teacher's own."""
-    from pipeline.classify.extract import token_extractor
     from pipeline.students import build_student, export_student, get_preset
     from pipeline.students.config import StudentConfig
     from pipeline.teachers import load_teacher
@@ -925,7 +923,7 @@ def test_dual_teacher_tokens_pool_to_its_own_image_embedding(tmp_path, image):
     model = build_student(StudentConfig.from_dict(cfg), load_weights=False)
     path = export_student(model, None, tmp_path / "student.pt", meta={"run": "t"})
     teacher = load_teacher(f"dual:{path}", device="cpu")
-    extract, arch = token_extractor(teacher)
+    extract, arch = teacher.image_tokens, teacher.token_arch()
     assert arch["kind"] == "timm" and arch["name"] == cfg["image"]["name"]
     tf = teacher.image_transform()
     rng = np.random.default_rng(1)

@@ -306,13 +306,11 @@ def test_hf_bad_inputs(tmp_path):
 def test_image_tokens_are_refused_in_one_line_by_a_backend_without_them():
     """Image tokens are an optional capability: a backend without them (an ensemble) says so in one line, and
     the token cache refuses it before reading an image."""
-    from pipeline.classify.extract import token_extractor
     from pipeline.teachers.ensemble import EnsembleTeacher
     from tests.fake_teacher import FakeTeacher
 
     teacher = EnsembleTeacher([FakeTeacher(width=4), FakeTeacher(width=4, seed=1)])
-    for call in (lambda: teacher.image_tokens(torch.zeros(1, 3, 8, 8)), teacher.token_arch,
-                 lambda: token_extractor(teacher)):
+    for call in (lambda: teacher.image_tokens(torch.zeros(1, 3, 8, 8)), teacher.token_arch):
         with pytest.raises(PipelineError) as e:
             call()
         assert "has no image tokens" in str(e.value) and "\n" not in str(e.value)

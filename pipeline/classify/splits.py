@@ -15,7 +15,8 @@ from pipeline.common.errors import PipelineError
 from pipeline.data.manifest import Manifest
 from pipeline.classify.config import ClassifyConfig
 from pipeline.classify.labels import LabelledImages, labelled_images
-from pipeline.classify.store import TokenSplit, read_prompts, split_path
+from pipeline.classify.prompts import read_prompts
+from pipeline.features.cache.tokens import TokenSplit, split_path
 
 
 @dataclass

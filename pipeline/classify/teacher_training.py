@@ -19,7 +19,7 @@ from pipeline.classify.metrics import topk_accuracy
 from pipeline.classify.objective import LoopSettings, epoch_order, fit
 from pipeline.classify.splits import Queries, Split, queries_for
 from pipeline.train.state import atomic_save, seed_all
-from pipeline.classify.store import TokenSplit
+from pipeline.features.cache.tokens import TokenSplit
 from pipeline.common import io
 
 

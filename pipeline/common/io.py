@@ -170,5 +170,14 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     return Path(path)
 
 
+def human_bytes(n: float) -> str:
+    """A size for people: 512 B, 3.2 MiB, ..."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent, default=str))

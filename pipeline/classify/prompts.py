@@ -1,10 +1,9 @@
-"""Class-prompt embeddings next to the token cache, and the token cache's names for the classify stage.
-
-The token split files themselves (format, ``TokenWriter``, ``TokenSplit``) live with the other caches in
-``pipeline.features.cache.tokens``; this module re-exports them and stores, per class list x template list:
+"""Class-prompt embeddings next to the token cache (the head's queries in prompts mode), per class list x templates:
 
     prompts-<digest>.h5        class-prompt embeddings (K, D), with checksums like every cache file
-    summary.json               sizes of everything in the token folder (written by teacher-tokens)
+
+The token split files themselves (format, writer, reader) live with the other caches in
+``pipeline.features.cache.tokens``.
 """
 
 from __future__ import annotations
@@ -15,11 +14,15 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from pipeline.common import io
 from pipeline.common.errors import PipelineError
 from pipeline.features.cache.integrity import checksum_attrs
-from pipeline.features.cache.tokens import FORMAT, TokenMeta, TokenSplit, TokenWriter, images_digest, split_path
+from pipeline.features.cache.tokens import FORMAT
+from pipeline.features.encode import encode_captions
+from pipeline.teachers.base import Teacher
 
 
 def prompts_digest(classes: list[str], templates: list[str]) -> str:
@@ -64,14 +67,25 @@ def read_prompts(
     return emb
 
 
-__all__ = [
-    "TokenMeta",
-    "TokenWriter",
-    "TokenSplit",
-    "images_digest",
-    "split_path",
-    "prompts_path",
-    "write_prompts",
-    "read_prompts",
-    "FORMAT",
-]
+def check_templates(templates: list[str]) -> list[str]:
+    if not templates:
+        raise PipelineError("give at least one class-prompt template, e.g. 'a photo of a {label}.'")
+    for t in templates:
+        if "{label}" not in t:
+            raise PipelineError(f"prompt template {t!r} has no {{label}} placeholder")
+    return list(templates)
+
+
+def cache_prompts(teacher: Teacher, classes: list[str], templates: list[str], out_dir: str | Path) -> Path:
+    """(K, D) class-prompt embeddings: each template's embedding, averaged over templates, re-normalised."""
+    templates = check_templates(templates)
+    path = prompts_path(Path(out_dir), classes, templates)
+    if path.exists():
+        return path
+    per_template = [encode_captions(teacher, [t.format(label=c) for c in classes]) for t in templates]
+    emb = F.normalize(torch.from_numpy(np.mean(per_template, axis=0)), dim=-1).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_prompts(path, emb, classes, templates, teacher.fingerprint())
+
+
+__all__ = ["prompts_path", "write_prompts", "read_prompts", "check_templates", "cache_prompts"]
