@@ -103,16 +103,55 @@ def _disk_full(folder: Path, margin: int = 1 << 20) -> bool:
     return st.f_bavail * st.f_frsize < margin
 
 
-def verify_file(path: str | Path) -> str | None:
-    """None when ``path`` matches its recorded checksum; else what is wrong (missing, no checksum, differs)."""
+NO_CHECKSUM = "no checksum recorded"
+TRUST_ENV = "CLIPDISTILL_TRUST_UNCHECKED"  # an environment variable, so spawned runs and loader workers inherit it
+
+
+def trust_unchecked() -> bool:
+    """Whether files that should carry a checksum but carry none are used anyway (``--trust-unchecked``)."""
+    return os.environ.get(TRUST_ENV, "") not in ("", "0")
+
+
+def set_trust_unchecked(on: bool) -> None:
+    if on:
+        os.environ[TRUST_ENV] = "1"
+
+
+def unchecked_error(what: str, path: str | Path) -> PipelineError:
+    """The one refusal of a file without its checksum (written before checksums, or the checksum was deleted)."""
+    return PipelineError(f"refusing {what} {path}: no checksum recorded (written before checksums, or its checksum "
+                         "was removed); rewrite it, or pass --trust-unchecked to use it unchecked")
+
+
+def verify_file(path: str | Path, what: str | None = None) -> str | None:
+    """None when ``path`` matches its recorded checksum; else what is wrong (missing, no checksum, differs).
+
+    With ``what`` (the kind of file, for the message) a problem is raised as a one-line PipelineError instead:
+    the rule every loader of a file this project wrote follows. A missing checksum passes only when trusted.
+    """
     path = Path(path)
     if not path.is_file():
-        return "missing"
-    try:
-        recorded = checksum_path(path).read_text().strip()
-    except OSError:
-        return "no checksum recorded"
-    return None if file_checksum(path) == recorded else "content differs from its checksum (changed or damaged)"
+        problem = "missing"
+    else:
+        try:
+            recorded = checksum_path(path).read_text().strip()
+        except OSError:
+            recorded = None
+        if recorded is None:
+            problem = NO_CHECKSUM
+        elif file_checksum(path) != recorded:
+            problem = "content differs from its checksum (changed or damaged)"
+        else:
+            problem = None
+    if what is None or problem is None:
+        return problem
+    if problem == NO_CHECKSUM:
+        if trust_unchecked():
+            return None
+        raise unchecked_error(what, path)
+    if problem == "missing":
+        raise PipelineError(f"{what} not found: {path}")
+    raise PipelineError(f"damaged {what} {path}: {problem}; rewrite it (delete it and rerun what made it)")
 
 
 @contextlib.contextmanager
