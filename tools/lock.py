@@ -8,8 +8,15 @@ The lock is a pip constraints file (``name==version`` lines), made from pip's ow
 pip rather than pip-tools or uv: it is the installer `make install` runs anyway, it honours this machine's pip
 configuration (local wheel indexes, the torch cap), and it needs nothing else installed.
 
-    python tools/lock.py [--out constraints.txt] [--extras dev,gpu,deploy]  # `make lock`: resolve anew
-    python tools/lock.py --check [--lock constraints.txt]              # installed == locked?
+    python tools/lock.py [--out constraints.txt] [--extras dev,gpu,deploy,cluster]  # `make lock`: resolve anew
+    python tools/lock.py --keep constraints.txt [--out constraints.txt]  # add new packages, move no pin
+    python tools/lock.py --check [--out constraints.txt]                # installed == locked?
+
+``--keep OLD`` passes the old lock to the resolver as constraints (``pip ... -c OLD``), so every package that was
+pinned keeps its version and only packages new to the lock (a new dependency or extra and what it pulls in) get a
+pin; the resolution fails, instead of moving a pin, when a new package needs another version of a pinned one.
+Pins of packages no longer needed drop out. Use it when adding a dependency (`make lock KEEP=constraints.txt`;
+plain `make lock` re-resolves from scratch and may upgrade everything, torch included).
 """
 
 from __future__ import annotations
@@ -43,12 +50,18 @@ def read_lock(path: Path) -> dict[str, str]:
     return pins
 
 
-def resolve(extras: str) -> dict[str, str]:
-    """Every distribution pip would install for the project with ``extras``, ignoring what is installed."""
+def resolve(extras: str, keep: Path | None = None) -> dict[str, str]:
+    """Every distribution pip would install for the project with ``extras``, ignoring what is installed
+    (with ``keep``: constrained to that lock's versions)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
                "--report", str(report), f"{ROOT}[{extras}]"]
+        if keep is not None:
+            # a copy: --out may be the same file, and pip reads the constraints while we write nothing yet
+            kept = Path(tmp) / "keep.txt"
+            kept.write_text(keep.read_text())
+            cmd += ["-c", str(kept)]
         subprocess.run(cmd, check=True)
         items = json.loads(report.read_text())["install"]
     pins = {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in items}
@@ -57,8 +70,15 @@ def resolve(extras: str) -> dict[str, str]:
     return pins
 
 
-def write_lock(out: Path, extras: str) -> None:
-    pins = resolve(extras)
+def write_lock(out: Path, extras: str, keep: Path | None = None) -> None:
+    pins = resolve(extras, keep)
+    if keep is not None:
+        old = read_lock(keep)
+        moved = {n: (old[n], v) for n, v in pins.items() if n in old and old[n] != v and n != "pip"}
+        if moved:  # pip is the installer's own version, not a resolved one
+            sys.exit(f"--keep {keep}: pins would move: {moved}")
+        added = sorted(set(pins) - set(old))
+        print(f"kept {len(set(pins) & set(old))} pins, added {len(added)}: {' '.join(added) or '-'}")
     header = [
         "# constraints.txt: exact versions `make install` installs (pip constraints file).",
         "# Regenerate with `make lock` (tools/lock.py); do not edit by hand.",
@@ -129,7 +149,9 @@ def check(lock: Path, extras: list[str]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "constraints.txt")
-    ap.add_argument("--extras", default="dev,gpu,deploy", help="extras resolved into the lock")
+    ap.add_argument("--extras", default="dev,gpu,deploy,cluster", help="extras resolved into the lock")
+    ap.add_argument("--keep", type=Path, metavar="OLD_LOCK",
+                    help="resolve with OLD_LOCK's pins as constraints: only new packages get new pins")
     ap.add_argument("--check", action="store_true", help="compare the installed packages with the lock")
     ap.add_argument("--check-extras", default="dev", help="extras whose packages --check compares")
     args = ap.parse_args()
@@ -141,7 +163,7 @@ def main() -> None:
             sys.exit(1)
         print(f"installed packages match {args.out.name}")
         return
-    write_lock(args.out, args.extras)
+    write_lock(args.out, args.extras, args.keep)
 
 
 if __name__ == "__main__":
