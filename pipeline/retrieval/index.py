@@ -321,14 +321,17 @@ def _sidecar(path: Path) -> Path:
 def save_index(built: BuiltIndex, path: str | Path) -> None:
     """Write the index (``faiss.write_index``) and a JSON sidecar ``<path>.json`` with spec + params.
 
-    Both files are written to temporary names first, so a crash never leaves a half-written pair.
+    Both files are written to temporary names first, so a crash never leaves a half-written pair. The index gets a
+    ``.blake2b`` checksum like every stored file, and the sidecar records it too: a sidecar and an index from two
+    different writers do not pass as a pair.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cpu_index = faiss.index_gpu_to_cpu(built.index) if built.on_gpu else built.index
-    with io.atomic_path(path) as tmp:
+    with io.atomic_path(path, checksum=True) as tmp:
         faiss.write_index(cpu_index, str(tmp))
-    io.write_json(_sidecar(path), {"spec": built.spec.to_dict(), "params": built.params})
+    digest = io.checksum_path(path).read_text().strip()  # as just recorded (not hashed twice)
+    io.write_json(_sidecar(path), {"spec": built.spec.to_dict(), "params": built.params, "checksum": digest})
 
 
 def load_index(path: str | Path, gpu: bool | str = "auto") -> BuiltIndex:
@@ -343,6 +346,10 @@ def load_index(path: str | Path, gpu: bool | str = "auto") -> BuiltIndex:
         params = dict(meta["params"])
     except (ValueError, KeyError, TypeError) as e:
         raise PipelineError(f"unreadable index sidecar {_sidecar(path)}: {e}") from None
+    io.verify_file(path, "FAISS index")
+    recorded, sums = meta.get("checksum"), io.checksum_path(path)
+    if recorded and sums.is_file() and sums.read_text().strip() != recorded:
+        raise PipelineError(f"{_sidecar(path)} describes another index than {path} (two writers?); rebuild it")
     try:
         index = faiss.read_index(str(path))
     except RuntimeError:

@@ -252,7 +252,19 @@ def export_torchscript(model: StudentModel, out_dir: str | Path) -> tuple[Path, 
     except Exception as exc:  # tracing fails in many ways for unsupported tower code
         raise PipelineError(f"TorchScript tracing failed for this student: {first_line(exc)}") from exc
     for module, path in zip((image, text), paths):
-        with io.atomic_path(path) as tmp, warnings.catch_warnings():
+        with io.atomic_path(path, checksum=True) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             torch.jit.save(module, str(tmp))
     return paths
+
+
+def load_torchscript(path: str | Path, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """A traced encoder written by ``export_torchscript``, after its checksum is checked (a TorchScript file is
+    code: a changed one is never run)."""
+    io.verify_file(path, "TorchScript encoder")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location=device)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise PipelineError(f"cannot read TorchScript encoder {path}: {first_line(exc)}") from None

@@ -75,7 +75,8 @@ def export_onnx(model: StudentModel, out_dir: str | Path) -> tuple[Path, Path]:
     for module, args, shapes, names, filename, output in jobs:
         path = out_dir / filename
         try:
-            with io.atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io_text()):
+            with io.atomic_path(path, checksum=True) as tmp, warnings.catch_warnings(), \
+                    contextlib.redirect_stdout(io_text()):
                 warnings.simplefilter("ignore")  # the exporter's deprecation and shape-naming chatter
                 program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes, input_names=names,
                                             output_names=[output], opset_version=OPSET, verbose=False)
@@ -109,7 +110,9 @@ def quantize_int8(out_dir: str | Path) -> tuple[Path, Path]:
     for src, dst in zip(graph_names(), graph_names(INT8)):
         if not (out_dir / src).is_file():
             raise PipelineError(f"no {src} in {out_dir} to quantise; export the float graphs first")
-        with io.atomic_path(out_dir / dst) as tmp, contextlib.redirect_stdout(io_text()), warnings.catch_warnings():
+        io.verify_file(out_dir / src, "ONNX graph")  # quantising a damaged graph would launder it under a new checksum
+        with io.atomic_path(out_dir / dst, checksum=True) as tmp, contextlib.redirect_stdout(io_text()), \
+                warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logging.disable(logging.WARNING)  # its "run pre-processing first" advice: shapes are already static
             try:
@@ -135,6 +138,8 @@ class OnnxStudent(Teacher):
         if missing:
             flag = " --int8" if variant else ""
             raise PipelineError(f"no ONNX graphs {missing} in {graphs}; run `clipdistill export-onnx{flag}` first")
+        for g in self.files:  # the checksum rule: a changed, damaged or unchecked graph is never run
+            io.verify_file(graphs / g, "ONNX graph")
         self.image_session, self.text_session = (
             ort.InferenceSession(str(graphs / g), options, providers=["CPUExecutionProvider"]) for g in self.files)
         self.model, self.width, self.graphs = model, model.embed_dim, graphs

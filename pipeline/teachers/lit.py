@@ -327,7 +327,7 @@ def save_heads(path: str | Path, heads: LitHeads, summary: dict | None = None) -
     config = {"width": heads.width, "image_model": IMAGE_MODEL, "text_model": TEXT_MODEL,
               "image_dim": heads.image.proj.in_features, "text_dim": heads.text.proj.in_features,
               "towers": towers_fingerprint_parts()}
-    with io.atomic_path(path) as tmp:
+    with io.atomic_path(path, checksum=True) as tmp:
         torch.save({"format": CHECKPOINT_FORMAT, "config": config, "heads": state, "summary": summary or {}}, tmp)
     return path
 
@@ -340,10 +340,9 @@ def load_heads(path: str | Path) -> tuple[LitHeads, dict]:
             f"LiT teacher checkpoint not found: {path}; run `make lit-teacher` "
             "(or `clipdistill build-lit --manifest <train.parquet> --out <ckpt>`) to train it"
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise PipelineError(f"cannot read LiT checkpoint {path}: {exc}") from exc
+    from pipeline.train.state import load_checkpoint
+
+    ckpt = load_checkpoint(path, "LiT teacher checkpoint")  # checksum, then tensors and plain values only
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise PipelineError(f"{path} is not a LiT teacher checkpoint (expected format {CHECKPOINT_FORMAT})")
     cfg = ckpt["config"]

@@ -7,6 +7,7 @@ run the towers twice on the same images. Neither side imports the other: both im
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,20 +57,25 @@ def cache_key(manifest: Manifest, towers_parts: dict) -> str:
 
 
 def read_features(path: Path, key: str) -> SplitFeatures | None:
-    """The features stored at ``path`` if they were made for ``key``; None when absent, stale or unreadable."""
+    """The features stored at ``path`` if they were made for ``key``; None when absent, stale, unreadable, damaged
+    or without a checksum (unless trusted): the caller then encodes again and rewrites them, checksum included."""
     if not path.exists():
+        return None
+    problem = io.verify_file(path)
+    if problem and not (problem == io.NO_CHECKSUM and io.trust_unchecked()):
+        print(f"note: {path}: {problem}; not used (the towers encode these images again)")
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) == key:
                 return SplitFeatures(**{k: z[k] for k in SplitFeatures.__dataclass_fields__})
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         pass  # unreadable or an older layout: the caller encodes instead
     return None
 
 
 def write_features(path: Path, key: str, sf: SplitFeatures) -> None:
-    with io.atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: numpy adds no second ".npz"
+    with io.atomic_path(path, checksum=True) as tmp, open(tmp, "wb") as f:  # a file object: numpy adds no second ".npz"
         np.savez(f, key=np.asarray(key), **sf.__dict__)
 
 

@@ -55,16 +55,16 @@ def atomic_save(obj, path: Path) -> Path:
 
 def load_checkpoint(path: Path, what: str = "checkpoint", map_location="cpu", mmap: bool = False,
                     verify: bool = True) -> dict:
-    """Read a file this project wrote with torch.save: tensors and plain types only (``weights_only=True``),
-    so a file carrying a pickled object (which could run code) is refused with a one-line error."""
+    """Read a file this project wrote with torch.save after checking its ``.blake2b`` checksum: tensors and plain
+    types only (``weights_only=True``), so a file carrying a pickled object (which could run code) is refused with
+    a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{what} not found: {path}")
-    # Older files have no checksum and are read as they are; ``verify=False`` for a peek at small metadata
-    # (the full load that follows checks the file).
-    problem = io.verify_file(path) if verify and io.checksum_path(path).exists() else None
-    if problem:
-        raise PipelineError(f"damaged {what} {path}: {problem}")
+    # The checksum rule (io.verify_file): damaged or unchecked files are refused. ``verify=False`` only for a peek
+    # at small metadata that a full, checked load follows.
+    if verify:
+        io.verify_file(path, what)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
@@ -89,10 +89,7 @@ def claim_run_dir(run_dir: str | Path) -> Iterator[None]:
         return
     with io.exclusive(run_dir / "training") as mine:
         if not mine:
-            try:
-                holder = (run_dir / "training.lock").read_text(errors="replace").strip() or "?"
-            except OSError:  # released this instant
-                holder = "?"
+            holder = io.lock_holder(run_dir / "training")  # "?" when released this instant
             raise PipelineError(f"run {run_dir} is being trained by another process (pid {holder}); wait for it to "
                                 f"finish or stop it, then resume (no such training? delete {run_dir}/training.lock)")
         _CLAIMED.add(run_dir)
