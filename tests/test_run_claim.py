@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.common import io
 from pipeline.common.errors import PipelineError
 from pipeline.train.state import claim_run_dir
 
@@ -32,7 +33,7 @@ def test_claim_is_exclusive_reentrant_and_released(tmp_path):
     run = tmp_path / "runs" / "r1"
     with claim_run_dir(run):
         with claim_run_dir(run):  # the same process again (classify's both steps in one call)
-            assert (run / "training.lock").read_text() == str(os.getpid())
+            assert io.read_lock(run / "training.lock").pid == os.getpid()
         other = _other_process_claims(run)
         assert other.returncode != 0 and "trained" not in other.stdout
         assert f"being trained by another process (pid {os.getpid()})" in other.stderr

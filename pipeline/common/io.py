@@ -1,8 +1,8 @@
-"""The one way files are published: write to ``<name>.<pid>.tmp`` in the same folder, then rename over the target.
+"""The one way files are published: write to ``<name>.<host>.<pid>.tmp`` in the same folder, then rename over the target.
 
 A kill or crash mid-write leaves the previous file (or none) plus a stray ``.tmp`` that the next write
 removes, never a half-written file under the real name that a reader would accept. The temporary name
-carries the writer's pid so two processes publishing the same file at once (two feature jobs sharing a
+carries the writer's host and pid so two processes publishing the same file at once (two feature jobs sharing a
 cache both write its summary) never rename each other's half-written file.
 """
 
@@ -14,15 +14,27 @@ import glob
 import hashlib
 import json
 import os
+import re
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.common.errors import PipelineError
 
 
+def _host() -> str:
+    """This machine's name as it goes into lock and temporary file names (dots kept, odd characters dropped)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "", socket.gethostname()) or "localhost"
+
+
 def tmp_path(path: str | Path) -> Path:
+    # host and pid: on storage shared between machines a pid alone names nobody (pids repeat across hosts)
     path = Path(path)
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f"{path.name}.{_host()}.{os.getpid()}.tmp")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -35,12 +47,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# A temporary written from another host is never judged by pid; it is removed only when nothing has touched it
+# for this long (a live writer keeps writing to it: a shard's write takes seconds to minutes).
+FOREIGN_TMP_AGE_S = 6 * 3600
+
+
 def remove_stale_tmps(path: str | Path) -> None:
-    """Delete temporaries of ``path`` left by writers that are gone (killed mid-write)."""
+    """Delete temporaries of ``path`` left by writers that are gone (killed mid-write); a live writer's never."""
     path = Path(path)
     for stray in path.parent.glob(f"{glob.escape(path.name)}.*tmp"):
         middle = stray.name[len(path.name):-len("tmp")].strip(".")
-        if middle == "" or (middle.isdigit() and not _pid_alive(int(middle))):
+        host, _, pid = middle.rpartition(".")
+        if middle == "":
+            stale = True
+        elif middle.isdigit():  # the older <name>.<pid>.tmp, written on this host
+            stale = not _pid_alive(int(middle))
+        elif pid.isdigit() and host == _host():
+            stale = not _pid_alive(int(pid))
+        elif pid.isdigit():
+            try:
+                stale = time.time() - stray.stat().st_mtime > FOREIGN_TMP_AGE_S
+            except OSError:
+                stale = False
+        else:
+            stale = False  # not a temporary of ours
+        if stale:
             stray.unlink(missing_ok=True)
 
 
@@ -154,47 +185,145 @@ def verify_file(path: str | Path, what: str | None = None) -> str | None:
     raise PipelineError(f"damaged {what} {path}: {problem}; rewrite it (delete it and rerun what made it)")
 
 
+# Locks: ``<path>.lock`` holds one line "pid host renewed_at lease_s nonce". The holder renews ``renewed_at``
+# every lease/3 seconds from a thread while it works. A lock is stale when its holder is known dead: on this host
+# its pid is gone; from another host (pids mean nothing here) its lease ran out. Clocks of the machines sharing
+# the storage must agree to well within the lease (NTP does). CLIPDISTILL_LOCK_LEASE_S sets the lease.
+DEFAULT_LEASE_S = 60.0
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    pid: int
+    host: str
+    renewed: float  # time.time() of the last renewal
+    lease: float
+    nonce: str
+
+    def line(self) -> str:
+        return f"{self.pid} {self.host} {self.renewed:.3f} {self.lease:g} {self.nonce}\n"
+
+    def __str__(self) -> str:
+        return str(self.pid) if self.host == _host() else f"{self.pid} on {self.host}"
+
+
+def lease_seconds() -> float:
+    try:
+        return max(0.05, float(os.environ.get("CLIPDISTILL_LOCK_LEASE_S", DEFAULT_LEASE_S)))
+    except ValueError:
+        return DEFAULT_LEASE_S
+
+
+def read_lock(lock: str | Path) -> LockHolder | None:
+    """The holder recorded in a lock file; None when it cannot be read (gone, or being written this instant).
+    A bare pid (the older format) is a holder on this host."""
+    try:
+        parts = Path(lock).read_text(errors="replace").split()
+        if len(parts) == 1:
+            return LockHolder(int(parts[0]), _host(), 0.0, float("inf"), "")
+        pid, host, renewed, lease, nonce = parts[:5]
+        return LockHolder(int(pid), host, float(renewed), float(lease), nonce)
+    except (OSError, ValueError):
+        return None
+
+
+def lock_holder(path: str | Path) -> str:
+    """Who holds ``<path>.lock``, for messages: "1234", or "1234 on otherhost"; "?" when unknown."""
+    holder = read_lock(Path(str(path) + ".lock"))
+    return str(holder) if holder else "?"
+
+
+def _holder_alive(holder: LockHolder | None, now: float | None = None) -> bool:
+    if holder is None or holder.pid <= 0:
+        return True  # unreadable: being written this instant, treat as held
+    if holder.host == _host():
+        return _pid_alive(holder.pid)
+    return (now if now is not None else time.time()) - holder.renewed <= holder.lease
+
+
+def _claim(lock: Path, mine: LockHolder) -> bool:
+    """Create ``lock`` for ``mine``, taking over a stale one; True when this process now holds it.
+
+    Creation is O_EXCL, so of several processes exactly one creates a missing lock. A stale lock is replaced
+    only under a guard file named after the stale holder's nonce (also O_EXCL), after checking the lock still
+    is that stale holder's: two processes taking over one stale lock cannot both win, and a fresh lock made
+    meanwhile is never removed."""
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            stale = read_lock(lock)
+            if _holder_alive(stale):
+                return False
+            guard = lock.with_name(f"{lock.name}.takeover-{stale.nonce or stale.pid}")
+            try:
+                gfd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                _drop_old_guard(guard, stale.lease)
+                return False  # another process is taking this stale lock over right now
+            os.close(gfd)
+            try:
+                if read_lock(lock) != stale:
+                    continue  # it changed under us (released, or taken over): look again
+                tmp = lock.with_name(f"{lock.name}.{_host()}.{os.getpid()}.new")
+                tmp.write_text(mine.line())
+                os.replace(tmp, lock)  # atomic: the lock never goes missing, so no O_EXCL creator slips in
+                return True
+            finally:
+                guard.unlink(missing_ok=True)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(mine.line())
+        return True
+    return False
+
+
+def _drop_old_guard(guard: Path, lease: float) -> None:
+    # a taker killed inside its few-millisecond window would leave the guard for good
+    try:
+        if time.time() - guard.stat().st_mtime > max(lease, 1.0) * 2:
+            guard.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _renew(lock: Path, mine: LockHolder, stop: threading.Event) -> None:
+    """Rewrite the lease while the holder works; stops (and never writes again) once the lock is not ours."""
+    while not stop.wait(mine.lease / 3):
+        if read_lock(lock) is None or read_lock(lock).nonce != mine.nonce:
+            return  # taken over (we were judged dead): nothing of ours to renew
+        fresh = LockHolder(mine.pid, mine.host, time.time(), mine.lease, mine.nonce)
+        tmp = lock.with_name(f"{lock.name}.{_host()}.{os.getpid()}.renew")
+        try:
+            tmp.write_text(fresh.line())
+            os.replace(tmp, lock)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def exclusive(path: str | Path) -> Iterator[bool]:
     """Claim ``<path>.lock`` for this process while the block runs; yields False when a live process holds it.
 
-    A lock left by a process that no longer runs (killed) is taken over.
+    A lock whose holder is gone is taken over: on this host when its pid no longer runs, from another host when
+    its lease (renewed by this process while the block runs) has expired.
     """
     lock = Path(str(path) + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _holder_alive(lock):
-                yield False
-                return
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        try:
-            yield True
-        finally:
-            lock.unlink(missing_ok=True)
+    mine = LockHolder(os.getpid(), _host(), time.time(), lease_seconds(), secrets.token_hex(8))
+    if not _claim(lock, mine):
+        yield False
         return
-    yield False
-
-
-def _holder_alive(lock: Path) -> bool:
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew, args=(lock, mine, stop), daemon=True, name="lock-lease")
+    renewer.start()
     try:
-        pid = int(lock.read_text().strip() or 0)
-    except (OSError, ValueError):
-        return True  # being written this instant: treat as held
-    if pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        yield True
+    finally:
+        stop.set()
+        renewer.join()
+        held = read_lock(lock)
+        if held is not None and held.nonce == mine.nonce:  # never remove a lock someone took over from us
+            lock.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> Path:

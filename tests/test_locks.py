@@ -1,0 +1,90 @@
+"""Locks on storage shared between machines: host + pid + a renewed lease; exactly one winner of a stale lock."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.common import io
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _plant(lock: Path, host: str, renewed: float, lease: float = 30.0, pid: int = 4242) -> None:
+    lock.write_text(io.LockHolder(pid, host, renewed, lease, "feedface").line())
+
+
+def test_a_lock_records_host_pid_and_a_lease_the_holder_renews(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPDISTILL_LOCK_LEASE_S", "0.3")
+    with io.exclusive(tmp_path / "shard") as mine:
+        assert mine
+        first = io.read_lock(tmp_path / "shard.lock")
+        assert (first.pid, first.host, first.lease) == (os.getpid(), io._host(), 0.3)
+        deadline = time.time() + 5
+        while io.read_lock(tmp_path / "shard.lock").renewed == first.renewed and time.time() < deadline:
+            time.sleep(0.05)
+        assert io.read_lock(tmp_path / "shard.lock").renewed > first.renewed  # renewed while held
+    assert not (tmp_path / "shard.lock").exists()
+
+
+def test_another_hosts_lock_is_respected_while_its_lease_runs_and_taken_over_after(tmp_path):
+    lock = tmp_path / "shard.lock"
+    _plant(lock, "other-host", time.time())  # pid 4242 may not exist here: it is not ours to ask about
+    with io.exclusive(tmp_path / "shard") as mine:
+        assert not mine
+    assert io.lock_holder(tmp_path / "shard") == "4242 on other-host"
+    _plant(lock, "other-host", time.time() - 31)  # its holder stopped renewing 31 s ago, lease 30 s
+    with io.exclusive(tmp_path / "shard") as mine:
+        assert mine and io.read_lock(lock).pid == os.getpid()
+
+
+def test_a_live_writers_temporary_is_kept_a_dead_ones_removed(tmp_path):
+    path = tmp_path / "shard.h5"
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    here_dead = path.with_name(f"shard.h5.{io._host()}.{dead}.tmp")
+    here_live = path.with_name(f"shard.h5.{io._host()}.{os.getppid()}.tmp")
+    foreign = path.with_name(f"shard.h5.other-host.{os.getpid()}.tmp")  # a live writer on another machine
+    foreign_old = path.with_name("shard.h5.other-host.7.tmp")
+    for f in (here_dead, here_live, foreign, foreign_old):
+        f.write_text("half-written")
+    old = time.time() - io.FOREIGN_TMP_AGE_S - 60
+    os.utime(foreign_old, (old, old))
+    io.write_text(path, "done")
+    assert not here_dead.exists() and not foreign_old.exists()
+    assert here_live.exists() and foreign.exists()
+
+
+RACE = """
+import sys, time
+sys.path.insert(0, {root!r})
+from pipeline.common import io
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+with io.exclusive(sys.argv[1]) as mine:
+    print("won" if mine else "lost", flush=True)
+    if mine:
+        time.sleep(0.3)  # hold it while the other one is still deciding
+"""
+
+
+def test_two_processes_taking_over_one_stale_lock_exactly_one_wins(tmp_path):
+    code = RACE.format(root=str(ROOT))
+    for round_ in range(12):
+        target = tmp_path / f"shard{round_}"
+        # a stale lock of each kind: a dead local pid (old one-number format) or an expired foreign lease
+        lock = Path(str(target) + ".lock")
+        if round_ % 2:
+            lock.write_text("999999999")
+        else:
+            _plant(lock, "other-host", time.time() - 100)
+        start = time.time() + 0.6
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(target), str(start)], stdout=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+        assert results == ["lost", "won"], (round_, results)
+        assert not lock.exists() and not list(tmp_path.glob("*.takeover-*"))
