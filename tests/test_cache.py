@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -17,7 +16,7 @@ from PIL import Image
 
 from pipeline.features.cache import FeatureCache
 from pipeline.common.errors import PipelineError
-from pipeline.features.job import FeatureJob, run_feature_job
+from pipeline.features.job import KILL_SWITCH, FeatureJob, run_feature_job
 from pipeline.data.manifest import Manifest
 from tests.fake_teacher import FakeTeacher
 
@@ -166,30 +165,23 @@ def test_reader_refuses_mismatches_and_incomplete_caches(tmp_path):
 
 
 KILL_SCRIPT = """
-import sys, time
+import sys
 sys.path.insert(0, {root!r})
-from tests.fake_teacher import FakeTeacher
 from tests.test_cache import make_manifest, run
 from pathlib import Path
-class Slow(FakeTeacher):
-    def _encode_images(self, pixels):
-        time.sleep(0.15)
-        return super()._encode_images(pixels)
-run(make_manifest(Path({tmp!r})), Path({tmp!r}) / "killed", teacher=Slow())
+run(make_manifest(Path({tmp!r})), Path({tmp!r}) / "killed")
 """
 
 
 def test_process_killed_with_sigkill_resumes_identically(tmp_path):
     manifest = make_manifest(tmp_path)
     run(manifest, tmp_path / "full")
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), tmp=str(tmp_path))])
-    deadline = time.time() + 300  # generous: a loaded machine imports slowly
-    while time.time() < deadline and not list((tmp_path / "killed").glob("shard-00001-*.h5")):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = list((tmp_path / "killed").glob("shard-*.h5"))
-    assert 0 < len(done) < 5, "the kill should land mid-run"
+    # stage 1's testing switch: the job SIGKILLs itself right after publishing its 2nd shard (of 5), not a sleep
+    env = {**os.environ, KILL_SWITCH: "2"}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), tmp=str(tmp_path))], env=env)
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+    done = sorted(p.name for p in (tmp_path / "killed").glob("shard-*.h5"))
+    assert [n[:11] for n in done] == ["shard-00000", "shard-00001"], "the kill lands after the 2nd shard"
     run(manifest, tmp_path / "killed")
     a, b = FeatureCache(tmp_path / "full"), FeatureCache(tmp_path / "killed")
     np.testing.assert_array_equal(a.image.to_array(), b.image.to_array())

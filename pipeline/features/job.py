@@ -13,6 +13,9 @@ granularity). The summary reports read, model and write time apart.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +34,19 @@ from pipeline.features.reader import SplitReader
 from pipeline.features.shard_writer import ShardWriter
 from pipeline.features.views import ViewSpec
 from pipeline.teachers.base import Teacher
+
+# Testing switch, for the kill-and-resume tests only: CLIPDISTILL_KILL_AFTER_SHARDS=N makes the process SIGKILL
+# itself right after it has published its N-th shard (a real kill: no cleanup, the next shard maybe mapped).
+KILL_SWITCH = "CLIPDISTILL_KILL_AFTER_SHARDS"
+
+
+def _kill_after() -> int | None:
+    raw = os.environ.get(KILL_SWITCH, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise PipelineError(f"{KILL_SWITCH}={raw!r}: expected a shard count >= 1 (a testing switch; unset it)")
+    return int(raw)
 
 
 @dataclass
@@ -105,6 +121,7 @@ def _check_existing(path: Path, expected: CacheMeta) -> None:
 def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) -> FeatureSummary:
     """Encode the job's shards with ``teacher`` and write them; returns what was done."""
     start = time.perf_counter()
+    kill_after = _kill_after()  # a testing switch (KILL_SWITCH); checked before anything is written
     job.out_dir.mkdir(parents=True, exist_ok=True)
     reader = SplitReader(job.manifest, job.shard_size)
     meta = cache_meta(job, teacher, reader.total)
@@ -129,6 +146,9 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
         path = writer(out)
         summary.write_seconds += time.perf_counter() - t
         summary.shards_written.append(path.name)
+        if kill_after == len(summary.shards_written):  # the testing switch: this shard is published, die now
+            sys.stdout.flush(), sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
         summary.images += len(out.image_id)
         summary.texts += out.texts
         summary.rejects += len(out.rejects)
