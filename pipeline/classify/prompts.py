@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pipeline.common import io
 from pipeline.common.errors import PipelineError
-from pipeline.features.cache.integrity import checksum_attrs
+from pipeline.features.cache.integrity import check_file, checksum_attrs
 from pipeline.features.cache.tokens import FORMAT
 from pipeline.features.encode import encode_captions
 from pipeline.teachers.base import Teacher
@@ -59,9 +59,13 @@ def read_prompts(
             f"no class-prompt embeddings for these {len(classes)} classes and templates in "
             f"{directory}; run `clipdistill teacher-tokens` with the same config"
         )
-    with h5py.File(path, "r") as f:
-        fingerprint = f.attrs["teacher_fingerprint"]
-        emb = f["embedding"][()]
+    check_file(path, "class-prompt file", "delete it and rerun teacher-tokens")
+    try:
+        with h5py.File(path, "r") as f:
+            fingerprint = f.attrs["teacher_fingerprint"]
+            emb = f["embedding"][()]
+    except (OSError, KeyError) as exc:  # unchecked (trusted) files may be anything
+        raise PipelineError(f"cannot read class-prompt file {path}: {exc}") from None
     if expect_fingerprint is not None and fingerprint != expect_fingerprint:
         raise PipelineError(f"{path} was made by teacher {fingerprint}, expected {expect_fingerprint}")
     return emb

@@ -117,6 +117,20 @@ def verify_shard(path: Path, force: bool = False) -> list[str]:
     return problems
 
 
+def check_file(path: Path, what: str, fix: str, force: bool = False) -> None:
+    """The checksum rule for an HDF5 file this project wrote (``common.io.verify_file`` for the others): a damaged
+    file is refused in one line, and so is one without checksums unless ``--trust-unchecked`` is on."""
+    from pipeline.common.errors import PipelineError
+
+    problems = verify_shard(path, force=force)
+    if problems == [LEGACY]:
+        if not io.trust_unchecked():
+            raise io.unchecked_error(what, path)
+    elif problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise PipelineError(f"damaged {what} {path}: {problems[0]}{more}; {fix}")
+
+
 @dataclass(frozen=True)
 class Finding:
     status: str  # ok | damaged | missing | unchecked

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from pipeline.features.cache.format import SHARD_RE, CacheMeta, shard_name
-from pipeline.features.cache.integrity import LEGACY, verify_shard
+from pipeline.features.cache.integrity import check_file
 from pipeline.common.errors import PipelineError
 from pipeline.data.manifest import Manifest, Reject, read_rejects
 
@@ -78,21 +78,12 @@ def _sort_order(keys: np.ndarray) -> np.ndarray | None:
 
 
 VERIFY_ENV = "CLIPDISTILL_VERIFY"
-_LEGACY_NOTED: set[Path] = set()
 
 
 def _check_content(shard_paths: list[Path], force: bool) -> None:
-    """Refuse a cache whose shard content differs from its recorded checksums (see ``integrity``)."""
+    """Refuse a cache whose shard content differs from its recorded checksums, or has none (see ``integrity``)."""
     for path in shard_paths:
-        problems = verify_shard(path, force=force)
-        if problems == [LEGACY]:
-            if path.parent not in _LEGACY_NOTED:  # old caches stay usable; say once that they are unchecked
-                _LEGACY_NOTED.add(path.parent)
-                print(f"note: {path.parent}: {LEGACY}")
-        elif problems:
-            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise PipelineError(f"damaged cache shard {path}: {problems[0]}{more}; rebuild it "
-                                "(delete the file and rerun teacher-features)")
+        check_file(path, "cache shard", "rebuild it (delete the file and rerun teacher-features)", force=force)
 
 
 class FeatureCache:

@@ -14,7 +14,7 @@ Arrays are contiguous and uncompressed, so readers memory-map them (a token cach
 the writer fills rows batch by batch). Like a stage-1 shard, a file is written under its lock as a temporary,
 carries ``checksum:<dataset>`` attributes (``cache/integrity.py``, read back before the rename), is published by
 ``common.io.atomic_path`` and is checked in full the first time it is opened where it lies, and by
-``clipdistill verify``. Files written before checksums are still read (``verify`` calls them unchecked).
+``clipdistill verify``. Files written before checksums are refused unless ``--trust-unchecked``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 from pipeline.common import io
 from pipeline.common.errors import PipelineError
 from pipeline.features.cache.format import TOKEN_FORMAT
-from pipeline.features.cache.integrity import LEGACY, CHECKSUM_PREFIX, dataset_checksum, stamp_path, verify_shard
+from pipeline.features.cache.integrity import CHECKSUM_PREFIX, check_file, dataset_checksum, stamp_path
 
 FORMAT = TOKEN_FORMAT
 
@@ -178,10 +178,7 @@ class TokenSplit:
         if self.meta.format != FORMAT:
             raise PipelineError(f"{self.path} has format {self.meta.format}, expected {FORMAT}")
         if verify is not False:
-            problems = [p for p in verify_shard(self.path, force=bool(verify)) if p != LEGACY]
-            if problems:
-                raise PipelineError(f"token cache {self.path} is damaged ({'; '.join(problems[:2])}); delete it and "
-                                    "rerun teacher-tokens")
+            check_file(self.path, "token cache", "delete it and rerun teacher-tokens", force=bool(verify))
         if expect_fingerprint is not None and expect_fingerprint != self.meta.teacher_fingerprint:
             raise PipelineError(
                 f"{self.path} was made by teacher {self.meta.teacher_fingerprint}, "
