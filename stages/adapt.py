@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from pipeline.common import config as cfgio
+from stages.common import TRUST_UNCHECKED, trust
 
 
 def adapt(
@@ -21,9 +22,11 @@ def adapt(
     resume: bool = typer.Option(False, "--resume", help="Continue the named run from its last checkpoint."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Fine-tune a start model (student export, lit teacher, open_clip model) on a labelled fraction of the
     training pairs: supervised only, or with an EMA mean teacher's consistency loss on the rest."""
+    trust(trust_unchecked)
     from pipeline.adapt.trainer import AdaptConfig, train
 
     sets = list(overrides) + ([f"name={name}"] if name else [])

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from stages.common import resolve_device
+from stages.common import TRUST_UNCHECKED, trust, resolve_device
 from pipeline.common import paths
 
 
@@ -25,8 +25,10 @@ def build_lit(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     workers: int = typer.Option(2, help="DataLoader workers decoding images for the image tower."),
     seed: int = typer.Option(0, help="Seed for head init, batch order and the held-out split."),
+    trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Encode the train split with the frozen towers (cached next to --out) and train the linear heads."""
+    trust(trust_unchecked)
     from pipeline.distill.lit_heads import feature_cache_path, train_lit_heads
 
     sibling_val = paths.manifest_path(manifest.parent, "val")

@@ -15,6 +15,7 @@ import typer
 
 from pipeline.common import config as cfgio
 from pipeline.classify.config import ClassifyConfig
+from stages.common import TRUST_UNCHECKED, trust
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML/JSON config (see configs/openmoji-rephead.yaml).")
 SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set few_shot=5 (repeatable).")
@@ -41,8 +42,10 @@ def teacher_tokens(
         "train,val,test", help="Comma-separated splits (missing manifests are skipped)."
     ),
     progress: bool = ProgressOpt,
+    trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Cache the teacher's image token features, caption and class-prompt embeddings (stage 1, optional)."""
+    trust(trust_unchecked)
     from pipeline.classify.tokens import cache_run_tokens
 
     cfg = _load(config, overrides, None)
@@ -81,7 +84,9 @@ def _step_command(step: str, report, doc: str):
         resume: bool = ResumeOpt,
         progress: bool = ProgressOpt,
         print_config: bool = PrintOpt,
+        trust_unchecked: bool = TRUST_UNCHECKED,
     ) -> None:
+        trust(trust_unchecked)
         from pipeline.classify import experiment
 
         cfg = _load(config, overrides, name, print_config)
@@ -106,10 +111,12 @@ def classify_eval(
     overrides: List[str] = SetOpt,
     name: Optional[str] = NameOpt,
     progress: bool = ProgressOpt,
+    trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Measure a finished classify run again from its exports (nothing is retrained): every model's val and test
     metrics with today's code (e.g. balanced top-1 for a run made before it); refused if a stored top-1 does not
     come back."""
+    trust(trust_unchecked)
     from pipeline.classify import experiment
 
     cfg = _load(config, overrides, name, False)

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from pipeline.common import config as cfgio
+from stages.common import TRUST_UNCHECKED, trust
 
 
 def distill(
@@ -19,8 +20,10 @@ def distill(
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     verify: bool = typer.Option(False, "--verify", help="Check every cache shard's content in full before "
                                 "training, even shards verified before."),
+    trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Distil a student from a teacher-feature cache (method.md section 1); writes runs/<name>/."""
+    trust(trust_unchecked)
     import os
 
     from pipeline.distill.trainer import DistillConfig, train

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from stages.common import TRUST_UNCHECKED, trust
 
 
 RUNS_DIR, RESULTS = Path("runs/experiments"), Path("docs/RESULTS.md")
@@ -39,9 +40,11 @@ def experiments(
     prune: bool = typer.Option(False, "--prune-checkpoints", help="At the end, delete the checkpoints of every "
                                "finished run of the sweep (they only serve to resume training; about 0.3 GB "
                                "a run). The export, metrics and results stay; unfinished runs keep theirs."),
+    trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Train every (row, seed) of a sweep once (identical configs shared across tables; finished runs are
     skipped), evaluate them on the test split next to the teacher and write the tables to --results."""
+    trust(trust_unchecked)
     from pipeline.experiments.runner import run_sweep
     from pipeline.experiments.sweep import load_sweep
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from stages.common import TRUST_UNCHECKED, trust
 
 
 def export_onnx(
@@ -17,9 +18,11 @@ def export_onnx(
     repeats: int = typer.Option(20, help="Single-item forward passes per latency median (0: no timing)."),
     int8: bool = typer.Option(False, help="Also write dynamically quantised int8 graphs (*.int8.onnx): their "
                               "cosine to torch, latency and, with --manifest, the recall cost on the whole split."),
+    trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Write <export dir>/onnx/{image,text}.onnx (dynamic batch), check them against torch (cosine >= 0.999 on
     every item, else exit 1) and print the CPU latency of onnxruntime next to torch's. `eval` then reports both."""
+    trust(trust_unchecked)
     from pipeline.retrieval.onnx_check import MIN_COSINE, check_onnx
 
     check = check_onnx(export, manifest, items, repeats, int8)

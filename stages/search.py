@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from pipeline.common.errors import PipelineError
-from stages.common import resolve_device
+from stages.common import TRUST_UNCHECKED, trust, resolve_device
 
 
 def _print(result, model: str) -> None:
@@ -32,8 +32,10 @@ def search(
     queries_file: Optional[Path] = typer.Option(
         None, help="Text file with one query (caption or image path) per line."),
     device: str = typer.Option("cpu", help="Device for embedding new queries: cpu, cuda, cuda:N or auto."),
+    trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Search the image and caption galleries saved by `eval` with a caption or an image."""
+    trust(trust_unchecked)
     from pipeline.retrieval.evaluate import EvalIndex
     from pipeline.retrieval.report import search_page
 

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from pipeline.common.errors import PipelineError
-from stages.common import human_bytes, resolve_device
+from stages.common import TRUST_UNCHECKED, trust, human_bytes, resolve_device
 from pipeline.common import paths
 
 
@@ -38,8 +38,10 @@ def teacher_features(
                                     "them on the training split only; val and test are encoded whole)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Encode manifest splits with the teacher and write HDF5 cache shards (resumable, shardable)."""
+    trust(trust_unchecked)
     from pipeline.features.job import FeatureJob, run_feature_job
     from pipeline.data.manifest import Manifest
     from pipeline.teachers import load_teacher

@@ -153,10 +153,21 @@ def _token_file(path: Path) -> bool | None:
         return None
 
 
+SIDECAR_SUFFIXES = (".pt", ".onnx", ".index")  # checkpoints, exports, LiT heads, TorchScript; graphs; FAISS
+
+
+def _sidecar_kind(path: Path) -> bool:
+    """A file that should carry a ``.blake2b`` checksum beside it (LiT tower features included)."""
+    return path.suffix in SIDECAR_SUFFIXES or path.name.endswith("-features.npz") or io.checksum_path(path).exists()
+
+
 def verify_tree(path: Path) -> list[Finding]:
     """Check every stored file under ``path`` (or ``path`` itself): stage-1 shards (and the shards missing from
-    their split), token cache files, checkpoints and exports (``.pt`` with a ``.blake2b`` sidecar). A file that
-    passes a full check is stamped, as when a cache opens it."""
+    their split), token cache and class-prompt files, and the files checked by a ``.blake2b`` beside them
+    (checkpoints, student and classifier exports, LiT heads and tower features, TorchScript encoders, ONNX graphs,
+    FAISS indexes). A file that should carry a checksum and has none is ``unchecked``. Negative-queue memmaps are
+    working files (the checkpoint holds the queue's state) and are not listed. A file that passes a full check is
+    stamped, as when a cache opens it."""
     from pipeline.common.errors import PipelineError
     from pipeline.features.cache.format import SHARD_RE, CacheMeta, shard_name
 
@@ -167,9 +178,13 @@ def verify_tree(path: Path) -> list[Finding]:
     shards = [p for p in files if SHARD_RE.match(p.name)]
     others = {p: _token_file(p) for p in files if p.suffix == ".h5" and not SHARD_RE.match(p.name)}
     tokens = [p for p, kind in others.items() if kind is not False]
-    stored = [p for p in files if p.suffix == ".pt" and "queue" not in p.parts]
-    if not shards and not tokens and not stored:
-        raise PipelineError(f"{path} holds no cache shards, token caches, checkpoints or exports")
+    stored = [p for p in files if _sidecar_kind(p) and not p.name.endswith(io.CHECKSUM_SUFFIX)
+              and not p.name.endswith(".tmp") and "queue" not in p.parts]
+    orphans = [p for p in files if p.name.endswith(io.CHECKSUM_SUFFIX)
+               and not p.with_name(p.name[:-len(io.CHECKSUM_SUFFIX)]).exists()]
+    if not shards and not tokens and not stored and not orphans:
+        raise PipelineError(f"{path} holds no cache shards, token caches or files with checksums (checkpoints, "
+                            "exports, LiT heads, TorchScript, ONNX graphs, FAISS indexes)")
     found: list[Finding] = []
     for split_dir in sorted({p.parent for p in shards}):
         present = sorted(p for p in shards if p.parent == split_dir)
@@ -184,10 +199,12 @@ def verify_tree(path: Path) -> list[Finding]:
     found += [_check_h5(p) for p in tokens]
     for file in stored:
         problem = io.verify_file(file)
-        if problem == "no checksum recorded":
-            found.append(Finding("unchecked", file, "no checksum recorded (written before checksums)"))
+        if problem == io.NO_CHECKSUM:
+            found.append(Finding("unchecked", file, "no checksum recorded (written before checksums, or removed)"))
         else:
             found.append(Finding("damaged", file, problem) if problem else Finding("ok", file))
+    found += [Finding("missing", p.with_name(p.name[:-len(io.CHECKSUM_SUFFIX)]), f"only its checksum {p.name} is here")
+              for p in orphans]
     return found
 
 
