@@ -713,7 +713,7 @@ def test_out_of_fold_targets_come_from_a_model_that_did_not_see_the_image(tiny):
     """distill.oof_folds=3: each training image's soft target is the prediction of the fold model trained without
     it (checked against that fold model's own export-free prediction), not the in-sample one."""
     from pipeline.classify.experiment import fold_of, load_data, run_step1
-    from pipeline.classify.teacher_training import load_targets, probe_probs, train_probe
+    from pipeline.classify.teacher_training import Step1Inputs, load_targets, probe_probs, train_probe
 
     overrides = [
         "name=oof", f"runs_dir={tiny / 'runs'}", f"data.manifest_dir={tiny / 'manifests'}",
@@ -728,8 +728,9 @@ def test_out_of_fold_targets_come_from_a_model_that_did_not_see_the_image(tiny):
     fold = fold_of(len(ids), 3, cfg.seed)
     assert sorted(np.bincount(fold).tolist()) == [12, 12, 12]
     # fold 1's model, retrained here from its own (finished) loop folder, predicts fold 1's targets
-    probe, _ = train_probe(cfg, tiny / "runs" / "oof" / "probe" / "fold-1", data.train, data.val, data.classes,
-                           np.flatnonzero(fold != 1), torch.device("cpu"), True, False)
+    probe, _ = train_probe(cfg, tiny / "runs" / "oof" / "probe" / "fold-1",
+                           Step1Inputs(data.train, data.val, data.classes, np.flatnonzero(fold != 1), torch.device("cpu"),
+                                       True, False))
     np.testing.assert_allclose(targets[fold == 1], probe_probs(probe, data.train)[fold == 1], atol=1e-6)
     for part in ("head", "probe"):
         rec = step1[part]["targets"]
@@ -737,8 +738,9 @@ def test_out_of_fold_targets_come_from_a_model_that_did_not_see_the_image(tiny):
         # held-out predictions are no better on the training images than the in-sample ones
         assert rec["train"]["top1"] <= step1[part]["train"]["top1"]
     # and they are not the in-sample predictions of the probe trained on every image
-    in_sample = probe_probs(train_probe(cfg, tiny / "runs" / "oof" / "probe", data.train, data.val, data.classes,
-                                        None, torch.device("cpu"), True, False)[0], data.train)
+    in_sample = probe_probs(train_probe(cfg, tiny / "runs" / "oof" / "probe",
+                                        Step1Inputs(data.train, data.val, data.classes, None, torch.device("cpu"), True,
+                                                    False))[0], data.train)
     assert np.abs(in_sample - targets).max() > 1e-3
 
 

@@ -44,8 +44,8 @@ from pipeline.classify.teacher_training import (
     load_targets,
     probe_probs,
     save_targets,
-    train_head,
-    train_probe,
+    Step1Inputs,
+    train_part,
 )
 from pipeline.train.options import TRAINING_PRECISIONS
 from pipeline.train.state import load_checkpoint, one_process_per_run
@@ -144,15 +144,8 @@ def run_step1(cfg: ClassifyConfig, resume: bool = False, progress: bool = True) 
             out[part] = done
             continue
         started = time.perf_counter()
-        if kind == "text":
-            model, q, loop = train_head(
-                cfg, part_dir, data.train, data.val, data.classes, data.known, device, resume, progress
-            )
-        else:
-            model, loop = train_probe(
-                cfg, part_dir, data.train, data.val, data.classes, data.known, device, resume, progress
-            )
-            q = None
+        model, q, loop = train_part(part, cfg, part_dir,
+                                    Step1Inputs(data.train, data.val, data.classes, data.known, device, resume, progress))
 
         def probs(split: Split, model=model, part=part, q=q):
             return teacher_probs(cfg, part, model, split, data.classes, q if split is data.train else None)
@@ -207,12 +200,9 @@ def out_of_fold_probs(cfg: ClassifyConfig, kind: str, part_dir: Path, data: Data
         fold_dir = part_dir / f"fold-{f}"
         subset = labelled[fold[labelled] != f]
         again = resume or paths.last_checkpoint(fold_dir).exists()  # a finished fold is reloaded, not retrained
-        if kind == "text":
-            model, q, _ = train_head(cfg, fold_dir, data.train, data.val, data.classes, subset, device, again, progress)
-            p = head_probs(model, data.train, q)
-        else:
-            model, _ = train_probe(cfg, fold_dir, data.train, data.val, data.classes, subset, device, again, progress)
-            p = probe_probs(model, data.train)
+        model, q, _ = train_part(TEACHER_PART[kind], cfg, fold_dir,
+                                 Step1Inputs(data.train, data.val, data.classes, subset, device, again, progress))
+        p = head_probs(model, data.train, q) if kind == "text" else probe_probs(model, data.train)
         out[fold == f] = p[fold == f]
     return out
 

@@ -5,6 +5,7 @@ trained on cached teacher features only, and the soft targets they hand to step 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -68,23 +69,36 @@ def head_probs(head: RepresentationHead, split: Split, q: Queries, batch: int = 
     return (sums / counts[:, None]).astype(np.float32)
 
 
-def train_head(
-    cfg: ClassifyConfig,
-    run_dir: Path,
-    train: Split,
-    val: Optional[Split],
-    classes: list[str],
-    subset: Optional[np.ndarray],
-    device: torch.device,
-    resume: bool,
-    progress: bool,
-):
+@dataclass
+class Step1Inputs:
+    """What the head and the probe train on: the run's splits, the training positions they may see (few-shot or
+    out-of-fold: a subset; None: all), where, and whether a loop folder is resumed."""
+
+    train: Split
+    val: Optional[Split]
+    classes: list[str]
+    subset: Optional[np.ndarray]
+    device: torch.device
+    resume: bool = False
+    progress: bool = True
+
+
+def train_part(part: str, cfg: ClassifyConfig, run_dir: Path, inputs: Step1Inputs):
+    """-> (model, the training queries or None, loop result) of ``part``: "head" (with text) or "probe"."""
+    if part == "head":
+        return train_head(cfg, run_dir, inputs)
+    model, result = train_probe(cfg, run_dir, inputs)
+    return model, None, result
+
+
+def train_head(cfg: ClassifyConfig, run_dir: Path, inputs: Step1Inputs):
     """Step 1: cross-entropy on class labels, image tokens + text queries from the cache."""
+    train, val, classes, device = inputs.train, inputs.val, inputs.classes, inputs.device
     q_train = queries_for(cfg, train, classes)
     q_val = queries_for(cfg, val, classes) if val is not None else None
     seed_all(cfg.seed)  # the head's initialisation is part of the run: the same in every process
     head = build_head(cfg, train.tokens, len(classes)).to(device)
-    rows = _head_rows(q_train, len(train), subset)
+    rows = _head_rows(q_train, len(train), inputs.subset)
     labels = torch.from_numpy(train.images.labels)
 
     def loss_fn(batch: np.ndarray) -> torch.Tensor:
@@ -101,23 +115,14 @@ def train_head(
         return evaluate_probs(head_probs(head, val, q_val), val)
 
     result = _fit_rows(cfg, cfg.head, "head", run_dir, head, rows, loss_fn,
-                       evaluate if val is not None else None, resume, progress)
+                       evaluate if val is not None else None, inputs.resume, inputs.progress)
     return head, q_train, result
 
 
 # ---- probe -----------------------------------------------------------------------------------------------
-def train_probe(
-    cfg: ClassifyConfig,
-    run_dir: Path,
-    train: Split,
-    val: Optional[Split],
-    classes: list[str],
-    subset: Optional[np.ndarray],
-    device: torch.device,
-    resume: bool,
-    progress: bool,
-):
+def train_probe(cfg: ClassifyConfig, run_dir: Path, inputs: Step1Inputs):
     """The text-free teacher: a linear probe on the pooled teacher image features."""
+    train, val, classes, subset, device = inputs.train, inputs.val, inputs.classes, inputs.subset, inputs.device
     feats = torch.from_numpy(train.tokens.pooled(train.positions))
     rows = np.arange(len(train)) if subset is None else np.asarray(subset)
     seed_all(cfg.seed)
@@ -133,7 +138,7 @@ def train_probe(
         return evaluate_probs(probe_probs(probe, val), val)
 
     result = _fit_rows(cfg, cfg.probe, "probe", run_dir, probe, rows, loss_fn,
-                       evaluate if val is not None else None, resume, progress)
+                       evaluate if val is not None else None, inputs.resume, inputs.progress)
     return probe, result
 
 
@@ -209,6 +214,8 @@ def export_teacher(
 
 
 __all__ = [
+    "Step1Inputs",
+    "train_part",
     "build_head",
     "head_probs",
     "train_head",
