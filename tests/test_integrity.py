@@ -322,3 +322,115 @@ def test_a_flipped_byte_in_the_token_cache_is_reported_by_verify_and_refused(tmp
     assert bad.returncode == 1 and "damaged" in bad.stdout and "tokens differs from its checksum" in bad.stdout
     with pytest.raises(PipelineError, match="damaged.*rerun teacher-tokens"):
         TokenSplit(s.path)
+
+
+# ---- one checksum rule for every stored kind (issue 35.1) ------------------------------------------------------
+# Each maker writes a real file with the project's writer and returns (path, load): load reads it with the project's
+# loader. Every kind: a flipped byte and a truncation are refused as damaged, a deleted checksum is refused unless
+# --trust-unchecked (then the file loads), and a copy made with its checksum loads where it lands.
+
+
+def _tiny_student():
+    from pipeline.students import build_student, get_preset
+
+    return build_student(get_preset("tiny", 16)).eval()
+
+
+def _checkpoint(d: Path):
+    path = d / "checkpoints" / "last.pt"
+    atomic_save({"model": {"w": torch.arange(4000.0)}, "state": {"global_step": 3}}, path)
+    return path, lambda p: load_checkpoint(p)["state"]["global_step"] == 3
+
+
+def _student_export(d: Path):
+    from pipeline.students import export_student, load_student
+
+    path = export_student(_tiny_student(), None, d / "export" / "student.pt")
+    return path, lambda p: load_student(p).width == 16
+
+
+def _strong_teacher(d: Path):
+    """The Makefile copies a run's export and its checksum to artifacts/teachers/; dual: loads the copy."""
+    from pipeline.teachers import load_teacher
+
+    src, _ = _student_export(d / "run")
+    path = d / "teachers" / "strong.pt"
+    path.parent.mkdir(parents=True)
+    shutil.copy(io.checksum_path(src), io.checksum_path(path))
+    shutil.copy(src, path)
+    return path, lambda p: load_teacher(f"dual:{p}").width == 16
+
+
+def _classifier_export(d: Path):
+    from pipeline.classify.student import ImageClassifier, export_classifier, load_classifier
+
+    model = ImageClassifier({"kind": "timm", "name": "test_efficientnet", "kwargs": {}}, 32, 3)
+    path = export_classifier(model, d / "export" / "classifier.pt", ["a", "b", "c"], {})
+    return path, lambda p: load_classifier(p)[1] == ["a", "b", "c"]
+
+
+def _lit_heads(d: Path):
+    from pipeline.teachers.lit import LitHeads, load_heads, save_heads
+
+    path = save_heads(d / "teachers" / "lit-x.pt", LitHeads(8, 16, 12), {"epochs": 1})
+    return path, lambda p: load_heads(p)[1] == {"epochs": 1}
+
+
+def _torchscript(d: Path):
+    from pipeline.students.export import export_torchscript, load_torchscript
+
+    image, _ = export_torchscript(_tiny_student(), d / "export")
+    return image, lambda p: load_torchscript(p)(torch.zeros(1, 3, 32, 32)).shape == (1, 16)
+
+
+def _faiss_index(d: Path):
+    from pipeline.retrieval.index import IndexSpec, build_index, load_index, save_index
+
+    vectors = F.normalize(torch.randn(50, 8, generator=torch.Generator().manual_seed(0)), dim=-1).numpy()
+    path = d / "eval" / "image.index"
+    save_index(build_index(vectors, IndexSpec("Flat"), gpu=False), path)
+    return path, lambda p: load_index(p, gpu=False).index.ntotal == 50
+
+
+SIDECAR_KINDS = {"checkpoint": _checkpoint, "student export": _student_export, "strong teacher": _strong_teacher,
+                 "classifier export": _classifier_export, "LiT teacher checkpoint": _lit_heads,
+                 "TorchScript encoder": _torchscript, "FAISS index": _faiss_index}
+REFUSED_AS = {"strong teacher": "student export"}
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+
+
+@pytest.mark.parametrize("kind", list(SIDECAR_KINDS))
+def test_every_stored_kind_refuses_damage_and_a_missing_checksum_unless_trusted(tmp_path, monkeypatch, kind):
+    monkeypatch.delenv(io.TRUST_ENV, raising=False)
+    path, load = SIDECAR_KINDS[kind](tmp_path / "a")
+    what = REFUSED_AS.get(kind, kind)
+    assert io.checksum_path(path).is_file() and load(path)
+    copy = tmp_path / "elsewhere" / path.name  # copied with its checksum (and sidecars): still checked, still fine
+    copy.parent.mkdir()
+    for companion in path.parent.glob(path.name + "*"):
+        shutil.copy(companion, copy.parent / companion.name)
+    assert load(copy)
+    good = path.read_bytes()
+    for fault in (_flip, _truncate):
+        fault(path)
+        with pytest.raises(PipelineError, match=f"damaged {what} .*differs from its checksum") as err:
+            load(path)
+        assert "\n" not in str(err.value)
+        path.write_bytes(good)
+    io.checksum_path(path).unlink()  # deleted (or never written: a file from before checksums)
+    with pytest.raises(PipelineError, match=f"refusing {what} .*no checksum recorded.*--trust-unchecked"):
+        load(path)
+    monkeypatch.setenv(io.TRUST_ENV, "1")
+    assert load(path)  # the user said so
+    _flip(copy)  # trust covers a missing checksum, never a wrong one
+    with pytest.raises(PipelineError, match=f"damaged {what}"):
+        load(copy)
