@@ -434,3 +434,148 @@ def test_every_stored_kind_refuses_damage_and_a_missing_checksum_unless_trusted(
     _flip(copy)  # trust covers a missing checksum, never a wrong one
     with pytest.raises(PipelineError, match=f"damaged {what}"):
         load(copy)
+
+
+def _strip_checksums(path: Path) -> None:
+    """What a file from before checksums looks like (or one whose checksums were removed)."""
+    with h5py.File(path, "r+") as f:
+        for key in [k for k in f.attrs if k.startswith("checksum:")]:
+            del f.attrs[key]
+
+
+def _flip_dataset(path: Path, name: str) -> None:
+    with h5py.File(path, "r") as f:
+        offset = f[name].id.get_offset()
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 3)
+        byte = fh.read(1)
+        fh.seek(offset + 3)
+        fh.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_cache_shards_without_checksums_are_refused_unless_trusted(tmp_path, cache, monkeypatch):
+    monkeypatch.delenv(io.TRUST_ENV, raising=False)
+    shard = sorted(cache.glob("shard-*.h5"))[1]
+    _strip_checksums(shard)
+    with pytest.raises(PipelineError, match=f"refusing cache shard {shard}: no checksum recorded") as err:
+        FeatureCache(cache)
+    assert "\n" not in str(err.value)
+    result = cli("verify", cache)
+    assert result.returncode == 1 and f"unchecked {shard}" in result.stdout and "1 unchecked" in result.stdout
+    assert cli("verify", cache, "--trust-unchecked").returncode == 0
+    monkeypatch.setenv(io.TRUST_ENV, "1")
+    assert len(FeatureCache(cache).image) > 0
+
+
+def test_class_prompts_are_checked_on_read(tmp_path, monkeypatch):
+    from pipeline.classify.prompts import prompts_path, read_prompts, write_prompts
+
+    monkeypatch.delenv(io.TRUST_ENV, raising=False)
+    classes, templates = ["cat", "dog"], ["a {label}"]
+    path = prompts_path(tmp_path, classes, templates)
+    emb = np.eye(2, 4, dtype=np.float32)
+    write_prompts(path, emb, classes, templates, "fp")
+    assert np.array_equal(read_prompts(tmp_path, classes, templates, "fp"), emb)
+    _flip_dataset(path, "embedding")
+    with pytest.raises(PipelineError, match=f"damaged class-prompt file {path}: embedding differs"):
+        read_prompts(tmp_path, classes, templates, "fp")
+    write_prompts(path, emb, classes, templates, "fp")
+    _strip_checksums(path)
+    with pytest.raises(PipelineError, match="refusing class-prompt file .*--trust-unchecked"):
+        read_prompts(tmp_path, classes, templates, "fp")
+    monkeypatch.setenv(io.TRUST_ENV, "1")
+    assert np.array_equal(read_prompts(tmp_path, classes, templates, "fp"), emb)
+
+
+def test_a_token_cache_without_checksums_is_refused_unless_trusted(tmp_path, monkeypatch):
+    from pipeline.features.cache.tokens import TokenSplit
+    from pipeline.features.tokens import run_token_job
+
+    monkeypatch.delenv(io.TRUST_ENV, raising=False)
+    manifests = make_dataset(tmp_path / "data", n_images=8)
+    s = run_token_job(_TokenTeacher(width=8), Manifest.read(manifests / "train.parquet"), "train",
+                      tmp_path / "tokens", workers=0, progress=False)
+    _strip_checksums(s.path)
+    with pytest.raises(PipelineError, match=f"refusing token cache {s.path}: no checksum recorded"):
+        TokenSplit(s.path)
+    monkeypatch.setenv(io.TRUST_ENV, "1")
+    assert len(TokenSplit(s.path)) > 0
+
+
+def test_lit_tower_features_are_recomputed_when_damaged_or_unchecked(tmp_path, monkeypatch, capsys):
+    """The tower-feature file is a cache build-lit and the lit teacher can recompute: a damaged or unchecked one is
+    not used (read_features says None and the caller encodes again), never read as it is."""
+    from pipeline.teachers.lit_store import SplitFeatures, read_features, write_features
+
+    monkeypatch.delenv(io.TRUST_ENV, raising=False)
+    ids = np.arange(3, dtype=np.int64)
+    sf = SplitFeatures(ids, np.ones((3, 4), np.float32), ids, np.array(["a", "b", "c"]), np.ones((3, 2), np.float32),
+                       ids[:0], np.array([], dtype=str))
+    path = tmp_path / "lit-x.train-features.npz"
+    write_features(path, "key", sf)
+    assert read_features(path, "key") is not None
+    good = path.read_bytes()
+    _flip(path)
+    assert read_features(path, "key") is None and "differs from its checksum" in capsys.readouterr().out
+    path.write_bytes(good)
+    io.checksum_path(path).unlink()
+    assert read_features(path, "key") is None and "no checksum recorded" in capsys.readouterr().out
+    monkeypatch.setenv(io.TRUST_ENV, "1")
+    assert np.array_equal(read_features(path, "key").image_feats, sf.image_feats)
+
+
+def test_a_faiss_index_and_a_sidecar_from_two_writers_are_not_a_pair(tmp_path):
+    from pipeline.retrieval.index import IndexSpec, build_index, load_index, save_index
+
+    rng = np.random.default_rng(0)
+    a, b = (F.normalize(torch.from_numpy(rng.standard_normal((n, 8)).astype(np.float32)), dim=-1).numpy()
+            for n in (30, 40))
+    save_index(build_index(a, IndexSpec("Flat"), gpu=False), tmp_path / "a.index")
+    save_index(build_index(b, IndexSpec("Flat"), gpu=False), tmp_path / "b.index")
+    # the second writer's index and checksum, the first writer's sidecar: each file is whole, the pair is not
+    shutil.copy(tmp_path / "b.index", tmp_path / "a.index")
+    shutil.copy(tmp_path / "b.index.blake2b", tmp_path / "a.index.blake2b")
+    with pytest.raises(PipelineError, match="describes another index"):
+        load_index(tmp_path / "a.index", gpu=False)
+
+
+def test_two_processes_saving_one_checkpoint_leave_a_file_that_loads_or_is_refused(tmp_path):
+    """Writers publish by rename and the checksum goes after the file: whatever the interleaving, a reader gets
+    one writer's whole file with its checksum, or a mismatch that is refused, never an unchecked mix."""
+    path = tmp_path / "last.pt"
+    code = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from pipeline.train.state import atomic_save\n"
+            "v = float(sys.argv[1])\n"
+            f"for _ in range(30): atomic_save({{'w': torch.full((20000,), v)}}, __import__('pathlib').Path({str(path)!r}))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(v)]) for v in (1, 2)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    try:
+        w = load_checkpoint(path)["w"]
+        assert float(w[0]) in (1.0, 2.0) and bool((w == w[0]).all())
+    except PipelineError as exc:
+        assert "differs from its checksum" in str(exc)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_verify_reports_every_kind_it_finds(tmp_path, cache, monkeypatch):
+    """`clipdistill verify artifacts/` walks every stored kind and says ok, damaged, missing or unchecked of each."""
+    monkeypatch.delenv(io.TRUST_ENV, raising=False)
+    root = tmp_path / "artifacts"
+    shutil.copytree(cache, root / "cache" / "train")
+    made = {kind: SIDECAR_KINDS[kind](root / kind.replace(" ", "-"))[0] for kind in SIDECAR_KINDS}
+    (root / "checkpoint" / "queue").mkdir()
+    (root / "checkpoint" / "queue" / "image_emb.bin").write_bytes(b"\0" * 64)
+    ok = cli("verify", root)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    for path in made.values():
+        assert f"ok        {path}" in ok.stdout
+    assert "queue" not in ok.stdout and "all checked files are intact" in ok.stdout
+    _flip(made["FAISS index"])
+    io.checksum_path(made["LiT teacher checkpoint"]).unlink()
+    made["TorchScript encoder"].unlink()  # its checksum stays: the file is missing
+    result = cli("verify", root)
+    assert result.returncode == 1
+    assert f"damaged   {made['FAISS index']}: content differs" in result.stdout
+    assert f"unchecked {made['LiT teacher checkpoint']}" in result.stdout
+    assert f"missing   {made['TorchScript encoder']}" in result.stdout
+    assert f"ok        {made['student export']}" in result.stdout
