@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import statistics
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -173,22 +174,27 @@ def wall_clock(plan: Plan, table: SweepTable, records: dict[str, dict]) -> str:
 
 def bar_figure(table: SweepTable, rows: list[RowStats], teacher: Optional[dict],
                path: Path) -> Optional[Path]:
-    """RSUM per row (mean, error bar = std over seeds) with the teacher's RSUM as a line; None if no data."""
+    """RSUM per row (mean, error bar = std over seeds) with the teacher's RSUM as a line; None if no data.
+
+    Horizontal bars, so row labels of any length read on one line each; the title wraps to the figure's width and
+    the legend sits below the axes, never over a bar."""
     done = [r for r in rows if r.results]
     if not done:
         return None
     means = [statistics.mean(r.values("rsum")) for r in done]
     errs = [statistics.stdev(r.values("rsum")) if len(r.results) > 1 else 0.0 for r in done]
-    fig = Figure(figsize=(max(5.0, 0.9 * len(done) + 2), 4.2), layout="constrained")
+    width = 8.0
+    title = textwrap.fill(table.title, width=int(width * 11))  # ~11 characters per inch at 10 pt
+    fig = Figure(figsize=(width, 1.6 + 0.4 * len(done) + 0.2 * title.count("\n")), layout="constrained")
     ax = fig.add_subplot()
-    ax.bar(range(len(done)), means, yerr=errs, capsize=4, color="tab:blue")
+    ax.barh(range(len(done)), means, xerr=errs, capsize=3, color="tab:blue")
+    ax.set_yticks(range(len(done)), [textwrap.shorten(r.label, 60, placeholder="...") for r in done])
+    ax.invert_yaxis()  # the table's first row on top
     if teacher is not None:
-        ax.axhline(teacher["metrics"]["rsum"], ls="--", color="tab:gray", label=teacher["name"])
-        ax.legend(loc="lower right")
-    ax.set_xticks(range(len(done)), [r.label for r in done], rotation=30 if len(done) > 4 else 0, ha="right"
-                  if len(done) > 4 else "center")
-    ax.set_ylabel("test RSUM")
-    ax.set_title(table.title)
+        ax.axvline(teacher["metrics"]["rsum"], ls="--", color="tab:gray", label=f"teacher: {teacher['name']}")
+        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.12 if len(done) < 4 else -0.06), frameon=False)
+    ax.set_xlabel("test RSUM")
+    ax.set_title(title, fontsize=10, loc="left")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
@@ -210,8 +216,11 @@ def section(table: SweepTable, rows: list[RowStats], teacher: Optional[dict], co
 
 def seeds_note(table: SweepTable, rows: list[RowStats]) -> str:
     n_seeds = len(table.seeds)
-    note = (f"Mean ± sample std over {n_seeds} seeds (seeds {', '.join(map(str, table.seeds))})."
-            if n_seeds > 1 else f"One seed ({table.seeds[0]}).")
+    seeds = ", ".join(map(str, table.seeds))
+    if n_seeds > 1 and any(len(r.results) < n_seeds for r in rows):  # a row short of seeds must not read as n seeds
+        note = f"Mean ± sample std over the seeds each row's seeds column gives ({n_seeds} planned: {seeds})."
+    else:
+        note = f"Mean ± sample std over {n_seeds} seeds (seeds {seeds})." if n_seeds > 1 else f"One seed ({seeds})."
     pending = sum(r.pending for r in rows)
     return note + (f"\n{pending} run(s) not finished yet." if pending else "")
 
