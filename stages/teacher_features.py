@@ -11,6 +11,7 @@ import typer
 from pipeline.common.errors import PipelineError
 from stages.common import TRUST_UNCHECKED, trust, human_bytes, resolve_device
 from pipeline.common import paths
+from pipeline.features.engines import ENGINES
 
 
 def teacher_features(
@@ -39,6 +40,14 @@ def teacher_features(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     trust_unchecked: bool = TRUST_UNCHECKED,
+    engine: str = typer.Option("local", help="Who runs the shards: local (this process) or ray (an actor pool on a "
+                               "Ray cluster, the 'cluster' extra; each actor loads the teacher once)."),
+    address: Optional[str] = typer.Option(None, help="--engine ray: the cluster to join (auto, or HOST:PORT of a "
+                                          "`ray start --head`); default: start a local one."),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="--engine ray: actors (default: one per "
+                                              "CPU, or per --gpus-per-worker GPUs, growing as machines join)."),
+    gpus_per_worker: float = typer.Option(0.0, help="--engine ray: GPUs per actor (1: one actor per GPU)."),
+    max_retries: int = typer.Option(3, help="--engine ray: retries of a shard whose worker died."),
 ) -> None:
     """Encode manifest splits with the teacher and write HDF5 cache shards (resumable, shardable)."""
     trust(trust_unchecked)
@@ -67,27 +76,58 @@ def teacher_features(
     if spec and not view_set <= set(wanted):
         raise PipelineError(f"--view-splits {view_splits!r} names splits that are not cached here "
                             f"(--splits {','.join(wanted)}): a typo would leave the training split without views")
-    model = load_teacher(teacher, device=resolve_device(device))
-    if spec:
-        teacher_view_transform(model)  # a teacher without a stated preprocessing fails here, not per shard
-    on_device = choose_decode(decode, model.device, model.tensor_preprocess())  # a bad --decode fails here
-    typer.echo(f"teacher {model.fingerprint()} (width {model.width}) on {model.device}; images decoded "
-               f"{'on the device' if on_device else 'in CPU workers'}")
-    for split in present:
-        manifest = Manifest.read(paths.manifest_path(manifest_dir, split))
-        job = FeatureJob(
-            manifest=manifest, dataset=dataset or manifest_dir.name, split=split, out_dir=paths.cache_split_dir(out, split),
-            shard_size=shard_size, shard_index=shard_index, num_shards=num_shards,
-            batch_size=batch_size, num_workers=workers, dtype=dtype, decode=decode,
-            views=spec if split in view_set else None,
-        )
-        s = run_feature_job(job, model, progress=progress)
-        size = sum(p.stat().st_size for p in job.out_dir.glob("shard-*.h5"))
-        typer.echo(
-            f"{split}: {s.images} images{f' x {views} views' if job.views else ''} + {s.texts} captions encoded in {s.seconds:.1f}s "
-            f"({s.items_per_second:.1f} items/s; read {s.read_seconds:.1f}s, model {s.model_seconds:.1f}s, "
-            f"write {s.write_seconds:.1f}s), {s.rejects} rejects, "
-            f"{len(s.shards_written)} shards written, {len(s.shards_skipped)} already complete; "
-            f"{'complete' if s.complete else 'partial (other shard processes pending)'} -> {job.out_dir} "
-            f"({human_bytes(size)})"
-        )
+    if engine not in ENGINES:
+        raise PipelineError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "ray":
+        from pipeline.features.engines.ray import RayEngine, RayOptions
+
+        runner = RayEngine(teacher, RayOptions(address=address, workers=ray_workers, gpus_per_worker=gpus_per_worker,
+                                               max_retries=max_retries, device=device),
+                           decode=decode, views=bool(spec), echo=typer.echo)
+        ident = runner.identity
+        typer.echo(f"teacher {ident.fp} (width {ident.width}) on {len(runner.actors)} Ray workers ({ident.device}); "
+                   f"images decoded {'on the device' if ident.decode_on_device else 'in CPU workers'}")
+        run = runner.run
+    else:
+        model = load_teacher(teacher, device=resolve_device(device))
+        if spec:
+            teacher_view_transform(model)  # a teacher without a stated preprocessing fails here, not per shard
+        on_device = choose_decode(decode, model.device, model.tensor_preprocess())  # a bad --decode fails here
+        typer.echo(f"teacher {model.fingerprint()} (width {model.width}) on {model.device}; images decoded "
+                   f"{'on the device' if on_device else 'in CPU workers'}")
+        runner = None
+
+        def run(job, progress):
+            return run_feature_job(job, model, progress=progress)
+    try:
+        for split in present:
+            _run_split(split, run, manifest_dir, out, dataset, shard_size, shard_index, num_shards, batch_size,
+                       workers, dtype, decode, spec if split in view_set else None, views, progress)
+    finally:
+        if runner is not None:
+            runner.shutdown()
+
+
+def _run_split(split, run, manifest_dir, out, dataset, shard_size, shard_index, num_shards, batch_size, workers,
+               dtype, decode, spec, views, progress) -> None:
+    """One split through either engine; the same summary line."""
+    from pipeline.data.manifest import Manifest
+    from pipeline.features.job import FeatureJob
+
+    manifest = Manifest.read(paths.manifest_path(manifest_dir, split))
+    job = FeatureJob(
+        manifest=manifest, dataset=dataset or manifest_dir.name, split=split, out_dir=paths.cache_split_dir(out, split),
+        shard_size=shard_size, shard_index=shard_index, num_shards=num_shards,
+        batch_size=batch_size, num_workers=workers, dtype=dtype, decode=decode,
+        views=spec,
+    )
+    s = run(job, progress)
+    size = sum(p.stat().st_size for p in job.out_dir.glob("shard-*.h5"))
+    typer.echo(
+        f"{split}: {s.images} images{f' x {views} views' if job.views else ''} + {s.texts} captions encoded in {s.seconds:.1f}s "
+        f"({s.items_per_second:.1f} items/s; read {s.read_seconds:.1f}s, model {s.model_seconds:.1f}s, "
+        f"write {s.write_seconds:.1f}s), {s.rejects} rejects, "
+        f"{len(s.shards_written)} shards written, {len(s.shards_skipped)} already complete; "
+        f"{'complete' if s.complete else 'partial (other shard processes pending)'} -> {job.out_dir} "
+        f"({human_bytes(size)})"
+    )

@@ -127,13 +127,7 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
     meta = cache_meta(job, teacher, reader.total)
     writer = ShardWriter(job.out_dir, meta)
     summary = FeatureSummary(split=job.split, out_dir=job.out_dir)
-    pending = []
-    for s in range(job.shard_index, reader.total, job.num_shards):
-        if writer.path(s).exists():
-            _check_existing(writer.path(s), meta)
-            summary.shards_skipped.append(writer.path(s).name)
-        else:
-            pending.append(s)
+    pending = plan_shards(job, reader, writer, summary)
     summary.read_seconds = time.perf_counter() - start
     bar = tqdm(total=sum(reader.work(s, meta.views) for s in pending), unit="item",
                desc=f"{job.dataset}/{job.split}", disable=not progress, smoothing=0.1)
@@ -184,8 +178,26 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
     summary.read_seconds += mapper.clock.read
     summary.model_seconds = mapper.clock.model
     summary.seconds = time.perf_counter() - start
+    return finish_job(job, meta, summary)
+
+
+def plan_shards(job: FeatureJob, reader: SplitReader, writer: ShardWriter, summary: FeatureSummary) -> list[int]:
+    """This process's shards still to write (every engine uses this plan); complete ones are checked and
+    counted as skipped."""
+    pending = []
+    for s in range(job.shard_index, reader.total, job.num_shards):
+        if writer.path(s).exists():
+            _check_existing(writer.path(s), writer.meta)
+            summary.shards_skipped.append(writer.path(s).name)
+        else:
+            pending.append(s)
+    return pending
+
+
+def finish_job(job: FeatureJob, meta: CacheMeta, summary: FeatureSummary) -> FeatureSummary:
+    """Marks the summary complete when every shard of the split is there, and then writes summary.json."""
     done = [p for p in job.out_dir.glob("shard-*.h5") if SHARD_RE.match(p.name)]
-    summary.complete = len(done) == reader.total
+    summary.complete = len(done) == meta.total_shards
     if summary.complete:
         _write_summary(job, meta, summary)
     return summary
@@ -211,4 +223,4 @@ def _write_summary(job: FeatureJob, meta: CacheMeta, summary: FeatureSummary) ->
     io.write_json(job.out_dir / "summary.json", record)
 
 
-__all__ = ["FeatureJob", "FeatureSummary", "cache_meta", "run_feature_job"]
+__all__ = ["FeatureJob", "FeatureSummary", "cache_meta", "finish_job", "plan_shards", "run_feature_job"]

@@ -1,0 +1,143 @@
+"""Stage 1 through the Ray engine on a local cluster the test starts (files in a temporary folder): the same cache
+as the local path array for array, a killed worker's shard retried, a rerun that writes nothing, the same rejects,
+one line without the extra."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.features.cache import FeatureCache
+from pipeline.features.job import FeatureJob, run_feature_job
+from tests.fake_teacher import FakeTeacher
+from tests.test_cache import make_manifest
+
+ray = pytest.importorskip("ray")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A 2-CPU local Ray instance; its session files, and the auth token Ray 2.60 writes under HOME, in /tmp
+    (a short path: Ray's sockets live there)."""
+    folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    saved = {k: os.environ.get(k) for k in ("HOME", "PYTHONPATH", "OMP_NUM_THREADS")}
+    os.environ.update(HOME=folder, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")  # actors import tests.*
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=folder, log_to_driver=False)
+    yield
+    ray.shutdown()
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    subprocess.run(["rm", "-rf", folder])
+
+
+class KillOnce(FakeTeacher):
+    """The first actor to encode its third image batch SIGKILLs its own process (a worker dying mid-shard);
+    the marker file makes it happen once across all actors."""
+
+    def __init__(self, marker: str, **kw):
+        super().__init__(**kw)
+        self.marker = marker
+
+    def _encode_images(self, pixels):
+        if self.image_batches >= 2 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super()._encode_images(pixels)
+
+
+def _job(manifest, out):
+    return FeatureJob(manifest=manifest, dataset="gen", split="test", out_dir=out, num_workers=0, batch_size=4,
+                      shard_size=5)
+
+
+def _engine(source, **kw):
+    from pipeline.features.engines.ray import RayEngine, RayOptions
+
+    return RayEngine(source, RayOptions(workers=2, **kw), echo=lambda _: None)
+
+
+def _rows(path: Path) -> list[dict]:
+    """A rejects file's rows, less the object address PIL puts in its message (differs per process)."""
+    return [{k: re.sub(r" at 0x[0-9a-f]+", "", v or "") for k, v in r.items()} for r in pq.read_table(path).to_pylist()]
+
+
+def _same_cache(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir() if p.suffix in (".h5", ".parquet"))
+    assert names == sorted(p.name for p in b.iterdir() if p.suffix in (".h5", ".parquet"))
+    for name in names:
+        if name.endswith(".parquet"):
+            assert _rows(a / name) == _rows(b / name), name
+            continue
+        with h5py.File(a / name) as fa, h5py.File(b / name) as fb:
+            assert sorted(fa) == sorted(fb)
+            for key in fa:
+                np.testing.assert_array_equal(fa[key][()], fb[key][()], err_msg=f"{name}:{key}")
+
+
+def test_ray_cache_equals_the_local_cache_and_a_rerun_writes_nothing(tmp_path, cluster):
+    manifest = make_manifest(tmp_path, n_images=23)
+    local = run_feature_job(_job(manifest, tmp_path / "local"), FakeTeacher(), progress=False)
+    engine = _engine(functools.partial(FakeTeacher))
+    try:
+        s = engine.run(_job(manifest, tmp_path / "ray"), progress=False)
+        assert s.complete and (s.images, s.texts, len(s.shards_written)) == (local.images, local.texts, 5)
+        _same_cache(tmp_path / "local", tmp_path / "ray")
+        again = engine.run(_job(manifest, tmp_path / "ray"), progress=False)
+        assert again.shards_written == [] and len(again.shards_skipped) == 5 and again.complete
+    finally:
+        engine.shutdown()
+
+
+def test_bad_rows_give_the_same_rejects_as_the_local_path(tmp_path, cluster):
+    manifest = make_manifest(tmp_path, n_images=12, corrupt=(3, 8), empty_caption=4)
+    local = run_feature_job(_job(manifest, tmp_path / "local"), FakeTeacher(), progress=False)
+    engine = _engine(FakeTeacher)
+    try:
+        s = engine.run(_job(manifest, tmp_path / "ray"), progress=False)
+    finally:
+        engine.shutdown()
+    assert s.rejects == local.rejects == 7 and s.complete  # 2 images x 3 captions + 1 empty caption
+    _same_cache(tmp_path / "local", tmp_path / "ray")
+
+
+def test_a_killed_worker_is_replaced_and_its_shard_retried(tmp_path, cluster):
+    manifest = make_manifest(tmp_path, n_images=23)
+    run_feature_job(_job(manifest, tmp_path / "local"), FakeTeacher(), progress=False)
+    marker = tmp_path / "killed"
+    engine = _engine(functools.partial(KillOnce, str(marker)))
+    try:
+        s = engine.run(_job(manifest, tmp_path / "ray"), progress=False)
+        assert marker.exists() and engine.replaced == 1  # one worker process really died mid-shard
+    finally:
+        engine.shutdown()
+    assert s.complete and len(s.shards_written) == 5
+    FeatureCache(tmp_path / "ray", verify=True)  # every shard complete and matching its checksums
+    _same_cache(tmp_path / "local", tmp_path / "ray")
+    assert not list((tmp_path / "ray").glob("*.lock")) and not list((tmp_path / "ray").glob("*.tmp"))
+
+
+def test_the_ray_engine_without_its_extra_is_one_line(tmp_path):
+    manifest = make_manifest(tmp_path, n_images=3)
+    (tmp_path / "m").mkdir()
+    manifest.write(tmp_path / "m" / "test.parquet")
+    code = ("import sys; sys.modules['ray'] = None\n"  # as if the extra were not installed
+            "from stages.cli import main; main()")
+    proc = subprocess.run([sys.executable, "-c", code, "teacher-features", "--manifest-dir", str(tmp_path / "m"),
+                           "--out", str(tmp_path / "c"), "--splits", "test", "--engine", "ray"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: the Ray engine needs the 'cluster' extra: pip install '.[cluster]' -c constraints.txt "
+        "(make install installs it)"]
