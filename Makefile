@@ -144,12 +144,21 @@ VIEWS        ?= 0
 TEACHER_NAME := $(subst /,-,$(subst :,-,$(TEACHER)))$(if $(and $(filter lit,$(TEACHER)),$(filter-out $(DATASET),$(LIT_DATA))),-$(LIT_DATA))$(if $(filter-out 0,$(VIEWS)),-views$(VIEWS))
 FEATURES_STAMP := $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME)/.complete
 
+# ENGINE=ray runs the shards on a Ray actor pool (the cluster extra): RAY_ADDRESS=auto (or HOST:PORT) joins a
+# running cluster (README: several machines), unset starts a local one; RAY_WORKERS, GPUS_PER_WORKER size it.
+ENGINE       ?= local
+RAY_ADDRESS  ?=
+RAY_WORKERS  ?=
+GPUS_PER_WORKER ?= 0
+RAY_ARGS     := $(if $(filter ray,$(ENGINE)),$(if $(RAY_ADDRESS),--address $(RAY_ADDRESS)) \
+                $(if $(RAY_WORKERS),--ray-workers $(RAY_WORKERS)) --gpus-per-worker $(GPUS_PER_WORKER))
+
 $(FEATURES_STAMP): $(DATA_DIR)/test.parquet $(TEACHER_FILE)
 	$(CLI) teacher-features --teacher $(TEACHER_SPEC) --manifest-dir $(DATA_DIR) --out $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME) \
-		$(if $(filter-out 0,$(VIEWS)),--views $(VIEWS))
+		$(if $(filter-out 0,$(VIEWS)),--views $(VIEWS)) --engine $(ENGINE) $(RAY_ARGS)
 	touch $@
 
-teacher-features: $(FEATURES_STAMP)  ## cache L2-normalised teacher embeddings (HDF5 shards)
+teacher-features: $(FEATURES_STAMP)  ## cache L2-normalised teacher embeddings (HDF5 shards; ENGINE=ray on a Ray cluster)
 
 # ---- stage 2: distillation -----------------------------------------------------------------
 CONFIG      ?= configs/openmoji-lite.yaml
