@@ -45,8 +45,9 @@ def _boxes(path, rows, title):
     FigureCanvasAgg(fig).draw()  # lay out as savefig did, on a canvas that can measure text
     r = fig.canvas.get_renderer()
     ax = fig.axes[0]
-    return (fig.bbox, ax.title.get_window_extent(r), [t.get_window_extent(r) for t in ax.get_yticklabels()],
-            ax.get_legend().get_window_extent(r), [p.get_window_extent(r) for p in ax.patches])
+    texts = [fig._suptitle, ax.xaxis.label]
+    return (fig.bbox, [t.get_window_extent(r) for t in texts], [t.get_window_extent(r) for t in ax.get_yticklabels()],
+            fig.legends[0].get_window_extent(r), [p.get_window_extent(r) for p in ax.patches])
 
 
 def _inside(inner, outer) -> bool:
@@ -56,8 +57,9 @@ def _inside(inner, outer) -> bool:
 
 def test_long_titles_and_labels_stay_inside_and_apart(tmp_path):
     title = "Table X: " + "the default student distilled from the strong teacher with everything switched on " * 2
-    fig, title_box, ticks, legend, bars = _boxes(tmp_path / "f.png", _rows(7, 150), title)
+    fig, (title_box, xlabel), ticks, legend, bars = _boxes(tmp_path / "f.png", _rows(7, 150), title)
     assert _inside(title_box, fig), "the title runs out of the figure"
+    assert not legend.overlaps(xlabel) and not legend.overlaps(title_box)
     assert all(_inside(t, fig) for t in ticks), "a row label runs out of the figure"
     for a, b in zip(ticks, ticks[1:]):
         assert not a.overlaps(b), "two row labels overlap"
@@ -66,8 +68,8 @@ def test_long_titles_and_labels_stay_inside_and_apart(tmp_path):
 
 
 def test_few_rows_too(tmp_path):
-    fig, title_box, ticks, legend, bars = _boxes(tmp_path / "g.png", _rows(2, 20), "Table Y: short")
-    assert _inside(title_box, fig) and all(_inside(t, fig) for t in ticks)
+    fig, (title_box, xlabel), ticks, legend, bars = _boxes(tmp_path / "g.png", _rows(2, 20), "Table Y: short")
+    assert _inside(title_box, fig) and all(_inside(t, fig) for t in ticks) and not legend.overlaps(xlabel)
     assert not any(legend.overlaps(b) for b in bars)
 
 

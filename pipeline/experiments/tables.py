@@ -192,9 +192,9 @@ def bar_figure(table: SweepTable, rows: list[RowStats], teacher: Optional[dict],
     ax.invert_yaxis()  # the table's first row on top
     if teacher is not None:
         ax.axvline(teacher["metrics"]["rsum"], ls="--", color="tab:gray", label=f"teacher: {teacher['name']}")
-        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.12 if len(done) < 4 else -0.06), frameon=False)
+        fig.legend(loc="outside lower left", frameon=False)  # below the axes: never over a bar or the x label
     ax.set_xlabel("test RSUM")
-    ax.set_title(title, fontsize=10, loc="left")
+    fig.suptitle(title, fontsize=10, x=0.01, ha="left")  # the figure's width, not the axes' (labels take room)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
