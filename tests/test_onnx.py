@@ -100,3 +100,36 @@ def test_int8_graphs_quantise_matrix_products_and_report_their_recall_cost(expor
     int8 = OnnxStudent.load(copy, variant="int8")
     tokens = int8.tokenize(["a red circle"])
     assert int8.encode_texts(tokens).shape == (1, int8.width)
+
+
+def test_graphs_carry_checksums_and_a_damaged_or_unchecked_graph_is_never_run(exported, tmp_path, monkeypatch):
+    import shutil
+
+    from pipeline.common import io
+    from pipeline.common.errors import PipelineError
+
+    monkeypatch.delenv(io.TRUST_ENV, raising=False)
+    _, export, _ = exported
+    model, _ = load_student_model(export)
+    graphs = tmp_path / "onnx"  # a copy (graphs with their checksums): the module's fixture stays intact
+    shutil.copytree(onnx_dir(export), graphs)
+    OnnxStudent(model, graphs)
+    image = graphs / "image.onnx"
+    good = image.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x01
+    image.write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match=f"damaged ONNX graph {image}: content differs"):
+        OnnxStudent(model, graphs)
+    image.write_bytes(good[: len(good) // 2])
+    with pytest.raises(PipelineError, match="damaged ONNX graph"):
+        OnnxStudent(model, graphs)
+    image.write_bytes(good)
+    io.checksum_path(image).unlink()
+    with pytest.raises(PipelineError, match=f"refusing ONNX graph {image}: no checksum recorded.*--trust-unchecked"):
+        OnnxStudent(model, graphs)
+    result = run("verify", graphs)
+    assert result.returncode == 1 and f"unchecked {image}" in result.stdout and f"ok        {graphs / 'text.onnx'}" \
+        in result.stdout
+    monkeypatch.setenv(io.TRUST_ENV, "1")
+    OnnxStudent(model, graphs)
