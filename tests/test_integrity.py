@@ -579,3 +579,26 @@ def test_verify_reports_every_kind_it_finds(tmp_path, cache, monkeypatch):
     assert f"unchecked {made['LiT teacher checkpoint']}" in result.stdout
     assert f"missing   {made['TorchScript encoder']}" in result.stdout
     assert f"ok        {made['student export']}" in result.stdout
+
+
+def test_a_manifest_whose_rows_differ_from_its_content_hash_is_refused(tmp_path):
+    import pyarrow.parquet as pq
+
+    path = make_dataset(tmp_path / "data", n_images=6) / "train.parquet"
+    table = pq.read_table(path)
+    captions = table.column("caption").to_pylist()
+    captions[0] = captions[0][::-1] + "x"  # a changed row under the old metadata (what a flipped byte can do)
+    changed = table.set_column(table.schema.get_field_index("caption"), "caption", pa_array(captions))
+    pq.write_table(changed, path)
+    with pytest.raises(PipelineError, match=f"damaged manifest {path}: its rows differ"):
+        Manifest.read(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PipelineError, match=f"cannot read manifest {path}"):
+        Manifest.read(path)
+
+
+def pa_array(values):
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())

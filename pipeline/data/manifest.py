@@ -200,6 +200,11 @@ class Manifest:
         raw = (table.schema.metadata or {}).get(MANIFEST_META_KEY)
         meta = json.loads(raw) if raw else {}
         table = table.select(SCHEMA.names).cast(SCHEMA).replace_schema_metadata(None)
+        # The recorded content hash is the manifest's checksum; a manifest without one was made outside this
+        # project (an input format people write), so it is read as it is.
+        if meta.get("content_hash") and content_hash(table) != meta["content_hash"]:
+            raise PipelineError(f"damaged manifest {path}: its rows differ from its recorded content_hash; "
+                                "rebuild it (build-manifest)")
         root = meta.get("image_root", "")
         if root and not Path(root).is_absolute():  # relative roots are relative to the manifest file
             root = str((path.parent / root).resolve())
