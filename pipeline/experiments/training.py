@@ -37,9 +37,13 @@ def run_command(plan: Plan, run: PlannedRun, resume: bool) -> list[str]:
     return cmd + (["--resume"] if resume else [])
 
 
-def _train_child(command: str, base_config: str, sets: list[str], resume: bool, log: str) -> None:
+def _train_child(command: str, base_config: str, sets: list[str], resume: bool, log: str,
+                 gpu: str | None = None) -> None:
     """A spawned process's whole life: output to the run's log, the run trained through its command's adapter;
-    exits as the command line would (a PipelineError: one ``error:`` line and 2)."""
+    exits as the command line would (a PipelineError: one ``error:`` line and 2). ``gpu``: the one GPU this run
+    sees (as cuda:0), set before anything touches CUDA."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     from pipeline.common.runtime import tune_cpu_runtime
 
     tune_cpu_runtime()
@@ -103,9 +107,42 @@ def export_is_stale(plan: Plan, run: PlannedRun) -> bool:
     return not target.is_file() or (source.is_file() and source.stat().st_mtime > target.stat().st_mtime)
 
 
-def train_run(plan: Plan, run: PlannedRun, device: str) -> dict:
+def visible_gpus(config: Any) -> list[str]:
+    """The GPUs runs are spread over: the visible ones (CUDA_VISIBLE_DEVICES' ids, else 0..n-1) when the sweep's
+    device is auto or cuda and CUDA is there; [] otherwise (cpu, or a pinned cuda:N that every run shares)."""
+    if str(config.device) not in ("auto", "cuda"):
+        return []
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return (listed if listed else [str(i) for i in range(n)])[:n]
+
+
+class GpuPool:
+    """Hands each starting run the visible GPU with the fewest runs on it (the lowest on a tie): round-robin
+    while every GPU has a run, and a finished run's GPU is the next one given out."""
+
+    def __init__(self, gpus: list[str]):
+        self.gpus, self.load, self.lock = gpus, {g: 0 for g in gpus}, threading.Lock()
+
+    def acquire(self) -> str | None:
+        if not self.gpus:
+            return None
+        with self.lock:
+            gpu = min(self.gpus, key=lambda g: (self.load[g], self.gpus.index(g)))
+            self.load[gpu] += 1
+            return gpu
+
+    def release(self, gpu: str | None) -> None:
+        if gpu is not None:
+            with self.lock:
+                self.load[gpu] -= 1
+
+
+def train_run(plan: Plan, run: PlannedRun, device: str, gpu: str | None = None) -> dict:
     """Train one run in a spawned process; returns (and writes) its updated record. Never raises for a run
-    that fails: the error goes into the record."""
+    that fails: the error goes into the record. ``gpu``: the GPU id the run alone sees."""
     if run.export is not None:
         return copy_export(plan, run)
     run_dir = plan.run_dir(run.key)
@@ -114,7 +151,7 @@ def train_run(plan: Plan, run: PlannedRun, device: str) -> dict:
     shown = " ".join(shlex.quote(c) for c in run_command(plan, run, resume))
     record.update(format=EXPERIMENT_FORMAT, key=run.key, name=run.name,
                   base_config=str(plan.sweep.base_config), sets=run.sets, command=shown, status="training",
-                  error=None, device=device, host=platform.node(), started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  error=None, device=device if gpu is None else f"{device} (GPU {gpu})", host=platform.node(), started=time.strftime("%Y-%m-%dT%H:%M:%S"),
                   uses=[{"table": c.table, "label": c.label, "seed": c.seed} for c in run.cells])
     write_record(run_dir, record)
     start = time.perf_counter()
@@ -125,7 +162,7 @@ def train_run(plan: Plan, run: PlannedRun, device: str) -> dict:
     sets = [*run.sets, f"runs_dir={plan.runs_dir}", f"name={run.name}"]
     # spawn, not fork: a fresh interpreter (no copy of this process's threads, locks or CUDA state)
     child = multiprocessing.get_context("spawn").Process(
-        target=_train_child, args=(plan.sweep.command, str(plan.sweep.base_config), sets, resume, str(log)))
+        target=_train_child, args=(plan.sweep.command, str(plan.sweep.base_config), sets, resume, str(log), gpu))
     child.start()
     child.join()
     code = child.exitcode
@@ -175,19 +212,29 @@ def train_all(plan: Plan, jobs: int = 1, max_runs: int = 0, skip_failed: bool = 
     if not todo:
         return records
     device = _device_of(plan.base)
+    gpus = GpuPool(visible_gpus(plan.base))  # each run on a GPU of its own while there are enough
+    if gpus.gpus:
+        together = min(jobs, len(todo))
+        log(f"{together} run(s) at a time over {len(gpus.gpus)} GPU(s) ({', '.join(gpus.gpus)}), one each"
+            if together <= len(gpus.gpus) else
+            f"note: {together} runs at a time share {len(gpus.gpus)} GPU(s) ({', '.join(gpus.gpus)}): up to "
+            f"{-(-together // len(gpus.gpus))} runs per GPU")
     lock, finished, durations, t0 = threading.Lock(), [0], [], time.perf_counter()
     total = len(todo)
 
     def one(i: int, run: PlannedRun) -> dict:
+        gpu = gpus.acquire()
         with lock:
-            log(f"[{i}/{total}] train {run.name} ({_uses(run)})")
+            log(f"[{i}/{total}] train {run.name} ({_uses(run)})" + (f" on GPU {gpu}" if gpu is not None else ""))
         try:
-            return train_run(plan, run, device)
+            return train_run(plan, run, device, gpu)
         except Exception as exc:  # e.g. a full disk while writing the log: record it, let the others go on
             record = {**read_record(plan.run_dir(run.key)), "status": "failed",
                       "error": f"runner: {type(exc).__name__}: {exc}"}
             write_record(plan.run_dir(run.key), record)
             return record
+        finally:
+            gpus.release(gpu)
 
     # threads only wait here: each run's work is in its own process
     with ThreadPoolExecutor(max_workers=jobs) as pool:
