@@ -155,14 +155,18 @@ def test_fingerprint_tracks_heads(trained):
     assert teacher.fingerprint() == fp
 
 
-def test_load_teacher_spec_and_missing_checkpoint(trained):
+def test_load_teacher_spec_and_missing_checkpoint(trained, monkeypatch):
     teacher = load_teacher(f"lit:{trained['ckpt']}")
     assert isinstance(teacher, LitTeacher) and teacher.fingerprint() == trained["teacher"].fingerprint()
     with pytest.raises(PipelineError, match="make lit-teacher"):
         load_teacher(f"lit:{trained['root'] / 'nope.pt'}")
     (trained["root"] / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(PipelineError, match="cannot read"):
+    with pytest.raises(PipelineError, match="refusing LiT teacher checkpoint .*no checksum recorded"):
+        LitTeacher.load(trained["root"] / "junk.pt")  # the checksum rule comes first (issue 35.1)
+    monkeypatch.setenv("CLIPDISTILL_TRUST_UNCHECKED", "1")  # trusted, the junk is still refused in one line
+    with pytest.raises(PipelineError, match="LiT teacher checkpoint .*junk.pt: ") as err:
         LitTeacher.load(trained["root"] / "junk.pt")
+    assert "\n" not in str(err.value)
 
 
 def test_cli_rerun_reuses_tower_features(trained, monkeypatch):
@@ -203,6 +207,7 @@ def test_stage1_reuses_build_lit_features_and_matches_encoding(trained, tmp_path
     lone = tmp_path / "alone" / "lit.pt"
     lone.parent.mkdir()
     shutil.copy(ckpt, lone)
+    shutil.copy(f"{ckpt}.blake2b", f"{lone}.blake2b")  # a checkpoint travels with its checksum
     manifest = Manifest.read(root / "train.parquet")
     reused_teacher, fresh_teacher = LitTeacher.load(ckpt), LitTeacher.load(lone)
     known = reused_teacher.known_embeddings(manifest)
@@ -266,3 +271,15 @@ def test_build_lit_killed_with_sigkill_resumes_to_the_straight_heads(trained, tm
     assert again.returncode == 0, again.stderr[-2000:]
     resumed = LitTeacher.load(out)
     assert resumed.summary["resumed"] and resumed.fingerprint() == trained["teacher"].fingerprint()
+
+
+def test_build_lit_writes_checksums_verify_checks(trained, tmp_path):
+    """The heads and the tower features build-lit writes carry checksums; `clipdistill verify` reports them ok."""
+    from pipeline.common import io
+    from pipeline.features.cache.integrity import verify_tree
+
+    ckpt = trained["ckpt"]
+    features = sorted(ckpt.parent.glob(f"{ckpt.stem}.*-features.npz"))
+    assert features and all(io.verify_file(p) is None for p in [ckpt, *features])
+    found = {f.path: f.status for f in verify_tree(ckpt.parent)}
+    assert found[ckpt] == "ok" and all(found[p] == "ok" for p in features)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from pipeline.common import paths
 from pipeline.common.runlog import read_metrics
 from pipeline.train.loop import LoopSettings, Objective, StepOutput, best_checkpoint, fit
-from pipeline.train.state import load_checkpoint
+from pipeline.train.state import claim_run_dir, load_checkpoint
 
 from pipeline.common import io
 from pipeline.common.errors import PipelineError
@@ -151,7 +151,7 @@ class LitHeadsObjective(Objective):
         return evaluate_heads(self.model, self.held_out, self.device)
 
 
-def train_lit_heads(
+def _train_lit_heads(
     train_manifest: str | Path | Manifest,
     out_path: str | Path,
     val_manifest: str | Path | Manifest | None = None,
@@ -230,7 +230,8 @@ def train_lit_heads(
     last = paths.last_checkpoint(run_dir)
     resume = last.exists() and load_checkpoint(last).get("config") == run_config
     if last.exists() and not resume:  # another run's leftovers (other data or settings): start over
-        shutil.rmtree(run_dir)
+        for stale in (p for p in run_dir.iterdir() if p.name != "training.lock"):  # the lock is this process's
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     # One progress line per epoch would be noise here (60 epochs of a few steps): the bar is off.
     result = fit(run_dir, objective, settings, config=run_config, resume=resume, progress=False)
     heads.load_state_dict(best_checkpoint(run_dir)["model"])
@@ -259,6 +260,16 @@ def train_lit_heads(
     save_heads(out_path, heads.cpu(), summary)
     io.write_json(out_path.with_suffix(".json"), {**summary, "history": history})
     return summary
+
+
+
+def train_lit_heads(train_manifest: str | Path | Manifest, out_path: str | Path, *args, **kwargs) -> dict:
+    """Compute (or reuse) tower features, train the heads, save the best epoch's checkpoint (``_train_lit_heads``),
+    holding ``<stem>.run/training.lock``: a second build-lit of the same checkpoint is refused in one line instead of
+    interleaving its epochs and tower features with the first's."""
+    out_path = Path(out_path)
+    with claim_run_dir(out_path.with_name(f"{out_path.stem}.run")):
+        return _train_lit_heads(train_manifest, out_path, *args, **kwargs)
 
 
 def _last_train_loss(run_dir: Path) -> float | None:
