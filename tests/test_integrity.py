@@ -500,6 +500,11 @@ def test_a_token_cache_without_checksums_is_refused_unless_trusted(tmp_path, mon
         TokenSplit(s.path)
     monkeypatch.setenv(io.TRUST_ENV, "1")
     assert len(TokenSplit(s.path)) > 0
+    data = s.path.read_bytes()
+    s.path.write_bytes(data[: len(data) - 40])  # truncated: its arrays run past the end
+    with pytest.raises(PipelineError, match=f"(cannot read|damaged) token cache {s.path}") as err:
+        TokenSplit(s.path)
+    assert "\n" not in str(err.value)
 
 
 def test_lit_tower_features_are_recomputed_when_damaged_or_unchecked(tmp_path, monkeypatch, capsys):

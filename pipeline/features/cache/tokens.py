@@ -173,8 +173,8 @@ class TokenSplit:
                     self.caption_embedding = g["embedding"][()]
                     self.caption_sample_ids = g["sample_id"][()]
                     self.caption_image_ids = g["image_id"][()]
-        except (OSError, KeyError) as exc:
-            raise PipelineError(f"cannot read token cache {self.path}: {exc}") from exc
+        except (OSError, KeyError, ValueError) as exc:  # ValueError: a truncated file is shorter than its arrays
+            raise PipelineError(f"cannot read token cache {self.path}: {str(exc).splitlines()[0]}") from None
         if self.meta.format != FORMAT:
             raise PipelineError(f"{self.path} has format {self.meta.format}, expected {FORMAT}")
         if verify is not False:
