@@ -20,6 +20,7 @@ EXPECTED = {
     "bench_eval.py": "recall@10 vs exact",
     "bench_loader_memory.py": "worker private memory, now / old",
     "bench_reinforced.py": "view replay + transfer mixing vs the plain step",
+    "bench_scale.py": "per-item time and peak RSS as ratios to the",
     "bench_startup.py": "slowest --help:",
 }
 
@@ -35,3 +36,12 @@ def test_benchmark_smoke_runs_to_the_end(name, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert EXPECTED[name] in proc.stdout, proc.stdout[-3000:]
+
+
+def test_the_ray_engine_benchmark_smoke_runs_to_the_end(tmp_path):
+    pytest.importorskip("ray")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_features.py"), "--engine", "ray", "--smoke"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ratio Ray / local (items/s):" in proc.stdout, proc.stdout[-3000:]
