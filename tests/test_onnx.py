@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,15 +15,15 @@ from pipeline.retrieval.evaluate import SpeedSettings, evaluate_student
 from pipeline.retrieval.report import speed_table
 from pipeline.students.export import load_student_model
 from pipeline.students.onnx import OnnxStudent, onnx_dir
+from tests.clirun import clipdistill
 from tests.gen_cache import make_dataset
-from tests.test_distill import ROOT, subprocess_env
+
 
 pytest.importorskip("onnxruntime")
 
 
 def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
+    return clipdistill(*args)  # in this process (tests/clirun.py): no fresh interpreter per command
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +85,7 @@ def test_int8_graphs_quantise_matrix_products_and_report_their_recall_cost(expor
     copy = tmp_path / "export" / "student.pt"  # its own folder: the module's other tests read the float graphs
     copy.parent.mkdir()
     shutil.copy(export, copy)
+    shutil.copy(f"{export}.blake2b", f"{copy}.blake2b")  # an export travels with its checksum
     result = run("export-onnx", copy, "--manifest", data / "test.parquet", "--items", 8, "--repeats", 2, "--int8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "recall cost of int8" in result.stdout and "WARNING" not in result.stderr
