@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -485,6 +486,30 @@ def test_class_prompts_are_checked_on_read(tmp_path, monkeypatch):
         read_prompts(tmp_path, classes, templates, "fp")
     monkeypatch.setenv(io.TRUST_ENV, "1")
     assert np.array_equal(read_prompts(tmp_path, classes, templates, "fp"), emb)
+
+
+def test_classification_soft_targets_are_checked_on_read_and_by_verify(tmp_path, monkeypatch):
+    from pipeline.classify.teacher_training import load_targets, save_targets
+
+    monkeypatch.delenv(io.TRUST_ENV, raising=False)
+    path, ids, classes = tmp_path / "head" / "targets.h5", np.array([5, 3, 9]), ["cat", "dog"]
+    path.parent.mkdir()
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], np.float32)
+    save_targets(path, ids, probs, classes, "head")
+    assert np.array_equal(load_targets(path, np.array([9, 5]), classes), probs[[2, 0]])
+    assert cli("verify", tmp_path).returncode == 0
+    _flip_dataset(path, "probs")
+    with pytest.raises(PipelineError, match=f"damaged soft targets {path}: probs differs") as err:
+        load_targets(path, ids, classes)
+    assert "\n" not in str(err.value)
+    result = cli("verify", tmp_path)
+    assert result.returncode == 1 and re.search(rf"damaged +{path}: probs differs", result.stdout)
+    save_targets(path, ids, probs, classes, "head")
+    _strip_checksums(path)
+    with pytest.raises(PipelineError, match="refusing soft targets .*--trust-unchecked"):
+        load_targets(path, ids, classes)
+    monkeypatch.setenv(io.TRUST_ENV, "1")
+    assert np.array_equal(load_targets(path, ids, classes), probs)
 
 
 def test_a_token_cache_without_checksums_is_refused_unless_trusted(tmp_path, monkeypatch):

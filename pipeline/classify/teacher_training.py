@@ -22,6 +22,8 @@ from pipeline.classify.splits import Queries, Split, queries_for
 from pipeline.train.state import atomic_save, seed_all
 from pipeline.features.cache.tokens import TokenSplit
 from pipeline.common import io
+from pipeline.features.cache.format import TARGETS_FORMAT
+from pipeline.features.cache.integrity import check_file, checksum_attrs
 
 
 # ---- head -------------------------------------------------------------------------------------------------
@@ -175,10 +177,11 @@ def save_targets(
     path: Path, image_ids: np.ndarray, probs: np.ndarray, classes: list[str], source: str
 ) -> Path:
     """Soft targets per training image (rows sum to 1), the input of the next student generation."""
+    arrays = {"image_id": np.asarray(image_ids, np.int64), "probs": np.asarray(probs, np.float32)}
     with io.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("image_id", data=np.asarray(image_ids, np.int64))
-        f.create_dataset("probs", data=np.asarray(probs, np.float32))
-        f.attrs.update(classes="\n".join(classes), source=source)
+        for name, array in arrays.items():
+            f.create_dataset(name, data=array)
+        f.attrs.update(checksum_attrs(arrays), classes="\n".join(classes), source=source, format=TARGETS_FORMAT)
     return path
 
 
@@ -186,6 +189,7 @@ def load_targets(path: Path, image_ids: np.ndarray, classes: list[str]) -> np.nd
     """(N, K) soft targets for ``image_ids`` (in that order)."""
     if not path.is_file():
         raise PipelineError(f"soft targets not found: {path}; run `clipdistill rephead` first")
+    check_file(path, "soft targets", "delete it and rerun `clipdistill rephead` / `self-distill` with --resume")
     with h5py.File(path, "r") as f:
         ids, probs, stored = f["image_id"][()], f["probs"][()], f.attrs["classes"].split("\n")
     if stored != classes:

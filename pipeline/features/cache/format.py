@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 FORMAT_VERSION = 1
 TOKEN_FORMAT = "clipdistill-tokens/1"  # the classification token cache (cache/tokens.py): one file per split
+TARGETS_FORMAT = "clipdistill-targets/1"  # classification soft targets (classify.teacher_training), checked alike
 SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.h5$")
 
 

@@ -143,12 +143,13 @@ class Finding:
 
 
 def _token_file(path: Path) -> bool | None:
-    """True for a token cache file (split or class prompts), False for another HDF5 file, None if unreadable."""
-    from pipeline.features.cache.format import TOKEN_FORMAT
+    """True for a token cache file (split or class prompts) or classification soft targets, False for another HDF5
+    file, None if unreadable."""
+    from pipeline.features.cache.format import TARGETS_FORMAT, TOKEN_FORMAT
 
     try:
         with h5py.File(path, "r") as f:
-            return str(f.attrs.get("format", "")) == TOKEN_FORMAT
+            return str(f.attrs.get("format", "")) in (TOKEN_FORMAT, TARGETS_FORMAT)
     except OSError:
         return None
 
