@@ -102,7 +102,7 @@ def test_killed_run_resumes_to_identical_weights(shapes, tmp_path):
 
 def test_two_process_ddp_on_cpu(shapes, tmp_path):
     runs = tmp_path / "runs"
-    args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "stages.cli",
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stages.cli",
             *distill_args(shapes, runs, "ddp", "max_steps=3", "device=cpu", "queue.size=64")]
     env = subprocess_env()
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -195,8 +195,9 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_checkpoints_and_exports_carrying_pickled_objects_are_refused(shapes, tmp_path):
-    """Resume, student exports and classifier exports load tensors and plain values only."""
+def test_checkpoints_and_exports_carrying_pickled_objects_are_refused(shapes, tmp_path, monkeypatch):
+    """Resume, student exports and classifier exports load tensors and plain values only: even a file the user
+    trusts without a checksum (--trust-unchecked) is never unpickled into code."""
     from pipeline.classify.student import load_classifier
     from pipeline.students import load_student
 
@@ -208,17 +209,20 @@ def test_checkpoints_and_exports_carrying_pickled_objects_are_refused(shapes, tm
     torch.save({**ckpt, "state": _RunsCode(marker)}, last)
     with pytest.raises(PipelineError, match="damaged checkpoint"):  # its recorded checksum catches it first
         train(cfg, resume=True, progress=False)
-    io.checksum_path(last).unlink()  # a file handed over without a checksum: the unpickler is the guard
-    with pytest.raises(PipelineError, match="refusing checkpoint") as err:
+    io.checksum_path(last).unlink()  # a file handed over without a checksum: refused by the checksum rule...
+    with pytest.raises(PipelineError, match="refusing checkpoint .*no checksum recorded"):
+        train(cfg, resume=True, progress=False)
+    monkeypatch.setenv(io.TRUST_ENV, "1")  # ...and, trusted on purpose, the unpickler is the guard
+    with pytest.raises(PipelineError, match="refusing checkpoint .*holds more than tensors") as err:
         train(cfg, resume=True, progress=False)
     assert "\n" not in str(err.value) and str(last) in str(err.value)
 
     export = torch.load(result.export_path, weights_only=True)
     torch.save({**export, "meta": _RunsCode(marker)}, tmp_path / "student.pt")  # no checksum file beside it
-    with pytest.raises(PipelineError, match="refusing student export"):
+    with pytest.raises(PipelineError, match="refusing student export .*holds more than tensors"):
         load_student(tmp_path / "student.pt")
     torch.save({"format": "x", "blob": _RunsCode(marker)}, tmp_path / "classifier.pt")
-    with pytest.raises(PipelineError, match="refusing classifier export"):
+    with pytest.raises(PipelineError, match="refusing classifier export .*holds more than tensors"):
         load_classifier(tmp_path / "classifier.pt")
     assert not marker.exists()
 
