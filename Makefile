@@ -46,8 +46,11 @@ lock:  ## re-resolve constraints.txt (+ pylock.toml, PEP 751 with hashes) from p
 	$(PY) tools/lock.py --check --out constraints.txt --check-extras $(EXTRAS)
 	touch $(STAMP)
 
-test: $(STAMP)  ## run the test suite
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --durations=15
+# Tests run in TEST_WORKERS processes (pytest-xdist), one thread each; --dist loadscope keeps a module's tests on one
+# worker, so a module-scoped fixture (a trained tiny run, a cache) is built once, not once per worker.
+TEST_WORKERS ?= 2
+test: $(STAMP)  ## run the test suite (TEST_WORKERS=2 processes)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadscope
 
 # ---- stage 0: built-in dataset and offline teacher ---------------------------------------
 # Built-in datasets: openmoji (the benchmark) and emoji-corpus (the teacher's world: six other art styles of every

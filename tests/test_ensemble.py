@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,13 +12,12 @@ import pytest
 from pipeline.data.manifest import Manifest
 from pipeline.features.cache import FeatureCache
 from pipeline.students.export import export_meta
+from tests.clirun import clipdistill
 from tests.gen_cache import make_dataset
-from tests.test_distill import ROOT, subprocess_env
 
 
 def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    return clipdistill(*args)  # in this process (tests/clirun.py): no fresh interpreter per command
 
 
 PAIRS_ONLY = ["--set", "losses.cd=false", "--set", "losses.fd=false", "--set", "losses.sd=false",

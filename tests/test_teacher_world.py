@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +14,16 @@ import torch
 from pipeline.data.manifest import Manifest
 from pipeline.features.cache import FeatureCache
 from pipeline.students.export import export_meta, load_student_model
+from tests.clirun import clipdistill
 from tests.gen_cache import make_dataset
 from tests.test_corpus import SQUARE, npm_tarball
-from tests.test_distill import ROOT, subprocess_env
+from tests.test_distill import ROOT
 
 torch.set_num_threads(1)
 
 
 def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    return clipdistill(*args)  # in this process (tests/clirun.py): no fresh interpreter per command
 
 
 def emoji_names(n: int) -> list[str]:
