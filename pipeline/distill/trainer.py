@@ -429,14 +429,16 @@ class DistillObjective(Objective):
         return student_recall(self.model, self.val_manifest, self.cfg.eval_batch_size)
 
     def state_dict(self) -> dict:
-        own = self.queue.state_dict() if self.queue is not None else None
-        queues = [own]
-        if self.env.enabled:  # every rank's queue goes into the one file rank 0 writes
-            queues = [None] * self.env.world
-            torch.distributed.all_gather_object(queues, own)
-        return {"queue": queues, "balancer": self.balancer.state_dict(), "student_config": self.scfg.to_dict()}
+        own = (self.queue.state_dict() if self.queue is not None else None, self.balancer.state_dict())
+        states = [own]
+        if self.env.enabled:  # every rank's queue and balancer (fed by its own losses) go into rank 0's file
+            states = [None] * self.env.world
+            torch.distributed.all_gather_object(states, own)
+        return {"queue": [q for q, _ in states], "balancer": own[1], "balancers": [b for _, b in states],
+                "student_config": self.scfg.to_dict()}
 
     def load_state_dict(self, ckpt: dict) -> None:
         if self.queue is not None:
             self.queue.load_state_dict(ckpt["queue"][self.env.rank])
-        self.balancer.load_state_dict(ckpt["balancer"])
+        balancers = ckpt.get("balancers") or [ckpt["balancer"]]  # older checkpoints: rank 0's only
+        self.balancer.load_state_dict(balancers[self.env.rank] if self.env.rank < len(balancers) else balancers[0])
