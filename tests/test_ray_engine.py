@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -25,6 +27,8 @@ from tests.test_cache import make_manifest
 
 ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
+# Ray waits 30 s for its GCS server to start; on a loaded shared 2-core machine that took longer
+SLOW_START = "RAY_gcs_server_port_wait_time_s"
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +36,9 @@ def cluster():
     """A 2-CPU local Ray instance; its session files, and the auth token Ray 2.60 writes under HOME, in /tmp
     (a short path: Ray's sockets live there)."""
     folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    saved = {k: os.environ.get(k) for k in ("HOME", "PYTHONPATH", "OMP_NUM_THREADS")}
-    os.environ.update(HOME=folder, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")  # actors import tests.*
+    saved = {k: os.environ.get(k) for k in ("HOME", "PYTHONPATH", "OMP_NUM_THREADS", SLOW_START)}
+    os.environ.update({"HOME": folder, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",  # actors import tests.*
+                       SLOW_START: "120"})
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=folder, log_to_driver=False)
     yield
     ray.shutdown()
@@ -141,3 +146,68 @@ def test_the_ray_engine_without_its_extra_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: the Ray engine needs the 'cluster' extra: pip install '.[cluster]' -c constraints.txt "
         "(make install installs it)"]
+
+
+class WaitForCompany(FakeTeacher):
+    """The first actor built holds its second shard until shards from someone else appear in ``out`` (at most
+    240 s): the job cannot end before a worker that joins mid-job has taken shards."""
+
+    def __init__(self, folder: str, out: str, **kw):
+        super().__init__(**kw)
+        self.out, self.first = out, _first_to_claim(folder)
+
+    def _encode_images(self, pixels):
+        if self.first and self.image_batches == 1:
+            deadline = time.time() + 240  # a loaded machine starts a node and an actor slowly
+            while len(list(Path(self.out).glob("shard-*.h5"))) < 2 and time.time() < deadline:
+                time.sleep(0.05)
+        return super()._encode_images(pixels)
+
+
+def _first_to_claim(folder: str) -> bool:
+    try:
+        os.close(os.open(os.path.join(folder, "first"), os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
+
+
+def test_a_machine_that_joins_mid_job_takes_shards(tmp_path):
+    """A head with one cpu (one actor), then a second node joins while the job runs: its actor takes shards."""
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # the module's instance, if one runs: this test needs its own two-node cluster
+    folder = tempfile.mkdtemp(prefix="rayc", dir="/tmp")
+    saved = {k: os.environ.get(k) for k in ("HOME", "PYTHONPATH", "OMP_NUM_THREADS", "RAY_TMPDIR", SLOW_START)}
+    os.environ.update({"HOME": folder, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_TMPDIR": folder,
+                       SLOW_START: "120"})
+    os.makedirs(os.path.join(folder, "ray"))  # Ray's files under RAY_TMPDIR/ray, for the head and the newcomer
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        ray.init(address=c.address, log_to_driver=False)
+        manifest = make_manifest(tmp_path, n_images=12)
+        run_feature_job(FeatureJob(manifest=manifest, dataset="gen", split="test", out_dir=tmp_path / "local",
+                                   num_workers=0, batch_size=4, shard_size=2), FakeTeacher(), progress=False)
+        from pipeline.features.engines.ray import RayEngine, RayOptions
+
+        engine = RayEngine(functools.partial(WaitForCompany, str(tmp_path), str(tmp_path / "ray")), RayOptions(),
+                           echo=lambda _: None)
+        assert len(engine.actors) == 1  # one cpu: one actor
+        result = {}
+        job = FeatureJob(manifest=manifest, dataset="gen", split="test", out_dir=tmp_path / "ray", num_workers=0,
+                         batch_size=4, shard_size=2)
+        thread = threading.Thread(target=lambda: result.update(s=engine.run(job, progress=False)))
+        thread.start()
+        c.add_node(num_cpus=1)  # joins while the first actor holds its second shard
+        thread.join(timeout=120)
+        engine.shutdown()
+        s = result["s"]
+        assert s.complete and len(s.shards_written) == 6
+        assert len(engine.written_by) == 2, engine.written_by  # the newcomer's actor wrote shards too
+        _same_cache(tmp_path / "local", tmp_path / "ray")
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        subprocess.run(["rm", "-rf", folder])

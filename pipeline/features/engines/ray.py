@@ -110,7 +110,7 @@ class ShardWorker:
         mapper, writer = self.contexts[key]
         path = writer.path(inp.index)
         result = {"name": path.name, "index": inp.index, "images": 0, "texts": 0, "rejects": 0,
-                  "read": 0.0, "model": 0.0, "write": 0.0}
+                  "read": 0.0, "model": 0.0, "write": 0.0, "worker": f"{socket.gethostname()}:{os.getpid()}"}
         with io.exclusive(path) as mine:  # the same per-shard lock as the local path (and other jobs)
             if not mine or path.exists():
                 return {**result, "status": "busy" if not mine else "skipped"}
@@ -152,6 +152,7 @@ class RayEngine:
         self.remote = self.ray.remote(ShardWorker)
         self.actors: list[_Actor] = []
         self.replaced = 0
+        self.written_by: dict[str, int] = {}  # host:pid -> shards it wrote (which workers took part)
         self.identity: TeacherIdentity | None = None
         self._jobs = 0
         self._grow()
@@ -248,6 +249,7 @@ class RayEngine:
                     raise PipelineError(f"shard {shard} of {job.split} failed: {_cause(exc)}") from None
                 _count(summary, r)
                 if r["status"] == "written":
+                    self.written_by[r["worker"]] = self.written_by.get(r["worker"], 0) + 1
                     done_shards += 1
                     images += r["images"]
                     bar.update(reader.work(shard, meta.views))
