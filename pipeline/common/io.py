@@ -265,7 +265,8 @@ def _claim(lock: Path, mine: LockHolder) -> bool:
             try:
                 if read_lock(lock) != stale:
                     continue  # it changed under us (released, or taken over): look again
-                tmp = lock.with_name(f"{lock.name}.{_host()}.{os.getpid()}.new")
+                tmp = tmp_path(lock)  # a killed taker's leftover is removed like any stale temporary
+                remove_stale_tmps(lock)
                 tmp.write_text(mine.line())
                 os.replace(tmp, lock)  # atomic: the lock never goes missing, so no O_EXCL creator slips in
                 return True
@@ -292,7 +293,7 @@ def _renew(lock: Path, mine: LockHolder, stop: threading.Event) -> None:
         if read_lock(lock) is None or read_lock(lock).nonce != mine.nonce:
             return  # taken over (we were judged dead): nothing of ours to renew
         fresh = LockHolder(mine.pid, mine.host, time.time(), mine.lease, mine.nonce)
-        tmp = lock.with_name(f"{lock.name}.{_host()}.{os.getpid()}.renew")
+        tmp = tmp_path(lock)
         try:
             tmp.write_text(fresh.line())
             os.replace(tmp, lock)
