@@ -16,8 +16,12 @@ def clipdistill(*args, env: dict | None = None) -> subprocess.CompletedProcess:
 
     from stages import cli
 
+    import torch
+
     argv = [str(a) for a in args]
     code = 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess tests' OMP_NUM_THREADS=1: the same sums, so the same weights
     # HF_HUB_OFFLINE as in the subprocess tests (no download is ever attempted); restored afterwards
     with CliRunner().isolation(env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}) as streams:
         saved, sys.argv = sys.argv, ["clipdistill", *argv]
@@ -27,5 +31,6 @@ def clipdistill(*args, env: dict | None = None) -> subprocess.CompletedProcess:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         finally:
             sys.argv = saved
+            torch.set_num_threads(threads)
         out, err = (s.getvalue().decode("utf-8", "replace") for s in streams[:2])
     return subprocess.CompletedProcess(["clipdistill", *argv], code, out, err)

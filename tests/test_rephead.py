@@ -871,21 +871,23 @@ def test_rephead_and_self_distill_killed_with_sigkill_resume_to_the_straight_res
 
     if not (tiny / "manifests" / "test.parquet").exists():
         class_folder(tiny / "folder", out=tiny / "manifests", split_fractions=None)
-    longer = {"head": {"dim": 16, "heads": 2, "epochs": 40, "batch_size": 8},
-              "distill": {"generations": 1, "image_size": 32, "epochs": 6, "batch_size": 4, "warmup_steps": 2}}
+    # a few epochs: the kill lands on a step (one past the first epoch-end checkpoint), not after a wait
+    longer = {"head": {"dim": 16, "heads": 2, "epochs": 3, "batch_size": 8},
+              "distill": {"generations": 1, "image_size": 32, "epochs": 3, "batch_size": 4, "warmup_steps": 2}}
     straight, killed = _config(tiny, name="kill-straight", **longer), _config(tiny, name="kill-resumed", **longer)
     if not (tiny / "tokens" / "summary.json").exists():
         assert _cli_in_process("teacher-tokens", "-c", str(straight), "--no-progress").exit_code == 0
     runs = tiny / "runs"
+    from tests.clirun import clipdistill  # straight runs and resumes in this process; the killed runs in their own
 
     # step 1: the head's first checkpoint appears, then the process dies
     for cfg in (straight,):
-        r = _cli("rephead", "-c", str(cfg), "--no-progress")
+        r = clipdistill("rephead", "-c", str(cfg), "--no-progress")
         assert r.returncode == 0, r.stderr[-2000:]
     _kill_after(("rephead", "-c", str(killed), "--no-progress"), runs / "kill-straight" / "head" / "checkpoints" /
                 "last.pt", runs / "kill-resumed" / "head" / "checkpoints" / "last.pt")
     assert not (runs / "kill-resumed" / "probe" / "result.json").exists(), "the kill must land before the end"
-    r = _cli("rephead", "-c", str(killed), "--no-progress", "--resume")
+    r = clipdistill("rephead", "-c", str(killed), "--no-progress", "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     for part in ("head", "probe"):
         a = _weights(runs / "kill-straight" / part / "checkpoints" / "last.pt")
@@ -893,13 +895,13 @@ def test_rephead_and_self_distill_killed_with_sigkill_resume_to_the_straight_res
         assert a["state"] == b["state"] and all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
 
     # step 2: a student generation is killed after its first checkpoint
-    r = _cli("self-distill", "-c", str(straight), "--no-progress")
+    r = clipdistill("self-distill", "-c", str(straight), "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     gen = runs / "kill-resumed" / "text" / "gen-1"
     _kill_after(("self-distill", "-c", str(killed), "--no-progress"),
                 runs / "kill-straight" / "text" / "gen-1" / "checkpoints" / "last.pt", gen / "checkpoints" / "last.pt")
     assert not (gen / "result.json").exists(), "the kill must land before the end"
-    r = _cli("self-distill", "-c", str(killed), "--no-progress", "--resume")
+    r = clipdistill("self-distill", "-c", str(killed), "--no-progress", "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     for kind in ("text", "notext"):
         a = _weights(runs / "kill-straight" / kind / "gen-1" / "checkpoints" / "last.pt")
