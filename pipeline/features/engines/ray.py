@@ -11,6 +11,7 @@ machine joins the cluster take the next shard. ``ray`` is imported lazily: it is
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections import deque
@@ -294,12 +295,14 @@ def _count(summary: FeatureSummary, r: dict) -> None:
 
 
 def _cause(exc: BaseException) -> str:
-    """The one line that matters of a Ray error: the original exception's message when there is one."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException) and not isinstance(cause, type(exc)):
-        return str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """The one line that matters of a Ray error: the remote exception's own message (the last "SomeError: ..."
+    line of the traceback Ray carries), else Ray's first line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in reversed(lines):
+        m = re.match(r"^[\w.]*(?:Error|Exception)(?:\([\w.]+\))?: (.+)$", line)
+        if m:
+            return m.group(1)
+    return lines[0] if lines else type(exc).__name__
 
 
 __all__ = ["RayEngine", "RayOptions", "ShardWorker", "TeacherIdentity", "import_ray", "MISSING"]
