@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common.errors import PipelineError
+from pipeline.common.io import checksum_path
 from pipeline.experiments.records import (
     EXPERIMENT_FORMAT, EXPORT, Log, checkpoint_dirs, fmt_time, is_trained, read_record, write_record,
 )
@@ -96,6 +97,11 @@ def copy_export(plan: Plan, run: PlannedRun) -> dict:
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
+        # its checksum goes with it: loaders refuse an export without one (common/io.verify_file)
+        if checksum_path(source).is_file():
+            shutil.copy2(checksum_path(source), checksum_path(target))
+        else:
+            checksum_path(target).unlink(missing_ok=True)
         record.update(status="trained", error=None, train_seconds=0.0)
     write_record(run_dir, record)
     return record
