@@ -36,9 +36,12 @@ def cluster():
     """A 2-CPU local Ray instance; its session files, and the auth token Ray 2.60 writes under HOME, in /tmp
     (a short path: Ray's sockets live there)."""
     folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    saved = {k: os.environ.get(k) for k in ("HOME", "PYTHONPATH", "OMP_NUM_THREADS", SLOW_START)}
+    saved = {k: os.environ.get(k) for k in ("HOME", "PYTHONPATH", "OMP_NUM_THREADS", SLOW_START, "RAY_AUTH_MODE")}
     os.environ.update({"HOME": folder, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",  # actors import tests.*
-                       SLOW_START: "120"})
+                       SLOW_START: "120",
+                       # a cluster of this test process on loopback: no token (Ray caches the first one it
+                       # reads per process, so a second cluster in the same process with a new token fails)
+                       "RAY_AUTH_MODE": "disabled"})
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=folder, log_to_driver=False)
     yield
     ray.shutdown()
@@ -178,9 +181,11 @@ def test_a_machine_that_joins_mid_job_takes_shards(tmp_path):
 
     ray.shutdown()  # the module's instance, if one runs: this test needs its own two-node cluster
     folder = tempfile.mkdtemp(prefix="rayc", dir="/tmp")
-    saved = {k: os.environ.get(k) for k in ("HOME", "PYTHONPATH", "OMP_NUM_THREADS", "RAY_TMPDIR", SLOW_START)}
+    saved = {k: os.environ.get(k) for k in ("HOME", "PYTHONPATH", "OMP_NUM_THREADS", "RAY_TMPDIR", SLOW_START,
+                                            "RAY_AUTH_MODE")}
     os.environ.update({"HOME": folder, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_TMPDIR": folder,
                        SLOW_START: "120"})
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # as in the module's cluster: one auth mode per test process
     os.makedirs(os.path.join(folder, "ray"))  # Ray's files under RAY_TMPDIR/ray, for the head and the newcomer
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
