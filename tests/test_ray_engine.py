@@ -42,12 +42,14 @@ def cluster():
                        # a cluster of this test process on loopback: no token (Ray caches the first one it
                        # reads per process, so a second cluster in the same process with a new token fails)
                        "RAY_AUTH_MODE": "disabled"})
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=folder, log_to_driver=False)
-    yield
-    ray.shutdown()
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    subprocess.run(["rm", "-rf", folder])
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=folder, log_to_driver=False)
+        yield
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        subprocess.run(["rm", "-rf", folder])
 
 
 class KillOnce(FakeTeacher):
@@ -211,8 +213,10 @@ def test_a_machine_that_joins_mid_job_takes_shards(tmp_path):
         assert len(engine.written_by) == 2, engine.written_by  # the newcomer's actor wrote shards too
         _same_cache(tmp_path / "local", tmp_path / "ray")
     finally:
-        ray.shutdown()
-        c.shutdown()
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        subprocess.run(["rm", "-rf", folder])
+        try:
+            ray.shutdown()
+            c.shutdown()
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            subprocess.run(["rm", "-rf", folder])
