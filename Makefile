@@ -12,9 +12,10 @@ ARTIFACTS   ?= artifacts
 CACHE_DIR   ?= $(ARTIFACTS)/cache
 STAMP       := $(VENV)/.installed
 # Exact versions CI tested (tools/lock.py), for the packages and for the isolated build of this project (setuptools);
-# LOCK= installs from pyproject's ranges instead. EXTRAS=dev,cluster,gpu on GPUs (cluster: Ray, which the tests use).
+# LOCK= installs from pyproject's ranges instead. EXTRAS=dev,cluster,gpu on GPUs (cluster: Ray, which the tests use;
+# cpu/gpu: one FAISS build, never both).
 LOCK        ?= constraints.txt
-EXTRAS      ?= dev,cluster
+EXTRAS      ?= dev,cluster,cpu
 # make lock KEEP=constraints.txt: resolve with the old pins as constraints, so only new packages get pins
 KEEP        ?=
 PIP_LOCK    := $(if $(LOCK),-c $(LOCK))
@@ -35,13 +36,13 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(if $(LOCK),$(PY) tools/lock.py --check --out $(LOCK) --check-extras $(EXTRAS))
 	touch $@
 
-install: $(STAMP)  ## create .venv and install the locked versions (+ test and Ray extras; EXTRAS=dev,cluster,gpu for GPUs)
+install: $(STAMP)  ## create .venv and install the locked versions (+ test, Ray and FAISS-CPU extras; EXTRAS=dev,cluster,gpu for GPUs)
 
 # Needs only a venv with pip (not a passing install: a changed pyproject is what makes the old lock fail).
 lock:  ## re-resolve constraints.txt (+ pylock.toml, PEP 751 with hashes) from pyproject.toml, then reinstall (KEEP=constraints.txt: add pins, move none)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) tools/lock.py --out constraints.txt --extras dev,gpu,deploy,cluster $(if $(KEEP),--keep $(KEEP))
-	$(PY) -m pip lock -q -e '.[dev,gpu,deploy,cluster]' -c constraints.txt -o pylock.toml
+	$(PY) tools/lock.py --out constraints.txt --extras dev,gpu,deploy,cluster,cpu $(if $(KEEP),--keep $(KEEP))
+	$(PY) -m pip lock -q -e '.[dev,gpu,deploy,cluster,cpu]' -c constraints.txt -o pylock.toml
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c constraints.txt
 	$(PY) tools/lock.py --check --out constraints.txt --check-extras $(EXTRAS)
 	touch $(STAMP)

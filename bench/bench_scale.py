@@ -131,7 +131,7 @@ def main() -> None:
         print(json.dumps(out))
         return
     if args.smoke:
-        args.sizes, args.steps, args.batch, args.files = "1000,2000", 3, 16, 16
+        args.sizes, args.steps, args.batch, args.files = "400,800", 2, 8, 8
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"captions {sizes}, {CAPTIONS_PER_IMAGE} per image, {args.files} distinct PNGs; stage 2: {args.steps} steps "
           f"x {args.batch} pairs, tiny student, streaming; load average {os.getloadavg()[0]:.1f} on "

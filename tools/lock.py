@@ -8,7 +8,7 @@ The lock is a pip constraints file (``name==version`` lines), made from pip's ow
 pip rather than pip-tools or uv: it is the installer `make install` runs anyway, it honours this machine's pip
 configuration (local wheel indexes, the torch cap), and it needs nothing else installed.
 
-    python tools/lock.py [--out constraints.txt] [--extras dev,gpu,deploy,cluster]  # `make lock`: resolve anew
+    python tools/lock.py [--out constraints.txt] [--extras dev,gpu,deploy,cluster,cpu]  # `make lock`: resolve anew
     python tools/lock.py --keep constraints.txt [--out constraints.txt]  # add new packages, move no pin
     python tools/lock.py --check [--out constraints.txt]                # installed == locked?
 
@@ -149,7 +149,7 @@ def check(lock: Path, extras: list[str]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "constraints.txt")
-    ap.add_argument("--extras", default="dev,gpu,deploy,cluster", help="extras resolved into the lock")
+    ap.add_argument("--extras", default="dev,gpu,deploy,cluster,cpu", help="extras resolved into the lock")
     ap.add_argument("--keep", type=Path, metavar="OLD_LOCK",
                     help="resolve with OLD_LOCK's pins as constraints: only new packages get new pins")
     ap.add_argument("--check", action="store_true", help="compare the installed packages with the lock")

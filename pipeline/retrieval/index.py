@@ -16,10 +16,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from pipeline.common.errors import PipelineError
+
+try:
+    import faiss
+except ImportError:  # neither FAISS build installed (they are extras: one of the two, never both)
+    raise PipelineError("FAISS is not installed: pip install '.[cpu]' (or '.[gpu]' on a CUDA machine); "
+                        "make install installs the cpu one") from None
 from pipeline.retrieval.metrics import check_embeddings
 from pipeline.common import io
 
