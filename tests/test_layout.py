@@ -106,3 +106,4 @@ def test_commands_stay_thin():
     long = {p.name: n for p in (ROOT / "stages").glob("*.py")
             if (n := sum(1 for line in p.read_text().splitlines() if line.strip())) > STAGE_LINES}
     assert not long, f"stages/ modules over {STAGE_LINES} non-blank lines (move the logic into pipeline/): {long}"
+

@@ -13,9 +13,6 @@ granularity). The summary reports read, model and write time apart.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +24,7 @@ from tqdm import tqdm
 import pipeline
 from pipeline.common import io
 from pipeline.common.errors import PipelineError
+from pipeline.common.kill_switch import kill_self, read_switch
 from pipeline.data.manifest import Manifest
 from pipeline.features.cache.format import SHARD_RE, CacheMeta
 from pipeline.features.mapper import FeatureMapper
@@ -35,18 +33,9 @@ from pipeline.features.shard_writer import ShardWriter
 from pipeline.features.views import ViewSpec
 from pipeline.teachers.base import Teacher
 
-# Testing switch, for the kill-and-resume tests only: CLIPDISTILL_KILL_AFTER_SHARDS=N makes the process SIGKILL
-# itself right after it has published its N-th shard (a real kill: no cleanup, the next shard maybe mapped).
+# Testing switch (pipeline.common.kill_switch): CLIPDISTILL_KILL_AFTER_SHARDS=N kills the process right after it
+# has published its N-th shard (the next shard maybe mapped).
 KILL_SWITCH = "CLIPDISTILL_KILL_AFTER_SHARDS"
-
-
-def _kill_after() -> int | None:
-    raw = os.environ.get(KILL_SWITCH, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise PipelineError(f"{KILL_SWITCH}={raw!r}: expected a shard count >= 1 (a testing switch; unset it)")
-    return int(raw)
 
 
 @dataclass
@@ -121,7 +110,7 @@ def _check_existing(path: Path, expected: CacheMeta) -> None:
 def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) -> FeatureSummary:
     """Encode the job's shards with ``teacher`` and write them; returns what was done."""
     start = time.perf_counter()
-    kill_after = _kill_after()  # a testing switch (KILL_SWITCH); checked before anything is written
+    kill_after = read_switch(KILL_SWITCH, "a shard count")  # checked before anything is written
     job.out_dir.mkdir(parents=True, exist_ok=True)
     reader = SplitReader(job.manifest, job.shard_size)
     meta = cache_meta(job, teacher, reader.total)
@@ -141,8 +130,7 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
         summary.write_seconds += time.perf_counter() - t
         summary.shards_written.append(path.name)
         if kill_after == len(summary.shards_written):  # the testing switch: this shard is published, die now
-            sys.stdout.flush(), sys.stderr.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            kill_self()
         summary.images += len(out.image_id)
         summary.texts += out.texts
         summary.rejects += len(out.rejects)

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import signal
-import sys
 from abc import ABC, abstractmethod
 import time
 from dataclasses import dataclass, field
@@ -33,6 +30,7 @@ from pipeline.common.distributed import DistEnv, barrier, broadcast_object
 from pipeline.common.errors import PipelineError
 from pipeline.common.runlog import RunLogger, truncate_after
 from pipeline.train.schedule import Schedule
+from pipeline.common.kill_switch import kill_self, read_switch
 from pipeline.train.state import atomic_save, load_checkpoint, rng_state, set_rng_state
 
 
@@ -40,27 +38,19 @@ class NonFiniteLoss(PipelineError):
     pass
 
 
-# Testing switch, for the kill-and-resume tests only: CLIPDISTILL_KILL_AT_STEP=N makes the process SIGKILL itself
-# once global step N is done and written as the loop writes it (after that step's checkpoint, or after the epoch
-# end's validation and checkpoints when N ends an epoch). A test that sleeps before killing from outside lands
-# before or after its point depending on the machine's load; this lands on the step, in every trainer (all run
-# through ``fit``). A real SIGKILL, not an exit: no cleanup runs (only the console is flushed, for the test).
+# Testing switch (pipeline.common.kill_switch): CLIPDISTILL_KILL_AT_STEP=N kills the process once global step N is
+# done and written as the loop writes it (after that step's checkpoint, or after the epoch end's validation and
+# checkpoints when N ends an epoch), in every trainer (all run through ``fit``).
 KILL_SWITCH = "CLIPDISTILL_KILL_AT_STEP"
 
 
 def _kill_step() -> int | None:
-    raw = os.environ.get(KILL_SWITCH, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise PipelineError(f"{KILL_SWITCH}={raw!r}: expected a step number >= 1 (a testing switch; unset it)")
-    return int(raw)
+    return read_switch(KILL_SWITCH, "a step number")
 
 
 def _kill_if_at(kill_step: int | None, step: int) -> None:
     if kill_step == step:
-        sys.stdout.flush(), sys.stderr.flush()  # the console only: the run's own files stay as a kill leaves them
-        os.kill(os.getpid(), signal.SIGKILL)
+        kill_self()
 
 
 @dataclass(frozen=True)
