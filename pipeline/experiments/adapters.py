@@ -8,6 +8,7 @@ class plus one line in ADAPTERS, as a teacher backend is one line in pipeline.te
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -24,7 +25,7 @@ ADAPTERS = {
 Log = Callable[[str], None]
 
 
-class CommandAdapter:
+class CommandAdapter(ABC):
     """One command's part in a sweep. ``trainer`` ("module:function") trains one run as the command does:
     ``fn(cfg, resume=..., progress=False)``; the runner calls it in a process of its own."""
 
@@ -34,23 +35,24 @@ class CommandAdapter:
         module, _, name = self.trainer.partition(":")
         getattr(importlib.import_module(module), name)(cfg, resume=resume, progress=False)
 
+    @abstractmethod
     def evaluate(self, plan: Plan, *, tables_only: bool, reevaluate: bool,
                  log: Log) -> tuple[Optional[dict], dict[str, dict]]:
         """(the teacher's record or None, every planned run's record) once the runs are evaluated."""
-        raise NotImplementedError
 
     def read_result(self, plan: Plan) -> Optional[Callable[[str], Optional[dict]]]:
         """How a table reads a run's numbers (None: from its stage-3 result)."""
         return None
 
+    @abstractmethod
     def section(self, plan: Plan, table: SweepTable, rows: list, teacher: Optional[dict], command: str,
                 wall: str, figures_dir: Optional[Path], results: Path) -> tuple[str, Optional[Path]]:
         """(the table's Markdown block, its figure or None)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def summary_entry(self, plan: Plan, rows_by_table: dict, teacher: Optional[dict],
                       data_counts: Optional[dict]) -> dict:
-        raise NotImplementedError
+        """The sweep's entry in docs/results/summary.json (its tables' headline numbers)."""
 
 
 def adapter(command: str) -> CommandAdapter:

@@ -1,4 +1,4 @@
-"""Stage 1's writer: publishes one shard's arrays (``ShardOutput``) as ``<out_dir>/shard-XXXXX-of-NNNNN.h5`` plus its
+"""Stage 1's writer: publishes one shard's arrays (``ShardOutput``) as ``<out_dir>/shard-<index>-of-<total>.h5`` plus its
 rejects. Callable on its own; atomic (``cache.writer.write_shard``), so a killed job leaves no partial shard."""
 
 from __future__ import annotations
