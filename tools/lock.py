@@ -146,6 +146,22 @@ def check(lock: Path, extras: list[str]) -> list[str]:
     return problems
 
 
+def requirements_lines(lock: Path, extras: list[str]) -> list[str]:
+    """The exact environment `make install` builds with ``extras`` (the project's closure, pinned from ``lock``):
+    what ``requirements.lock`` holds, for ``pip install -r requirements.lock`` then ``pip install --no-deps -e .``."""
+    pins = read_lock(lock)
+    return [f"{key}=={pins[key]}" for key in sorted(required_closure(extras)) if key in pins]
+
+
+def write_requirements(out: Path, lock: Path, extras: list[str]) -> None:
+    header = [f"# requirements.lock: the packages `make install` (extras [{','.join(extras)}]) installs, at the versions",
+              f"# of {lock.name}, the ones CI tests. Written by `make lock` (tools/lock.py --requirements); do not edit.",
+              "#   pip install -r requirements.lock && pip install --no-deps -e ."]
+    lines = requirements_lines(lock, extras)
+    out.write_text("\n".join(header + lines) + "\n")
+    print(f"{out}: {len(lines)} packages")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "constraints.txt")
@@ -154,7 +170,12 @@ def main() -> None:
                     help="resolve with OLD_LOCK's pins as constraints: only new packages get new pins")
     ap.add_argument("--check", action="store_true", help="compare the installed packages with the lock")
     ap.add_argument("--check-extras", default="dev", help="extras whose packages --check compares")
+    ap.add_argument("--requirements", type=Path, metavar="OUT",
+                    help="write OUT: the installed closure of --check-extras pinned from --out (requirements.lock)")
     args = ap.parse_args()
+    if args.requirements:
+        write_requirements(args.requirements, args.out, [e for e in args.check_extras.split(",") if e])
+        return
     if args.check:
         problems = check(args.out, [e for e in args.check_extras.split(",") if e])
         for p in problems:
