@@ -622,6 +622,18 @@ def test_a_manifest_whose_rows_differ_from_its_content_hash_is_refused(tmp_path)
     pq.write_table(changed, path)
     with pytest.raises(PipelineError, match=f"damaged manifest {path}: its rows differ"):
         Manifest.read(path)
+    from pipeline.data.manifest import MANIFEST_META_KEY
+
+    meta = dict(table.schema.metadata)
+    recorded = json.loads(meta[MANIFEST_META_KEY])["content_hash"]
+    meta[MANIFEST_META_KEY] = b"{not json"
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    with pytest.raises(PipelineError, match=f"damaged manifest {path}: its metadata is not JSON") as err:
+        Manifest.read(path)
+    assert "\n" not in str(err.value)
+    pq.write_table(table, path)
+    read = Manifest.read(path)  # intact: the hash verified on read is the one every caller is handed
+    assert read.content_hash == recorded == Manifest(read.table).content_hash
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(PipelineError, match=f"cannot read manifest {path}"):

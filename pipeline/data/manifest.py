@@ -21,6 +21,7 @@ Parquet key-value metadata records ``source`` (what it was built from), ``image_
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -168,8 +169,8 @@ class Manifest:
             return image_path
         return str(Path(self.image_root) / image_path)
 
-    @property
-    def content_hash(self) -> str:
+    @functools.cached_property
+    def content_hash(self) -> str:  # the table is never changed in place: a Manifest's rows are fixed
         return content_hash(self.table)
 
     # ---- persistence ----------------------------------------------------
@@ -198,17 +199,22 @@ class Manifest:
         if missing:
             raise PipelineError(f"{path} is not a manifest: missing columns {sorted(missing)}")
         raw = (table.schema.metadata or {}).get(MANIFEST_META_KEY)
-        meta = json.loads(raw) if raw else {}
+        try:
+            meta = json.loads(raw) if raw else {}
+        except ValueError:
+            raise PipelineError(f"damaged manifest {path}: its metadata is not JSON; rebuild it (build-manifest)") \
+                from None
         table = table.select(SCHEMA.names).cast(SCHEMA).replace_schema_metadata(None)
-        # The recorded content hash is the manifest's checksum; a manifest without one was made outside this
-        # project (an input format people write), so it is read as it is.
-        if meta.get("content_hash") and content_hash(table) != meta["content_hash"]:
+        out = cls(table=table, source=meta.get("source", ""), image_root=meta.get("image_root", ""))
+        # The recorded content hash is the manifest's checksum (computed once here, then kept: caches and runs
+        # ask for it again); a manifest without one was made outside this project (an input format people write),
+        # so it is read as it is.
+        if meta.get("content_hash") and out.content_hash != meta["content_hash"]:
             raise PipelineError(f"damaged manifest {path}: its rows differ from its recorded content_hash; "
                                 "rebuild it (build-manifest)")
-        root = meta.get("image_root", "")
-        if root and not Path(root).is_absolute():  # relative roots are relative to the manifest file
-            root = str((path.parent / root).resolve())
-        return cls(table=table, source=meta.get("source", ""), image_root=root)
+        if out.image_root and not Path(out.image_root).is_absolute():  # relative to the manifest file
+            out.image_root = str((path.parent / out.image_root).resolve())
+        return out
 
 
 def content_hash(table: pa.Table) -> str:
