@@ -15,7 +15,8 @@ import pipeline.features.shard_writer as writer_module
 from pipeline.common.errors import PipelineError
 from pipeline.data.loader import iter_image_batches
 from pipeline.data.manifest import Manifest
-from pipeline.features.device_input import TensorPreprocess, choose_decode, decode_jpegs, iter_device_batches
+from pipeline.features.device_input import choose_decode, decode_jpegs, iter_device_batches
+from pipeline.teachers.preprocess import TensorPreprocess
 from pipeline.features.job import FeatureJob, run_feature_job
 from pipeline.teachers.openclip import OpenClipTeacher
 from tests.fake_teacher import FakeTeacher

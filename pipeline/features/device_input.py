@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.common.errors import PipelineError
 from pipeline.data.images import ImageDecodeError, decode_rgb, read_bytes
 from pipeline.data.loader import ImageBatch
-from pipeline.teachers.preprocess import INTERPOLATIONS, TensorPreprocess  # re-exported: stated by teachers
+from pipeline.teachers.preprocess import TensorPreprocess
 
 DECODE_CHOICES = ("auto", "cpu", "device")
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -155,5 +155,5 @@ def _preprocess_one_by_one(preprocess, ready, positions, failures):
     return (torch.cat(tensors) if tensors else None), kept
 
 
-__all__ = ["DECODE_CHOICES", "INTERPOLATIONS", "TensorPreprocess", "choose_decode", "decode_jpegs", "is_jpeg",
+__all__ = ["DECODE_CHOICES", "choose_decode", "decode_jpegs", "is_jpeg",
            "iter_device_batches"]

@@ -15,7 +15,8 @@ import torch
 
 from pipeline.data.loader import iter_image_batches
 from pipeline.data.manifest import Manifest
-from pipeline.features.device_input import TensorPreprocess, iter_device_batches
+from pipeline.features.device_input import iter_device_batches
+from pipeline.teachers.preprocess import TensorPreprocess
 from pipeline.teachers.base import Teacher
 
 Progress = Callable[[int], None]
