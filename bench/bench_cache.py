@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from pipeline.features.cache import CacheMeta, FeatureCache, shard_name, write_shard
-from pipeline.features.cache.integrity import checksum_attrs, shard_problems
+from pipeline.features.cache.integrity import checksum_attrs, file_problems
 
 
 def build_cache(directory: Path, rows: int, width: int) -> float:
@@ -66,7 +66,7 @@ def main() -> None:
         checksum_attrs(arrays)  # what write_shard adds to a write
         checksum_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        problems = shard_problems(shard)  # a full verification: read back + hash every array
+        problems = file_problems(shard)  # a full verification: read back + hash every array
         verify_s = time.perf_counter() - t0
         assert problems == [], problems
         shard_bytes = shard.stat().st_size

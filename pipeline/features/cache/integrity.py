@@ -79,9 +79,6 @@ def file_problems(path: Path) -> list[str]:
         return [f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"]
 
 
-shard_problems = file_problems  # the name stage 1's reader and older callers use
-
-
 def _identity(path: Path) -> dict:
     st = path.stat()
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "device": st.st_dev}
@@ -111,7 +108,7 @@ def verify_shard(path: Path, force: bool = False) -> list[str]:
     """Full check of ``path`` unless it is stamped (or ``force``); stamps it when it passes."""
     if not force and is_stamped(path):
         return []
-    problems = shard_problems(path)
+    problems = file_problems(path)
     if not problems:
         stamp(path)
     return problems
@@ -219,5 +216,5 @@ def _check_h5(path: Path) -> Finding:
     return Finding("ok", path)
 
 
-__all__ = ["Finding", "verify_tree", "array_checksum", "checksum_attrs", "dataset_checksum", "file_problems", "shard_problems", "verify_shard", "is_stamped", "stamp",
+__all__ = ["Finding", "verify_tree", "array_checksum", "checksum_attrs", "dataset_checksum", "file_problems", "verify_shard", "is_stamped", "stamp",
            "CHECKSUM_PREFIX", "STAMP_SUFFIX"]
