@@ -142,6 +142,33 @@ def test_checkpoints_carry_checksums_and_a_damaged_one_is_refused(tmp_path):
     assert result.returncode == 1 and f"damaged   {path}" in result.stdout
 
 
+@pytest.mark.parametrize("when", ["before the rename", "after the rename"])
+def test_a_kill_while_a_checked_file_is_replaced_leaves_a_file_its_checksum_accepts(tmp_path, monkeypatch, when):
+    """atomic_path renames the file and rewrites its sidecar in two steps; dying between them (a kill, here an
+    exception at that point) must leave a pair that verifies, whichever file won: never an unchecked checkpoint."""
+    path = tmp_path / "last.pt"
+    with io.atomic_path(path, checksum=True) as tmp:
+        tmp.write_bytes(b"epoch 1")
+    real = os.replace
+
+    def dies(src, dst):
+        if Path(dst) == path:
+            if when == "after the rename":
+                real(src, dst)
+            raise KeyboardInterrupt  # the process stops here
+        real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", dies)
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_path(path, checksum=True) as tmp:
+            tmp.write_bytes(b"epoch 2")
+    monkeypatch.setattr(io.os, "replace", real)
+    assert path.read_bytes() == (b"epoch 2" if when == "after the rename" else b"epoch 1")
+    assert io.verify_file(path) is None
+    path.write_bytes(b"epoch 3")  # and a third content is still refused
+    assert io.verify_file(path) is not None
+
+
 def test_a_full_disk_leaves_the_previous_file_and_no_partial_one(tmp_path, monkeypatch, cache):
     path = tmp_path / "last.pt"
     atomic_save({"step": torch.tensor(1)}, path)

@@ -109,8 +109,14 @@ def atomic_path(path: str | Path, fsync: bool = False, checksum: bool = False) -
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         digest = file_checksum(tmp) if checksum else None
-        if digest is not None:  # the old sidecar goes first: a kill between the two leaves none, not a wrong one
-            checksum_path(path).unlink(missing_ok=True)
+        if digest is not None:
+            # The sidecar first names both digests, so a kill between the two renames leaves a file that matches
+            # it either way (a checkpoint a resume can trust); then only the new one.
+            old = _recorded_digests(path)[:1]
+            if old:
+                write_text(checksum_path(path), "\n".join([digest, *old]) + "\n")
+            else:
+                checksum_path(path).unlink(missing_ok=True)
         os.replace(tmp, path)
         if digest is not None:
             write_text(checksum_path(path), digest + "\n")
@@ -154,6 +160,14 @@ def unchecked_error(what: str, path: str | Path) -> PipelineError:
                          "was removed); rewrite it, or pass --trust-unchecked to use it unchecked")
 
 
+def _recorded_digests(path: Path) -> list[str]:
+    """The digests ``<path>.blake2b`` accepts: one, or two while ``atomic_path`` is replacing the file."""
+    try:
+        return checksum_path(path).read_text().split()
+    except OSError:
+        return []
+
+
 def verify_file(path: str | Path, what: str | None = None) -> str | None:
     """None when ``path`` matches its recorded checksum; else what is wrong (missing, no checksum, differs).
 
@@ -164,13 +178,10 @@ def verify_file(path: str | Path, what: str | None = None) -> str | None:
     if not path.is_file():
         problem = "missing"
     else:
-        try:
-            recorded = checksum_path(path).read_text().strip()
-        except OSError:
-            recorded = None
-        if recorded is None:
+        recorded = _recorded_digests(path)
+        if not recorded:
             problem = NO_CHECKSUM
-        elif file_checksum(path) != recorded:
+        elif file_checksum(path) not in recorded:
             problem = "content differs from its checksum (changed or damaged)"
         else:
             problem = None
@@ -290,7 +301,10 @@ def _drop_old_guard(guard: Path, lease: float) -> None:
 def _renew(lock: Path, mine: LockHolder, stop: threading.Event) -> None:
     """Rewrite the lease while the holder works; stops (and never writes again) once the lock is not ours."""
     while not stop.wait(mine.lease / 3):
-        if read_lock(lock) is None or read_lock(lock).nonce != mine.nonce:
+        held = read_lock(lock)  # once: a second read could see another state
+        if held is None:
+            continue  # unreadable this instant (shared storage hiccups): keep the lease alive, look again
+        if held.nonce != mine.nonce:
             return  # taken over (we were judged dead): nothing of ours to renew
         fresh = LockHolder(mine.pid, mine.host, time.time(), mine.lease, mine.nonce)
         tmp = tmp_path(lock)
