@@ -18,15 +18,26 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common.errors import PipelineError
-
-try:
-    import faiss
-except ImportError:  # neither FAISS build installed (they are extras: one of the two, never both)
-    raise PipelineError("FAISS is not installed: pip install '.[cpu]' (or '.[gpu]' on a CUDA machine); "
-                        "make install installs the cpu one") from None
-from pipeline.retrieval.metrics import check_embeddings
 from pipeline.common import io
+from pipeline.common.errors import PipelineError
+from pipeline.retrieval.metrics import check_embeddings
+
+
+class _LazyFaiss:
+    """``faiss``, imported at first use (building, searching, saving or loading an index): what never searches (a
+    classification sweep, the runner's tables) runs without it. Neither build installed (they are extras, one of
+    the two) is one line."""
+
+    def __getattr__(self, name: str):
+        try:
+            import faiss as module
+        except ImportError:
+            raise PipelineError("FAISS is not installed: pip install '.[cpu]' (or '.[gpu]' on a CUDA machine); "
+                                "make install installs the cpu one") from None
+        return getattr(module, name)
+
+
+faiss = _LazyFaiss()
 
 # ---- index-choice rules (read with choose_index) ----------------------------------------------
 # Up to this many vectors search is exact. Every standard benchmark (Flickr30k 5K captions, COCO
