@@ -559,6 +559,27 @@ def test_a_token_cache_without_checksums_is_refused_unless_trusted(tmp_path, mon
     assert "\n" not in str(err.value)
 
 
+def test_the_token_job_records_empty_captions_and_never_overwrites_a_split_finished_meanwhile(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.features.cache.tokens import TokenSplit, TokenWriter
+    from pipeline.features.tokens import run_token_job
+
+    manifests = make_dataset(tmp_path / "data", n_images=8)
+    m = Manifest.read(manifests / "train.parquet")
+    captions = m.table.column("caption").to_pylist()
+    captions[1] = "   "  # an empty caption: stage 1 records it; so must the token cache
+    m = Manifest(m.table.set_column(m.table.schema.get_field_index("caption"), "caption",
+                                    pa_array(captions)), image_root=m.image_root)
+    s = run_token_job(_TokenTeacher(width=8), m, "train", tmp_path / "tokens", workers=0, progress=False)
+    rejects = pq.read_table(s.path.with_name("train.rejects.parquet")).to_pylist()
+    assert [r["reason"] for r in rejects] == ["empty caption"] and s.captions == len(captions) - 1
+    assert len(TokenSplit(s.path).caption_sample_ids) == len(captions) - 1
+    meta = TokenSplit(s.path).meta
+    with pytest.raises(PipelineError, match="was written by another process meanwhile"):
+        TokenWriter(s.path, meta, np.arange(3))  # a second writer that looked before the first published
+
+
 def test_lit_tower_features_are_recomputed_when_damaged_or_unchecked(tmp_path, monkeypatch, capsys):
     """The tower-feature file is a cache build-lit and the lit teacher can recompute: a damaged or unchecked one is
     not used (read_features says None and the caller encodes again), never read as it is."""

@@ -18,6 +18,7 @@ from pipeline.common.errors import PipelineError
 from pipeline.data.loader import iter_image_batches
 from pipeline.data.manifest import Manifest, Reject, write_rejects
 from pipeline.features.cache.tokens import TokenMeta, TokenSplit, TokenWriter, images_digest, split_path
+from pipeline.features.reader import captions_by_image
 from pipeline.features.encode import PhaseClock, encode_captions
 from pipeline.teachers.base import Teacher
 
@@ -38,11 +39,15 @@ class TokenSummary:
     write_seconds: float = 0.0  # filling and publishing the file
 
 
-def caption_rows(manifest: Manifest, image_ids: set) -> list[tuple[int, int, str]]:
-    """The reader's caption part: (sample_id, image_id, caption) of the given images, in manifest order."""
+def caption_rows(manifest: Manifest, image_ids: set) -> tuple[list[tuple[int, int, str]], list[Reject]]:
+    """The reader's caption part: (sample_id, image_id, caption) of the given images in manifest order, by stage 1's
+    rules (``reader.captions_by_image``: an empty caption is a recorded reject, never dropped unsaid)."""
+    groups, rejects, _ = captions_by_image(manifest)
+    keep = {sid for iid in image_ids for sid, _ in groups.get(iid, ())}
     t = manifest.table
-    return [(s, i, c) for s, i, c in zip(t.column("sample_id").to_pylist(), t.column("image_id").to_pylist(),
-                                         t.column("caption").to_pylist()) if i in image_ids and c and c.strip()]
+    rows = [(s, i, c) for s, i, c in zip(t.column("sample_id").to_pylist(), t.column("image_id").to_pylist(),
+                                         t.column("caption").to_pylist()) if s in keep]
+    return rows, rejects
 
 
 @dataclass
@@ -125,7 +130,8 @@ def run_token_job(teacher: Teacher, manifest: Manifest, split: str, out_dir: str
         ok = set(image_ids[writer.valid].tolist())
         if captions:
             t = time.perf_counter()
-            rows = caption_rows(manifest, ok)
+            rows, caption_rejects = caption_rows(manifest, ok)
+            rejects += caption_rejects
             read_s += time.perf_counter() - t
             emb = mapper.captions([c for _, _, c in rows])
             t = time.perf_counter()

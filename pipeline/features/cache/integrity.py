@@ -54,7 +54,7 @@ def dataset_checksum(dset: h5py.Dataset, rows_per_read: int | None = None) -> st
     return h.hexdigest()
 
 
-def _datasets(f: h5py.File) -> list[str]:
+def dataset_names(f: h5py.File) -> list[str]:
     names: list[str] = []
     f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
     return names
@@ -68,7 +68,7 @@ def file_problems(path: Path) -> list[str]:
             recorded = {k[len(CHECKSUM_PREFIX):]: str(v) for k, v in f.attrs.items() if k.startswith(CHECKSUM_PREFIX)}
             if not recorded:
                 return [LEGACY]
-            present = _datasets(f)
+            present = dataset_names(f)
             problems = [f"dataset {name!r} is missing" for name in recorded if name not in present]
             problems += [f"dataset {name!r} has no recorded checksum" for name in present if name not in recorded]
             for name in recorded:

@@ -31,7 +31,7 @@ import numpy as np
 from pipeline.common import io
 from pipeline.common.errors import PipelineError
 from pipeline.features.cache.format import TOKEN_FORMAT
-from pipeline.features.cache.integrity import CHECKSUM_PREFIX, check_file, dataset_checksum, stamp_path
+from pipeline.features.cache.integrity import CHECKSUM_PREFIX, check_file, dataset_checksum, dataset_names, stamp_path
 
 FORMAT = TOKEN_FORMAT
 
@@ -91,6 +91,9 @@ class TokenWriter:
             self._stack.close()
             raise PipelineError(f"{self.path} is being written by another process; wait for it or choose "
                                 "another tokens_dir")
+        if self.path.exists():  # finished by another process between the caller's look and this lock
+            self._stack.close()
+            raise PipelineError(f"{self.path} was written by another process meanwhile; rerun to use it")
         n, dt = len(image_ids), np.dtype(meta.dtype)
         try:
             self.tmp = self._stack.enter_context(io.atomic_path(self.path, fsync=True))
@@ -128,9 +131,7 @@ class TokenWriter:
             self.tokens[r] = 0
         self.f.create_dataset("valid", data=self.valid)
         # Checksums of the datasets as stored (read back a block at a time: the file may exceed RAM).
-        names: list[str] = []
-        self.f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
-        self.f.attrs.update({CHECKSUM_PREFIX + n: dataset_checksum(self.f[n]) for n in names})
+        self.f.attrs.update({CHECKSUM_PREFIX + n: dataset_checksum(self.f[n]) for n in dataset_names(self.f)})
         self.f.close()
         self._stack.close()  # fsync, rename into place, release the lock
         stamp_path(self.path).unlink(missing_ok=True)  # a rewritten file is new here: the next open checks it
