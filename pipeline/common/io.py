@@ -244,12 +244,12 @@ def lock_holder(path: str | Path) -> str:
     return str(holder) if holder else "?"
 
 
-def _holder_alive(holder: LockHolder | None, now: float | None = None) -> bool:
+def _holder_alive(holder: LockHolder | None) -> bool:
     if holder is None or holder.pid <= 0:
         return True  # unreadable: being written this instant, treat as held
     if holder.host == _host():
         return _pid_alive(holder.pid)
-    return (now if now is not None else time.time()) - holder.renewed <= holder.lease
+    return time.time() - holder.renewed <= holder.lease
 
 
 def _claim(lock: Path, mine: LockHolder) -> bool:

@@ -24,11 +24,6 @@ class ShardInput:
     rejects: list[Reject] = field(default_factory=list)  # empty captions (recorded once, with shard 0)
     lone: list[tuple[int, str]] = field(default_factory=list)  # caption-only rows (shard 0 only)
 
-    @property
-    def items(self) -> int:
-        """Captions and images to encode (without views): the progress unit."""
-        return len(self.image_ids) + sum(len(c) for c in self.captions) + len(self.lone)
-
 
 @dataclass
 class ShardOutput:

@@ -21,7 +21,7 @@ from typing import Callable, Union
 from tqdm import tqdm
 
 from pipeline.common import io
-from pipeline.common.errors import PipelineError
+from pipeline.common.errors import PipelineError, first_line
 from pipeline.features.job import FeatureJob, FeatureSummary, cache_meta, finish_job, plan_shards
 from pipeline.features.reader import SplitReader
 from pipeline.features.shard import ShardInput
@@ -93,7 +93,7 @@ class ShardWorker:
         on_device = choose_decode(decode, self.teacher.device, self.teacher.tensor_preprocess())
         t = self.teacher
         self.identity = TeacherIdentity(t.fingerprint(), t.name, int(t.width), str(t.device), bool(on_device))
-        self.contexts: dict[int, tuple] = {}
+        self.context: tuple = (None, None)  # (job key, (mapper, writer) or the exception preparing it raised)
 
     def describe(self) -> tuple[TeacherIdentity, str, int]:
         return self.identity, socket.gethostname(), os.getpid()
@@ -102,13 +102,22 @@ class ShardWorker:
         from pipeline.features.mapper import FeatureMapper
 
         job = ctx.job
-        mapper = FeatureMapper(self.teacher, batch_size=job.batch_size, text_batch_size=job.text_batch_size,
-                               num_workers=job.num_workers, dtype=job.dtype, decode=job.decode, views=job.views,
-                               known=self.teacher.known_embeddings(job.manifest))
-        self.contexts = {ctx.key: (mapper, ShardWriter(job.out_dir, ctx.meta))}  # one job at a time
+        try:
+            mapper = FeatureMapper(self.teacher, batch_size=job.batch_size, text_batch_size=job.text_batch_size,
+                                   num_workers=job.num_workers, dtype=job.dtype, decode=job.decode,
+                                   views=job.views, known=self.teacher.known_embeddings(job.manifest))
+            self.context = (ctx.key, (mapper, ShardWriter(job.out_dir, ctx.meta)))  # one job at a time
+        except Exception as exc:  # nobody waits on prepare: the job's first shard reports it
+            self.context = (ctx.key, exc)
+            raise
 
     def run_shard(self, key: int, inp: ShardInput) -> dict:
-        mapper, writer = self.contexts[key]
+        prepared_for, prepared = self.context
+        if prepared_for != key:
+            raise PipelineError(f"this worker was not prepared for job {key} (it holds job {prepared_for})")
+        if isinstance(prepared, Exception):
+            raise prepared
+        mapper, writer = prepared
         path = writer.path(inp.index)
         result = {"name": path.name, "index": inp.index, "images": 0, "texts": 0, "rejects": 0,
                   "read": 0.0, "model": 0.0, "write": 0.0, "worker": f"{socket.gethostname()}:{os.getpid()}"}
@@ -146,18 +155,26 @@ class RayEngine:
     def __post_init__(self):
         self.ray = import_ray()
         if not self.ray.is_initialized():
-            if self.options.address:
-                self.ray.init(address=self.options.address, log_to_driver=False)
-            else:
-                self.ray.init(include_dashboard=False, log_to_driver=False)
+            try:
+                if self.options.address:
+                    self.ray.init(address=self.options.address, log_to_driver=False)
+                else:
+                    self.ray.init(include_dashboard=False, log_to_driver=False)
+            except Exception as exc:  # Ray's own errors (no cluster there, version mismatch, ...): one line
+                where = f"the Ray cluster at {self.options.address}" if self.options.address else "a local Ray"
+                raise PipelineError(f"cannot start or reach {where}: {first_line(exc)}") from None
         self.remote = self.ray.remote(ShardWorker)
         self.actors: list[_Actor] = []
         self.replaced = 0
         self.written_by: dict[str, int] = {}  # host:pid -> shards it wrote (which workers took part)
         self.identity: TeacherIdentity | None = None
         self._jobs = 0
-        self._grow()
-        self.identity = self._first_identity()
+        try:
+            self._grow()
+            self.identity = self._first_identity()
+        except BaseException:
+            self.shutdown()  # the actors that did start would otherwise outlive the failed engine
+            raise
 
     # ---- the pool ----
     def _target(self) -> int:
@@ -180,17 +197,15 @@ class RayEngine:
         self.actors.append(_Actor(handle, handle.describe.remote()))
 
     def _first_identity(self) -> TeacherIdentity:
-        refs = [a.ready for a in self.actors]
-        while refs:
-            done, refs = self.ray.wait(refs, num_returns=1)
-            try:
-                identity, host, pid = self.ray.get(done[0])
-            except self.ray.exceptions.RayActorError as exc:
-                raise PipelineError(f"a Ray worker could not start: {_cause(exc)}") from None
-            except self.ray.exceptions.RayError as exc:
-                raise PipelineError(f"a Ray worker could not load the teacher: {_cause(exc)}") from None
-            return identity
-        raise PipelineError("no Ray worker started")
+        """The teacher as the first worker to start loaded it (every worker loads the same spec)."""
+        done, _ = self.ray.wait([a.ready for a in self.actors], num_returns=1)
+        try:
+            identity, _host, _pid = self.ray.get(done[0])
+        except self.ray.exceptions.RayActorError as exc:
+            raise PipelineError(f"a Ray worker could not start: {_cause(exc)}") from None
+        except self.ray.exceptions.RayError as exc:
+            raise PipelineError(f"a Ray worker could not load the teacher: {_cause(exc)}") from None
+        return identity
 
     def shutdown(self) -> None:
         for a in self.actors:
