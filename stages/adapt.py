@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from pipeline.common import config as cfgio
-from stages.common import TRUST_UNCHECKED, trust
+from stages.common import TRUST_UNCHECKED
 
 
 def adapt(
@@ -26,7 +26,6 @@ def adapt(
 ) -> None:
     """Fine-tune a start model (student export, lit teacher, open_clip model) on a labelled fraction of the
     training pairs: supervised only, or with an EMA mean teacher's consistency loss on the rest."""
-    trust(trust_unchecked)
     from pipeline.adapt.trainer import AdaptConfig, train
 
     sets = list(overrides) + ([f"name={name}"] if name else [])

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from stages.common import TRUST_UNCHECKED, trust, resolve_device
+from stages.common import TRUST_UNCHECKED, resolve_device
 from pipeline.common import paths
 
 
@@ -28,7 +28,6 @@ def build_lit(
     trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Encode the train split with the frozen towers (cached next to --out) and train the linear heads."""
-    trust(trust_unchecked)
     from pipeline.distill.lit_heads import feature_cache_path, train_lit_heads
 
     sibling_val = paths.manifest_path(manifest.parent, "val")

@@ -15,7 +15,7 @@ import typer
 
 from pipeline.common import config as cfgio
 from pipeline.classify.config import ClassifyConfig
-from stages.common import TRUST_UNCHECKED, trust
+from stages.common import TRUST_UNCHECKED
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML/JSON config (see configs/openmoji-rephead.yaml).")
 SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set few_shot=5 (repeatable).")
@@ -45,7 +45,6 @@ def teacher_tokens(
     trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Cache the teacher's image token features, caption and class-prompt embeddings (stage 1, optional)."""
-    trust(trust_unchecked)
     from pipeline.classify.tokens import cache_run_tokens
 
     cfg = _load(config, overrides, None)
@@ -86,7 +85,6 @@ def _step_command(step: str, report, doc: str):
         print_config: bool = PrintOpt,
         trust_unchecked: bool = TRUST_UNCHECKED,
     ) -> None:
-        trust(trust_unchecked)
         from pipeline.classify import experiment
 
         cfg = _load(config, overrides, name, print_config)
@@ -116,7 +114,6 @@ def classify_eval(
     """Measure a finished classify run again from its exports (nothing is retrained): every model's val and test
     metrics with today's code (e.g. balanced top-1 for a run made before it); refused if a stored top-1 does not
     come back."""
-    trust(trust_unchecked)
     from pipeline.classify import experiment
 
     cfg = _load(config, overrides, name, False)

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from pipeline.common import config as cfgio
-from stages.common import TRUST_UNCHECKED, trust
+from stages.common import TRUST_UNCHECKED
 
 
 def distill(
@@ -23,7 +23,6 @@ def distill(
     trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Distil a student from a teacher-feature cache (method.md section 1); writes runs/<name>/."""
-    trust(trust_unchecked)
     import os
 
     from pipeline.distill.trainer import DistillConfig, train

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from pipeline.common.errors import PipelineError
-from stages.common import TRUST_UNCHECKED, trust, resolve_device
+from stages.common import TRUST_UNCHECKED, resolve_device
 from pipeline.common import paths
 
 
@@ -49,7 +49,6 @@ def evaluate(
     trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Retrieval R@1/5/10 + RSUM of the teacher and students on a split (method.md section 2) + a report."""
-    trust(trust_unchecked)
     from pipeline.data.manifest import Manifest
     from pipeline.distill.trainer import export_reads_teacher
     from pipeline.features.cache import FeatureCache

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from stages.common import TRUST_UNCHECKED, trust
+from stages.common import TRUST_UNCHECKED
 
 
 RUNS_DIR, RESULTS = Path("runs/experiments"), Path("docs/RESULTS.md")
@@ -44,7 +44,6 @@ def experiments(
 ) -> None:
     """Train every (row, seed) of a sweep once (identical configs shared across tables; finished runs are
     skipped), evaluate them on the test split next to the teacher and write the tables to --results."""
-    trust(trust_unchecked)
     from pipeline.experiments.runner import run_sweep
     from pipeline.experiments.sweep import load_sweep
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from stages.common import TRUST_UNCHECKED, trust
+from stages.common import TRUST_UNCHECKED
 
 
 def export_onnx(
@@ -22,7 +22,6 @@ def export_onnx(
 ) -> None:
     """Write <export dir>/onnx/{image,text}.onnx (dynamic batch), check them against torch (cosine >= 0.999 on
     every item, else exit 1) and print the CPU latency of onnxruntime next to torch's. `eval` then reports both."""
-    trust(trust_unchecked)
     from pipeline.retrieval.onnx_check import MIN_COSINE, check_onnx
 
     check = check_onnx(export, manifest, items, repeats, int8)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from pipeline.common.errors import PipelineError
-from stages.common import TRUST_UNCHECKED, trust, resolve_device
+from stages.common import TRUST_UNCHECKED, resolve_device
 
 
 def _print(result, model: str) -> None:
@@ -35,7 +35,6 @@ def search(
     trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Search the image and caption galleries saved by `eval` with a caption or an image."""
-    trust(trust_unchecked)
     from pipeline.retrieval.evaluate import EvalIndex
     from pipeline.retrieval.report import search_page
 

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from pipeline.common.errors import PipelineError
-from stages.common import TRUST_UNCHECKED, trust, human_bytes, resolve_device
+from pipeline.common.io import human_bytes
+from stages.common import TRUST_UNCHECKED, resolve_device
 from pipeline.common import paths
 from pipeline.features.engines import ENGINES
 
@@ -50,9 +51,7 @@ def teacher_features(
     max_retries: int = typer.Option(3, help="--engine ray: retries of a shard whose worker died."),
 ) -> None:
     """Encode manifest splits with the teacher and write HDF5 cache shards (resumable, shardable)."""
-    trust(trust_unchecked)
-    from pipeline.features.job import FeatureJob, run_feature_job
-    from pipeline.data.manifest import Manifest
+    from pipeline.features.job import run_feature_job
     from pipeline.teachers import load_teacher
 
     shard_index = int(os.environ.get("RANK", 0)) if shard_index is None else shard_index

@@ -88,7 +88,7 @@ def test_killed_run_resumes_to_identical_weights(shapes, tmp_path):
     assert a["state"] == b["state"] and stopped_at < a["state"]["global_step"]
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), f"{key} differs after resume"
-    assert repr(a["balancer"]) == repr(b["balancer"])
+    assert repr(a["balancers"]) == repr(b["balancers"])
     for m in ("img", "txt"):
         assert a["queue"][0][m]["ptr"] == b["queue"][0][m]["ptr"]
         assert torch.equal(a["queue"][0][m]["emb"], b["queue"][0][m]["emb"])

@@ -434,7 +434,7 @@ class DistillObjective(Objective):
         if self.env.enabled:  # every rank's queue and balancer (fed by its own losses) go into rank 0's file
             states = [None] * self.env.world
             torch.distributed.all_gather_object(states, own)
-        return {"queue": [q for q, _ in states], "balancer": own[1], "balancers": [b for _, b in states],
+        return {"queue": [q for q, _ in states], "balancers": [b for _, b in states],
                 "student_config": self.scfg.to_dict()}
 
     def load_state_dict(self, ckpt: dict) -> None:
