@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import functional as TF
 
 from pipeline.features.cache import FeatureCache
 from pipeline.common.errors import PipelineError
@@ -34,7 +33,7 @@ from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.distill.losses import caption_hashes
 from pipeline.data.manifest import Manifest
 from pipeline.distill.transfer import TransferImages, TransferStream
-from pipeline.features.views import ViewTransform, pick_view, render_view
+from pipeline.features.views import ViewTransform, pick_view
 
 
 @dataclass
@@ -119,15 +118,6 @@ class ViewReplay:
     pair_params: np.ndarray
     transfer_params: np.ndarray | None = None
 
-    def crop(self, img: Image.Image, params: np.ndarray) -> Image.Image:
-        """The view's pixels at the student's size, cropped from the full-resolution image as stage 1 did."""
-        t = self.transform
-        return render_view(img, params, t.size, t.interpolation)
-
-    def tensor(self, crop: Image.Image) -> torch.Tensor:
-        """A crop as the student's input: the rest of ``ViewTransform`` (so the pixels equal its output)."""
-        return TF.normalize(TF.to_tensor(crop), list(self.transform.mean), list(self.transform.std))
-
 
 def preload_bytes(n_images: int, size: int | None, per_image: int = 1) -> int:
     """Upper bound of the RAM that ``n_images`` preloaded images take: PIL keeps RGB at 4 bytes a pixel, and
@@ -169,7 +159,7 @@ class PairDataset(Dataset):
                 try:
                     if views:
                         img = load_rgb(loc)
-                        self._crops[loc] = [views.crop(img, p) for p in params[loc][:views.count]]
+                        self._crops[loc] = [views.transform.render(img, p) for p in params[loc][:views.count]]
                     else:
                         self._images[loc] = self._decode(loc)
                 except ImageDecodeError:
@@ -213,10 +203,10 @@ class PairDataset(Dataset):
             view = pick_view(self.seed, epoch, i, self.views.count)
             try:
                 crops = self._crops.get(loc)
-                crop = crops[view] if crops else self.views.crop(load_rgb(loc), params[view])
+                crop = crops[view] if crops else self.views.transform.render(load_rgb(loc), params[view])
             except ImageDecodeError as exc:
                 return i, None, str(exc), -1
-            return i, self.views.tensor(crop), None, view
+            return i, self.views.transform.to_input(crop), None, view
         try:
             img = self._images.get(loc) or self._decode(loc)
         except ImageDecodeError as exc:

@@ -89,8 +89,15 @@ class ViewTransform:
             raise PipelineError(f"view replay supports {sorted(_INTERP)} resizing, not {self.interpolation!r}")
 
     def __call__(self, img: Image.Image, params: np.ndarray) -> torch.Tensor:
-        pixels = TF.to_tensor(render_view(img, params, self.size, self.interpolation))
-        return TF.normalize(pixels, list(self.mean), list(self.std))
+        return self.to_input(self.render(img, params))
+
+    def render(self, img: Image.Image, params: np.ndarray) -> Image.Image:
+        """The view's pixels at the model's size, cropped from the full-resolution image (what may be kept)."""
+        return render_view(img, params, self.size, self.interpolation)
+
+    def to_input(self, crop: Image.Image) -> torch.Tensor:
+        """A rendered view as the model's input."""
+        return TF.normalize(TF.to_tensor(crop), list(self.mean), list(self.std))
 
 
 class BoundView:
