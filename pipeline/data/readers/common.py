@@ -116,6 +116,14 @@ def describe_source(fmt: str, path: Path, **options: object) -> str:
     return f"{fmt}:{path.as_posix()} {json.dumps(opts, sort_keys=True, default=str)}"
 
 
+def number_unpaired(rows: list[dict], first_id: int) -> None:
+    """Give declared image-only rows (``unpaired``) sample ids from ``first_id`` on, after every caption's, so
+    declaring them never renumbers a pair."""
+    for row in (r for r in rows if r.get("unpaired")):
+        row["sample_id"] = first_id
+        first_id += 1
+
+
 def as_int_id(value: object) -> int | None:
     """An integer id from JSON/CSV values (``7``, ``"7"``, ``7.0``); None when it is not one."""
     if isinstance(value, bool):  # bool is an int subclass; True is not a meaningful id

@@ -14,6 +14,7 @@ from typing import Mapping
 from pipeline.common.errors import PipelineError
 from pipeline.data.manifest import Manifest, Reject
 from pipeline.data.readers.common import (
+    number_unpaired,
     IMAGE_EXTENSIONS,
     assign_split,
     describe_source,
@@ -120,11 +121,7 @@ def read_folder(
 
     for txt in sorted(sidecars - users.keys()):
         rejects.append(Reject(txt, "image file not found (caption file without an image)"))
-    # Image-only rows get sample ids after every caption's, so declaring them never renumbers a pair.
-    for row in rows:
-        if row.get("unpaired"):
-            row["sample_id"] = sample_id
-            sample_id += 1
+    number_unpaired(rows, sample_id)
     options: dict[str, object] = {"labels_from_parent": labels_from_parent}
     if unpaired:
         options["unpaired"] = True

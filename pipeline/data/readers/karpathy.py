@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline.common.errors import PipelineError
 from pipeline.data.manifest import Manifest, Reject
 from pipeline.data.readers.common import (
+    number_unpaired,
     ImageIdRegistry,
     ImageLocator,
     as_int_id,
@@ -102,11 +103,7 @@ def read_karpathy(
             )
     sentids = (as_int_id(sent.get("sentid")) for e in images if isinstance(e, dict)
                and isinstance(e.get("sentences"), list) for sent in e["sentences"] if isinstance(sent, dict))
-    next_id = 1 + max((i for i in sentids if i is not None), default=-1)  # above every sentid, rejected ones too
-    for row in rows:  # image-only rows number after every sentence, so no pair is renumbered
-        if row.get("unpaired"):
-            row["sample_id"] = next_id
-            next_id += 1
+    number_unpaired(rows, 1 + max((i for i in sentids if i is not None), default=-1))  # above every sentid
     options = {"unpaired": True} if unpaired else {}
     source = describe_source("karpathy", path, image_root=root, restval_to_train=restval_to_train, **options)
     return Manifest.from_rows(rows, source=source, image_root=root, rejects=rejects)

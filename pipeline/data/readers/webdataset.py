@@ -23,7 +23,9 @@ from typing import Mapping
 
 from pipeline.common.errors import PipelineError
 from pipeline.data.manifest import Manifest, Reject
-from pipeline.data.readers.common import assign_split, describe_source, parse_split_fractions, relative_to_root
+from pipeline.data.readers.common import (
+    assign_split, describe_source, number_unpaired, parse_split_fractions, relative_to_root,
+)
 
 # Preference order when a sample has several image members.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -77,10 +79,7 @@ def read_webdataset(path: str | Path, split_fractions: str | Mapping[str, float]
             image_id += 1
     if len(unreadable) == len(shards):
         raise PipelineError(f"no readable tar shard under {path} ({unreadable[0]})")
-    for row in rows:  # image-only rows number after every caption
-        if row.get("unpaired"):
-            row["sample_id"] = sample_id
-            sample_id += 1
+    number_unpaired(rows, sample_id)
     options: dict[str, object] = {"split_fractions": fractions} if fractions else {}
     if unpaired:
         options["unpaired"] = True
