@@ -230,7 +230,8 @@ def _train_lit_heads(
     last = paths.last_checkpoint(run_dir)
     resume = last.exists() and load_checkpoint(last).get("config") == run_config
     if last.exists() and not resume:  # another run's leftovers (other data or settings): start over
-        for stale in (p for p in run_dir.iterdir() if p.name != "training.lock"):  # the lock is this process's
+        for stale in (p for p in run_dir.iterdir() if not p.name.startswith("training.lock")):  # the lock (and its
+            # lease renewals and takeover guards) is this process's
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     # One progress line per epoch would be noise here (60 epochs of a few steps): the bar is off.
     result = fit(run_dir, objective, settings, config=run_config, resume=resume, progress=False)
