@@ -86,6 +86,18 @@ class FeatureSummary:
     def items_per_second(self) -> float:
         return (self.images + self.texts) / self.seconds if self.seconds > 0 else 0.0
 
+    def written(self, name: str, images: int, texts: int, rejects: int) -> None:
+        """Count a shard this job published (every engine counts through here)."""
+        self.shards_written.append(name)
+        self.images += images
+        self.texts += texts
+        self.rejects += rejects
+
+    def busy(self, name: str) -> None:
+        """A shard another live process is writing: left to it, and said."""
+        self.shards_busy.append(name)
+        tqdm.write(f"note: {name} is being written by another process; left to it")
+
 
 def cache_meta(job: FeatureJob, teacher: Teacher, total_shards: int) -> CacheMeta:
     return CacheMeta(
@@ -128,12 +140,9 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
         t = time.perf_counter()
         path = writer(out)
         summary.write_seconds += time.perf_counter() - t
-        summary.shards_written.append(path.name)
+        summary.written(path.name, len(out.image_id), out.texts, len(out.rejects))
         if kill_after == len(summary.shards_written):  # the testing switch: this shard is published, die now
             kill_self()
-        summary.images += len(out.image_id)
-        summary.texts += out.texts
-        summary.rejects += len(out.rejects)
 
     # Shard k is written (HDF5, checksums, fsync) on a thread while shard k+1 is mapped, so the device never
     # waits for the disk; at most one write is in flight, and a shard's lock is held until its file is renamed
@@ -146,9 +155,10 @@ def run_feature_job(job: FeatureJob, teacher: Teacher, progress: bool = True) ->
             mine = lock.enter_context(io.exclusive(path))  # two processes on one shard: one writes it
             if not mine or path.exists():  # another process holds it, or finished it meanwhile
                 lock.close()
-                (summary.shards_busy if not mine else summary.shards_skipped).append(path.name)
-                if not mine:
-                    tqdm.write(f"note: {path.name} is being written by another process; left to it")
+                if mine:
+                    summary.shards_skipped.append(path.name)
+                else:
+                    summary.busy(path.name)
                 continue
             with contextlib.ExitStack() as on_error:
                 on_error.callback(lock.close)

@@ -294,16 +294,12 @@ class RayEngine:
 
 def _count(summary: FeatureSummary, r: dict) -> None:
     if r["status"] == "busy":
-        summary.shards_busy.append(r["name"])
-        tqdm.write(f"note: {r['name']} is being written by another process; left to it")
+        summary.busy(r["name"])
         return
     if r["status"] == "skipped":
         summary.shards_skipped.append(r["name"])
         return
-    summary.shards_written.append(r["name"])
-    summary.images += r["images"]
-    summary.texts += r["texts"]
-    summary.rejects += r["rejects"]
+    summary.written(r["name"], r["images"], r["texts"], r["rejects"])
     summary.read_seconds += r["read"]  # summed over workers: time spent, not wall time
     summary.model_seconds += r["model"]
     summary.write_seconds += r["write"]
