@@ -202,7 +202,7 @@ def out_of_fold_probs(cfg: ClassifyConfig, kind: str, part_dir: Path, data: Data
         again = resume or paths.last_checkpoint(fold_dir).exists()  # a finished fold is reloaded, not retrained
         model, q, _ = train_part(TEACHER_PART[kind], cfg, fold_dir,
                                  Step1Inputs(data.train, data.val, data.classes, subset, device, again, progress))
-        p = head_probs(model, data.train, q) if kind == "text" else probe_probs(model, data.train)
+        p = teacher_probs(cfg, TEACHER_PART[kind], model, data.train, data.classes, q)
         out[fold == f] = p[fold == f]
     return out
 
