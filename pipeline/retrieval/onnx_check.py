@@ -79,14 +79,17 @@ def check_onnx(export: Path, manifest: Optional[Path] = None, items: int = 64, r
                       onnxruntime=measure_speed(onnx, locations, captions, settings))
     check = OnnxCheck(record, graphs)
     if int8:
-        record["int8"], check.int8_graphs = _int8(model, out, images, captions, locations, manifest, repeats, items)
+        record["int8"], check.int8_graphs = _int8(model, onnx, out, images, captions, locations, manifest, repeats,
+                                                  items)
     io.write_json(out / "parity.json", record)
     return check
 
 
-def _int8(model, out: Path, images, captions, locations, manifest: Optional[Path], repeats: int, items: int):
+def _int8(model, onnx, out: Path, images, captions, locations, manifest: Optional[Path], repeats: int,
+          items: int):
     """Quantise both graphs to int8: their size, cosine to torch, latency, and the RSUM of float32 vs int8
-    graphs on the whole manifest split (the recall cost of quantising). Returns (record, graph paths)."""
+    graphs on the whole manifest split (the recall cost of quantising); ``onnx`` is the float32 graphs, already
+    loaded and checked. Returns (record, graph paths)."""
     from pipeline.data.manifest import Manifest
     from pipeline.features.encode import embed_manifest
     from pipeline.retrieval.evaluate import SpeedSettings, measure_speed, retrieval
@@ -102,7 +105,7 @@ def _int8(model, out: Path, images, captions, locations, manifest: Optional[Path
     if manifest is not None:
         split = Manifest.read(manifest)
         rsum = {}
-        for label, encoder in (("float32", OnnxStudent(model, out)), ("int8", quantised)):
+        for label, encoder in (("float32", onnx), ("int8", quantised)):
             metrics, _ = retrieval(embed_manifest(encoder, split, workers=0))
             rsum[label] = {k: round(float(metrics[k]), 3) for k in ("rsum", "i2t_r1", "t2i_r1")}
         record["recall"] = rsum
