@@ -88,3 +88,18 @@ def test_two_processes_taking_over_one_stale_lock_exactly_one_wins(tmp_path):
         results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
         assert results == ["lost", "won"], (round_, results)
         assert not lock.exists() and not list(tmp_path.glob("*.takeover-*"))
+
+
+def test_an_empty_lock_is_held_for_one_lease_then_taken_over(tmp_path, monkeypatch):
+    """A creator killed between creating its lock and writing its line leaves an empty file: held while it may still
+    be being written (one lease, by its age), stale after, never a lock that blocks for good."""
+    monkeypatch.setenv("CLIPDISTILL_LOCK_LEASE_S", "30")
+    lock = tmp_path / "shard.lock"
+    lock.write_text("")
+    with io.exclusive(tmp_path / "shard") as mine:
+        assert not mine
+    old = time.time() - 31
+    os.utime(lock, (old, old))
+    with io.exclusive(tmp_path / "shard") as mine:
+        assert mine and io.read_lock(lock).pid == os.getpid()
+    assert not lock.exists()

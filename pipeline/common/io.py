@@ -230,6 +230,9 @@ def read_lock(lock: str | Path) -> LockHolder | None:
     A bare pid (the older format) is a holder on this host."""
     try:
         parts = Path(lock).read_text(errors="replace").split()
+        if not parts:  # created, not yet written: or its creator was killed in between. Its own age is its lease.
+            mtime = Path(lock).stat().st_mtime
+            return LockHolder(0, "", mtime, lease_seconds(), f"empty-{mtime:.6f}")
         if len(parts) == 1:
             return LockHolder(int(parts[0]), _host(), 0.0, float("inf"), "")
         pid, host, renewed, lease, nonce = parts[:5]
@@ -245,9 +248,9 @@ def lock_holder(path: str | Path) -> str:
 
 
 def _holder_alive(holder: LockHolder | None) -> bool:
-    if holder is None or holder.pid <= 0:
+    if holder is None:
         return True  # unreadable: being written this instant, treat as held
-    if holder.host == _host():
+    if holder.host == _host() and holder.pid > 0:
         return _pid_alive(holder.pid)
     return time.time() - holder.renewed <= holder.lease
 
