@@ -66,6 +66,14 @@ $(OPENMOJI_DIR)/test.parquet: | $(STAMP)
 $(CORPUS_DIR)/test.parquet: $(OPENMOJI_DIR)/test.parquet
 	$(CLI) build-corpus --out $(CORPUS_DIR) --npm-cache $(ARTIFACTS)/npm --benchmark $(OPENMOJI_DIR)
 
+# The demo's smaller world: two of the six styles, rendered at 128 px (the demo teacher's and students' inputs
+# are smaller still), + openmoji's train split; its train images are the demo student's transfer images.
+DEMO_CORPUS_DIR := data/emoji-demo
+DEMO_STYLES     ?= noto,twemoji
+$(DEMO_CORPUS_DIR)/test.parquet: $(OPENMOJI_DIR)/test.parquet
+	$(CLI) build-corpus --out $(DEMO_CORPUS_DIR) --styles $(DEMO_STYLES) --size 128 --npm-cache $(ARTIFACTS)/npm \
+		--benchmark $(OPENMOJI_DIR)
+
 # Named line icons (npm Iconify mdi, tabler, lucide; issue 14): a new domain for adaptation, and datasets of three
 # sizes for the training-length check (make icons; each row of the recipe table trains on one)
 ICON_DATASETS := line-icons icons-tabler icons-lucide-small
@@ -75,7 +83,7 @@ ICONS_ARGS_icons-lucide-small := --sets lucide --limit 1200
 $(foreach d,$(ICON_DATASETS),data/$(d)/test.parquet): data/%/test.parquet: | $(STAMP)
 	$(CLI) build-icons --out data/$* --npm-cache $(ARTIFACTS)/npm $(ICONS_ARGS_$*)
 
-ifeq ($(filter $(DATA_DIR),$(OPENMOJI_DIR) $(CORPUS_DIR) $(addprefix data/,$(ICON_DATASETS))),)
+ifeq ($(filter $(DATA_DIR),$(OPENMOJI_DIR) $(CORPUS_DIR) $(DEMO_CORPUS_DIR) $(addprefix data/,$(ICON_DATASETS))),)
 $(DATA_DIR)/test.parquet:
 	@echo "error: no manifests in $(DATA_DIR); build them with 'clipdistill build-manifest ... --out $(DATA_DIR)' (README)" >&2; exit 2
 endif
@@ -89,9 +97,11 @@ icons: $(foreach d,$(ICON_DATASETS),data/$(d)/test.parquet)  ## render the line-
 # The LiT teacher's heads train on LIT_DATA's train split (default: DATASET; LIT_DATA=emoji-corpus: the corpus).
 LIT_DATA := $(or $(LIT_DATA),$(DATASET))
 LIT_FILE := $(ARTIFACTS)/teachers/lit-$(LIT_DATA).pt
+# build-lit options, e.g. LIT_ARGS="--image-size 128 --epochs 20" (the demo's)
+LIT_ARGS ?=
 
 $(LIT_FILE): data/$(LIT_DATA)/test.parquet
-	$(CLI) build-lit --manifest data/$(LIT_DATA)/train.parquet --out $@
+	$(CLI) build-lit --manifest data/$(LIT_DATA)/train.parquet --out $@ $(LIT_ARGS)
 
 lit-teacher: $(LIT_FILE)  ## train the LiT teacher's heads (frozen towers; the demo's teacher)
 
@@ -158,9 +168,11 @@ GPUS_PER_WORKER ?= 0
 RAY_ARGS     := $(if $(filter ray,$(ENGINE)),$(if $(RAY_ADDRESS),--address $(RAY_ADDRESS)) \
                 $(if $(RAY_WORKERS),--ray-workers $(RAY_WORKERS)) --gpus-per-worker $(GPUS_PER_WORKER))
 
+# SPLITS=train caches one split (e.g. a transfer set, whose val and test nothing reads)
+SPLITS       ?=
 $(FEATURES_STAMP): $(DATA_DIR)/test.parquet $(TEACHER_FILE)
 	$(CLI) teacher-features --teacher $(TEACHER_SPEC) --manifest-dir $(DATA_DIR) --out $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME) \
-		$(if $(filter-out 0,$(VIEWS)),--views $(VIEWS)) --engine $(ENGINE) $(RAY_ARGS)
+		$(if $(filter-out 0,$(VIEWS)),--views $(VIEWS)) $(if $(SPLITS),--splits $(SPLITS)) --engine $(ENGINE) $(RAY_ARGS)
 	touch $@
 
 teacher-features: $(FEATURES_STAMP)  ## cache L2-normalised teacher embeddings (HDF5 shards; ENGINE=ray on a Ray cluster)
@@ -204,19 +216,25 @@ eval: $(FEATURES_STAMP)  ## evaluate every finished run + the teacher; writes re
 	$(CLI) eval --cache-dir $(CACHE_DIR)/$(DATASET)/$(TEACHER_NAME) --manifest-dir $(DATA_DIR) \
 		--runs-dir $(RUNS_DIR) --out $(EVAL_DIR) --teacher-spec $(TEACHER_SPEC)
 
-DEMO_CONFIG ?= configs/openmoji-demo.yaml
-# The demo's teacher: LiT heads trained on the multi-style corpus (the strongest teacher that fits in the demo's
-# 20 minutes on a 2-core CPU; DEMO_LIT_DATA=openmoji for the old openmoji-only one). make teacher is the full one.
-DEMO_LIT_DATA ?= emoji-corpus
+# The demo (<= 10 min after the install on 2 cores): a LiT teacher on the demo world (128 px, 20 epochs of heads),
+# then the default student at 96 px for 3 epochs twice on openmoji's train pairs: alone, and distilled with the
+# world's caption-less images as transfer rows; RESULTS Table D has the same comparison over 3 seeds.
+DEMO_LIT_ARGS ?= --image-size 128 --epochs 20
+DEMO_RUNS     ?= runs/demo
+DEMO_MAKE      = $(MAKE) --no-print-directory LIT_DATA=emoji-demo LIT_ARGS="$(DEMO_LIT_ARGS)" RUNS_DIR=$(DEMO_RUNS) \
+                 EVAL_DIR=$(ARTIFACTS)/eval/demo
 
 .PHONY: demo-steps
-demo:  ## everything: install, datasets, the corpus LiT teacher, cache, a 4-epoch default student, evaluation
-	$(MAKE) --no-print-directory demo-steps LIT_DATA=$(DEMO_LIT_DATA)
+demo:  ## everything: install, openmoji, a small corpus, its LiT teacher, caches, two students (pairs / distilled), eval
+	$(DEMO_MAKE) demo-steps
 
 demo-steps: $(FEATURES_STAMP)
-	$(MAKE) --no-print-directory distill CONFIG=$(DEMO_CONFIG)
+	$(MAKE) --no-print-directory teacher-features DATASET=emoji-demo SPLITS=train
+	$(MAKE) --no-print-directory distill CONFIG=configs/demo-pairs.yaml
+	$(MAKE) --no-print-directory distill CONFIG=configs/demo-distilled.yaml
 	$(MAKE) --no-print-directory eval
 	@echo; cat $(EVAL_DIR)/report.md
+	@$(PY) tools/cite_results.py demo
 
 # ---- experiments: many students from one cache, tables in docs/RESULTS.md ------------------------
 SWEEP       ?= sweeps/openmoji.yaml

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.experiments import classify_tables as ct
+from pipeline.experiments import tables
 from pipeline.experiments.tables import RowStats, update_summary
 
 
@@ -81,9 +82,9 @@ def test_within_and_across_row_differences_pair_the_same_seed():
     ([5.0, 6.0], "too few seeds"),
 ])
 def test_a_difference_clears_the_spread_when_its_mean_exceeds_two_stds(values, verdict):
-    d = ct.Difference("x", list(range(len(values))), values)
+    d = tables.Difference("x", list(range(len(values))), values)
     assert d.verdict == verdict
-    if len(values) >= ct.MIN_SEEDS and any(values):
+    if len(values) >= tables.MIN_SEEDS and any(values):
         assert (abs(statistics.mean(values)) > 2 * statistics.stdev(values)) == (verdict == "clears the spread")
 
 
@@ -180,3 +181,26 @@ def test_the_targets_balanced_top1_is_tabled_only_over_seeds_that_all_measured_i
     cells = next(x for x in text.splitlines() if x.startswith("| in-sample |") and "91.0 ± 1.0" in x)
     col = [c.strip() for c in header.split("|")].index("targets w/o text: train balanced top-1")
     assert [c.strip() for c in cells.split("|")][col] == "52.0 ± 2.0"
+
+
+def test_retrieval_tables_list_each_row_minus_the_first_seed_by_seed(tmp_path):
+    """A retrieval table's rows against its first row, matched by seed (not by position), in the block and in
+    summary.json; a row that shares fewer than two seeds with the first gives no line."""
+    def row(label, by_seed):
+        return RowStats(label, 3, results=[{"metrics": {m: v for m in tables.METRICS}} for v in by_seed.values()],
+                        seeds=list(by_seed))
+
+    base = row("pairs", {0: 150.0, 1: 154.0, 2: 149.0})
+    better = row("distilled", {2: 180.0, 0: 176.0, 1: 181.0})  # finished in another order
+    lone = row("one seed", {0: 160.0})
+    diffs = tables.row_differences([base, better, lone])
+    assert [d.name for d in diffs] == ["distilled - pairs"]
+    assert diffs[0].seeds == [0, 1, 2] and diffs[0].values == [26.0, 27.0, 31.0]
+    assert diffs[0].verdict == "clears the spread"
+    block = tables.render_differences(diffs)
+    assert "| distilled - pairs | 3 | +26.0 / +27.0 / +31.0 | 28.0 ± 2.6 | clears the spread |" in block
+    plan = SimpleNamespace(sweep=SimpleNamespace(path="s.yaml", eval=SimpleNamespace(split="test")),
+                           base=SimpleNamespace(data=SimpleNamespace(manifest_dir="m")), teacher_cache_dir="c")
+    entry = tables.summary_entry(plan, {"t": [base, better, lone]}, None)
+    assert entry["paired_differences"]["t"][0]["values"] == [26.0, 27.0, 31.0]
+    assert entry["paired_differences"]["t"][0]["verdict"] == "clears the spread"

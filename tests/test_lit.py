@@ -283,3 +283,66 @@ def test_build_lit_writes_checksums_verify_checks(trained, tmp_path):
     assert features and all(io.verify_file(p) is None for p in [ckpt, *features])
     found = {f.path: f.status for f in verify_tree(ckpt.parent)}
     assert found[ckpt] == "ok" and all(found[p] == "ok" for p in features)
+
+
+def test_stage1_reuses_tower_features_of_the_same_files_under_another_manifest(trained, tmp_path):
+    """A benchmark's train split that the teacher's corpus also holds (other ids, other rows, the files spelt through
+    another path): its known images and captions come from build-lit's stored features, found by file and by text;
+    only the image the corpus never held is encoded, and the cache equals one made by encoding everything."""
+    import shutil
+
+    from pipeline.features.cache import FeatureCache
+    from pipeline.features.job import FeatureJob, run_feature_job
+
+    root, ckpt = trained["root"], trained["ckpt"]
+    (tmp_path / "new").mkdir()
+    _draw("black", "square").save(tmp_path / "new" / "fresh.png")
+    rows = [{"sample_id": 7, "image_id": 500, "image_path": "../images/3.png", "caption": "a red circle?", "split": "train"},
+            {"sample_id": 8, "image_id": 501, "image_path": "../images/5.png", "caption": "a red triangle",
+             "split": "train"},
+            {"sample_id": 9, "image_id": 502, "image_path": "fresh.png", "caption": "a black square",
+             "split": "train"}]
+    manifest = Manifest.from_rows(rows, source="benchmark", image_root=root / "new")
+    shutil.copytree(tmp_path / "new", root / "new", dirs_exist_ok=True)
+    lone = tmp_path / "alone" / "lit.pt"
+    lone.parent.mkdir()
+    shutil.copy(ckpt, lone)
+    shutil.copy(f"{ckpt}.blake2b", f"{lone}.blake2b")
+    teacher, fresh_teacher = LitTeacher.load(ckpt), LitTeacher.load(lone)
+    known = teacher.known_embeddings(manifest)
+    assert sorted(known.image_ids.tolist()) == [500, 501]  # 3.png and 5.png; fresh.png was never encoded
+    assert known.captions == ["a red triangle"]  # a stored caption; "a red circle?" is new text
+
+    encoded = {"n": 0}
+    original = teacher._encode_images
+
+    def counting(pixels):
+        encoded["n"] += len(pixels)
+        return original(pixels)
+
+    teacher._encode_images = counting
+    caches = {}
+    for name, t in (("reused", teacher), ("fresh", fresh_teacher)):
+        job = FeatureJob(manifest=manifest, dataset="bench", split="train", out_dir=tmp_path / name,
+                         num_workers=0, batch_size=8, dtype="float32")
+        run_feature_job(job, t, progress=False)
+        caches[name] = FeatureCache(tmp_path / name)
+    assert encoded["n"] == 1
+    a, b = caches["reused"], caches["fresh"]
+    np.testing.assert_array_equal(a.image_ids, b.image_ids)
+    np.testing.assert_allclose(a.image.to_array(), b.image.to_array(), atol=1e-5)
+    np.testing.assert_allclose(a.text.to_array(), b.text.to_array(), atol=1e-5)
+
+
+def test_image_size_is_the_checkpoints_and_part_of_the_fingerprint(trained, tmp_path):
+    """build-lit --image-size: the towers read images at that size, the checkpoint remembers it, and the teacher's
+    fingerprint (so its caches) differs from the 224 px teacher's."""
+    root = trained["root"]
+    ckpt = tmp_path / "lit-64.pt"
+    summary = train_lit_heads(root / "train.parquet", ckpt, val_manifest=root / "val.parquet", epochs=2, lr=3e-3,
+                              batch_size=8, num_workers=0, progress=False, image_size=64)
+    small = LitTeacher.load(ckpt)
+    assert summary["image_size"] == 64 and small.heads.image_size == 64
+    assert small.image_transform()(_draw("red", "circle")).shape == (3, 64, 64)
+    assert trained["teacher"].image_transform()(_draw("red", "circle")).shape == (3, 224, 224)
+    assert small.fingerprint_parts()["towers"] != trained["teacher"].fingerprint_parts()["towers"]

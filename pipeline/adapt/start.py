@@ -89,7 +89,7 @@ def _from_student(path: str, spec: str) -> StartPoint:
 # ---- the LiT teacher as a student ---------------------------------------------------------------------
 
 
-def lit_config(width: int) -> StudentConfig:
+def lit_config(width: int, image_size: int | None = None) -> StudentConfig:
     """The LiT teacher's towers as a student config (see ``pipeline.teachers.lit`` for the teacher)."""
     from pipeline.teachers import lit
 
@@ -97,7 +97,7 @@ def lit_config(width: int) -> StudentConfig:
         name="lit",
         image=ImageTowerSpec(kind="timm", name="tf_efficientnet_lite0", weights=lit.IMAGE_MODEL),
         text=TextTowerSpec(kind="hf", pretrained=MINILM, tokenizer=MINILM),
-        embed_dim=width, image_size=lit.IMAGE_SIZE, max_text_len=lit.MAX_TOKENS, proj_bias=True,
+        embed_dim=width, image_size=image_size or lit.IMAGE_SIZE, max_text_len=lit.MAX_TOKENS, proj_bias=True,
     )
 
 
@@ -105,16 +105,16 @@ def lit_student(heads) -> StudentModel:
     """A ``StudentModel`` computing what ``LitTeacher(heads)`` computes (``heads``: a ``LitHeads``)."""
     from pipeline.teachers import lit
 
-    model = build_student(lit_config(heads.width))
+    model = build_student(lit_config(heads.width, heads.image_size))
     for proj, head in ((model.image_proj, heads.image), (model.text_proj, heads.text)):
         # W ((x - mean) / scale) + b  ==  (W / scale) x + (b - W mean / scale)
         w = head.proj.weight.detach() / head.scale
         with torch.no_grad():
             proj.weight.copy_(w)
             proj.bias.copy_(head.proj.bias.detach() - w @ head.mean)
-    # LitImageTransform: shorter side to 224 (bicubic), centre crop, (uint8 - 127) / 128.
+    # LitImageTransform: shorter side to the heads' size (bicubic), centre crop, (uint8 - 127) / 128.
     model.transform_settings = TransformSettings(
-        size=lit.IMAGE_SIZE, mean=(127 / 255,) * 3, std=(128 / 255,) * 3, interpolation="bicubic",
+        size=heads.image_size, mean=(127 / 255,) * 3, std=(128 / 255,) * 3, interpolation="bicubic",
         crop_pct=1.0, train_scale=model.transform_settings.train_scale, hflip=model.transform_settings.hflip)
     return model
 

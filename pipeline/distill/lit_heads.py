@@ -32,6 +32,7 @@ from pipeline.retrieval.metrics import recall_at_k
 from pipeline.train.contrastive import false_negative_mask, symmetric_infonce
 from pipeline.data.manifest import Manifest
 from pipeline.teachers.lit import (
+    IMAGE_SIZE,
     LitHeads,
     LitTowers,
     image_tower_features,
@@ -39,7 +40,9 @@ from pipeline.teachers.lit import (
     text_tower_features,
     towers_fingerprint_parts,
 )
-from pipeline.teachers.lit_store import SplitFeatures, cache_key, feature_cache_path, read_features, write_features
+from pipeline.teachers.lit_store import (
+    SplitFeatures, cache_key, feature_cache_path, read_features, real_location, write_features,
+)
 
 MAX_FAILURES_IN_SUMMARY = 20
 
@@ -51,13 +54,14 @@ def split_features(
     batch_size: int = 64,
     num_workers: int = 2,
     progress: bool = True,
+    image_size: int = IMAGE_SIZE,
 ) -> tuple[SplitFeatures, bool]:
     """Load the split's tower features from ``cache_path`` if they match, else compute and store them.
 
     ``get_towers`` is called only when encoding is needed, so a rerun never loads the towers.
     Returns (features, reused).
     """
-    key = cache_key(manifest, towers_fingerprint_parts())
+    key = cache_key(manifest, towers_fingerprint_parts(image_size))
     stored = read_features(cache_path, key)
     if stored is not None:
         return stored, True
@@ -76,6 +80,7 @@ def split_features(
         text_feats=text,
         failed_ids=np.asarray([image_ids[p] for p, _ in failures], dtype=np.int64),
         failed_reasons=np.asarray([r for _, r in failures], dtype=str),
+        image_locations=np.asarray([real_location(manifest.resolve(paths[p])) for p in ok], dtype=str),
     )
     write_features(cache_path, key, sf)
     return sf, False
@@ -166,6 +171,7 @@ def _train_lit_heads(
     dropout: float = 0.3,
     holdout_fraction: float = 0.1,
     progress: bool = True,
+    image_size: int = IMAGE_SIZE,
 ) -> dict:
     """Compute (or reuse) tower features, train the heads, save the best epoch's checkpoint.
 
@@ -186,16 +192,16 @@ def _train_lit_heads(
 
     def get_towers() -> LitTowers:
         if not towers:
-            towers.append(LitTowers().to(dev))
+            towers.append(LitTowers(image_size).to(dev))
         return towers[0]
 
     tr, tr_reused = split_features(train, feature_cache_path(out_path, "train"), get_towers,
-                                   num_workers=num_workers, progress=progress)
+                                   num_workers=num_workers, progress=progress, image_size=image_size)
     failures = list(zip(tr.failed_ids.tolist(), tr.failed_reasons.tolist()))
     va, va_reused = None, True
     if val is not None and len(val):
         va, va_reused = split_features(val, feature_cache_path(out_path, "val"), get_towers,
-                                       num_workers=num_workers, progress=progress)
+                                       num_workers=num_workers, progress=progress, image_size=image_size)
         failures += list(zip(va.failed_ids.tolist(), va.failed_reasons.tolist()))
         val_source = "val manifest"
     else:
@@ -214,7 +220,7 @@ def _train_lit_heads(
     cap_ids = torch.from_numpy(np.unique(tr.captions[rows], return_inverse=True)[1].reshape(-1)).to(dev)
 
     torch.manual_seed(seed)  # here, after tower loading, so a rerun from cached features is identical
-    heads = LitHeads(width, dropout=dropout).to(dev)
+    heads = LitHeads(width, dropout=dropout, image_size=image_size).to(dev)
     heads.set_input_stats(img_feats, txt_feats)
     steps_per_epoch = math.ceil(len(rows) / batch_size)
     settings = LoopSettings(epochs, steps_per_epoch, lr, weight_decay,
@@ -226,7 +232,8 @@ def _train_lit_heads(
     run_dir = out_path.with_name(f"{out_path.stem}.run")
     run_config = {"train": train.content_hash, "val": val.content_hash if val is not None else val_source,
                   "width": width, "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
-                  "weight_decay": weight_decay, "dropout": dropout, "holdout_fraction": holdout_fraction}
+                  "weight_decay": weight_decay, "dropout": dropout, "holdout_fraction": holdout_fraction,
+                  "image_size": image_size}
     last = paths.last_checkpoint(run_dir)
     resume = last.exists() and load_checkpoint(last).get("config") == run_config
     if last.exists() and not resume:  # another run's leftovers (other data or settings): start over
@@ -240,7 +247,8 @@ def _train_lit_heads(
     history = [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(run_dir)]
 
     summary = {
-        "width": width, "epochs": epochs, "best_epoch": result.best_epoch + 1, "lr": lr, "batch_size": batch_size,
+        "width": width, "image_size": image_size, "epochs": epochs, "best_epoch": result.best_epoch + 1, "lr": lr,
+        "batch_size": batch_size,
         "weight_decay": weight_decay, "dropout": dropout, "seed": seed, "device": str(dev),
         "temperature": float(1.0 / heads.logit_scale.detach().clamp(max=math.log(100.0)).exp()),
         "train_manifest": {"source": train.source, "content_hash": train.content_hash},

@@ -12,13 +12,11 @@ tables (pipeline.experiments.tables).
 
 from __future__ import annotations
 
-import statistics
-from dataclasses import dataclass
 from typing import Optional
 
 from pipeline.experiments import tables
 from pipeline.experiments.sweep import Plan, SweepTable
-from pipeline.experiments.tables import RowStats, mean_std
+from pipeline.experiments.tables import Difference, RowStats, mean_std, paired, render_differences
 
 # (student kind, its teacher part in results.json, label)
 KINDS = (("notext", "probe", "w/o text"), ("text", "head", "with text"))
@@ -120,39 +118,9 @@ def render_tables(rows: list[RowStats]) -> str:
 
 
 # ---- paired differences ------------------------------------------------------------------------------------------
-CLEARS = 2.0  # a difference clears the spread when |mean| > CLEARS x the std of its per-seed differences
-MIN_SEEDS = 3  # fewer seeds give no verdict: the std of two differences says little
 # the metrics whose paired differences are listed, and their summary.json keys; balanced top-1 too, because a
 # change can trade the frequent classes for the rare ones with top-1 unmoved (Table C4)
 DIFF_METRICS = (("top1", "paired_differences"), ("balanced_top1", "paired_differences_balanced_top1"))
-
-
-@dataclass
-class Difference:
-    """``a - b`` of a test metric (points) for the seeds both sides finished, ascending seed."""
-
-    name: str
-    seeds: list[int]
-    values: list[float]
-
-    @property
-    def verdict(self) -> str:
-        if not any(self.values):  # e.g. a part a row's override leaves alone: the same model on both sides
-            return "the same in every seed"
-        if len(self.values) < MIN_SEEDS:
-            return "too few seeds"
-        mean, std = statistics.mean(self.values), statistics.stdev(self.values)
-        return "clears the spread" if abs(mean) > CLEARS * std else "inside the spread"
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "seeds": self.seeds, **tables.stats(self.values), "verdict": self.verdict}
-
-
-
-
-def paired(name: str, a: dict[int, float], b: dict[int, float]) -> Optional[Difference]:
-    seeds = sorted(set(a) & set(b))
-    return Difference(name, seeds, [a[s] - b[s] for s in seeds]) if seeds else None
 
 
 def differences(rows: list[RowStats], metric: str = "top1") -> list[Difference]:
@@ -176,19 +144,6 @@ def differences(rows: list[RowStats], metric: str = "top1") -> list[Difference]:
             out.append(paired(f"{row.label} - {rows[0].label}: {name}",
                               by_seed(row, kind, part, g, metric), by_seed(rows[0], kind, part, g, metric)))
     return [d for d in out if d is not None]
-
-
-def render_differences(diffs: list[Difference], what: str = "test top-1") -> str:
-    if not diffs:
-        return ""
-    lines = [[d.name, str(len(d.values)), " / ".join(f"{v:+.1f}" for v in d.values), mean_std(d.values), d.verdict]
-             for d in diffs]
-    header = [f"Difference ({what}, points)", "Seeds", "per seed", "mean ± std", "verdict"]
-    return "\n".join([
-        f"<details><summary>Paired differences of {what} (the same seed on both sides; a difference clears the "
-        f"spread when |mean| > {CLEARS:g} x the std of its per-seed differences, over at least {MIN_SEEDS} "
-        "seeds)</summary>",
-        "", tables.markdown(header, lines), "", "</details>"])
 
 
 def section(table: SweepTable, rows: list[RowStats], command: str, wall: str) -> str:
@@ -237,4 +192,4 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]]) -> dict:
 
 
 __all__ = ["render_tables", "section", "summary_entry", "values", "retrieval_values", "target_values",
-           "differences", "Difference", "by_seed", "paired", "DIFF_METRICS"]
+           "differences", "by_seed", "DIFF_METRICS"]

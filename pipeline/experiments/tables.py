@@ -206,7 +206,9 @@ def section(table: SweepTable, rows: list[RowStats], teacher: Optional[dict], co
     parts = [start_marker(table.id), f"### {table.title}", ""]
     if table.description:
         parts += [table.description.strip(), ""]
-    parts += [render_table(table, rows, teacher), "", seeds_note(table, rows), *errors_note(rows)]
+    diffs = render_differences(row_differences(rows))
+    parts += [render_table(table, rows, teacher), "", *([diffs, ""] if diffs else []), seeds_note(table, rows),
+              *errors_note(rows)]
     parts += ["", wall, "", f"Regenerate: `{command}`"]
     if figure:
         parts += ["", f"![{table.id}]({figure})"]
@@ -252,6 +254,59 @@ def relative_link(target: Path, document: Path) -> str:
     return Path(os.path.relpath(Path(target).resolve(), Path(document).resolve().parent)).as_posix()
 
 
+# ---- paired differences: each seed with and without a change ------------------------------------------------------
+CLEARS = 2.0  # a difference clears the spread when |mean| > CLEARS x the std of its per-seed differences
+MIN_SEEDS = 3  # fewer seeds give no verdict: the std of two differences says little
+
+
+@dataclass
+class Difference:
+    """``a - b`` of a test metric (points) for the seeds both sides finished, ascending seed."""
+
+    name: str
+    seeds: list[int]
+    values: list[float]
+
+    @property
+    def verdict(self) -> str:
+        if not any(self.values):  # e.g. a part a row's override leaves alone: the same model on both sides
+            return "the same in every seed"
+        if len(self.values) < MIN_SEEDS:
+            return "too few seeds"
+        mean, std = statistics.mean(self.values), statistics.stdev(self.values)
+        return "clears the spread" if abs(mean) > CLEARS * std else "inside the spread"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "seeds": self.seeds, **stats(self.values), "verdict": self.verdict}
+
+
+def paired(name: str, a: dict[int, float], b: dict[int, float]) -> Optional[Difference]:
+    seeds = sorted(set(a) & set(b))
+    return Difference(name, seeds, [a[s] - b[s] for s in seeds]) if seeds else None
+
+
+def row_differences(rows: list[RowStats], metric: str = "rsum") -> list[Difference]:
+    """Each row - the first row, seed by seed (the rows of a table run the same seeds)."""
+    def by_seed(row: RowStats) -> dict[int, float]:
+        return dict(zip(row.seeds, row.values(metric)))
+
+    out = [paired(f"{row.label} - {rows[0].label}", by_seed(row), by_seed(rows[0])) for row in rows[1:]]
+    return [d for d in out if d is not None and len(d.values) > 1]
+
+
+def render_differences(diffs: list[Difference], what: str = "test RSUM") -> str:
+    if not diffs:
+        return ""
+    lines = [[d.name, str(len(d.values)), " / ".join(f"{v:+.1f}" for v in d.values), mean_std(d.values), d.verdict]
+             for d in diffs]
+    header = [f"Difference ({what}, points)", "Seeds", "per seed", "mean ± std", "verdict"]
+    return "\n".join([
+        f"<details><summary>Paired differences of {what} (the same seed on both sides; a difference clears the "
+        f"spread when |mean| > {CLEARS:g} x the std of its per-seed differences, over at least {MIN_SEEDS} "
+        "seeds)</summary>",
+        "", markdown(header, lines), "", "</details>"])
+
+
 # ---- docs/results/summary.json: the headline numbers, written by the code that computes them -------------------
 
 
@@ -291,6 +346,9 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]], teacher:
                 row["teacher_flops_ratio"] = round(t_flops["total"] / r.flops["total"], 3)
             table[r.label] = row
         entry["tables"][table_id] = table
+        diffs = row_differences(rows)
+        if diffs:
+            entry.setdefault("paired_differences", {})[table_id] = [d.as_dict() for d in diffs]
     return entry
 
 

@@ -7,8 +7,9 @@ run the towers twice on the same images. Neither side imports the other: both im
 from __future__ import annotations
 
 import json
+import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,9 @@ class SplitFeatures:
     text_feats: np.ndarray  # (N_rows, 384) float32
     failed_ids: np.ndarray  # (F,) int64, images that failed to decode
     failed_reasons: np.ndarray  # (F,) str
+    # (N_img,) str, where each decoded image was read (real path), so another manifest naming the same files reuses
+    # them; empty in files written before it was stored
+    image_locations: np.ndarray = field(default_factory=lambda: np.array([], dtype=str))
 
     def usable_rows(self) -> np.ndarray:
         """Rows whose image decoded (rows of a failed image cannot form a pair)."""
@@ -41,6 +45,7 @@ class SplitFeatures:
         return SplitFeatures(
             self.image_ids[keep_img], self.image_feats[keep_img], self.row_image_ids[keep_row],
             self.captions[keep_row], self.text_feats[keep_row], self.failed_ids[:0], self.failed_reasons[:0],
+            self.image_locations[keep_img] if len(self.image_locations) else self.image_locations,
         )
 
 
@@ -56,7 +61,13 @@ def cache_key(manifest: Manifest, towers_parts: dict) -> str:
     return json.dumps(key, sort_keys=True)
 
 
-def read_features(path: Path, key: str) -> SplitFeatures | None:
+def real_location(location: str) -> str:
+    """One spelling per file (symlinks and ``..`` resolved); tar members keep their ``::member`` suffix."""
+    path, sep, member = location.partition("::")
+    return os.path.realpath(path) + sep + member
+
+
+def read_features(path: Path, key: str | None) -> SplitFeatures | None:
     """The features stored at ``path`` if they were made for ``key``; None when absent, stale, unreadable, damaged
     or without a checksum (unless trusted): the caller then encodes again and rewrites them, checksum included."""
     if not path.exists():
@@ -67,8 +78,8 @@ def read_features(path: Path, key: str) -> SplitFeatures | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            if str(z["key"]) == key:
-                return SplitFeatures(**{k: z[k] for k in SplitFeatures.__dataclass_fields__})
+            if key is None or str(z["key"]) == key:
+                return SplitFeatures(**{k: z[k] for k in SplitFeatures.__dataclass_fields__ if k in z.files})
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         pass  # unreadable or an older layout: the caller encodes instead
     return None
@@ -79,11 +90,57 @@ def write_features(path: Path, key: str, sf: SplitFeatures) -> None:
         np.savez(f, key=np.asarray(key), **sf.__dict__)
 
 
+def _stored_paths(checkpoint: Path) -> list[Path]:
+    return sorted(Path(checkpoint).parent.glob(f"{Path(checkpoint).stem}.*-features.npz"))
+
+
 def stored_tower_features(checkpoint: Path, manifest: Manifest, towers_parts: dict) -> SplitFeatures | None:
-    """The tower features ``build-lit`` stored next to ``checkpoint`` for exactly this manifest, if any."""
+    """The tower features ``build-lit`` stored next to ``checkpoint`` for this manifest: the file made for exactly
+    these rows, else (e.g. the benchmark's train split, whose images the corpus also holds) the features of every
+    image and caption of it that a stored file of the same towers holds, by file and by text; None when none is."""
     key = cache_key(manifest, towers_parts)
-    for path in sorted(Path(checkpoint).parent.glob(f"{Path(checkpoint).stem}.*-features.npz")):
+    for path in _stored_paths(checkpoint):
         found = read_features(path, key)
         if found is not None:
             return found
-    return None
+    return _features_by_location(checkpoint, manifest, towers_parts)
+
+
+def _same_towers(path: Path, towers_parts: dict) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            key = json.loads(str(z["key"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return False
+    return key.get("version") == FEATURES_VERSION and key.get("towers") == json.loads(json.dumps(towers_parts))
+
+
+def _features_by_location(checkpoint: Path, manifest: Manifest, towers_parts: dict) -> SplitFeatures | None:
+    image_ids, paths = manifest.unique_images()
+    wanted = {real_location(manifest.resolve(p)): i for i, p in zip(image_ids.tolist(), paths)}
+    captions = manifest.table.column("caption").to_pylist()
+    wanted_text = set(captions)
+    img_ids, img_feats, text_of, width = [], [], {}, 0
+    for path in _stored_paths(checkpoint):
+        if not _same_towers(path, towers_parts):
+            continue
+        sf = read_features(path, None)
+        if sf is None:
+            continue
+        width = sf.image_feats.shape[1]
+        for row, loc in enumerate(sf.image_locations.tolist()):
+            if loc in wanted:
+                img_ids.append(wanted.pop(loc))
+                img_feats.append(sf.image_feats[row])
+        for cap, feat in zip(sf.captions.tolist(), sf.text_feats):
+            if cap in wanted_text and cap not in text_of:
+                text_of[cap] = feat
+    if not img_ids and not text_of:
+        return None
+    known = sorted(text_of)
+    return SplitFeatures(
+        image_ids=np.asarray(img_ids, np.int64), image_feats=np.asarray(img_feats, np.float32).reshape(-1, width),
+        row_image_ids=np.full(len(known), -1, np.int64), captions=np.asarray(known, dtype=str),
+        text_feats=np.asarray([text_of[c] for c in known], np.float32).reshape(len(known), -1),
+        failed_ids=np.zeros(0, np.int64), failed_reasons=np.array([], dtype=str),
+    )
