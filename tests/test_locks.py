@@ -103,3 +103,18 @@ def test_an_empty_lock_is_held_for_one_lease_then_taken_over(tmp_path, monkeypat
     with io.exclusive(tmp_path / "shard") as mine:
         assert mine and io.read_lock(lock).pid == os.getpid()
     assert not lock.exists()
+
+
+def test_writing_many_files_into_one_folder_lists_it_once_and_still_removes_dead_temporaries(tmp_path, monkeypatch):
+    """Listing the folder before every write made N writes cost N^2; a dead writer's temporary is still removed."""
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    leftover = tmp_path / f"7.png.{io._host()}.{dead}.tmp"
+    leftover.write_text("half-written")
+    listings = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(io.os, "listdir", lambda p: listings.append(p) or real_listdir(p))
+    for i in range(50):
+        io.write_bytes(tmp_path / f"{i}.png", b"x")
+    assert len(listings) == 1 and not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.png" for i in range(50))
