@@ -82,3 +82,36 @@ def test_the_classification_loader_keeps_its_workers_and_still_sees_every_epoch(
     assert not torch.equal(worker[0], worker[1])
     one = data[(2, 7)]  # a key's pixels depend on (seed, epoch, row) only
     assert one[0] == 7 and torch.equal(one[1], data[(2, 7)][1]) and not torch.equal(one[1], data[(1, 7)][1])
+
+
+SPAWNED_LOADER = """
+import sys
+sys.path.insert(0, {root!r})
+import multiprocessing, pickle, torch
+from pipeline.distill.data import EpochOrder, make_loader
+multiprocessing.set_start_method("spawn", force=True)  # what a spawned process (a runner's run) defaults to
+ds, n = pickle.load(open(sys.argv[1], "rb"))
+order = EpochOrder(n, seed=3)
+order.set_epoch(0)
+print(sum(len(b.rows) for b in make_loader(ds, order, batch_size=4, workers=1, seed=3, pin=False)))
+"""
+
+
+def test_the_training_loader_works_in_a_process_whose_default_start_method_is_spawn(rows, tmp_path):
+    """The experiment runner trains each run in a spawned process: there the loader's workers must still start
+    (they failed before: the collate function was a closure that spawn cannot pickle)."""
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.distill.data import BatchCollate
+
+    ds = PairDataset(rows, augment(), seed=3, preload=True, preload_size=24)
+    pickle.loads(pickle.dumps(BatchCollate(rows)))  # picklable under any start method
+    (tmp_path / "ds.pkl").write_bytes(pickle.dumps((ds, len(rows))))
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", SPAWNED_LOADER.format(root=root), str(tmp_path / "ds.pkl")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == len(rows)

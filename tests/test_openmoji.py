@@ -405,3 +405,26 @@ def test_ids_are_stable_across_processes():
     }
     assert runs == {f"{image_id_for('1F600')} {sample_id_for('1F600', 'grinning face')}\n"}
     assert 0 <= image_id_for("1F600") < 2**63
+
+
+def test_render_many_in_processes_matches_one_by_one_and_reports_failures_in_order(tmp_path):
+    """The pool path (enough jobs for two processes) gives the same PNGs, outcomes and order as rendering one by
+    one; a broken SVG is a reason string at its own position, its neighbours rendered."""
+    from pipeline.data.datasets.openmoji import render_many
+
+    jobs = []
+    for i in range(140):
+        svg = tmp_path / "svg" / f"{i}.svg"
+        svg.parent.mkdir(exist_ok=True)
+        svg.write_text("not an svg" if i == 77 else
+                       f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 10 10"><circle cx="5" cy="5" '
+                       f'r="{1 + i % 4}" fill="#{i:06x}"/></svg>')
+        jobs.append(svg)
+    pooled = list(render_many([(s, tmp_path / "a" / f"{s.stem}.png", 16) for s in jobs], workers=2))
+    serial = list(render_many([(s, tmp_path / "b" / f"{s.stem}.png", 16) for s in jobs], workers=1))
+    assert pooled[:77] == [True] * 77 and pooled[78:] == [True] * 62 and isinstance(pooled[77], str)
+    assert pooled == serial
+    for s in jobs:
+        if s.stem != "77":
+            assert (tmp_path / "a" / f"{s.stem}.png").read_bytes() == (tmp_path / "b" / f"{s.stem}.png").read_bytes()
+    assert list(render_many([(s, tmp_path / "a" / f"{s.stem}.png", 16) for s in jobs[:3]], workers=2)) == [False] * 3

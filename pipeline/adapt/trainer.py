@@ -41,6 +41,7 @@ from pipeline.common import paths
 from pipeline.common.distributed import resolve_device
 from pipeline.common.errors import PipelineError
 from pipeline.common.precision import autocast, check_precision
+from pipeline.data.loader import worker_start_method
 from pipeline.data.manifest import Manifest
 from pipeline.retrieval.training_recall import student_recall
 from pipeline.students import ImageTransform, StudentModel, export_student, export_torchscript
@@ -209,6 +210,7 @@ class AdaptObjective(Objective):
             loader = DataLoader(self.batches, batch_size=None, sampler=StepRange(first, self.total_steps),
                                 num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
                                 prefetch_factor=2 if self.cfg.data.workers > 0 else None,
+                                multiprocessing_context=worker_start_method() if self.cfg.data.workers > 0 else None,
                                 generator=torch.Generator().manual_seed(self.cfg.seed))  # not the global RNG
             self._iter = iter(loader)
         last = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)  # max_steps

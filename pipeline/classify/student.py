@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.common.errors import PipelineError
 from pipeline.common.precision import autocast
 from pipeline.data.images import ImageDecodeError, load_rgb
-from pipeline.data.loader import iter_image_batches
+from pipeline.data.loader import iter_image_batches, worker_start_method
 from pipeline.train.state import atomic_save, load_checkpoint
 from pipeline.students.config import ImageTowerSpec
 from pipeline.students.preprocess import ImageTransform, TransformSettings
@@ -203,7 +203,8 @@ def epoch_loader(dataset: ImageRows, batch_size: int, workers: int) -> tuple[Dat
     order it serves; undecodable images drop out of their batch."""
     batches = EpochBatches(batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                        persistent_workers=workers > 0)
+                        persistent_workers=workers > 0,
+                        multiprocessing_context=worker_start_method() if workers > 0 else None)
     return loader, batches
 
 

@@ -31,6 +31,7 @@ from pipeline.features.cache import FeatureCache
 from pipeline.common.errors import PipelineError
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.distill.losses import caption_hashes
+from pipeline.data.loader import worker_start_method
 from pipeline.data.manifest import Manifest
 from pipeline.distill.transfer import TransferImages, TransferStream
 from pipeline.features.views import ViewTransform, pick_view
@@ -249,10 +250,15 @@ class Batch:
     views: np.ndarray | None = None  # (B + T,) replayed view of each image (-1: none), pairs then transfer
 
 
-def make_collate(rows: AlignedRows, stream: TransferStream | None = None):
-    n = len(rows)
+class BatchCollate:
+    """Items -> ``Batch``: a class, not a closure, so loader workers started by spawn (macOS, or a process that
+    was itself spawned, as the experiment runner's runs are) can receive it."""
 
-    def collate(items) -> Batch:
+    def __init__(self, rows: AlignedRows, stream: TransferStream | None = None):
+        self.rows, self.stream = rows, stream
+
+    def __call__(self, items) -> Batch:
+        rows, stream, n = self.rows, self.stream, len(self.rows)
         ok = [(i, x) for i, x, err, _ in items if err is None and i < n]
         extra = [(i - n, x) for i, x, err, _ in items if err is None and i >= n]
         views = [v for i, _, err, v in items if err is None and i < n] + [
@@ -267,8 +273,6 @@ def make_collate(rows: AlignedRows, stream: TransferStream | None = None):
             views=np.asarray(views, np.int64),
         )
 
-    return collate
-
 
 def make_loader(dataset: PairDataset, sampler: EpochOrder, batch_size: int, workers: int, seed: int,
                 pin: bool, persistent: bool = True) -> DataLoader:
@@ -278,8 +282,9 @@ def make_loader(dataset: PairDataset, sampler: EpochOrder, batch_size: int, work
     batches = MixedBatches(sampler, batch_size, len(dataset.rows), dataset.stream)
     return DataLoader(
         dataset, batch_sampler=batches, num_workers=workers,
-        collate_fn=make_collate(dataset.rows, dataset.stream), pin_memory=pin, generator=g,
+        collate_fn=BatchCollate(dataset.rows, dataset.stream), pin_memory=pin, generator=g,
         persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers > 0 else None,
+        multiprocessing_context=worker_start_method() if workers > 0 else None,
     )
 
 

@@ -39,7 +39,7 @@ from pipeline.common import io
 from pipeline.common.errors import PipelineError
 from pipeline.common.paths import REJECTS, manifest_path
 from pipeline.data.datasets.openmoji import (
-    RenderError, base_key, captions_for, image_id_for, lookup_entry, render_svg, sample_id_for,
+    RenderError, base_key, captions_for, image_id_for, lookup_entry, render_many, render_svg, sample_id_for,
 )
 from pipeline.data.manifest import Manifest, Reject
 
@@ -151,12 +151,18 @@ def read_keywords(cache_dir: Path) -> tuple[dict[str, str], list[str]]:
     return keywords, credits
 
 
-def render_icon(icon_set: IconSet, name: str, out_dir: Path, file_stem: str, size: int) -> str:
-    """Write icon ``name``'s SVG and its ``size`` px PNG under ``out_dir``; returns the PNG's path relative to
-    ``out_dir`` (``images/<style>/<file_stem>.png``). RenderError when resvg cannot rasterise it."""
-    rel = f"images/{icon_set.style}/{file_stem}.png"
+def write_icon_svg(icon_set: IconSet, name: str, out_dir: Path, file_stem: str) -> tuple[Path, str]:
+    """Write icon ``name``'s SVG under ``out_dir``; returns it and its PNG's path relative to ``out_dir``
+    (``images/<style>/<file_stem>.png``), which ``render_svg``/``render_many`` write."""
     svg = out_dir / "svg" / icon_set.style / f"{file_stem}.svg"
     io.write_text(svg, _svg(icon_set.icons[name], icon_set.width, icon_set.height))
+    return svg, f"images/{icon_set.style}/{file_stem}.png"
+
+
+def render_icon(icon_set: IconSet, name: str, out_dir: Path, file_stem: str, size: int) -> str:
+    """``write_icon_svg`` and its ``size`` px PNG; returns the PNG's relative path. RenderError when resvg cannot
+    rasterise it."""
+    svg, rel = write_icon_svg(icon_set, name, out_dir, file_stem)
     render_svg(svg, out_dir / rel, size)
     return rel
 
@@ -184,6 +190,7 @@ def build_corpus(out_dir: Path, styles: list[str], cache_dir: Path, size: int = 
     excluded = {base_key(Path(p).stem) for p in exclude.table.column("image_path").to_pylist()} if exclude else set()
     rows: list[dict] = []
     rejects: list[Reject] = []
+    todo: list[tuple] = []  # (style, stem, emoji entry, where, svg, png path): rendered together, in order
     summary: dict = {"size": size, "captions": list(captions), "excluded_concepts": len(excluded), "styles": {}}
     sets = []
     for style in styles:
@@ -201,26 +208,28 @@ def build_corpus(out_dir: Path, styles: list[str], cache_dir: Path, size: int = 
             if base_key(stem) in excluded:
                 counts["excluded"] += 1
                 continue
-            try:
-                rel = render_icon(icon_set, name, out_dir, stem, size)
-            except RenderError as exc:
-                rejects.append(Reject(where, f"render failed: {exc}", f"images/{style}/{stem}.png"))
-                continue
-            key = f"{style}/{stem}"
-            cps = [int(c, 16) for c in stem.split("-")]
-            texts = captions_for(entry, cps)
-            tags = keywords.get("".join(map(chr, cps)).replace("\ufe0f", ""))
-            if tags and tags not in texts:
-                texts.append(tags)
-            if keywords:
-                counts["keyword_captions"] = counts.get("keyword_captions", 0) + bool(tags)
-            for caption in texts:
-                rows.append({"sample_id": sample_id_for(key, caption), "image_id": image_id_for(key),
-                             "image_path": rel, "caption": caption, "split": "train", "label": None,
-                             "source_row": where})
-            counts["images"] += 1
-            counts["captions"] += len(texts)
+            todo.append((style, stem, entry, where, *write_icon_svg(icon_set, name, out_dir, stem)))
         summary["styles"][style] = counts
+    for (style, stem, entry, where, svg, rel), outcome in zip(
+            todo, render_many([(svg, out_dir / rel, size) for *_, svg, rel in todo])):
+        counts = summary["styles"][style]
+        if isinstance(outcome, str):
+            rejects.append(Reject(where, f"render failed: {outcome}", rel))
+            continue
+        key = f"{style}/{stem}"
+        cps = [int(c, 16) for c in stem.split("-")]
+        texts = captions_for(entry, cps)
+        tags = keywords.get("".join(map(chr, cps)).replace("\ufe0f", ""))
+        if tags and tags not in texts:
+            texts.append(tags)
+        if keywords:
+            counts["keyword_captions"] = counts.get("keyword_captions", 0) + bool(tags)
+        for caption in texts:
+            rows.append({"sample_id": sample_id_for(key, caption), "image_id": image_id_for(key),
+                         "image_path": rel, "caption": caption, "split": "train", "label": None,
+                         "source_row": where})
+        counts["images"] += 1
+        counts["captions"] += len(texts)
     source = "emoji corpus " + " ".join(f"{s.package}@{s.version}" for s in sets) + f" size={size}"
     summary.update(images=sum(c["images"] for c in summary["styles"].values()), pairs=len(rows),
                    rejects=len(rejects))
@@ -283,4 +292,4 @@ def split_counts(by_split: dict[str, list[dict]]) -> dict:
     return counts
 
 
-__all__ = ["STYLES", "ALLOWED_LICENCES", "build_corpus", "world_splits", "split_counts", "render_icon", "fetch_package", "read_icon_set", "CorpusBuild"]
+__all__ = ["STYLES", "ALLOWED_LICENCES", "build_corpus", "world_splits", "split_counts", "render_icon", "write_icon_svg", "fetch_package", "read_icon_set", "CorpusBuild"]

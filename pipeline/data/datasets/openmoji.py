@@ -19,13 +19,15 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import multiprocessing
+import os
 import re
 import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import pyarrow.compute  # noqa: F401  Manifest.split uses pa.compute, which `import pyarrow` does not load
 
@@ -324,6 +326,25 @@ def render_svg(svg: Path, png: Path, size: int) -> bool:
     return True
 
 
+def _render_job(job: tuple[Path, Path, int]) -> bool | str:
+    try:
+        return render_svg(*job)
+    except (RenderError, OSError) as exc:
+        return str(exc)
+
+
+def render_many(jobs: Sequence[tuple[Path, Path, int]], workers: int | None = None) -> Iterator[bool | str]:
+    """``render_svg`` over (svg, png, size) jobs in order: True rendered, False already there, else the reason it
+    failed. resvg holds the GIL, so the jobs run in processes (one per core, forked where the platform allows:
+    the jobs are only paths)."""
+    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 64))
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        yield from map(_render_job, jobs)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(_render_job, jobs, chunksize=32)
+
+
 # ---- build --------------------------------------------------------------------------------------------
 @dataclass
 class OpenmojiBuild:
@@ -451,17 +472,14 @@ def build_openmoji_dataset(
     image_dir = out_dir / IMAGES_DIR
     image_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(named, desc=f"render openmoji @{size}px", unit="img", disable=not progress, dynamic_ncols=True)
-    for stem, cps, entry in bar:
+    outcomes = render_many([(svg_dir / f"{stem}.svg", image_dir / f"{stem}.png", size) for stem, _, _ in named])
+    for (stem, cps, entry), outcome in zip(bar, outcomes):
         rel = f"{stem}.png"
         captions = captions_for(entry, cps)
-        try:
-            if render_svg(svg_dir / f"{stem}.svg", image_dir / rel, size):
-                rendered += 1
-            else:
-                reused += 1
-        except (RenderError, OSError) as exc:
-            rejects.append(Reject(f"openmoji:{stem}", str(exc), f"{IMAGES_DIR}/{rel}", captions[0]))
+        if isinstance(outcome, str):
+            rejects.append(Reject(f"openmoji:{stem}", outcome, f"{IMAGES_DIR}/{rel}", captions[0]))
             continue
+        rendered, reused = rendered + outcome, reused + (not outcome)
         split = split_of_key[keys[stem]]
         label = groups.get(_group_key(stem)) if groups else None
         image_id = image_id_for(stem)
@@ -554,6 +572,7 @@ __all__ = [
     "natural_name",
     "read_emoji_groups",
     "render_svg",
+    "render_many",
     "sample_id_for",
     "split_hash",
 ]
