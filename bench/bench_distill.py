@@ -11,6 +11,8 @@
 (b) the speed-up of cached targets over running the teacher online: the same real step with the targets
     computed inside it by the teacher (its own preprocessed pixels preloaded, so image decoding for the
     teacher is NOT counted: the online side is flattered, the speed-up is a lower bound).
+(c) the channels_last speed-up: the bare step with the student's default NHWC activations against the same student
+    (same weights) with channels_last off, interleaved with the others.
 
 The machine is shared, so the bare, preloaded-real and online steps alternate one by one (all see the
 same load) and each configuration's median step time is reported. The DataLoader-fed steps run as a
@@ -179,6 +181,14 @@ class DistillBench:
         self.fd = FeatureDistillLoss()
         self._fill_queue()
         self._step = 0
+        # (c) the same student with NCHW activations (channels_last off), same weights, its own optimizer
+        from pipeline.students.model import build_student
+
+        nchw_config = dataclasses.replace(self.model.config, channels_last=False)
+        self.nchw_model = build_student(nchw_config, tokenizer=self.model.tokenizer, load_weights=False,
+                                        device=self.device).train()
+        self.nchw_model.load_state_dict(self.model.state_dict())
+        self.nchw_optimizer = torch.optim.AdamW(self.nchw_model.parameters(), lr=self.optim.lr)
 
     def _fill_queue(self) -> None:
         """Random cache rows in every slot (trainer's random mode), so CD sees K negatives from step 1."""
@@ -237,16 +247,17 @@ class DistillBench:
             o.__dict__.pop("targets", None)
         self._step += 1
 
-    def bare_step(self, item: dict, clock: Clock) -> None:
+    def bare_step(self, item: dict, clock: Clock, nchw: bool = False) -> None:
+        model, optimizer = (self.nchw_model, self.nchw_optimizer) if nchw else (self.model, self.optimizer)
         with clock("forward"), self.autocast():
-            s_img, s_txt = self.model(item["pixels"], item["tokens"])
+            s_img, s_txt = model(item["pixels"], item["tokens"])
         with clock("losses"):
             loss = self.fd(s_img, s_txt, item["t_img"], item["t_txt"])["fd"]
         with clock("backward"):
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
         with clock("clip + optimizer"):
-            self.optimizer.step()
+            optimizer.step()
 
     def autocast(self):
         """The trainer's precision (auto: bf16 autocast on CUDA, full precision on CPU)."""
@@ -255,8 +266,8 @@ class DistillBench:
     # -- configurations ------------------------------------------------------------------------
     def one_step(self, kind: str, item: dict, clock: Clock) -> None:
         with clock.step():
-            if kind == "bare":
-                self.bare_step(item, clock)
+            if kind in ("bare", "bare NCHW"):
+                self.bare_step(item, clock, nchw=kind == "bare NCHW")
             elif kind == "preloaded":
                 self.real_step(item["batch"], None, clock, item["pixels"])
             else:  # online: the teacher encodes the batch inside the step
@@ -273,7 +284,7 @@ class DistillBench:
         configurations see the same machine load; warm-up steps are not recorded."""
         for s in range(warmup + steps):
             item = items[s % len(items)]
-            kinds = ["bare", "preloaded"] + (["online"] if warmup <= s < warmup + online_steps else [])
+            kinds = ["bare", "bare NCHW", "preloaded"] + (["online"] if warmup <= s < warmup + online_steps else [])
             for kind in kinds:
                 self.one_step(kind, item, clocks[kind] if s >= warmup else Clock(self.device))
 
@@ -357,7 +368,7 @@ def main() -> None:
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus; {environment()}")
         items = bench.preload(min(args.warmup + max(args.steps, online_steps), 8), with_teacher=True)
 
-        clocks = {k: Clock(bench.device) for k in ("bare", "preloaded", "loader", "online")}
+        clocks = {k: Clock(bench.device) for k in ("bare", "bare NCHW", "preloaded", "loader", "online")}
         data_ratios = []  # per round: loader block vs the preloaded block run just before it
         for r in range(args.rounds):
             bench.interleaved(items, args.warmup, args.steps, online_steps, clocks)
@@ -373,6 +384,7 @@ def main() -> None:
     b = args.batch_size
     sps = {k: b / c.per_step() for k, c in clocks.items()}
     labels = {"bare": "bare fwd/bwd + AdamW, preloaded (baseline)",
+              "bare NCHW": "the same, channels_last off (c)",
               "preloaded": "real step, preloaded pixels",
               "loader": "real step, trainer DataLoader",
               "online": "real step, teacher online (b)"}
@@ -391,6 +403,9 @@ def main() -> None:
     print("  (the loader row above is from separate blocks, so machine load drifts into its 'vs baseline')")
     print("\nwhere a step's time goes:")
     print(phase_table(clocks))
+    print(f"\n(c) channels_last (NHWC activations, the students' default) vs NCHW, bare step, interleaved: "
+          f"{1e3 * clocks['bare'].per_step():.0f} vs {1e3 * clocks['bare NCHW'].per_step():.0f} ms/step -> "
+          f"speed-up {sps['bare'] / sps['bare NCHW']:.2f}x")
     speedup = sps["preloaded"] / sps["online"]
     print(f"\n(b) cached targets vs teacher {spec} online: {1e3 * clocks['preloaded'].per_step():.0f} vs "
           f"{1e3 * clocks['online'].per_step():.0f} ms/step -> speed-up {speedup:.2f}x "
