@@ -195,13 +195,34 @@ def test_cli_rerun_reuses_tower_features(trained, monkeypatch):
     assert math.isclose(again.summary["val"]["rsum"], trained["summary"]["val"]["rsum"])
 
 
+
+def _caches_reused_and_fresh(manifest, reused, fresh, out, dataset):
+    """Stage-1 caches of ``manifest`` by the teacher that may reuse stored features and by the one that cannot;
+    returns (reused cache, fresh cache, images the reusing teacher encoded, the two job summaries)."""
+    from pipeline.features.cache import FeatureCache
+    from pipeline.features.job import FeatureJob, run_feature_job
+
+    encoded = {"n": 0}
+    original = reused._encode_images
+
+    def counting(pixels):
+        encoded["n"] += len(pixels)
+        return original(pixels)
+
+    reused._encode_images = counting
+    caches, summaries = [], []
+    for name, teacher in (("reused", reused), ("fresh", fresh)):
+        job = FeatureJob(manifest=manifest, dataset=dataset, split="train", out_dir=out / name,
+                         num_workers=0, batch_size=8, dtype="float32")
+        summaries.append(run_feature_job(job, teacher, progress=False))
+        caches.append(FeatureCache(out / name))
+    return caches[0], caches[1], encoded["n"], summaries
+
+
 def test_stage1_reuses_build_lit_features_and_matches_encoding(trained, tmp_path):
     """teacher-features takes train/val embeddings from build-lit's tower features instead of encoding
     again; the cache must equal one made by encoding every image (checkpoint copied without the npz)."""
     import shutil
-
-    from pipeline.features.cache import FeatureCache
-    from pipeline.features.job import FeatureJob, run_feature_job
 
     root, ckpt = trained["root"], trained["ckpt"]
     lone = tmp_path / "alone" / "lit.pt"
@@ -214,23 +235,10 @@ def test_stage1_reuses_build_lit_features_and_matches_encoding(trained, tmp_path
     assert known is not None and fresh_teacher.known_embeddings(manifest) is None
     assert len(known.image_ids) == 12 and len(known.captions) == 25  # the corrupt image is not known
 
-    encoded = {"n": 0}
-    original = reused_teacher._encode_images
-
-    def counting(pixels):
-        encoded["n"] += len(pixels)
-        return original(pixels)
-
-    reused_teacher._encode_images = counting
-    caches = {}
-    for name, teacher in (("reused", reused_teacher), ("fresh", fresh_teacher)):
-        job = FeatureJob(manifest=manifest, dataset="shapes", split="train", out_dir=tmp_path / name,
-                         num_workers=0, batch_size=8, dtype="float32")
-        summary = run_feature_job(job, teacher, progress=False)
+    a, b, encoded, summaries = _caches_reused_and_fresh(manifest, reused_teacher, fresh_teacher, tmp_path, "shapes")
+    for summary in summaries:
         assert summary.images == 12 and summary.rejects == 1  # corrupt image -> its caption rejected
-        caches[name] = FeatureCache(tmp_path / name)
-    assert encoded["n"] == 0  # only the corrupt image was attempted, and it fails in decoding
-    a, b = caches["reused"], caches["fresh"]
+    assert encoded == 0  # only the corrupt image was attempted, and it fails in decoding
     np.testing.assert_array_equal(a.image_ids, b.image_ids)
     np.testing.assert_allclose(a.image.to_array(), b.image.to_array(), atol=1e-5)
     np.testing.assert_allclose(a.text.to_array(), b.text.to_array(), atol=1e-5)
@@ -291,9 +299,6 @@ def test_stage1_reuses_tower_features_of_the_same_files_under_another_manifest(t
     only the image the corpus never held is encoded, and the cache equals one made by encoding everything."""
     import shutil
 
-    from pipeline.features.cache import FeatureCache
-    from pipeline.features.job import FeatureJob, run_feature_job
-
     root, ckpt = trained["root"], trained["ckpt"]
     (tmp_path / "new").mkdir()
     _draw("black", "square").save(tmp_path / "new" / "fresh.png")
@@ -313,22 +318,8 @@ def test_stage1_reuses_tower_features_of_the_same_files_under_another_manifest(t
     assert sorted(known.image_ids.tolist()) == [500, 501]  # 3.png and 5.png; fresh.png was never encoded
     assert known.captions == ["a red triangle"]  # a stored caption; "a red circle?" is new text
 
-    encoded = {"n": 0}
-    original = teacher._encode_images
-
-    def counting(pixels):
-        encoded["n"] += len(pixels)
-        return original(pixels)
-
-    teacher._encode_images = counting
-    caches = {}
-    for name, t in (("reused", teacher), ("fresh", fresh_teacher)):
-        job = FeatureJob(manifest=manifest, dataset="bench", split="train", out_dir=tmp_path / name,
-                         num_workers=0, batch_size=8, dtype="float32")
-        run_feature_job(job, t, progress=False)
-        caches[name] = FeatureCache(tmp_path / name)
-    assert encoded["n"] == 1
-    a, b = caches["reused"], caches["fresh"]
+    a, b, encoded, _ = _caches_reused_and_fresh(manifest, teacher, fresh_teacher, tmp_path, "bench")
+    assert encoded == 1
     np.testing.assert_array_equal(a.image_ids, b.image_ids)
     np.testing.assert_allclose(a.image.to_array(), b.image.to_array(), atol=1e-5)
     np.testing.assert_allclose(a.text.to_array(), b.text.to_array(), atol=1e-5)
