@@ -262,7 +262,7 @@ class LitTeacher(Teacher):
         return [*self.towers.modules(), self.heads]
 
     def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        return LitImageTransform(self.towers.image_size)
+        return LitImageTransform(self.heads.image_size)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.towers.tokenize(texts)
@@ -274,7 +274,7 @@ class LitTeacher(Teacher):
         return self.heads.text(self.towers.text_features(tokens))
 
     def fingerprint_parts(self) -> dict:
-        return {"towers": towers_fingerprint_parts(self.towers.image_size), "heads": self.heads.digest()}
+        return {"towers": towers_fingerprint_parts(self.heads.image_size), "heads": self.heads.digest()}
 
     @torch.no_grad()
     def image_tokens(self, pixels: torch.Tensor):
@@ -316,7 +316,7 @@ class LitTeacher(Teacher):
             return None
         from pipeline.teachers.lit_store import stored_tower_features
 
-        sf = stored_tower_features(self.checkpoint_path, manifest, towers_fingerprint_parts(self.towers.image_size))
+        sf = stored_tower_features(self.checkpoint_path, manifest, towers_fingerprint_parts(self.heads.image_size))
         if sf is None:
             return None
         with torch.no_grad():
