@@ -337,3 +337,32 @@ def test_image_size_is_the_checkpoints_and_part_of_the_fingerprint(trained, tmp_
     assert small.image_transform()(_draw("red", "circle")).shape == (3, 64, 64)
     assert trained["teacher"].image_transform()(_draw("red", "circle")).shape == (3, 224, 224)
     assert small.fingerprint_parts()["towers"] != trained["teacher"].fingerprint_parts()["towers"]
+
+
+def test_features_found_by_file_come_only_from_intact_files_of_the_same_towers(trained, tmp_path, capsys):
+    """The by-file search reads only stored features of the same towers (image size included) whose checksum holds;
+    otherwise the teacher encodes (None), never uses another size's or a damaged file's features."""
+    import shutil
+
+    from pipeline.teachers.lit import towers_fingerprint_parts
+    from pipeline.teachers.lit_store import stored_tower_features
+
+    root, ckpt = trained["root"], trained["ckpt"]
+    copy = tmp_path / "copy" / "lit.pt"
+    copy.parent.mkdir()
+    for name in (ckpt.name, f"{ckpt.stem}.train-features.npz"):
+        for suffix in ("", ".blake2b"):
+            shutil.copy(ckpt.parent / f"{name}{suffix}", copy.parent / f"{name}{suffix}")
+    rows = [{"sample_id": 1, "image_id": 900, "image_path": "images/4.png", "caption": "a green circle",
+             "split": "train"},
+            {"sample_id": 2, "image_id": 901, "image_path": "images/6.png", "caption": "never stored", "split": "train"}]
+    manifest = Manifest.from_rows(rows, source="another view of the train images", image_root=root)
+    found = stored_tower_features(copy, manifest, towers_fingerprint_parts())
+    assert sorted(found.image_ids.tolist()) == [900, 901] and found.captions.tolist() == ["a green circle"]
+    assert stored_tower_features(copy, manifest, towers_fingerprint_parts(64)) is None  # other towers' input
+    features = copy.parent / f"{ckpt.stem}.train-features.npz"
+    data = bytearray(features.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    features.write_bytes(bytes(data))
+    assert stored_tower_features(copy, manifest, towers_fingerprint_parts()) is None
+    assert "differs from its checksum" in capsys.readouterr().out
