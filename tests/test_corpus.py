@@ -125,3 +125,20 @@ def test_keyword_captions_come_from_cldr_annotations(tmp_path):
     assert "`cldr-annotations-full` 48.2.0: Unicode-3.0" in (out / "ATTRIBUTION.md").read_text()
     bad = cli("build-corpus", "--styles", "noto", "--npm-cache", cache, "--out", out, "--captions", "keywords,emoji")
     assert bad.returncode == 2 and "caption kinds ['emoji']" in bad.stderr
+
+
+def test_an_icon_resvg_cannot_render_is_a_reject_and_its_neighbours_stay(tmp_path):
+    """A broken icon body fails in the render pool: one recorded reject with resvg's reason, the other icons of
+    the style rendered and paired in order."""
+    cache = tmp_path / "npm"
+    npm_tarball(cache, "@iconify-json/twemoji", "1.0.0", "CC-BY-4.0",
+                {"grinning-face": SQUARE, "red-heart": '<rect width="oops" <<', "thumbs-up": SQUARE})
+    out = tmp_path / "corpus"
+    result = cli("build-corpus", "--styles", "twemoji", "--npm-cache", cache, "--out", out, "--size", 32)
+    assert result.returncode == 0, result.stderr[-2000:]
+    paths = sorted({r["image_path"] for r in Manifest.read(out / "train.parquet").table.to_pylist()})
+    assert paths == ["images/twemoji/1f44d.png", "images/twemoji/1f600.png"]
+    rejects = read_rejects(out / "rejects.parquet")
+    assert [(r.source_row, r.reason.split(":")[0]) for r in rejects] == [
+        ("@iconify-json/twemoji:red-heart", "render failed")]
+    assert json.loads((out / "summary.json").read_text())["styles"]["twemoji"]["images"] == 2
