@@ -102,6 +102,15 @@ class OptimSection:  # defaults: the paper's schedule (method.md 1.6)
 
 
 @dataclass(frozen=True)
+class InheritSection:
+    """Weight inheritance (pipeline.students.inherit): the student's text tower from a trained dual encoder's."""
+
+    text_from: str = ""  # a dual-encoder export (e.g. artifacts/teachers/emoji-strong.pt); empty: off
+    text_layers: tuple = ()  # the source's layers, one per student layer; empty: evenly spaced
+    text_projection: bool = True  # also its text projection (same width as the student's)
+
+
+@dataclass(frozen=True)
 class DistillConfig(RunOptions):
     name: str = "default"
     student: str = "lite"  # preset name (pipeline.students.PRESETS)
@@ -111,6 +120,7 @@ class DistillConfig(RunOptions):
     queue: QueueSection = field(default_factory=QueueSection)
     balancer: BalancerSection = field(default_factory=BalancerSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    inherit: InheritSection = field(default_factory=InheritSection)
 
 
 CAPTION_SALT = 0x63617074  # the transfer captions' stream is not the images' (pipeline.distill.transfer)
@@ -260,6 +270,7 @@ class DistillObjective(Objective):
         self.transfer, self.stream, self.captions, self.caption_stream = self._transfer(train_manifest)
         self.scfg = student_config(cfg, self.cache.width if self.cache else None)
         self.model = model = build_student(self.scfg).to(device)
+        self.inherited = self._inherit(model, cfg.inherit)
         self.views = self._views()
         if cfg.data.preload_limit_gb < 0:
             raise PipelineError(f"data.preload_limit_gb must be >= 0, got {cfg.data.preload_limit_gb}")
@@ -310,6 +321,21 @@ class DistillObjective(Objective):
         return (pool, TransferStream(len(pool), per_step, seed, env.rank, env.world) if pool else None,
                 captions, TransferStream(len(captions), per_step, seed, env.rank, env.world, salt=CAPTION_SALT)
                 if captions else None)
+
+    def _inherit(self, model, section: InheritSection) -> dict | None:
+        """The student's text tower from a trained dual encoder's (TinyCLIP's weight inheritance); a resumed run's
+        checkpoint then replaces these weights like any initial ones."""
+        if not section.text_from:
+            return None
+        from pipeline.students.export import load_student_model
+        from pipeline.students.inherit import inherit_text_layers
+
+        source = load_student_model(section.text_from)[0]
+        taken = inherit_text_layers(model, source, section.text_layers, section.text_projection)
+        if self.env.is_main:
+            print(f"text tower: layers {taken['layers']} of {taken['of']} of {section.text_from}"
+                  + (" and its projection" if taken["projection"] else ""))
+        return {"from": section.text_from, **taken}
 
     def _views(self) -> ViewReplay | None:
         """The cached views to replay (data.views > 0), checked against the caches."""
