@@ -592,6 +592,11 @@ def test_lit_tower_features_are_recomputed_when_damaged_or_unchecked(tmp_path, m
     path = tmp_path / "lit-x.train-features.npz"
     write_features(path, "key", sf)
     assert read_features(path, "key") is not None
+    hashed = []
+    real_verify = io.verify_file
+    monkeypatch.setattr(io, "verify_file", lambda p: hashed.append(p) or real_verify(p))
+    assert read_features(path, "another key") is None and not hashed  # made for something else: never hashed
+    monkeypatch.setattr(io, "verify_file", real_verify)
     good = path.read_bytes()
     _flip(path)
     assert read_features(path, "key") is None and "differs from its checksum" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -67,11 +68,37 @@ def real_location(location: str) -> str:
     return os.path.realpath(path) + sep + member
 
 
-def read_features(path: Path, key: str | None) -> SplitFeatures | None:
-    """The features stored at ``path`` if they were made for ``key``; None when absent, stale, unreadable, damaged
-    or without a checksum (unless trusted): the caller then encodes again and rewrites them, checksum included."""
+def stored_key(path: Path) -> str | None:
+    """The key a stored feature file was made for (its small ``key`` member only: no hashing, no arrays); None
+    when absent or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["key"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def read_features(path: Path, wanted: str | Callable[[str], bool]) -> SplitFeatures | None:
+    """The features stored at ``path`` if its key is ``wanted`` (or satisfies it); None when absent, made for
+    another key, unreadable, damaged or without a checksum (unless trusted): the caller then encodes again and
+    rewrites them, checksum included. The key is read first, so a file made for something else is never hashed."""
     if not path.exists():
         return None
+    key = stored_key(path)
+    if key is None:
+        print(f"note: {path}: not a readable tower-feature file; not used (the towers encode these images again)")
+        return None
+    if not (wanted(key) if callable(wanted) else key == wanted):
+        return None
+    problem = io.verify_file(path)
+    if problem and not (problem == io.NO_CHECKSUM and io.trust_unchecked()):
+        print(f"note: {path}: {problem}; not used (the towers encode these images again)")
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return SplitFeatures(**{k: z[k] for k in SplitFeatures.__dataclass_fields__ if k in z.files})
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None  # damaged in a way the checksum did not cover (trusted unchecked): encode instead
     problem = io.verify_file(path)
     if problem and not (problem == io.NO_CHECKSUM and io.trust_unchecked()):
         print(f"note: {path}: {problem}; not used (the towers encode these images again)")
@@ -106,13 +133,16 @@ def stored_tower_features(checkpoint: Path, manifest: Manifest, towers_parts: di
     return _features_by_location(checkpoint, manifest, towers_parts)
 
 
-def _same_towers(path: Path, towers_parts: dict) -> bool:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            key = json.loads(str(z["key"]))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return False
-    return key.get("version") == FEATURES_VERSION and key.get("towers") == json.loads(json.dumps(towers_parts))
+def _same_towers(towers_parts: dict) -> Callable[[str], bool]:
+    towers = json.loads(json.dumps(towers_parts))
+
+    def wanted(key: str) -> bool:
+        try:
+            parsed = json.loads(key)
+        except ValueError:
+            return False
+        return isinstance(parsed, dict) and parsed.get("version") == FEATURES_VERSION and parsed.get("towers") == towers
+    return wanted
 
 
 def _features_by_location(checkpoint: Path, manifest: Manifest, towers_parts: dict) -> SplitFeatures | None:
@@ -121,10 +151,9 @@ def _features_by_location(checkpoint: Path, manifest: Manifest, towers_parts: di
     captions = manifest.table.column("caption").to_pylist()
     wanted_text = set(captions)
     img_ids, img_feats, text_of, width = [], [], {}, 0
+    same_towers = _same_towers(towers_parts)
     for path in _stored_paths(checkpoint):
-        if not _same_towers(path, towers_parts):
-            continue
-        sf = read_features(path, None)
+        sf = read_features(path, same_towers)
         if sf is None:
             continue
         width = sf.image_feats.shape[1]
