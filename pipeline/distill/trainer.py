@@ -36,6 +36,7 @@ from pipeline.data.manifest import Manifest
 from pipeline.features.cache import open_cached_split
 from pipeline.retrieval.training_recall import student_recall
 from pipeline.students import StudentConfig, build_student, export_student, export_torchscript, get_preset
+from pipeline.students.inherit import keep_text_side, with_text_side_of
 from pipeline.train.loop import LoopSettings, Objective, StepOutput, TrainResult, best_checkpoint, fit
 from pipeline.train.options import TRAINING_PRECISIONS, RunOptions
 from pipeline.train.state import one_process_per_run, prepare_run_dir, seed_all
@@ -121,6 +122,11 @@ class DistillConfig(RunOptions):
     balancer: BalancerSection = field(default_factory=BalancerSection)
     optim: OptimSection = field(default_factory=OptimSection)
     inherit: InheritSection = field(default_factory=InheritSection)
+    # The teacher's text side (NVIDIA's clip-distillation): a dual-encoder export (PATH or dual:PATH) that made the
+    # cache. The student keeps its text tower and projection, frozen, and trains only its image tower into the
+    # teacher's space against the cached caption embeddings (no text forward); its export carries that text side,
+    # so eval, search and export-onnx work unchanged. Empty: the student trains its own text tower.
+    teacher_text: str = ""
 
 
 CAPTION_SALT = 0x63617074  # the transfer captions' stream is not the images' (pipeline.distill.transfer)
@@ -232,6 +238,7 @@ def _train(cfg: DistillConfig, resume: bool, progress: bool, device: torch.devic
             # what made it: the whole run config and the training manifest's content hash (a teacher trained
             # this way is identified by these, and its weights, in every cache built from it)
             "recipe": cfgio.to_dict(cfg), "train_data": objective.data_fingerprint,
+            **({"text_side": objective.text_side} if objective.text_side else {}),
         })
         try:  # TorchScript encoders for deployment without this package; optional (tracing limits)
             export_torchscript(model, run_dir / "export")
@@ -269,8 +276,19 @@ class DistillObjective(Objective):
         self.rows = rows = align(train_manifest, self.cache)
         self.transfer, self.stream, self.captions, self.caption_stream = self._transfer(train_manifest)
         self.scfg = student_config(cfg, self.cache.width if self.cache else None)
-        self.model = model = build_student(self.scfg).to(device)
+        text_side = self._teacher_text_side() if cfg.teacher_text else None
+        if text_side is not None:
+            self.scfg = with_text_side_of(self.scfg, text_side.model)
+        self.model = model = build_student(self.scfg, tokenizer=text_side.model.tokenizer if text_side else None
+                                           ).to(device)
         self.inherited = self._inherit(model, cfg.inherit)
+        self.text_side = None
+        if text_side is not None:
+            frozen = keep_text_side(model, text_side.model)
+            self.text_side = {"from": cfg.teacher_text, "fingerprint": text_side.fingerprint(), "frozen": frozen}
+            if env.is_main:
+                print(f"text side: the teacher's ({cfg.teacher_text}), {frozen / 1e6:.1f}M parameters frozen; "
+                      "only the image tower trains, against the cached caption embeddings")
         self.views = self._views()
         if cfg.data.preload_limit_gb < 0:
             raise PipelineError(f"data.preload_limit_gb must be >= 0, got {cfg.data.preload_limit_gb}")
@@ -314,6 +332,11 @@ class DistillObjective(Objective):
                                 "pair loss cannot use caption-less images")
         own = (train_manifest, self.cache)
         pool, captions = load_transfer_data(cfg.data.transfer, own, self.rows.locations)
+        if captions is not None and cfg.teacher_text:
+            if self.env.is_main:  # a frozen text side has nothing to learn from them
+                print(f"note: {len(captions)} image-less transfer captions are not used: the student's text side "
+                      "is the teacher's (teacher_text)")
+            captions = None
         if pool is None and captions is None:
             raise PipelineError("data.transfer_ratio > 0 but there is no transfer data: name sources in "
                                 "data.transfer or declare unpaired rows in the training manifest")
@@ -321,6 +344,23 @@ class DistillObjective(Objective):
         return (pool, TransferStream(len(pool), per_step, seed, env.rank, env.world) if pool else None,
                 captions, TransferStream(len(captions), per_step, seed, env.rank, env.world, salt=CAPTION_SALT)
                 if captions else None)
+
+    def _teacher_text_side(self):
+        """The cache's own teacher (a dual-encoder export) whose text side the student keeps; a one-line error when
+        it is not what made the cache, since the cached caption embeddings stand in for its text forward."""
+        from pipeline.students.export import DualEncoderTeacher
+
+        cfg = self.cfg
+        if self.cache is None:
+            raise PipelineError("teacher_text needs the teacher's cache (data.cache_dir): its caption embeddings are "
+                                "the student's text side in training")
+        if cfg.inherit.text_from:
+            raise PipelineError("teacher_text and inherit.text_from both set the text tower: choose one")
+        teacher = DualEncoderTeacher.from_spec(cfg.teacher_text.removeprefix("dual:"))
+        if teacher.fingerprint() != self.cache.meta.teacher_fingerprint:
+            raise PipelineError(f"teacher_text {cfg.teacher_text} is teacher {teacher.fingerprint()}, but the cache "
+                                f"{cfg.data.cache_dir} was made by {self.cache.meta.teacher_fingerprint}")
+        return teacher
 
     def _inherit(self, model, section: InheritSection) -> dict | None:
         """The student's text tower from a trained dual encoder's (TinyCLIP's weight inheritance); a resumed run's
@@ -400,7 +440,8 @@ class DistillObjective(Objective):
             img_ids = torch.from_numpy(rows.image_ids[idx]).to(device)
             hashes = torch.from_numpy(rows.caption_hash[idx]).to(device)
             texts = batch.captions + (extra_caps[1] if extra_caps else [])
-            tokens = {k: v.to(device) for k, v in self.model.tokenizer(texts).items()}
+            # the teacher's text side: no text forward, the cached caption embeddings are what it computes
+            tokens = None if self.text_side else {k: v.to(device) for k, v in self.model.tokenizer(texts).items()}
         transfer = None
         if self.transfer is not None and len(batch.transfer_rows):
             with clock("targets"):
@@ -411,7 +452,8 @@ class DistillObjective(Objective):
         with clock("forward"), autocast(device, cfg.precision):
             # one forward over the pairs' and the transfer images (one DDP call); split after
             s_all, s_txt_all = self.ddp_model(batch.pixels.to(device, non_blocking=True), tokens)
-        s_img, s_txt = s_all[:len(idx)], s_txt_all[:len(idx)]
+        s_img = s_all[:len(idx)]
+        s_txt = torch.nn.functional.normalize(t_txt.float(), dim=-1) if self.text_side else s_txt_all[:len(idx)]
         transfer_text = None
         if extra_caps:
             crows = extra_caps[0]

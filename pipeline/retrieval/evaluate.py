@@ -38,7 +38,7 @@ from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.retrieval.index import BuiltIndex, IndexSpec, build_index, choose_index, load_index, save_index, search
 from pipeline.data.manifest import Manifest
 from pipeline.retrieval.metrics import DEFAULT_KS, check_inputs, recall_at_k, truncate_captions
-from pipeline.students import StudentEncoder, count_params, load_student
+from pipeline.students import StudentEncoder, count_params, flops_per_item, load_student
 from pipeline.teachers import Teacher, load_teacher
 from pipeline.teachers.base import to_device
 from pipeline.common import paths
@@ -125,6 +125,12 @@ def count_parameters(encoder: Teacher) -> dict[str, int]:
         return count_params(encoder.model)
     seen = {id(p): p.numel() for m in encoder.modules() for p in m.parameters()}
     return {"total": int(sum(seen.values()))}
+
+
+def count_flops(encoder: Teacher | None) -> dict[str, int] | None:
+    """Forward FLOPs per image and per caption of a student-architecture encoder (a student, or a ``dual:``
+    teacher); None for other encoders, whose towers this project cannot count."""
+    return flops_per_item(encoder.model) if isinstance(encoder, StudentEncoder) else None
 
 
 def device_description(device: torch.device) -> str:
@@ -325,7 +331,8 @@ def evaluate_student(
         teacher_fingerprint=teacher_fp, dataset=dataset, split=split, source=str(export_path),
         export_path=str(export_path.resolve()),
         run_dir=str(run_dir.resolve()) if run_dir and (run_dir / "metrics.jsonl").exists() else None,
-        student_preset=encoder.model.config.name, params=count_parameters(encoder),
+        student_preset=encoder.model.config.name, params=count_parameters(encoder), flops=count_flops(encoder),
+        text_side=encoder.meta.get("text_side"),
         speed=measure_speed(encoder, image_locations, captions, speed) if speed else None,
         speed_onnx=_onnx_speed(export_path, image_locations, captions, speed),
         device=device_description(encoder.device),
@@ -409,7 +416,7 @@ def evaluate_teacher_cache(
         model_fingerprint=cache.meta.teacher_fingerprint, teacher_fingerprint=cache.meta.teacher_fingerprint,
         dataset=cache.meta.dataset, split=split, source=str(cache.directory), teacher_spec=spec,
         cost_note=note,
-        params=count_parameters(encoder) if encoder else None,
+        params=count_parameters(encoder) if encoder else None, flops=count_flops(encoder),
         speed=measure_speed(encoder, image_locations, captions, speed) if encoder and speed else None,
         device=device_description(encoder.device) if encoder else None,
     )

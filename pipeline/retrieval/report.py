@@ -93,19 +93,20 @@ def comparison_table(results: Sequence[dict]) -> str:
 
 def speed_table(results: Sequence[dict]) -> str:
     header = ("Model", "Device", "Image latency (ms)", "Text latency (ms)", "Image items/s", "Text items/s",
-              "Params image / text")
+              "Params image / text", "GFLOPs image / caption")
     rows = []
     for r in ordered(results):
-        s, p = r.get("speed"), r.get("params") or {}
-        towers = f"{p['image'] / 1e6:.2f}M / {p['text'] / 1e6:.2f}M" if "image" in p else "-"
+        s, p, f = r.get("speed"), r.get("params") or {}, r.get("flops")
+        towers = [f"{p['image'] / 1e6:.2f}M / {p['text'] / 1e6:.2f}M" if "image" in p else "-",
+                  f"{f['image'] / 1e9:.3f} / {f['text'] / 1e9:.3f}" if f else "-"]
         if not s:
-            rows.append([r["name"], r.get("device") or "-", "-", "-", "-", "-", towers])
+            rows.append([r["name"], r.get("device") or "-", "-", "-", "-", "-", *towers])
             continue
         for label, s in ((r["name"], s), (f"{r['name']} (ONNX, onnxruntime)", r.get("speed_onnx"))):
             if s:  # the ONNX row only where `clipdistill export-onnx` wrote the graphs
                 rows.append([label, s["device"], f"{1e3 * s['image_latency_s']:.2f}",
                              f"{1e3 * s['text_latency_s']:.2f}", f"{s['image_throughput']:.0f}",
-                             f"{s['text_throughput']:.0f}", towers])
+                             f"{s['text_throughput']:.0f}", *towers])
     return _markdown(header, rows, text_columns=2)
 
 
@@ -134,6 +135,9 @@ def notes(results: Sequence[dict]) -> list[str]:
             how += f"; {failed} images failed to decode and are left out"
         if r.get("cost_note") and not r.get("params"):
             how += f"; params/latency not measured ({r['cost_note']})"
+        if r.get("text_side"):
+            how += (f"; its text side is the teacher's ({r['text_side']['from']}), frozen and carried in its export: "
+                    "captions are embedded as the teacher embeds them, and its text cost is the teacher's")
         out.append(f"{r['name']}: {how}.")
     speed = next((r["speed"] for r in results if r.get("speed")), None)
     if speed:

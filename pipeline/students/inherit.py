@@ -1,14 +1,23 @@
-"""Weight inheritance (TinyCLIP): a student's text tower starts from chosen layers of a trained dual encoder's own
-fine-tuned text tower (this project's export, e.g. the strong teacher), and optionally from its projection.
+"""A student's text side taken from a trained dual encoder (this project's export, e.g. the strong teacher).
 
-Both towers must be BERT-style Hugging Face encoders of the same width; the student keeps its own depth (its
-``num_layers``), and layer ``i`` of the student becomes layer ``layers[i]`` of the source. The token table,
-positions and embedding LayerNorm come from the source too. ``layers`` empty: evenly spaced, first and last kept.
+Weight inheritance (TinyCLIP, ``inherit_text_layers``): the student's text tower starts from chosen layers of the
+source's fine-tuned text tower, and optionally from its projection, then trains. Both towers must be BERT-style
+Hugging Face encoders of the same width; the student keeps its own depth (its ``num_layers``), and layer ``i`` of
+the student becomes layer ``layers[i]`` of the source. The token table, positions and embedding LayerNorm come
+from the source too. ``layers`` empty: evenly spaced, first and last kept.
+
+The teacher's text side (NVIDIA's clip-distillation, ``with_text_side_of`` + ``keep_text_side``): the student's
+text tower and projection *are* the source's, whole and frozen; only the image tower learns, into the source's
+embedding space. The student's config and tokenizer become the source's on the text side, so its export carries
+that text side and every stage-3 tool sees one complete dual encoder.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from pipeline.common.errors import PipelineError
+from pipeline.students.config import StudentConfig
 from pipeline.students.model import StudentModel
 from pipeline.students.towers import HFTextTower
 
@@ -46,4 +55,31 @@ def inherit_text_layers(student: StudentModel, source: StudentModel, layers: lis
     return {"layers": chosen, "of": n_theirs, "projection": projection}
 
 
-__all__ = ["inherit_text_layers", "spaced_layers"]
+def with_text_side_of(config: StudentConfig, source: StudentModel) -> StudentConfig:
+    """``config`` with the source's text architecture (its resolved text spec: no weight files named) and
+    caption length; build the student with ``tokenizer=source.tokenizer``."""
+    if config.embed_dim != source.embed_dim:
+        raise PipelineError(f"the teacher's text side projects to width {source.embed_dim}, the student to "
+                            f"{config.embed_dim}")
+    return dataclasses.replace(config, text=source.resolved_config.text, max_text_len=source.config.max_text_len,
+                               freeze_text_embeddings=False, proj_bias=source.config.proj_bias)
+
+
+def keep_text_side(student: StudentModel, source: StudentModel) -> int:
+    """Copy the source's text tower and projection into ``student`` (built by ``with_text_side_of``) and freeze
+    them; returns the number of frozen parameters."""
+    try:
+        student.text_tower.load_state_dict(source.text_tower.state_dict())
+        student.text_proj.load_state_dict(source.text_proj.state_dict())
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:240]
+        raise PipelineError(f"the teacher's text side does not fit the student: {detail}") from None
+    frozen = 0
+    for module in (student.text_tower, student.text_proj):
+        for p in module.parameters():
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
+__all__ = ["inherit_text_layers", "keep_text_side", "spaced_layers", "with_text_side_of"]

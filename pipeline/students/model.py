@@ -67,9 +67,11 @@ class StudentModel(nn.Module):
         return F.normalize(self.text_features(tokens), dim=-1)
 
     def forward(
-        self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode_image(pixels), self.encode_text(tokens)
+        self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Both sides; ``tokens`` None runs the image side alone (a student whose text side is the teacher's
+        trains against the cached caption embeddings), through the same call, so DDP wraps it either way."""
+        return self.encode_image(pixels), None if tokens is None else self.encode_text(tokens)
 
 
 def build_student(
