@@ -70,3 +70,20 @@ def test_requirements_lock_is_the_default_install_pinned_from_the_lock():
     pins = lock_tool.read_lock(LOCK)
     assert all(pins[lock_tool.canonical(ln.split("==")[0])] == ln.split("==")[1] for ln in lines)
     assert {"torch", "faiss-cpu", "ray", "pytest-xdist"} <= {ln.split("==")[0] for ln in lines}
+
+
+def test_pylock_names_pypi_files_never_this_machines_mirror(tmp_path):
+    # pip lock records file:// URLs for wheels a local mirror serves; `make lock` rewrites them to the same files'
+    # PyPI addresses (storage path = BLAKE2b-256 of the file), so the lock installs on any machine.
+    assert "file://" not in (ROOT / "pylock.toml").read_text(), "run tools/lock.py --portable-pylock pylock.toml"
+    wheel = tmp_path / "mirror" / "demo-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    wheel.write_bytes(b"not really a wheel")
+    lock = tmp_path / "pylock.toml"
+    keep = 'url = "https://files.pythonhosted.org/packages/aa/bb/cc/other-1.0-py3-none-any.whl"'
+    lock.write_text(f'[[packages.wheels]]\nurl = "file://{wheel}"\n\n[[packages.wheels]]\n{keep}\n')
+    assert lock_tool.portable_pylock(lock) == 1
+    digest = __import__("hashlib").blake2b(b"not really a wheel", digest_size=32).hexdigest()
+    text = lock.read_text()
+    assert f'url = "https://files.pythonhosted.org/packages/{digest[:2]}/{digest[2:4]}/{digest[4:]}/{wheel.name}"' in text
+    assert keep in text and "file://" not in text

@@ -11,6 +11,7 @@ configuration (local wheel indexes, the torch cap), and it needs nothing else in
     python tools/lock.py [--out constraints.txt] [--extras dev,gpu,deploy,cluster,cpu]  # `make lock`: resolve anew
     python tools/lock.py --keep constraints.txt [--out constraints.txt]  # add new packages, move no pin
     python tools/lock.py --check [--out constraints.txt]                # installed == locked?
+    python tools/lock.py --portable-pylock pylock.toml                  # local mirror URLs -> PyPI's
 
 ``--keep OLD`` passes the old lock to the resolver as constraints (``pip ... -c OLD``), so every package that was
 pinned keeps its version and only packages new to the lock (a new dependency or extra and what it pulls in) get a
@@ -22,6 +23,7 @@ plain `make lock` re-resolves from scratch and may upgrade everything, torch inc
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import re
@@ -162,6 +164,26 @@ def write_requirements(out: Path, lock: Path, extras: list[str]) -> None:
     print(f"{out}: {len(lines)} packages")
 
 
+PYPI_FILES = "https://files.pythonhosted.org/packages"
+FILE_URL = re.compile(r'^url = "file://(/[^"]+)"$', re.M)
+
+
+def pypi_url(wheel: Path) -> str:
+    """PyPI's address of a file it serves: its storage path is the file's BLAKE2b-256 digest split 2/2/rest."""
+    digest = hashlib.blake2b(wheel.read_bytes(), digest_size=32).hexdigest()
+    return f"{PYPI_FILES}/{digest[:2]}/{digest[2:4]}/{digest[4:]}/{wheel.name}"
+
+
+def portable_pylock(path: Path) -> int:
+    """Rewrite the ``file://`` URLs pip lock records for wheels this machine's pip configuration serves from a
+    local mirror into the same files' PyPI URLs (the lock's sha256 still pins each file), so the lock installs
+    anywhere; returns how many were rewritten."""
+    text = path.read_text()
+    rewritten = FILE_URL.sub(lambda m: f'url = "{pypi_url(Path(m.group(1)))}"', text)
+    path.write_text(rewritten)
+    return len(FILE_URL.findall(text))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "constraints.txt")
@@ -172,7 +194,12 @@ def main() -> None:
     ap.add_argument("--check-extras", default="dev", help="extras whose packages --check compares")
     ap.add_argument("--requirements", type=Path, metavar="OUT",
                     help="write OUT: the installed closure of --check-extras pinned from --out (requirements.lock)")
+    ap.add_argument("--portable-pylock", type=Path, metavar="PYLOCK",
+                    help="rewrite PYLOCK's local-mirror file:// wheel URLs into PyPI's URLs of the same files")
     args = ap.parse_args()
+    if args.portable_pylock:
+        print(f"{args.portable_pylock}: {portable_pylock(args.portable_pylock)} local wheel URLs made PyPI's")
+        return
     if args.requirements:
         write_requirements(args.requirements, args.out, [e for e in args.check_extras.split(",") if e])
         return
