@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Sampler
 from pipeline.adapt.consistency import draw_labelled_images
 from pipeline.common.errors import PipelineError
 from pipeline.data.images import ImageDecodeError, load_rgb
+from pipeline.data.loader import seeded_augmentation
 from pipeline.distill.losses import caption_hashes
 from pipeline.data.manifest import Manifest
 from pipeline.students import ImageTransform
@@ -123,8 +124,7 @@ class StepBatches(Dataset):
         except ImageDecodeError:
             return None
         # Augmentation seeded by (seed, step, slot, view): identical on resume, any number of workers.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, step, slot, view)) & 0x7FFFFFFF)
+        with seeded_augmentation(self.seed, step, slot, view):
             return self.transform(img)
 
     def __getitem__(self, step: int) -> dict:

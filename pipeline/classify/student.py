@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.common.errors import PipelineError
 from pipeline.common.precision import autocast
 from pipeline.data.images import ImageDecodeError, load_rgb
-from pipeline.data.loader import iter_image_batches, worker_start_method
+from pipeline.data.loader import iter_image_batches, seeded_augmentation, worker_start_method
 from pipeline.train.state import atomic_save, load_checkpoint
 from pipeline.students.config import ImageTowerSpec
 from pipeline.students.preprocess import ImageTransform, TransformSettings
@@ -171,8 +171,7 @@ class ImageRows(Dataset):
             img = self._images.get(i) or load_rgb(self.locations[i])
         except ImageDecodeError as exc:
             return i, None, str(exc)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFFFFFF)
+        with seeded_augmentation(self.seed, epoch, i):
             return i, self.transform(img), None
 
 

@@ -31,7 +31,7 @@ from pipeline.features.cache import FeatureCache
 from pipeline.common.errors import PipelineError
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.distill.losses import caption_hashes
-from pipeline.data.loader import worker_start_method
+from pipeline.data.loader import seeded_augmentation, worker_start_method
 from pipeline.data.manifest import Manifest
 from pipeline.distill.transfer import TransferImages, TransferStream
 from pipeline.features.views import ViewTransform, pick_view
@@ -213,8 +213,7 @@ class PairDataset(Dataset):
         except ImageDecodeError as exc:
             return i, None, str(exc), -1
         # Augmentation draws from a seed fixed by (seed, epoch, index): identical on resume, any workers.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFFFFFF)
+        with seeded_augmentation(self.seed, epoch, i):
             return i, self.transform(img), None, -1
 
 
