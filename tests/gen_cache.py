@@ -46,3 +46,21 @@ def make_cache(manifest_dir: Path, cache_dir: Path, width: int = 16) -> Path:
         m = Manifest.read(manifest_dir / f"{split}.parquet")
         run_feature_job(FeatureJob(m, "shapes", split, cache_dir / split, num_workers=0), teacher, progress=False)
     return cache_dir
+
+
+def dual_teacher(root: Path, data: Path, *features_args) -> tuple[Path, str]:
+    """A tiny dual encoder trained on ``data``'s pairs alone (a ``dual:`` teacher) and its stage-1 cache in
+    ``root/cache`` (float32, ``features_args`` added); returns (the export, teacher-features' stdout)."""
+    from tests.clirun import clipdistill
+
+    pairs_only = [f"losses.{name}=false" for name in ("cd", "fd", "sd", "hnd")] + ["losses.pair=true",
+                                                                                  "data.cache_dir="]
+    sets = [f"data.manifest_dir={data}", f"runs_dir={root / 'runs'}", "student=tiny", "optim.batch_size=4",
+            "optim.epochs=1", "data.workers=0", *pairs_only]
+    r = clipdistill("distill", "--name", "t", "--no-progress", *[a for s in sets for a in ("--set", s)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    export = root / "runs" / "t" / "export" / "student.pt"
+    r = clipdistill("teacher-features", "--teacher", f"dual:{export}", "--manifest-dir", data, "--out",
+                    root / "cache", "--dtype", "float32", "--workers", "0", "--no-progress", *features_args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return export, r.stdout

@@ -4,6 +4,8 @@ caption embeddings."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -17,9 +19,8 @@ from pipeline.features.cache import FeatureCache
 from pipeline.retrieval.evaluate import evaluate_student
 from pipeline.retrieval.report import notes, speed_table
 from pipeline.students.export import load_student_model
-from pipeline.teachers import load_teacher
-from tests.gen_cache import make_cache, make_dataset
-from tests.test_ensemble import PAIRS_ONLY, run
+from tests.clirun import clipdistill as run
+from tests.gen_cache import dual_teacher, make_cache, make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +28,7 @@ def world(tmp_path_factory):
     """Shapes data, a tiny dual encoder trained on its pairs (the teacher) and the teacher's cache."""
     root = tmp_path_factory.mktemp("teacher-text")
     data = make_dataset(root / "data", n_images=24)
-    r = run("distill", "--name", "t", "--no-progress", "--set", f"data.manifest_dir={data}",
-            "--set", f"runs_dir={root / 'runs'}", "--set", "student=tiny", "--set", "optim.batch_size=4",
-            "--set", "optim.epochs=1", "--set", "data.workers=0", *PAIRS_ONLY)
-    assert r.returncode == 0, r.stderr[-2000:]
-    export = root / "runs" / "t" / "export" / "student.pt"
-    r = run("teacher-features", "--teacher", f"dual:{export}", "--manifest-dir", data, "--out", root / "cache",
-            "--dtype", "float32", "--workers", "0", "--no-progress")
-    assert r.returncode == 0, r.stderr[-2000:]
+    export, _ = dual_teacher(root, data)
     return root, data, export
 
 
@@ -62,7 +56,7 @@ def test_a_step_runs_no_text_forward_and_trains_only_the_image_tower(world, tmp_
         raise AssertionError("the text tower ran in training")
 
     model.text_tower.forward = refuse
-    objective.clock = lambda name: __import__("contextlib").nullcontext()
+    objective.clock = lambda name: contextlib.nullcontext()
     objective.epoch_batches(0, 0)
     out = objective.step(next(iter(objective.loader)), 0)
     out.total.backward()

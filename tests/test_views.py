@@ -17,9 +17,9 @@ from pipeline.features.views import (
     ViewSpec, pick_view, render_view, student_view_transform, teacher_view_transform,
 )
 from pipeline.teachers import load_teacher
-from tests.gen_cache import make_dataset
+from tests.gen_cache import dual_teacher, make_dataset
 from tests.test_distill import cli, distill_args, final_weights
-from tests.test_ensemble import PAIRS_ONLY, run
+from tests.test_ensemble import run
 
 
 def test_view_parameters_are_seeded_boxes_and_a_smaller_count_is_a_prefix():
@@ -52,16 +52,10 @@ def world(tmp_path_factory):
     """A shapes dataset, a tiny trained student as the teacher (dual:), and its 3-view cache."""
     root = tmp_path_factory.mktemp("views")
     data = make_dataset(root / "data", n_images=30)
-    r = run("distill", "--name", "t", "--no-progress", "--set", f"data.manifest_dir={data}",
-            "--set", f"runs_dir={root / 'runs'}", "--set", "student=tiny", "--set", "optim.batch_size=4",
-            "--set", "optim.epochs=1", "--set", "data.workers=0", *PAIRS_ONLY)
-    assert r.returncode == 0, r.stderr[-2000:]
-    spec = f"dual:{root / 'runs' / 't' / 'export' / 'student.pt'}"
-    r = run("teacher-features", "--teacher", spec, "--manifest-dir", data, "--out", root / "cache", "--views", 3,
-            "--dtype", "float32", "--workers", "0", "--no-progress")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "train: " in r.stdout and "x 3 views" in r.stdout.split("train: ")[1].splitlines()[0]
-    assert "val: " in r.stdout and " x 3 views" not in r.stdout.split("val: ")[1].splitlines()[0]
+    export, printed = dual_teacher(root, data, "--views", 3)
+    spec = f"dual:{export}"
+    assert "train: " in printed and "x 3 views" in printed.split("train: ")[1].splitlines()[0]
+    assert "val: " in printed and " x 3 views" not in printed.split("val: ")[1].splitlines()[0]
     assert FeatureCache(root / "cache" / "val").meta.views == 0  # only the training split is replayed
     return root, data, spec
 
