@@ -26,7 +26,9 @@ targets of the teacher's width written with ``pipeline.features.cache.write_shar
 split, or for a generated shapes dataset (tests/gen_cache.py) when openmoji is not built.
 Teacher: as in bench_features.py (``lit`` if its checkpoint exists, else ``tiny-openclip``). As there,
 the environment matters: with OMP_WAIT_POLICY unset, 2 torch threads on a busy 2-core machine made every
-step about 5x slower than 1 thread here (OpenMP spin-waiting); PASSIVE removed that.
+step about 5x slower than 1 thread here (OpenMP spin-waiting); PASSIVE removed that. The benchmark applies the
+CPU settings every ``clipdistill`` command applies (``pipeline.common.runtime.tune_cpu_runtime``: OMP_WAIT_POLICY
+PASSIVE unless set, glibc keeping freed buffers), so it measures the step stage 2 runs.
 
     .venv/bin/python bench/bench_distill.py [--student small|tiny] [--batch-size 64] [--steps 5]
                                             [--queue-size 8192] [--teacher SPEC] [--threads N]
@@ -49,6 +51,9 @@ from typing import Callable, Iterator
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from pipeline.common.runtime import tune_cpu_runtime  # noqa: E402
+
+tune_cpu_runtime()  # the CPU settings every clipdistill command runs with, before torch loads: measure what stage 2 runs
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
