@@ -3,6 +3,8 @@ the whole run still draw each epoch's own augmentation."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,21 @@ def test_the_training_loader_works_in_a_process_whose_default_start_method_is_sp
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) == len(rows)
+
+
+def _priority_after_worker_start(_):
+    from pipeline.data.loader import yielding_worker
+
+    before = os.nice(0)
+    yielding_worker(0)
+    return before, os.nice(0)
+
+
+def test_a_loader_worker_yields_the_cores_to_the_training_step():
+    # the worker fills idle cores instead of taking one from the step's compute threads (bench_distill's data path)
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        before, after = pool.map(_priority_after_worker_start, [0])[0]
+    assert after == min(before + 5, 19)
+    assert os.nice(0) == before  # the training process itself keeps its priority

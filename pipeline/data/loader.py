@@ -7,6 +7,7 @@ exception, so one corrupt file never stops a run (the caller records it as a rej
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 from dataclasses import dataclass
@@ -27,6 +28,18 @@ def seeded_augmentation(*key: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(hash(key) & 0x7FFFFFFF)
         yield
+
+
+def yielding_worker(worker_id: int) -> None:
+    """A loader worker's start: one step lower priority than the training process, so on a machine with few cores
+    it fills the cores the step leaves idle (single-threaded phases, the optimizer) instead of taking one from the
+    step's compute threads; it prefetches batches ahead, so the step rarely waits for it. Results are unchanged
+    (augmentation is seeded per item)."""
+    if hasattr(os, "nice"):
+        try:
+            os.nice(5)
+        except OSError:  # not permitted here: keep the inherited priority
+            pass
 
 
 def worker_start_method() -> str | None:

@@ -31,7 +31,7 @@ from pipeline.features.cache import FeatureCache
 from pipeline.common.errors import PipelineError
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.distill.losses import caption_hashes
-from pipeline.data.loader import seeded_augmentation, worker_start_method
+from pipeline.data.loader import seeded_augmentation, worker_start_method, yielding_worker
 from pipeline.data.manifest import Manifest
 from pipeline.distill.transfer import TransferImages, TransferStream
 from pipeline.features.views import ViewTransform, pick_view
@@ -283,7 +283,7 @@ def make_loader(dataset: PairDataset, sampler: EpochOrder, batch_size: int, work
         dataset, batch_sampler=batches, num_workers=workers,
         collate_fn=BatchCollate(dataset.rows, dataset.stream), pin_memory=pin, generator=g,
         persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers > 0 else None,
-        multiprocessing_context=worker_start_method() if workers > 0 else None,
+        multiprocessing_context=worker_start_method() if workers > 0 else None, worker_init_fn=yielding_worker,
     )
 
 
