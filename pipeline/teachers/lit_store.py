@@ -99,17 +99,6 @@ def read_features(path: Path, wanted: str | Callable[[str], bool]) -> SplitFeatu
             return SplitFeatures(**{k: z[k] for k in SplitFeatures.__dataclass_fields__ if k in z.files})
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None  # damaged in a way the checksum did not cover (trusted unchecked): encode instead
-    problem = io.verify_file(path)
-    if problem and not (problem == io.NO_CHECKSUM and io.trust_unchecked()):
-        print(f"note: {path}: {problem}; not used (the towers encode these images again)")
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if key is None or str(z["key"]) == key:
-                return SplitFeatures(**{k: z[k] for k in SplitFeatures.__dataclass_fields__ if k in z.files})
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        pass  # unreadable or an older layout: the caller encodes instead
-    return None
 
 
 def write_features(path: Path, key: str, sf: SplitFeatures) -> None:
