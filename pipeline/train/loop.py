@@ -167,6 +167,16 @@ def make_optimizer(objective: Objective, settings: LoopSettings):
     return optimizer, settings.schedule().scheduler(optimizer), params
 
 
+def clip_gradients(params: list, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_``, gradient for gradient, minus its multiply by 1.0 when the norm is
+    within the bound (most steps): that multiply rewrites every gradient, about half the clipping's time on a CPU.
+    The bound test is torch's own float32 ``max_norm / (norm + 1e-6)``, so a NaN norm still scales (to NaN)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if not bool(max_norm / (norm + 1e-6) >= 1.0):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 def train_step(objective: Objective, optimizer, scheduler, params: list, grad_clip: float, batch: Any, step: int,
                clock=no_clock) -> tuple[StepOutput, torch.Tensor]:
     """One optimisation step: the objective's losses, the non-finite check, backward, clipping, optimizer and
@@ -179,8 +189,7 @@ def train_step(objective: Objective, optimizer, scheduler, params: list, grad_cl
         optimizer.zero_grad(set_to_none=True)
         out.total.backward()
     with clock("clip + optimizer"):
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0
-                     else torch.tensor(math.nan))
+        grad_norm = clip_gradients(params, grad_clip) if grad_clip > 0 else torch.tensor(math.nan)
         optimizer.step()
         scheduler.step()
     with clock("after step"):
