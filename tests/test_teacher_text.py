@@ -97,3 +97,51 @@ def test_a_text_side_that_did_not_make_the_cache_is_refused_in_one_line(world, t
     with pytest.raises(PipelineError, match="choose one"):
         DistillObjective(_config(root, data, root / "cache", str(export), "both", f"inherit.text_from={export}"),
                          tmp_path / "run2", torch.device("cpu"), DistEnv())
+
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def test_an_open_clip_teachers_text_side_is_carried_too(world, tmp_path):
+    """A user's CLIP teacher (openclip:ARCH/DIR, here a tiny random one saved as open_clip saves models): the
+    student keeps its text transformer and projection, so its caption embeddings are the cached ones."""
+    import json
+
+    from pipeline.teachers.openclip import OpenClipTeacher
+
+    root, data, _ = world
+    torch.manual_seed(0)
+    clip_dir = tmp_path / "tiny-clip"
+    clip_dir.mkdir()
+    torch.save(OpenClipTeacher("clipdistill-test-text-side", model_cfg=TINY_CLIP).model.state_dict(),
+               clip_dir / "open_clip_pytorch_model.bin")
+    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    spec = f"openclip:tiny/{clip_dir}"
+    r = run("teacher-features", "--teacher", spec, "--manifest-dir", data, "--out", tmp_path / "cache",
+            "--dtype", "float32", "--workers", "0", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = _config(tmp_path, data, tmp_path / "cache", spec, "clip-text")
+    objective = DistillObjective(cfg, tmp_path / "probe", torch.device("cpu"), DistEnv())
+    assert not any(p.requires_grad for p in objective.model.text_tower.parameters())
+    train(cfg, progress=False)
+    export = tmp_path / "runs" / "clip-text" / "export" / "student.pt"
+    student, meta = load_student_model(export)
+    assert meta["text_side"]["from"] == spec and student.config.text.kind == "open_clip"
+    cache, manifest = FeatureCache(tmp_path / "cache" / "test"), Manifest.read(data / "test.parquet")
+    captions = [str(c) for c in manifest.column("caption")[:5]]
+    mine = student.encode_text(student.tokenizer(captions)).detach().numpy()
+    np.testing.assert_allclose(mine, cache.texts_by_sample_id(manifest.column("sample_id")[:5]), atol=1e-5)
+    record = evaluate_student(export, manifest, cache, speed=None)
+    assert record["text_side"]["from"] == spec and record["flops"]["text"] > 0
+    r = run("export-onnx", export)  # the ONNX text graph is the CLIP text transformer
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_teacher_that_cannot_be_rebuilt_is_refused_in_one_line(world, tmp_path):
+    root, data, _ = world
+    with pytest.raises(PipelineError, match="cannot be rebuilt") as info:
+        DistillObjective(_config(root, data, root / "cache", "hf:openai/clip-vit-base-patch32"), tmp_path / "run",
+                         torch.device("cpu"), DistEnv())
+    assert "\n" not in str(info.value)

@@ -122,8 +122,8 @@ class DistillConfig(RunOptions):
     balancer: BalancerSection = field(default_factory=BalancerSection)
     optim: OptimSection = field(default_factory=OptimSection)
     inherit: InheritSection = field(default_factory=InheritSection)
-    # The teacher's text side (NVIDIA's clip-distillation): a dual-encoder export (PATH or dual:PATH) that made the
-    # cache. The student keeps its text tower and projection, frozen, and trains only its image tower into the
+    # The teacher's text side (NVIDIA's clip-distillation): the teacher that made the cache, as a spec (dual:PATH or a
+    # bare export path, lit[:CKPT], openclip:ARCH[/TAG|/CKPT|/DIR]). The student keeps its text tower and projection, frozen, and trains only its image tower into the
     # teacher's space against the cached caption embeddings (no text forward); its export carries that text side,
     # so eval, search and export-onnx work unchanged. Empty: the student trains its own text tower.
     teacher_text: str = ""
@@ -276,16 +276,15 @@ class DistillObjective(Objective):
         self.rows = rows = align(train_manifest, self.cache)
         self.transfer, self.stream, self.captions, self.caption_stream = self._transfer(train_manifest)
         self.scfg = student_config(cfg, self.cache.width if self.cache else None)
-        text_side = self._teacher_text_side() if cfg.teacher_text else None
-        if text_side is not None:
-            self.scfg = with_text_side_of(self.scfg, text_side.model)
-        self.model = model = build_student(self.scfg, tokenizer=text_side.model.tokenizer if text_side else None
-                                           ).to(device)
+        source, source_fingerprint = self._teacher_text_side() if cfg.teacher_text else (None, None)
+        if source is not None:
+            self.scfg = with_text_side_of(self.scfg, source)
+        self.model = model = build_student(self.scfg, tokenizer=source.tokenizer if source else None).to(device)
         self.inherited = self._inherit(model, cfg.inherit)
         self.text_side = None
-        if text_side is not None:
-            frozen = keep_text_side(model, text_side.model)
-            self.text_side = {"from": cfg.teacher_text, "fingerprint": text_side.fingerprint(), "frozen": frozen}
+        if source is not None:
+            frozen = keep_text_side(model, source)
+            self.text_side = {"from": cfg.teacher_text, "fingerprint": source_fingerprint, "frozen": frozen}
             if env.is_main:
                 print(f"text side: the teacher's ({cfg.teacher_text}), {frozen / 1e6:.1f}M parameters frozen; "
                       "only the image tower trains, against the cached caption embeddings")
@@ -346,9 +345,12 @@ class DistillObjective(Objective):
                 if captions else None)
 
     def _teacher_text_side(self):
-        """The cache's own teacher (a dual-encoder export) whose text side the student keeps; a one-line error when
-        it is not what made the cache, since the cached caption embeddings stand in for its text forward."""
-        from pipeline.students.export import DualEncoderTeacher
+        """(the cache's own teacher as a student model whose text side the student keeps, its fingerprint); a
+        one-line error when it is not what made the cache, since the cached caption embeddings stand in for its text
+        forward. ``dual:``, ``lit`` and ``openclip:`` teachers (``pipeline.students.from_teacher``); a bare path is
+        a dual encoder export."""
+        from pipeline.students.from_teacher import teacher_as_student
+        from pipeline.teachers import BACKENDS
 
         cfg = self.cfg
         if self.cache is None:
@@ -356,11 +358,12 @@ class DistillObjective(Objective):
                                 "the student's text side in training")
         if cfg.inherit.text_from:
             raise PipelineError("teacher_text and inherit.text_from both set the text tower: choose one")
-        teacher = DualEncoderTeacher.from_spec(cfg.teacher_text.removeprefix("dual:"))
-        if teacher.fingerprint() != self.cache.meta.teacher_fingerprint:
-            raise PipelineError(f"teacher_text {cfg.teacher_text} is teacher {teacher.fingerprint()}, but the cache "
+        spec = cfg.teacher_text if cfg.teacher_text.partition(":")[0] in BACKENDS else f"dual:{cfg.teacher_text}"
+        model, fingerprint = teacher_as_student(spec)
+        if fingerprint() != self.cache.meta.teacher_fingerprint:
+            raise PipelineError(f"teacher_text {cfg.teacher_text} is teacher {fingerprint()}, but the cache "
                                 f"{cfg.data.cache_dir} was made by {self.cache.meta.teacher_fingerprint}")
-        return teacher
+        return model, fingerprint()
 
     def _inherit(self, model, section: InheritSection) -> dict | None:
         """The student's text tower from a trained dual encoder's (TinyCLIP's weight inheritance); a resumed run's
