@@ -64,6 +64,11 @@ def val(*path, digits=1):
     return lambda s: f"{get(s, path):.{digits}f}"
 
 
+def gflops(*path):
+    """FLOPs stored as counts, printed as GFLOPs to 3 decimals."""
+    return lambda s: f"{get(s, path) / 1e9:.3f}"
+
+
 def ratio(a, b, digits=2):
     return lambda s: f"{a(s) / b(s):.{digits}f}"
 
@@ -92,7 +97,14 @@ W, WV, WL, W2, R = "emoji-world", "world-views", "world-long", "emoji-benchmark"
 PAIRS, DEFAULT = "pairs only (no teacher)", "default: pair + DSMD"
 TRANSFER = "pairs + transfer images and captions (1:1)"
 
+T1B = "teacher's text side, + transfer images, 128 px, 12 epochs"
+
 README_CHECKS = [
+    ("student reaches {} RSUM on openmoji test, {} % of the teacher, at {} image GFLOPs against the teacher's {}",
+     [pm(*row("text-side", "text-side-chosen", T1B, "rsum")),
+      pm(*row("text-side", "text-side-chosen", T1B, "pct_of_teacher_rsum")),
+      gflops(*row("text-side", "text-side-chosen", T1B, "flops", "image")),
+      gflops("text-side", "teacher", "flops", "image")]),
     ("scores RSUM **{}** (R@1 {} / {})",
      [val(*teacher(W)), val(*teacher(W, "i2t_r1")), val(*teacher(W, "t2i_r1"))]),
     ("(`configs/emoji-lite.yaml`) reaches {}, so the teacher is {}x it",
