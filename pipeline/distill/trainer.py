@@ -123,9 +123,10 @@ class DistillConfig(RunOptions):
     optim: OptimSection = field(default_factory=OptimSection)
     inherit: InheritSection = field(default_factory=InheritSection)
     # The teacher's text side (NVIDIA's clip-distillation): the teacher that made the cache, as a spec (dual:PATH or a
-    # bare export path, lit[:CKPT], openclip:ARCH[/TAG|/CKPT|/DIR]). The student keeps its text tower and projection, frozen, and trains only its image tower into the
-    # teacher's space against the cached caption embeddings (no text forward); its export carries that text side,
-    # so eval, search and export-onnx work unchanged. Empty: the student trains its own text tower.
+    # bare export path, lit[:CKPT], openclip:ARCH[/TAG|/CKPT|/DIR]). The student keeps its text tower and projection,
+    # frozen, and trains only its image tower into the teacher's space against the cached caption embeddings (no
+    # text forward); its export carries that text side, so eval, search and export-onnx work unchanged. Empty: the
+    # student trains its own text tower.
     teacher_text: str = ""
 
 
@@ -359,11 +360,12 @@ class DistillObjective(Objective):
         if cfg.inherit.text_from:
             raise PipelineError("teacher_text and inherit.text_from both set the text tower: choose one")
         spec = cfg.teacher_text if cfg.teacher_text.partition(":")[0] in BACKENDS else f"dual:{cfg.teacher_text}"
-        model, fingerprint = teacher_as_student(spec)
-        if fingerprint() != self.cache.meta.teacher_fingerprint:
-            raise PipelineError(f"teacher_text {cfg.teacher_text} is teacher {fingerprint()}, but the cache "
+        model, fingerprint_of = teacher_as_student(spec)
+        fingerprint = fingerprint_of()  # hashes every weight: once
+        if fingerprint != self.cache.meta.teacher_fingerprint:
+            raise PipelineError(f"teacher_text {cfg.teacher_text} is teacher {fingerprint}, but the cache "
                                 f"{cfg.data.cache_dir} was made by {self.cache.meta.teacher_fingerprint}")
-        return model, fingerprint()
+        return model, fingerprint
 
     def _inherit(self, model, section: InheritSection) -> dict | None:
         """The student's text tower from a trained dual encoder's (TinyCLIP's weight inheritance); a resumed run's
