@@ -41,6 +41,27 @@ def test_another_hosts_lock_is_respected_while_its_lease_runs_and_taken_over_aft
         assert mine and io.read_lock(lock).pid == os.getpid()
 
 
+def test_a_killed_holder_not_yet_reaped_by_its_parent_is_dead(tmp_path):
+    # a killed process stays a zombie (its pid still answers signals) until its parent waits for it: Ray's raylet
+    # reaps a killed worker moments after the driver has already handed its shard to another worker
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _plant(tmp_path / "shard.lock", io._host(), time.time(), pid=child.pid)
+        with io.exclusive(tmp_path / "shard") as mine:
+            assert not mine  # alive: its lock is respected
+        child.kill()
+        deadline = time.time() + 10
+        while not io._zombie(child.pid) and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(child.pid, 0)  # not reaped: the pid is still there
+        with io.exclusive(tmp_path / "shard") as mine:
+            assert mine and io.read_lock(tmp_path / "shard.lock").pid == os.getpid()
+    finally:
+        child.kill()
+        child.wait()
+    assert not io._zombie(child.pid) and not io._zombie(os.getpid())
+
+
 def test_a_live_writers_temporary_is_kept_a_dead_ones_removed(tmp_path):
     path = tmp_path / "shard.h5"
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

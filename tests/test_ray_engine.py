@@ -67,6 +67,28 @@ class KillOnce(FakeTeacher):
         return super()._encode_images(pixels)
 
 
+class LostMachine(FakeTeacher):
+    """The first actor to encode its third image batch acts out its machine being lost mid-shard: its shard's
+    lock becomes another host's (renewed now, lease 2 s; a pid there means nothing here), then its process dies.
+    The retry finds the shard busy until that lease runs out."""
+
+    def __init__(self, marker: str, out: str, **kw):
+        super().__init__(**kw)
+        self.marker, self.out = marker, out
+
+    def _encode_images(self, pixels):
+        if self.image_batches >= 2 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            from pipeline.common import io
+
+            for lock in Path(self.out).glob("*.h5.lock"):
+                held = io.read_lock(lock)
+                if held and held.pid == os.getpid():
+                    lock.write_text(io.LockHolder(os.getpid(), "lost-machine", time.time(), 2.0, "lost").line())
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super()._encode_images(pixels)
+
+
 def _job(manifest, out):
     return FeatureJob(manifest=manifest, dataset="gen", split="test", out_dir=out, num_workers=0, batch_size=4,
                       shard_size=5)
@@ -136,6 +158,23 @@ def test_a_killed_worker_is_replaced_and_its_shard_retried(tmp_path, cluster):
     FeatureCache(tmp_path / "ray", verify=True)  # every shard complete and matching its checksums
     _same_cache(tmp_path / "local", tmp_path / "ray")
     assert not list((tmp_path / "ray").glob("*.lock")) and not list((tmp_path / "ray").glob("*.tmp"))
+
+
+def test_a_lost_machines_shard_is_retried_once_its_lease_runs_out_not_left(tmp_path, cluster):
+    manifest = make_manifest(tmp_path, n_images=23)
+    run_feature_job(_job(manifest, tmp_path / "local"), FakeTeacher(), progress=False)
+    marker, notes = tmp_path / "lost", []
+    engine = _engine(functools.partial(LostMachine, str(marker), str(tmp_path / "ray")))
+    engine.echo = notes.append
+    try:
+        t = time.perf_counter()
+        s = engine.run(_job(manifest, tmp_path / "ray"), progress=False)
+        assert marker.exists() and engine.replaced == 1 and time.perf_counter() - t > 2.0
+    finally:
+        engine.shutdown()
+    assert s.complete and len(s.shards_written) == 5 and s.shards_busy == [], notes
+    _same_cache(tmp_path / "local", tmp_path / "ray")
+    assert not list((tmp_path / "ray").glob("*.lock"))
 
 
 def test_the_ray_engine_without_its_extra_is_one_line(tmp_path):

@@ -41,9 +41,19 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
+    except PermissionError:  # someone else's process: alive unless a zombie
+        pass
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A killed process its parent has not reaped yet (Linux; elsewhere never): dead, though its pid answers
+    signals. Ray's raylet reaps a killed worker some moments after the driver hears of the death."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] in (["Z"], ["X"])
 
 
 # A temporary written from another host is never judged by pid; it is removed only when nothing has touched it

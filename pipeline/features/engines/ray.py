@@ -3,7 +3,9 @@ of actors that each load the teacher once (from a spec string, or a picklable fa
 mapper and writer as the local path (lock, atomic publish, checksums, rejects, views) on the shared cache folder.
 
 Only the driver talks to Ray; the actors write files. A shard whose actor died (process killed, machine lost) goes
-back to the queue, at most ``max_retries`` times; a shard that fails for any other reason stops the job with
+back to the queue, at most ``max_retries`` times. The dead worker's shard lock is taken over once its holder is
+known dead (its pid gone on its host; from another host, its lease run out): until then a retry finds the shard
+"busy" and is tried again every ``RETRY_BUSY_S`` for up to a lease, rather than left undone. A shard that fails for any other reason stops the job with
 one line (unreadable images are not failures: they are rejects, as on the local path). Actors that fit once a
 machine joins the cluster take the next shard. ``ray`` is imported lazily: it is the optional ``cluster`` extra.
 """
@@ -39,6 +41,9 @@ def import_ray():
     except ImportError:
         raise PipelineError(MISSING) from None
     return ray
+
+
+RETRY_BUSY_S = 0.5  # how often a dead worker's shard is tried again while its lock still looks held
 
 
 @dataclass
@@ -227,10 +232,15 @@ class RayEngine:
         self._jobs += 1
         ctx = ray.put(_JobContext(self._jobs, job, meta))
         queue, tries, running = deque(pending), {s: 0 for s in pending}, {}  # running: ObjectRef -> actor
+        died_at: dict[int, float] = {}  # shard -> when its worker last died
+        later: list[tuple[float, int]] = []  # (not before, shard): a dead worker's shard whose lock looked held
         bar = tqdm(total=sum(reader.work(s, meta.views) for s in pending), unit="item",
                    desc=f"{job.dataset}/{job.split}", disable=not progress, smoothing=0.1)
         done_shards, images, last_grow = 0, 0, time.perf_counter()
-        while queue or running:
+        while queue or running or later:
+            now = time.perf_counter()
+            queue.extend(shard for at, shard in later if at <= now)
+            later = [(at, shard) for at, shard in later if at > now]
             if not self.options.workers and time.perf_counter() - last_grow > 2.0:
                 self._grow()  # a machine joined: more actors
                 last_grow = time.perf_counter()
@@ -242,6 +252,9 @@ class RayEngine:
                     a.shard = queue.popleft()
                     running[a.handle.run_shard.remote(self._jobs, reader.read(a.shard))] = a
             waiting = list(running) + [a.ready for a in self.actors if not a.started]
+            if not waiting:  # only shards waiting for a dead worker's lock to go stale
+                time.sleep(RETRY_BUSY_S / 5)
+                continue
             ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
             for ref in ready:
                 a = running.pop(ref, None)
@@ -259,10 +272,14 @@ class RayEngine:
                         raise PipelineError(f"shard {shard} of {job.split}: its worker died {tries[shard]} times "
                                             f"(last: {_cause(exc)}); rerun to resume") from None
                     self.echo(f"note: the worker on shard {shard} died ({_cause(exc)}); retrying it")
+                    died_at[shard] = time.perf_counter()
                     queue.appendleft(shard)
                     continue
                 except ray.exceptions.RayError as exc:
                     raise PipelineError(f"shard {shard} of {job.split} failed: {_cause(exc)}") from None
+                if r["status"] == "busy" and shard in died_at and _lock_may_be_the_dead_workers(died_at[shard]):
+                    later.append((time.perf_counter() + RETRY_BUSY_S, shard))
+                    continue
                 _count(summary, r)
                 if r["status"] == "written":
                     self.written_by[r["worker"]] = self.written_by.get(r["worker"], 0) + 1
@@ -290,6 +307,13 @@ class RayEngine:
         if self.replaced > 10 * max(1, len(self.actors) + 1):
             raise PipelineError(f"{self.replaced} Ray workers died; the cluster cannot keep one alive")
         self._start_actor()
+
+
+def _lock_may_be_the_dead_workers(died: float) -> bool:
+    """Whether a lock found on a dead worker's shard may still be that worker's: a same-host holder is seen dead
+    within moments (its pid reaped), another host's only after its lease; a lock older than that is a live
+    process's (another job), and the shard is left to it."""
+    return time.perf_counter() - died <= io.lease_seconds() + 5.0
 
 
 def _count(summary: FeatureSummary, r: dict) -> None:
