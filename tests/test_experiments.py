@@ -270,6 +270,8 @@ def test_run_key_ignores_bookkeeping_only():
     assert key("name=other", "runs_dir=elsewhere", "device=cuda", "data.workers=7", "log_every=3") == base
     assert key("seed=1") != base and key("losses.tau=0.1") != base and key("queue.size=4096") != base
     assert key("losses.cd=true") == base  # an override equal to the default is the same run
+    # threads change the sums' order, hence the weights: a run of its own (the default keeps older runs' keys)
+    assert key("threads=1") != base and key("threads=0") == base
 
 
 def test_override_strings_round_trip():

@@ -57,3 +57,20 @@ def test_jobs_at_once_run_on_different_gpus_and_sharing_is_said(tmp_path, monkey
     assert seen and seen[0] == ["0", "0", "1"]  # three at once over two GPUs: 2 + 1
     assert "note: 3 runs at a time share 2 GPU(s) (0, 1): up to 2 runs per GPU" in lines
     assert any(line.endswith("on GPU 0") for line in lines) and any(line.endswith("on GPU 1") for line in lines)
+
+
+def test_jobs_on_the_cpu_without_a_thread_count_are_told_they_oversubscribe(tmp_path, monkeypatch):
+    runs = {f"k{i}": SimpleNamespace(key=f"k{i}", name=f"run{i}", export=None, sets=[],
+                                     cells=[SimpleNamespace(table="T", label="x", seed=i)]) for i in range(2)}
+    monkeypatch.setattr(training, "visible_gpus", lambda config: [])
+    monkeypatch.setattr(training, "_device_of", lambda config: "cpu")
+    monkeypatch.setattr(training, "train_run", lambda plan, run, device, gpu=None: {"status": "trained"})
+    monkeypatch.setattr(training, "is_trained", lambda run_dir: False)
+    monkeypatch.setattr(training.os, "cpu_count", lambda: 2)
+    for threads, told in ((0, True), (1, False)):
+        plan = SimpleNamespace(runs=runs, base=SimpleNamespace(device="cpu", threads=threads),
+                               run_dir=lambda key: tmp_path / key)
+        lines = []
+        training.train_all(plan, jobs=2, log=lines.append)
+        said = [line for line in lines if "oversubscribe" in line]
+        assert bool(said) == told and (not told or "--set threads=1" in said[0]), lines

@@ -70,3 +70,22 @@ def test_trainers_refuse_a_run_another_process_trains_and_take_over_a_dead_ones_
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "error: student export not found: nowhere/student.pt"
     assert not (runs / "r1" / "training.lock").exists()  # released again after that failure
+
+
+def test_a_trainer_runs_with_its_configs_thread_count(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.train.state import one_process_per_run
+
+    trainer = one_process_per_run(lambda cfg: torch.get_num_threads())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert trainer(SimpleNamespace(runs_dir=str(tmp_path), name="r", threads=1)) == 1
+        assert trainer(SimpleNamespace(runs_dir=str(tmp_path), name="r", threads=0)) == 1  # 0: left as it is
+        with pytest.raises(PipelineError, match="threads must be 0"):
+            trainer(SimpleNamespace(runs_dir=str(tmp_path), name="r", threads=-1))
+    finally:
+        torch.set_num_threads(before)

@@ -50,7 +50,7 @@ BOOKKEEPING_KEYS = ("name", "runs_dir", "device", "log_every", "checkpoint_every
 # Keys added after runs were first hashed: left out at their default value, so existing runs keep their keys.
 ADDED_KEYS = {"losses.extra": {}, "optim.min_steps": 0, "data.transfer": (), "data.transfer_ratio": 0.0,
               "data.views": 0, "distill.init_weights": "", "distill.precision": "auto", "inherit.text_from": "",
-              "inherit.text_layers": (), "inherit.text_projection": True, "teacher_text": ""}
+              "inherit.text_layers": (), "inherit.text_projection": True, "teacher_text": "", "threads": 0}
 # Keys added to one config class only: a classification run's precision (once distill.precision) is new to its
 # key, while distill and adapt runs have always hashed theirs, so it is left out for classification runs alone.
 ADDED_KEYS_OF = {"ClassifyConfig": {"precision": "auto"}}

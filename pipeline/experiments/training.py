@@ -225,6 +225,11 @@ def train_all(plan: Plan, jobs: int = 1, max_runs: int = 0, skip_failed: bool = 
             if together <= len(gpus.gpus) else
             f"note: {together} runs at a time share {len(gpus.gpus)} GPU(s) ({', '.join(gpus.gpus)}): up to "
             f"{-(-together // len(gpus.gpus))} runs per GPU")
+    elif jobs > 1 and not getattr(plan.base, "threads", 0) and min(jobs, len(todo)) > 1:
+        cores = os.cpu_count() or 1
+        log(f"note: {min(jobs, len(todo))} runs at a time on {cores} CPU core(s), each with torch's default of one "
+            f"thread per core: they oversubscribe the cores; set threads (the sweep's set: or --set threads="
+            f"{max(1, cores // jobs)}) for more runs an hour")
     lock, finished, durations, t0 = threading.Lock(), [0], [], time.perf_counter()
     total = len(todo)
 

@@ -21,6 +21,10 @@ class RunOptions:
     checkpoint_every: int = 0  # extra checkpoints every N steps (0: at epoch ends only)
     max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
     eval_batch_size: int = 128
+    # torch's CPU threads for the run (0: torch's default, one per core). Results depend on it (a reduction split
+    # over threads sums in another order), so it is part of the run's key. 1 with `experiments -j <cores>`: more
+    # runs an hour on a small CPU than one run on every core.
+    threads: int = 0
 
 
 __all__ = ["RunOptions", "TRAINING_PRECISIONS"]

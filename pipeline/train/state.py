@@ -100,14 +100,24 @@ def claim_run_dir(run_dir: str | Path) -> Iterator[None]:
 
 
 def one_process_per_run(train: Callable) -> Callable:
-    """Decorate a trainer ``train(cfg, ...)`` (cfg with ``runs_dir`` and ``name``) with :func:`claim_run_dir`."""
+    """Decorate a trainer ``train(cfg, ...)`` (cfg with ``runs_dir`` and ``name``) with :func:`claim_run_dir`;
+    the run's ``threads`` setting (RunOptions) takes effect first."""
 
     @functools.wraps(train)
     def claimed(cfg, *args, **kwargs):
+        use_threads(getattr(cfg, "threads", 0))
         with claim_run_dir(Path(cfg.runs_dir) / cfg.name):
             return train(cfg, *args, **kwargs)
 
     return claimed
+
+
+def use_threads(threads: int) -> None:
+    """torch's CPU threads for this process; 0 keeps torch's default."""
+    if threads < 0:
+        raise PipelineError(f"threads must be 0 (torch's default) or more, not {threads}")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def prepare_run_dir(cfg, resume: bool) -> Path:
