@@ -96,10 +96,19 @@ def _num(path):
 W, WV, WL, W2, R = "emoji-world", "world-views", "world-long", "emoji-benchmark", "reinforced"
 PAIRS, DEFAULT = "pairs only (no teacher)", "default: pair + DSMD"
 TRANSFER = "pairs + transfer images and captions (1:1)"
+TRANSFER_IMAGES = "pairs + transfer images (1:1)"
 
 T1B = "teacher's text side, + transfer images, 128 px, 12 epochs"
 
+T1 = "text-side"
+T1_INHERITED, T1_TWO_TOWER = "inherited text layers, + transfer images", "two-tower, + transfer images"
+T1_TEACHER_TEXT = "teacher's text side, + transfer images"
+
 README_CHECKS = [
+    ("the inherited 2-layer tower scores {} RSUM against {} for the same student with MiniLM's first 2 layers, at "
+     "the same cost; the teacher's whole text side (below) {}",
+     [pm(*row(T1, T1, T1_INHERITED, "rsum")), pm(*row(T1, T1, T1_TWO_TOWER, "rsum")),
+      pm(*row(T1, T1, T1_TEACHER_TEXT, "rsum"))]),
     ("student reaches {} RSUM on openmoji test, {} % of the teacher, at {} image GFLOPs against the teacher's {}",
      [pm(*row("text-side", "text-side-chosen", T1B, "rsum")),
       pm(*row("text-side", "text-side-chosen", T1B, "pct_of_teacher_rsum")),
@@ -203,6 +212,24 @@ RESULTS_CHECKS = [
      [lambda s: {"+" + x for x in pm("emoji-subgroups", "paired_differences", "subgroups-text",
                                      "captions - class prompts: with text: teacher")(s)}]),
     ("(Table W2, {}). The default", [mean(*row(W2, "benchmark-strong", PAIRS, "rsum"))]),
+    ("inherited 2-layer text tower scores {} and the teacher's text side {}, against {} for the two-tower student "
+     "({} and {} per seed)",
+     [pm(*row(T1, T1, T1_INHERITED, "rsum")), pm(*row(T1, T1, T1_TEACHER_TEXT, "rsum")),
+      pm(*row(T1, T1, T1_TWO_TOWER, "rsum")),
+      lambda s: {"+" + x for x in pm(T1, "paired_differences", T1, f"{T1_INHERITED} - {T1_TWO_TOWER}")(s)},
+      lambda s: {"+" + x for x in pm(T1, "paired_differences", T1, f"{T1_TEACHER_TEXT} - {T1_TWO_TOWER}")(s)}]),
+    ("also beats Table R1's {} (the same student with the first strong teacher file) by {} points",
+     [pm(*row(R, "transfer", TRANSFER_IMAGES, "rsum")),
+      lambda s: _roundings(_stats(get(s, row(T1, T1, T1_INHERITED, "rsum")))[0]
+                           - _stats(get(s, row(R, "transfer", TRANSFER_IMAGES, "rsum")))[0], 1)]),
+    ("The transfer images add {} to the teacher's text side and {} to the inherited one (both clear the spread), "
+     "but only {} to the two-tower student",
+     [pm(T1, "paired_differences", T1, f"{T1_TEACHER_TEXT} - teacher's text side, pairs only"),
+      pm(T1, "paired_differences", T1, f"{T1_INHERITED} - inherited text layers, pairs only"),
+      lambda s: {x.lstrip("-") for x in pm(T1, "paired_differences", T1, f"two-tower, pairs only - {T1_TWO_TOWER}")(s)}]),
+    ("The teacher's text side leads the inherited tower by {}",
+     [pm(T1, "paired_differences", T1, f"{T1_TEACHER_TEXT} - {T1_INHERITED}")]),
+    ("on T1's schedule it reaches {} % of the teacher", [pm(*row(T1, T1, T1_TEACHER_TEXT, "pct_of_teacher_rsum"))]),
 ]
 
 

@@ -333,6 +333,10 @@ def test_row_stats_counts_each_run_once(tmp_path, monkeypatch):
     ("eval: {splitt: test}\ntables:\n  - {id: a, rows: [{label: x}]}", "unknown config key"),
     ("command: train\ntables:\n  - {id: a, rows: [{label: x}]}", "command must be one of distill, adapt"),
     ("tables:\n  - {id: a, rows: [{label: x, export: m.pt, set: {seed: 1}}]}", "an export or trains with set"),
+    ("tables:\n  - {id: a, rows: [{label: x}, {label: y}], differences: [[x, z]]}", "no row labelled 'z'"),
+    ("tables:\n  - {id: a, rows: [{label: x}, {label: y}], differences: [x, y]}", "each entry is [row a, row b]"),
+    ("command: classify\ntables:\n  - {id: a, rows: [{label: x}, {label: y}], differences: [[y, x]]}",
+     "differences: is for retrieval tables"),
 ])
 def test_bad_sweep_files_are_one_line_errors(tmp_path, body, fragment):
     path = tmp_path / "s.yaml"
@@ -340,6 +344,20 @@ def test_bad_sweep_files_are_one_line_errors(tmp_path, body, fragment):
     with pytest.raises(PipelineError) as err:
         load_sweep(path)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_tables_extra_differences_pair_the_rows_it_names_seed_by_seed():
+    from pipeline.experiments.tables import RowStats, row_differences
+
+    def row(label, values, seeds=(0, 1, 2)):
+        return RowStats(label, 3, [{"metrics": {"rsum": v}} for v in values], list(seeds))
+
+    rows = [row("base", [10, 20, 30]), row("a", [15, 22, 40]), row("b", [11, 21, 31], seeds=(0, 1, 3))]
+    diffs = {d.name: d for d in row_differences(rows, extra=[("a", "b")])}
+    assert list(diffs) == ["a - base", "b - base", "a - b"]
+    assert diffs["a - b"].seeds == [0, 1] and diffs["a - b"].values == [4.0, 1.0]  # seed 3 has no partner
+    assert diffs["b - base"].values == [1.0, 1.0]
+    assert [d.name for d in row_differences(rows)] == ["a - base", "b - base"]
 
 
 def test_update_document_markers(tmp_path):

@@ -93,11 +93,30 @@ class SweepTable:
     rows: tuple[SweepRow, ...]
     teacher: bool = False
     cost: bool = False
+    # extra paired differences (row a - row b) besides each row - the first row, e.g. one setting of two rows
+    differences: tuple[tuple[str, str], ...] = ()
 
 
 # The commands a sweep's runs are trained with, and their config classes ("module:Class", imported when planned).
 COMMANDS = {"distill": "pipeline.distill.trainer:DistillConfig", "adapt": "pipeline.adapt.trainer:AdaptConfig",
             "classify": "pipeline.classify.config:ClassifyConfig"}
+
+
+def _differences(raw: Any, labels: set[str], where: str) -> tuple[tuple[str, str], ...]:
+    """A table's ``differences:``, a list of [row a, row b] labels (each reads "a - b")."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise PipelineError(f"{where}: a list of [row a, row b] label pairs, got {raw!r}")
+    out = []
+    for pair in raw:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise PipelineError(f"{where}: each entry is [row a, row b] (two row labels), got {pair!r}")
+        unknown = [x for x in pair if x not in labels]
+        if unknown:
+            raise PipelineError(f"{where}: no row labelled {unknown[0]!r} in this table")
+        out.append((pair[0], pair[1]))
+    return tuple(out)
 
 
 def config_class(command: str) -> type:
@@ -171,7 +190,7 @@ def load_sweep(path: str | Path) -> Sweep:
     for i, raw in enumerate(raw_tables):
         where = f"{path}: tables[{i}]"
         raw = _mapping(raw, where)
-        _only_keys(raw, {"id", "title", "description", "seeds", "rows", "teacher", "cost"}, where)
+        _only_keys(raw, {"id", "title", "description", "seeds", "rows", "teacher", "cost", "differences"}, where)
         tid = str(raw.get("id", ""))
         if not _ID_RE.match(tid):
             raise PipelineError(f"{where}: id must be letters, digits, '-' or '_', got {tid!r}")
@@ -199,7 +218,10 @@ def load_sweep(path: str | Path) -> Sweep:
             raise PipelineError(f"{where} ({tid}): no rows (and no teacher: true)")
         tables.append(SweepTable(tid, str(raw.get("title") or tid), str(raw.get("description") or ""),
                                  tuple(dict.fromkeys(seeds)), tuple(rows), bool(raw.get("teacher", False)),
-                                 bool(raw.get("cost", False))))
+                                 bool(raw.get("cost", False)), _differences(raw.get("differences"), labels,
+                                                                           f"{where} ({tid}) differences")))
+    if command == "classify" and any(t.differences for t in tables):  # its tables pair columns, not rows
+        raise PipelineError(f"{path}: differences: is for retrieval tables (distill, adapt), not classify sweeps")
     return Sweep(path, str(data.get("name") or path.stem), Path(data["base_config"]),
                  _sets(data.get("set"), f"{path}: set"), eval_section, tuple(tables), command)
 

@@ -206,7 +206,7 @@ def section(table: SweepTable, rows: list[RowStats], teacher: Optional[dict], co
     parts = [start_marker(table.id), f"### {table.title}", ""]
     if table.description:
         parts += [table.description.strip(), ""]
-    diffs = render_differences(row_differences(rows))
+    diffs = render_differences(row_differences(rows, extra=table.differences))
     parts += [render_table(table, rows, teacher), "", *([diffs, ""] if diffs else []), seeds_note(table, rows),
               *errors_note(rows)]
     parts += ["", wall, "", f"Regenerate: `{command}`"]
@@ -285,12 +285,17 @@ def paired(name: str, a: dict[int, float], b: dict[int, float]) -> Optional[Diff
     return Difference(name, seeds, [a[s] - b[s] for s in seeds]) if seeds else None
 
 
-def row_differences(rows: list[RowStats], metric: str = "rsum") -> list[Difference]:
-    """Each row - the first row, seed by seed (the rows of a table run the same seeds)."""
+def row_differences(rows: list[RowStats], metric: str = "rsum",
+                    extra: Sequence[tuple[str, str]] = ()) -> list[Difference]:
+    """Each row - the first row, then each ``extra`` (row a, row b) as a - b; seed by seed (the rows of a table
+    run the same seeds)."""
     def by_seed(row: RowStats) -> dict[int, float]:
         return dict(zip(row.seeds, row.values(metric)))
 
-    out = [paired(f"{row.label} - {rows[0].label}", by_seed(row), by_seed(rows[0])) for row in rows[1:]]
+    by_label = {row.label: row for row in rows}
+    pairs = [(row, rows[0]) for row in rows[1:]]
+    pairs += [(by_label[a], by_label[b]) for a, b in extra if a in by_label and b in by_label]
+    out = [paired(f"{a.label} - {b.label}", by_seed(a), by_seed(b)) for a, b in pairs]
     return [d for d in out if d is not None and len(d.values) > 1]
 
 
@@ -334,6 +339,7 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]], teacher:
     }
     if dataset_summary:
         entry["data"] = dataset_summary
+    specs = {t.id: t for t in plan.sweep.tables}
     for table_id, rows in rows_by_table.items():
         table = {}
         for r in rows:
@@ -346,7 +352,7 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]], teacher:
                 row["teacher_flops_ratio"] = round(t_flops["total"] / r.flops["total"], 3)
             table[r.label] = row
         entry["tables"][table_id] = table
-        diffs = row_differences(rows)
+        diffs = row_differences(rows, extra=specs[table_id].differences if table_id in specs else ())
         if diffs:
             entry.setdefault("paired_differences", {})[table_id] = [d.as_dict() for d in diffs]
     return entry
