@@ -34,6 +34,9 @@ def experiments(
     tables_only: bool = typer.Option(False, "--tables-only", help="Train and evaluate nothing: write the "
                                      "tables from the results already in --runs-dir (e.g. copied from a GPU "
                                      "machine without the exports)."),
+    no_train: bool = typer.Option(False, "--no-train", help="Train nothing: evaluate the runs already trained "
+                                  "and write the tables, the rest shown as not finished (a sweep in progress, "
+                                  "while another runner trains it)."),
     reevaluate: bool = typer.Option(False, "--reevaluate", help="Classification sweeps: measure every finished "
                                     "run again from its exports before the tables (nothing retrained; new "
                                     "metrics such as balanced top-1 for older runs)."),
@@ -50,5 +53,5 @@ def experiments(
     fig_dir = (figures_dir or results.parent / "results") if figures else None
     run_sweep(load_sweep(sweep), runs_dir, results, fig_dir, only=only, global_sets=overrides, jobs=jobs,
               max_runs=max_runs, skip_failed=skip_failed, dry_run=dry_run, tables_only=tables_only,
-              prune=prune, reevaluate=reevaluate, log=typer.echo,
+              train=not no_train, prune=prune, reevaluate=reevaluate, log=typer.echo,
               defaults=(RUNS_DIR, RESULTS))

@@ -231,6 +231,18 @@ def test_a_teacher_only_table_trains_nothing_and_reports_the_teacher(data, tmp_p
     assert bad.exit_code != 0 and "no rows (and no teacher: true)" in str(bad.exception)
 
 
+def test_no_train_evaluates_what_is_trained_and_shows_the_rest_unfinished(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    result = cli("experiments", "--sweep", SWEEP, "--runs-dir", tmp_path / "runs", "--results", tmp_path / "R.md",
+                 "--only", "methods", "--no-train", "--no-figures",
+                 "--set", f"data.manifest_dir={data.manifests}", "--set", f"data.cache_dir={data.cache}")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["_teacher"]  # no run folder: nothing trained
+    rows = table_rows((tmp_path / "R.md").read_text(), "methods")
+    assert rows["no distillation"]["Seeds"] == "0 of 2" and rows["teacher (teacher-fake)"]["RSUM"]
+    assert "2 run(s) not finished yet" in (tmp_path / "R.md").read_text()
+
+
 # ---- planning and documents, no training -------------------------------------------------------------
 
 

@@ -82,7 +82,8 @@ def regenerate_command(plan: Plan, table_id: str, results: Path, runs_dir_defaul
 def run_sweep(
     sweep: Sweep, runs_dir: str | Path, results: str | Path, figures_dir: str | Path | None, *,
     only: Sequence[str] = (), global_sets: Sequence[str] = (), jobs: int = 1, max_runs: int = 0,
-    skip_failed: bool = False, dry_run: bool = False, tables_only: bool = False, prune: bool = False,
+    skip_failed: bool = False, dry_run: bool = False, tables_only: bool = False, train: bool = True,
+    prune: bool = False,
     reevaluate: bool = False, log: Log = print,
     defaults: tuple[Path, Path] = (Path("runs/experiments"), Path("docs/RESULTS.md")),
 ) -> SweepOutcome:
@@ -96,6 +97,7 @@ def run_sweep(
         skip_failed: do not try runs that failed before again (their errors stay in the tables).
         tables_only: train and evaluate nothing; write the tables from the result files in ``runs_dir``
             (e.g. runs trained and evaluated on another machine, copied without their exports).
+        train: False: train nothing, evaluate what is trained (a sweep in progress, another runner training).
         prune: at the end, delete the checkpoints of every finished run of the plan (prune_checkpoints).
         defaults: the CLI's default runs folder and results file (left out of the printed commands).
     """
@@ -107,7 +109,7 @@ def run_sweep(
         return SweepOutcome(plan, {k: read_record(plan.run_dir(k)) for k in plan.runs}, None, None, [], [])
     log(f"sweep {sweep.path}: {summary[-1]}")
     runs = adapter(sweep.command)
-    if not tables_only:
+    if train and not tables_only:
         train_all(plan, jobs=jobs, max_runs=max_runs, skip_failed=skip_failed, log=log)
     teacher, records = runs.evaluate(plan, tables_only=tables_only, reevaluate=reevaluate, log=log)
 
