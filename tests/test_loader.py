@@ -135,3 +135,24 @@ def test_a_loader_worker_yields_the_cores_to_the_training_step():
         before, after = pool.map(_priority_after_worker_start, [0])[0]
     assert after == min(before + 5, 19)
     assert os.nice(0) == before  # the training process itself keeps its priority
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_students_batches_are_its_per_image_inputs_converted_at_once(rows, channels_last):
+    """The loader's items are uint8 pixels that the collate normalises as one batch (InputBatcher): the values must
+    be exactly the student transform's per-image tensors, in the student's memory layout."""
+    from pipeline.distill.data import BatchCollate
+    from pipeline.students.preprocess import ImageTransform, TransformSettings
+
+    transform = ImageTransform(TransformSettings(16, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28), hflip=0.5,
+                                                 color_jitter=0.5), train=True)
+    ds = PairDataset(rows, transform, seed=3, preload=True, preload_size=24, channels_last=channels_last)
+    keys = [(1, i) for i in range(len(rows))]
+    items = [ds[k] for k in keys]
+    assert all(x.dtype == np.uint8 and x.shape == (16, 16, 3) for _, x, _, _ in items)
+    batch = BatchCollate(rows, batcher=ds.batcher)(items)
+    reference = PairDataset(rows, transform, seed=3, preload=True, preload_size=24)
+    reference.batcher = None  # the per-image path: the transform's own ToTensor + Normalize, stacked
+    expected = torch.stack([reference[k][1] for k in keys])
+    assert torch.equal(batch.pixels, expected)
+    assert batch.pixels.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -78,6 +78,7 @@ def test_stage1_stores_views_whose_replayed_input_reproduces_the_target(world):
     i, pixels, err, view = ds[(2, 2)]  # (epoch, index)
     assert err is None and view == pick_view(7, 2, 2, 3)
     expected = student(load_rgb(rows.locations[2]), cache.view_params[rows.image_rows[2], view])
+    pixels = ds.batcher([pixels])[0]  # the loader's batch op on the item's uint8 crop
     assert torch.equal(pixels, expected)
     got = teacher.encode_images(pixels[None]).numpy()[0]
     target = cache.views.gather(cache.view_rows(rows.image_rows[[2]], np.array([view])))[0]

@@ -35,6 +35,7 @@ from pipeline.data.loader import seeded_augmentation, worker_start_method, yield
 from pipeline.data.manifest import Manifest
 from pipeline.distill.transfer import TransferImages, TransferStream
 from pipeline.features.views import ViewTransform, pick_view
+from pipeline.students.preprocess import ImageTransform, InputBatcher
 
 
 @dataclass
@@ -141,9 +142,13 @@ class PairDataset(Dataset):
     def __init__(self, rows: AlignedRows, transform: Callable, seed: int, preload: bool = False,
                  preload_size: int | None = None, transfer: TransferImages | None = None,
                  stream: TransferStream | None = None, views: ViewReplay | None = None,
-                 preload_limit: int | None = None):
+                 preload_limit: int | None = None, channels_last: bool = False):
         self.rows, self.transform, self.seed, self.preload_size = rows, transform, seed, preload_size
         self.transfer, self.stream, self.views = transfer, stream, views
+        # items are uint8 pixels that the collate turns into a batch at once, where the normalisation is known
+        # (a student's transform, or view replay); any other transform's items are its tensors, stacked
+        norm = views.transform if views else transform.settings if isinstance(transform, ImageTransform) else None
+        self.batcher = InputBatcher(norm.mean, norm.std, channels_last) if norm is not None else None
         self._images: dict[str, Image.Image] = {}
         self._crops: dict[str, list[Image.Image]] = {}  # view replay: location -> its first views.count crops
         locations = self.locations()
@@ -207,14 +212,14 @@ class PairDataset(Dataset):
                 crop = crops[view] if crops else self.views.transform.render(load_rgb(loc), params[view])
             except ImageDecodeError as exc:
                 return i, None, str(exc), -1
-            return i, self.views.transform.to_input(crop), None, view
+            return i, np.asarray(crop.convert("RGB")), None, view
         try:
             img = self._images.get(loc) or self._decode(loc)
         except ImageDecodeError as exc:
             return i, None, str(exc), -1
         # Augmentation draws from a seed fixed by (seed, epoch, index): identical on resume, any workers.
         with seeded_augmentation(self.seed, epoch, i):
-            return i, self.transform(img), None, -1
+            return i, self.transform.pixels(img) if self.batcher else self.transform(img), None, -1
 
 
 class MixedBatches(Sampler[list]):
@@ -253,8 +258,9 @@ class BatchCollate:
     """Items -> ``Batch``: a class, not a closure, so loader workers started by spawn (macOS, or a process that
     was itself spawned, as the experiment runner's runs are) can receive it."""
 
-    def __init__(self, rows: AlignedRows, stream: TransferStream | None = None):
-        self.rows, self.stream = rows, stream
+    def __init__(self, rows: AlignedRows, stream: TransferStream | None = None,
+                 batcher: InputBatcher | None = None):
+        self.rows, self.stream, self.batcher = rows, stream, batcher
 
     def __call__(self, items) -> Batch:
         rows, stream, n = self.rows, self.stream, len(self.rows)
@@ -264,7 +270,7 @@ class BatchCollate:
             v for i, _, err, v in items if err is None and i >= n]
         return Batch(
             rows=torch.tensor([i for i, _ in ok], dtype=torch.long),
-            pixels=torch.stack([x for _, x in ok + extra]) if ok or extra else torch.empty(0),
+            pixels=(self.batcher or torch.stack)([x for _, x in ok + extra]) if ok or extra else torch.empty(0),
             captions=[rows.captions[i] for i, _ in ok],
             failures=[err for _, _, err, _ in items if err is not None],
             transfer_rows=(torch.from_numpy(stream.rows(np.array([p for p, _ in extra], np.int64)))
@@ -281,7 +287,7 @@ def make_loader(dataset: PairDataset, sampler: EpochOrder, batch_size: int, work
     batches = MixedBatches(sampler, batch_size, len(dataset.rows), dataset.stream)
     return DataLoader(
         dataset, batch_sampler=batches, num_workers=workers,
-        collate_fn=BatchCollate(dataset.rows, dataset.stream), pin_memory=pin, generator=g,
+        collate_fn=BatchCollate(dataset.rows, dataset.stream, dataset.batcher), pin_memory=pin, generator=g,
         persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers > 0 else None,
         multiprocessing_context=worker_start_method() if workers > 0 else None, worker_init_fn=yielding_worker,
     )

@@ -297,7 +297,8 @@ class DistillObjective(Objective):
         self.dataset = PairDataset(rows, model.image_transform(train=True), cfg.seed, preload=cfg.data.preload,
                                    preload_size=int(self.scfg.image_size * 1.15), transfer=self.transfer,
                                    stream=self.stream, views=self.views,
-                                   preload_limit=int(cfg.data.preload_limit_gb * 2**30))
+                                   preload_limit=int(cfg.data.preload_limit_gb * 2**30),
+                                   channels_last=self.scfg.channels_last)
         self.sampler = EpochOrder(len(rows), cfg.seed, env.rank, env.world)
         self.steps_per_epoch = len(self.sampler) // cfg.optim.batch_size
         if self.steps_per_epoch == 0:

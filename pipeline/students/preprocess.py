@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -84,10 +85,16 @@ class ImageTransform:
                 geometry.append(T.RandomGrayscale(s.grayscale))
         else:
             geometry = [T.Resize(math.floor(s.size / s.crop_pct), interpolation=interp), T.CenterCrop(s.size)]
+        self._pixels = T.Compose(geometry)
         return T.Compose([*geometry, T.ToTensor(), T.Normalize(s.mean, s.std)])
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self._pipeline(img.convert("RGB"))
+
+    def pixels(self, img: Image.Image) -> np.ndarray:
+        """The same image as ``__call__`` (the same random draws), before ToTensor and Normalize: (H, W, 3) uint8,
+        for ``InputBatcher`` to convert a whole batch at once."""
+        return np.asarray(self._pixels(img.convert("RGB")))
 
     def __getstate__(self) -> dict:
         return {"settings": self.settings, "train": self.train}
@@ -191,6 +198,26 @@ class TextTokenizer:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+@dataclass(frozen=True)
+class InputBatcher:
+    """(H, W, 3) uint8 images -> the model's (B, 3, H, W) float batch: torchvision's ToTensor + Normalize of each
+    image done as one op on the batch (the same float operations per element, so the same values; tested).
+    A loader worker does it once a batch instead of once an image, and a channels_last student gets its NHWC
+    layout (the images' own) without a copy."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channels_last: bool = False
+
+    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        if not self.channels_last:
+            x = x.contiguous()
+        x = x.to(torch.float32).div(255)
+        mean = torch.as_tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        return x.sub_(mean).div_(torch.as_tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1))
+
+
 class MemoTokenizer:
     """``tokenizer(texts)`` for a training loop, which meets every caption once an epoch: an hf tokenizer's
     captions are tokenized once (unpadded ids, kept for at most ``limit`` distinct captions) and each batch is
@@ -228,6 +255,6 @@ def tokenizer_from_settings(settings: dict) -> TextTokenizer:
 
 
 __all__ = [
-    "TransformSettings", "ImageTransform", "TextTokenizer", "MemoTokenizer", "resolve_tokenizer_dir", "tokenizer_settings",
+    "TransformSettings", "ImageTransform", "TextTokenizer", "MemoTokenizer", "InputBatcher", "resolve_tokenizer_dir", "tokenizer_settings",
     "tokenizer_from_settings",
 ]
