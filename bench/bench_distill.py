@@ -224,6 +224,8 @@ class DistillBench:
             idx = batch.rows.numpy()
             t_img, t_txt = self.objective.targets(idx, batch)
             item = {"batch": batch, "pixels": batch.pixels.to(self.device),
+                    # what an NCHW student's loader gives it (the loader lays a batch out as its student runs)
+                    "pixels_nchw": batch.pixels.to(self.device).contiguous(),
                     "tokens": {k: v.to(self.device) for k, v in self.model.tokenizer(batch.captions).items()},
                     "t_img": t_img, "t_txt": t_txt}
             if with_teacher:  # the teacher's own preprocessing of the same images, decoded here, untimed
@@ -255,7 +257,7 @@ class DistillBench:
     def bare_step(self, item: dict, clock: Clock, nchw: bool = False) -> None:
         model, optimizer = (self.nchw_model, self.nchw_optimizer) if nchw else (self.model, self.optimizer)
         with clock("forward"), self.autocast():
-            s_img, s_txt = model(item["pixels"], item["tokens"])
+            s_img, s_txt = model(item["pixels_nchw" if nchw else "pixels"], item["tokens"])
         with clock("losses"):
             loss = self.fd(s_img, s_txt, item["t_img"], item["t_txt"])["fd"]
         with clock("backward"):

@@ -52,8 +52,10 @@ class StudentModel(nn.Module):
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Projected, unnormalised image embeddings (B, D)."""
-        if self.config.channels_last:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        # the tower's layout whatever the caller's (a convolution follows its input's layout: NHWC pixels would
+        # make an NCHW student run NHWC kernels, with other sums); a no-op when they already agree
+        pixels = pixels.contiguous(memory_format=torch.channels_last if self.config.channels_last
+                                   else torch.contiguous_format)
         return self.image_proj(self.image_tower(pixels))
 
     def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
