@@ -74,3 +74,9 @@ def test_jobs_on_the_cpu_without_a_thread_count_are_told_they_oversubscribe(tmp_
         training.train_all(plan, jobs=2, log=lines.append)
         said = [line for line in lines if "oversubscribe" in line]
         assert bool(said) == told and (not told or "--set threads=1" in said[0]), lines
+
+
+def test_a_runs_device_shows_its_own_thread_count():
+    assert training._device_of(SimpleNamespace(device="cpu", threads=1)).endswith(", 1 thread)")
+    shown = training._device_of(SimpleNamespace(device="cpu", threads=0))  # torch's default in this process
+    assert shown.endswith(f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})")

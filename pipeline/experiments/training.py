@@ -82,7 +82,8 @@ def _device_of(config: Any) -> str:
     from pipeline.common.distributed import resolve_device
     from pipeline.retrieval.evaluate import device_description
 
-    return device_description(torch.device(resolve_device(config.device)))
+    # a run's own thread count where the config sets one (the runner's process may use another)
+    return device_description(torch.device(resolve_device(config.device)), getattr(config, "threads", 0))
 
 
 def copy_export(plan: Plan, run: PlannedRun) -> dict:

@@ -133,7 +133,8 @@ def count_flops(encoder: Teacher | None) -> dict[str, int] | None:
     return flops_per_item(encoder.model) if isinstance(encoder, StudentEncoder) else None
 
 
-def device_description(device: torch.device) -> str:
+def device_description(device: torch.device, threads: int = 0) -> str:
+    """The device in words; on a CPU with its thread count (``threads``, else this process's torch threads)."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     cpu = platform.processor() or platform.machine()
@@ -142,7 +143,8 @@ def device_description(device: torch.device) -> str:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+    threads = threads or torch.get_num_threads()
+    return f"cpu ({cpu}, {threads} thread{'s' if threads != 1 else ''})"
 
 
 @dataclass(frozen=True)
