@@ -199,7 +199,7 @@ def test_retrieval_tables_list_each_row_minus_the_first_seed_by_seed(tmp_path):
     assert diffs[0].verdict == "clears the spread"
     block = tables.render_differences(diffs)
     assert "| distilled - pairs | 3 | +26.0 / +27.0 / +31.0 | 28.0 ± 2.6 | clears the spread |" in block
-    plan = SimpleNamespace(sweep=SimpleNamespace(path="s.yaml", eval=SimpleNamespace(split="test")),
+    plan = SimpleNamespace(sweep=SimpleNamespace(path="s.yaml", eval=SimpleNamespace(split="test"), tables=()),
                            base=SimpleNamespace(data=SimpleNamespace(manifest_dir="m")), teacher_cache_dir="c")
     entry = tables.summary_entry(plan, {"t": [base, better, lone]}, None)
     assert entry["paired_differences"]["t"][0]["values"] == [26.0, 27.0, 31.0]
