@@ -212,7 +212,7 @@ class PairDataset(Dataset):
                 crop = crops[view] if crops else self.views.transform.render(load_rgb(loc), params[view])
             except ImageDecodeError as exc:
                 return i, None, str(exc), -1
-            return i, np.asarray(crop.convert("RGB")), None, view
+            return i, np.asarray(crop if crop.mode == "RGB" else crop.convert("RGB")), None, view
         try:
             img = self._images.get(loc) or self._decode(loc)
         except ImageDecodeError as exc:

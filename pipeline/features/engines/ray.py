@@ -5,9 +5,10 @@ mapper and writer as the local path (lock, atomic publish, checksums, rejects, v
 Only the driver talks to Ray; the actors write files. A shard whose actor died (process killed, machine lost) goes
 back to the queue, at most ``max_retries`` times. The dead worker's shard lock is taken over once its holder is
 known dead (its pid gone on its host; from another host, its lease run out): until then a retry finds the shard
-"busy" and is tried again every ``RETRY_BUSY_S`` for up to a lease, rather than left undone. A shard that fails for any other reason stops the job with
-one line (unreadable images are not failures: they are rejects, as on the local path). Actors that fit once a
-machine joins the cluster take the next shard. ``ray`` is imported lazily: it is the optional ``cluster`` extra.
+"busy" and is tried again every ``RETRY_BUSY_S`` for up to a lease, rather than left undone. A shard that fails
+for any other reason stops the job with one line (unreadable images are not failures: they are rejects, as on
+the local path). Actors that fit once a machine joins the cluster take the next shard. ``ray`` is imported
+lazily: it is the optional ``cluster`` extra.
 """
 
 from __future__ import annotations
