@@ -4,6 +4,7 @@ other runs finish, reruns that skip finished work, and hand-written text kept ar
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -74,9 +75,10 @@ def swept(data):
 
 
 def table_rows(doc: str, table_id: str) -> dict[str, list[str]]:
-    """{first cell: cells} of the Markdown table inside one marked section."""
+    """{first cell: cells} of the (first) Markdown table inside one marked section."""
     block = doc[doc.index(start_marker(table_id)):doc.index(end_marker(table_id))]
-    lines = [ln for ln in block.splitlines() if ln.startswith("| ")]
+    lines = list(itertools.takewhile(lambda ln: ln.startswith("| "),
+                                     itertools.dropwhile(lambda ln: not ln.startswith("| "), block.splitlines())))
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
     for ln in lines[2:]:
@@ -149,6 +151,10 @@ def test_results_tables_match_the_runs(swept):
     assert row["pct_of_teacher_rsum"]["mean"] == round(statistics.mean(pct), 3)
     assert summary["tables"]["ablation"]["batch too big"]["rsum"]["n"] == 0
     assert "batch size 100000" in summary["tables"]["ablation"]["batch too big"]["errors"][0]
+    # the table's claim: listed with its verdict under the table and in summary.json
+    (claim,) = summary["claims"]["ablation"]
+    assert (claim["better"], claim["than"], claim["verdict"]) == ("pairs only", ["batch too big"], "pending")
+    assert "| Training on the pairs beats a batch too big | tests | pending | vs batch too big: - |" in doc
 
 
 def test_rerun_skips_finished_runs_and_keeps_hand_written_text(swept, data, monkeypatch):
@@ -349,6 +355,15 @@ def test_row_stats_counts_each_run_once(tmp_path, monkeypatch):
     ("tables:\n  - {id: a, rows: [{label: x}, {label: y}], differences: [x, y]}", "each entry is [row a, row b]"),
     ("command: classify\ntables:\n  - {id: a, rows: [{label: x}, {label: y}], differences: [[y, x]]}",
      "differences: is for retrieval tables"),
+    ("tables:\n  - {id: a, rows: [{label: x}, {label: y}], claims: [{claim: c, better: x, than: [z]}]}",
+     "no row labelled 'z'"),
+    ("tables:\n  - {id: a, rows: [{label: x}, {label: y}], claims: [{claim: c, better: x}]}", "needs claim (text)"),
+    ("tables:\n  - {id: a, rows: [{label: x}, {label: y}], claims: [{claim: c, better: x, than: x}]}",
+     "compared with itself"),
+    ("tables:\n  - {id: a, rows: [{label: x}, {label: y}], claims: [{claim: c, better: x, than: y, by: z}]}",
+     "unknown key(s) ['by']"),
+    ("command: classify\ntables:\n  - {id: a, rows: [{label: x}, {label: y}], claims: [{claim: c, better: x, "
+     "than: y}]}", "claims: is for retrieval tables"),
 ])
 def test_bad_sweep_files_are_one_line_errors(tmp_path, body, fragment):
     path = tmp_path / "s.yaml"
@@ -370,6 +385,29 @@ def test_a_tables_extra_differences_pair_the_rows_it_names_seed_by_seed():
     assert diffs["a - b"].seeds == [0, 1] and diffs["a - b"].values == [4.0, 1.0]  # seed 3 has no partner
     assert diffs["b - base"].values == [1.0, 1.0]
     assert [d.name for d in row_differences(rows)] == ["a - base", "b - base"]
+
+
+def test_a_claim_holds_only_when_each_of_its_paired_differences_clears_the_spread_in_its_favour():
+    from pipeline.experiments.sweep import Claim, SweepRow, SweepTable
+    from pipeline.experiments.tables import RowStats, check_claims, render_claims
+
+    def row(label, values, seeds=(0, 1, 2)):
+        return RowStats(label, 3, [{"metrics": {"rsum": v}} for v in values], list(seeds))
+
+    rows = [row("best", [100, 110, 120]), row("worse", [90, 101, 109]),  # +10, +9, +11: clears
+            row("noisy", [95, 115, 118]),  # +5, -5, +2: inside the spread
+            row("better", [110, 121, 129]),  # -10, -11, -9: clears the other way
+            row("short", [90, 100], seeds=(0, 1))]  # two seeds: no verdict yet
+    claims = {"holds": ["worse"], "contradicted": ["worse", "better"], "not shown": ["noisy"],
+              "holds against 1 of 2": ["worse", "noisy"], "pending": ["worse", "short"]}
+    table = SweepTable("t", "t", "", (0, 1, 2), tuple(SweepRow(r.label, {}) for r in rows),
+                       claims=tuple(Claim(name, "best", tuple(than)) for name, than in claims.items()))
+    checks = check_claims(table, rows)
+    assert [c.verdict for c in checks] == list(claims)  # each claim is named after the verdict it must get
+    assert [v["verdict"] for v in checks[1].as_dict()["comparisons"]] == ["holds", "reversed"]
+    assert checks[0].as_dict()["comparisons"][0]["values"] == [10.0, 9.0, 11.0]
+    text = render_claims(checks)
+    assert "| holds against 1 of 2 |" in text and "vs short: +10.0 ± 0.0 (2 seeds, pending)" in text
 
 
 def test_update_document_markers(tmp_path):

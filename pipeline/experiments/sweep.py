@@ -85,6 +85,16 @@ class SweepRow:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """A published statement a table tests: row ``better`` scores above each row of ``than`` (paired by seed)."""
+
+    text: str
+    better: str
+    than: tuple[str, ...]
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class SweepTable:
     id: str
     title: str
@@ -95,6 +105,7 @@ class SweepTable:
     cost: bool = False
     # extra paired differences (row a - row b) besides each row - the first row, e.g. one setting of two rows
     differences: tuple[tuple[str, str], ...] = ()
+    claims: tuple[Claim, ...] = ()  # published statements this table tests
 
 
 # The commands a sweep's runs are trained with, and their config classes ("module:Class", imported when planned).
@@ -116,6 +127,33 @@ def _differences(raw: Any, labels: set[str], where: str) -> tuple[tuple[str, str
         if unknown:
             raise PipelineError(f"{where}: no row labelled {unknown[0]!r} in this table")
         out.append((pair[0], pair[1]))
+    return tuple(out)
+
+
+def _claims(raw: Any, labels: set[str], where: str) -> tuple[Claim, ...]:
+    """A table's ``claims:``, a list of {claim: text, better: row, than: row or [rows], source: text}."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise PipelineError(f"{where}: a list of {{claim, better, than, source}} mappings, got {raw!r}")
+    out = []
+    for i, item in enumerate(raw):
+        cwhere = f"{where}[{i}]"
+        item = _mapping(item, cwhere)
+        _only_keys(item, {"claim", "better", "than", "source"}, cwhere)
+        text, better = str(item.get("claim") or "").strip(), item.get("better")
+        than = item.get("than")
+        than = [than] if isinstance(than, str) else than
+        if not text or not isinstance(better, str) or not isinstance(than, list) or not than \
+                or not all(isinstance(x, str) for x in than):
+            raise PipelineError(f"{cwhere}: needs claim (text), better (a row label) and than (a row label or a "
+                                f"list of them)")
+        unknown = [x for x in [better, *than] if x not in labels]
+        if unknown:
+            raise PipelineError(f"{cwhere}: no row labelled {unknown[0]!r} in this table")
+        if better in than:
+            raise PipelineError(f"{cwhere}: row {better!r} is compared with itself")
+        out.append(Claim(text, better, tuple(dict.fromkeys(than)), str(item.get("source") or "").strip()))
     return tuple(out)
 
 
@@ -190,7 +228,8 @@ def load_sweep(path: str | Path) -> Sweep:
     for i, raw in enumerate(raw_tables):
         where = f"{path}: tables[{i}]"
         raw = _mapping(raw, where)
-        _only_keys(raw, {"id", "title", "description", "seeds", "rows", "teacher", "cost", "differences"}, where)
+        _only_keys(raw, {"id", "title", "description", "seeds", "rows", "teacher", "cost", "differences", "claims"},
+                   where)
         tid = str(raw.get("id", ""))
         if not _ID_RE.match(tid):
             raise PipelineError(f"{where}: id must be letters, digits, '-' or '_', got {tid!r}")
@@ -218,10 +257,12 @@ def load_sweep(path: str | Path) -> Sweep:
             raise PipelineError(f"{where} ({tid}): no rows (and no teacher: true)")
         tables.append(SweepTable(tid, str(raw.get("title") or tid), str(raw.get("description") or ""),
                                  tuple(dict.fromkeys(seeds)), tuple(rows), bool(raw.get("teacher", False)),
-                                 bool(raw.get("cost", False)), _differences(raw.get("differences"), labels,
-                                                                           f"{where} ({tid}) differences")))
-    if command == "classify" and any(t.differences for t in tables):  # its tables pair columns, not rows
-        raise PipelineError(f"{path}: differences: is for retrieval tables (distill, adapt), not classify sweeps")
+                                 bool(raw.get("cost", False)),
+                                 _differences(raw.get("differences"), labels, f"{where} ({tid}) differences"),
+                                 _claims(raw.get("claims"), labels, f"{where} ({tid}) claims")))
+    for key in ("differences", "claims"):  # a classify sweep's tables pair columns, not rows
+        if command == "classify" and any(getattr(t, key) for t in tables):
+            raise PipelineError(f"{path}: {key}: is for retrieval tables (distill, adapt), not classify sweeps")
     return Sweep(path, str(data.get("name") or path.stem), Path(data["base_config"]),
                  _sets(data.get("set"), f"{path}: set"), eval_section, tuple(tables), command)
 

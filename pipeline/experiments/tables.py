@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from pipeline.common.errors import PipelineError
 from pipeline.retrieval.evaluate import read_result
-from pipeline.experiments.sweep import Plan, SweepTable
+from pipeline.experiments.sweep import Claim, Plan, SweepTable
 from pipeline.common import io
 
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -126,8 +126,9 @@ def _latency(results: Sequence[dict]) -> str:
     return f"{img} / {txt}"
 
 
-def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    align = ["---", "---:"] + ["---:"] * (len(header) - 2)
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> str:
+    """A Markdown table: the first ``text_columns`` columns left-aligned, the numbers after them right-aligned."""
+    align = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, align, *rows])
 
 
@@ -207,8 +208,9 @@ def section(table: SweepTable, rows: list[RowStats], teacher: Optional[dict], co
     if table.description:
         parts += [table.description.strip(), ""]
     diffs = render_differences(row_differences(rows, extra=table.differences))
-    parts += [render_table(table, rows, teacher), "", *([diffs, ""] if diffs else []), seeds_note(table, rows),
-              *errors_note(rows)]
+    claims = render_claims(check_claims(table, rows))
+    parts += [render_table(table, rows, teacher), "", *(block + "\n" for block in (diffs, claims) if block),
+              seeds_note(table, rows), *errors_note(rows)]
     parts += ["", wall, "", f"Regenerate: `{command}`"]
     if figure:
         parts += ["", f"![{table.id}]({figure})"]
@@ -312,6 +314,70 @@ def render_differences(diffs: list[Difference], what: str = "test RSUM") -> str:
         "", markdown(header, lines), "", "</details>"])
 
 
+# ---- a table's claims: published statements tested on its rows, seed by seed ---------------------------------------
+@dataclass
+class ClaimCheck:
+    """``claim.better - other`` for each row of ``claim.than``, paired by seed (None: no seed both sides finished)."""
+
+    claim: Claim
+    comparisons: list[tuple[str, Optional[Difference]]]
+
+    @staticmethod
+    def comparison_verdict(diff: Optional[Difference]) -> str:
+        """holds / reversed (each clears the spread, one way or the other), not shown (inside it), pending."""
+        if diff is None or diff.verdict == "too few seeds":
+            return "pending"
+        if diff.verdict == "clears the spread":
+            return "holds" if statistics.mean(diff.values) > 0 else "reversed"
+        return "not shown"
+
+    @property
+    def verdict(self) -> str:
+        found = [self.comparison_verdict(d) for _, d in self.comparisons]
+        if "pending" in found:
+            return "pending"
+        if "reversed" in found:
+            return "contradicted"
+        holds = found.count("holds")
+        if holds == len(found):
+            return "holds"
+        return f"holds against {holds} of {len(found)}" if holds else "not shown"
+
+    def as_dict(self) -> dict:
+        return {"claim": self.claim.text, "source": self.claim.source, "better": self.claim.better,
+                "than": list(self.claim.than), "verdict": self.verdict,
+                "comparisons": [{"than": other, **({} if d is None else {**d.as_dict(), "spread": d.verdict}),
+                                 "verdict": self.comparison_verdict(d)} for other, d in self.comparisons]}
+
+
+def check_claims(table: SweepTable, rows: list[RowStats], metric: str = "rsum") -> list[ClaimCheck]:
+    by_label = {row.label: dict(zip(row.seeds, row.values(metric))) for row in rows}
+    return [ClaimCheck(c, [(other, paired(f"{c.better} - {other}", by_label.get(c.better, {}),
+                                          by_label.get(other, {}))) for other in c.than])
+            for c in table.claims]
+
+
+def render_claims(checks: list[ClaimCheck], what: str = "test RSUM") -> str:
+    if not checks:
+        return ""
+
+    def comparison(other: str, diff: Optional[Difference]) -> str:
+        if diff is None:
+            return f"vs {other}: -"
+        n = len(diff.values)
+        spread = f" ± {statistics.stdev(diff.values):.1f}" if n > 1 else ""
+        return (f"vs {other}: {statistics.mean(diff.values):+.1f}{spread} ({n} seed{'s' * (n > 1)}, "
+                f"{ClaimCheck.comparison_verdict(diff)})")
+
+    lines = [[c.claim.text, c.claim.source or "-", c.verdict, "; ".join(comparison(o, d) for o, d in c.comparisons)]
+             for c in checks]
+    return "\n".join([
+        f"Claims this table tests ({what}, paired by seed: a claim holds when each of its differences clears the "
+        f"spread in its favour over at least {MIN_SEEDS} seeds, and is contradicted when one clears it the other way):",
+        "", markdown(["Claim", "Source", "Verdict", "Difference to each other row, points (seeds, verdict)"], lines,
+                         text_columns=4)])
+
+
 # ---- docs/results/summary.json: the headline numbers, written by the code that computes them -------------------
 
 
@@ -355,10 +421,14 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]], teacher:
         diffs = row_differences(rows, extra=specs[table_id].differences if table_id in specs else ())
         if diffs:
             entry.setdefault("paired_differences", {})[table_id] = [d.as_dict() for d in diffs]
+        claims = check_claims(specs[table_id], rows) if table_id in specs else []
+        if claims:
+            entry.setdefault("claims", {})[table_id] = [c.as_dict() for c in claims]
     return entry
 
 
-PER_TABLE = ("tables", "paired_differences", "paired_differences_balanced_top1")  # an entry's parts keyed by table
+# an entry's parts keyed by table
+PER_TABLE = ("tables", "paired_differences", "paired_differences_balanced_top1", "claims")
 
 
 def update_summary(path: Path, sweep_name: str, entry: dict, table_ids: set[str] | None = None) -> Path:
