@@ -155,6 +155,7 @@ def test_results_tables_match_the_runs(swept):
     (claim,) = summary["claims"]["ablation"]
     assert (claim["better"], claim["than"], claim["verdict"]) == ("pairs only", ["batch too big"], "pending")
     assert "| Training on the pairs beats a batch too big | tests | pending | vs batch too big: - |" in doc
+    assert "claims: 1 pending" in swept.output  # and counted at the end of the run
 
 
 def test_rerun_skips_finished_runs_and_keeps_hand_written_text(swept, data, monkeypatch):

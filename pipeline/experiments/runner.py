@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -131,6 +132,9 @@ def run_sweep(
     tables.update_summary(summary_path, sweep.name, entry, table_ids={t.id for t in sweep.tables})
     log(f"wrote {len(blocks)} table(s) to {results} and the headline numbers to {summary_path}"
         + (f"; {len(failed)} cell(s) failed" if failed else ""))
+    verdicts = Counter(c["verdict"] for checks in (entry.get("claims") or {}).values() for c in checks)
+    if verdicts:
+        log("claims: " + ", ".join(f"{n} {v}" for v, n in sorted(verdicts.items())))
     if prune:
         prune_checkpoints(plan, log)
     return SweepOutcome(plan, records, teacher, results, figures, failed)
