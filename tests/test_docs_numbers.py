@@ -199,7 +199,19 @@ README_CHECKS = [
       pm(*cls("subgroups-targets", "out-of-fold targets (5 folds)", "with text: gen 1", "balanced_top1"))]),
 ]
 
-# RESULTS findings that issue 34 found out of step with their tables
+def signed_diff(sweep, table, name, negate=False):
+    """A paired difference as ``+m ± s`` (``negate``: the document states ``b - a`` of the stored ``a - b``)."""
+    def spec(s):
+        values = [-v if negate else v for v in get(s, (sweep, "paired_differences", table, name))["values"]]
+        m, sd = _stats({"values": values})
+        return {f"{a} ± {b}" for a in _roundings(m, 1, sign=True) for b in _roundings(sd, 1)}
+    return spec
+
+
+P, P2 = "w2-ablations", "w2-methods"
+P2_FULL = "full multiscale (DSMD)"
+
+# RESULTS findings that issue 34 found out of step with their tables, and the findings of Tables P2-P5d
 RESULTS_CHECKS = [
     ("the default config **{}** (277.6, 277.0, 278.3), **{} % of the teacher**",
      [pm(*row("recipe-icons-tabler", "recipe-tabler", "earlier default (6 epochs, 250-step floor)", "rsum")),
@@ -230,6 +242,13 @@ RESULTS_CHECKS = [
     ("The teacher's text side leads the inherited tower by {}",
      [pm(T1, "paired_differences", T1, f"{T1_TEACHER_TEXT} - {T1_INHERITED}")]),
     ("on T1's schedule it reaches {} % of the teacher", [pm(*row(T1, T1, T1_TEACHER_TEXT, "pct_of_teacher_rsum"))]),
+    ("The full method scores {} against {}, {} per seed",
+     [pm(*row(P, P2, P2_FULL, "rsum")), pm(*row(P, P2, "no distillation (pairs only)", "rsum")),
+      signed_diff(P, P2, f"no distillation (pairs only) - {P2_FULL}", negate=True)]),
+    ("(the paper's FD term alone, {}) by {}",
+     [pm(*row(P, P2, "feature only (L1)", "rsum")), signed_diff(P, P2, f"feature only (L1) - {P2_FULL}", negate=True)]),
+    ("(CLIP-KD's FD) scores {}, {} per seed over the full method",
+     [pm(*row(P, P2, "feature only (MSE)", "rsum")), signed_diff(P, P2, f"feature only (MSE) - {P2_FULL}")]),
 ]
 
 
@@ -285,3 +304,13 @@ def test_the_readme_states_the_demo_comparisons_verdict(summary):
     assert "per seed the distilled student is ahead by " in flat((ROOT / "README.md").read_text(encoding="utf-8"))
     assert re.search(r"ahead by \+[\d.]+ ± [\d.]+ RSUM: " + re.escape(verdict) + r"\.",
                      flat((ROOT / "README.md").read_text(encoding="utf-8")))
+
+
+def test_results_states_each_decided_claim_with_its_verdict(summary):
+    """A claim's verdict is words: RESULTS must state each decided one (not pending) as ``claim: verdict``."""
+    text = flat((ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")).replace("**", "")
+    decided = [(c["claim"], c["verdict"]) for entry in summary["sweeps"].values()
+               for checks in (entry.get("claims") or {}).values() for c in checks if c["verdict"] != "pending"]
+    assert decided, "no decided claim in summary.json"
+    for claim, verdict in decided:
+        assert f"{claim}: {verdict}." in text, f"RESULTS does not state {claim!r} as {verdict!r}"
