@@ -208,7 +208,7 @@ def signed_diff(sweep, table, name, negate=False):
     return spec
 
 
-P, P2 = "w2-ablations", "w2-methods"
+P, P2, P4 = "w2-ablations", "w2-methods", "w2-balancer"
 P2_FULL = "full multiscale (DSMD)"
 
 # RESULTS findings that issue 34 found out of step with their tables, and the findings of Tables P2-P5d
@@ -249,6 +249,12 @@ RESULTS_CHECKS = [
      [pm(*row(P, P2, "feature only (L1)", "rsum")), signed_diff(P, P2, f"feature only (L1) - {P2_FULL}", negate=True)]),
     ("(CLIP-KD's FD) scores {}, {} per seed over the full method",
      [pm(*row(P, P2, "feature only (MSE)", "rsum")), signed_diff(P, P2, f"feature only (MSE) - {P2_FULL}")]),
+    ("A plain sum of the four losses with equal weights scores {}, the balancer {} per seed above it",
+     [pm(*row(P, P4, "fixed equal weights", "rsum")),
+      signed_diff(P, P4, "fixed equal weights - dynamic (default)", negate=True)]),
+    ("method.md 1.5) scores {}, {} per seed against the balancer and below the pairs alone (Table P2's {})",
+     [pm(*row(P, P4, "reference code", "rsum")), signed_diff(P, P4, "reference code - dynamic (default)"),
+      pm(*row(P, P2, "no distillation (pairs only)", "rsum"))]),
 ]
 
 
