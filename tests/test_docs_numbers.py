@@ -208,7 +208,7 @@ def signed_diff(sweep, table, name, negate=False):
     return spec
 
 
-P, P2, P4 = "w2-ablations", "w2-methods", "w2-balancer"
+P, P2, P4, P5A = "w2-ablations", "w2-methods", "w2-balancer", "w2-normalisation"
 P2_FULL = "full multiscale (DSMD)"
 
 # RESULTS findings that issue 34 found out of step with their tables, and the findings of Tables P2-P5d
@@ -255,6 +255,8 @@ RESULTS_CHECKS = [
     ("method.md 1.5) scores {}, {} per seed against the balancer and below the pairs alone (Table P2's {})",
      [pm(*row(P, P4, "reference code", "rsum")), signed_diff(P, P4, "reference code - dynamic (default)"),
       pm(*row(P, P2, "no distillation (pairs only)", "rsum"))]),
+    ("With the teacher's norms restored the student scores {}, {} per seed against the cache's unit embeddings",
+     [pm(*row(P, P5A, "not normalised", "rsum")), signed_diff(P, P5A, "not normalised - normalised (default)")]),
 ]
 
 
