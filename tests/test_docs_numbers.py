@@ -208,7 +208,7 @@ def signed_diff(sweep, table, name, negate=False):
     return spec
 
 
-P, P2, P4, P5A = "w2-ablations", "w2-methods", "w2-balancer", "w2-normalisation"
+P, P2, P4, P5A, P5D = "w2-ablations", "w2-methods", "w2-balancer", "w2-normalisation", "w2-margin"
 P2_FULL = "full multiscale (DSMD)"
 
 # RESULTS findings that issue 34 found out of step with their tables, and the findings of Tables P2-P5d
@@ -257,6 +257,9 @@ RESULTS_CHECKS = [
       pm(*row(P, P2, "no distillation (pairs only)", "rsum"))]),
     ("With the teacher's norms restored the student scores {}, {} per seed against the cache's unit embeddings",
      [pm(*row(P, P5A, "not normalised", "rsum")), signed_diff(P, P5A, "not normalised - normalised (default)")]),
+    ("0.5 reaches {} ({} per seed) and 1.0 {} ({}), both clearing the spread; 0.2 ({}) stays inside it",
+     [pm(*row(P, P5D, "0.5", "rsum")), signed_diff(P, P5D, "0.5 - 0 (default)"), pm(*row(P, P5D, "1.0", "rsum")),
+      signed_diff(P, P5D, "1.0 - 0 (default)"), signed_diff(P, P5D, "0.2 - 0 (default)")]),
 ]
 
 
