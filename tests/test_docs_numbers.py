@@ -211,6 +211,19 @@ def signed_diff(sweep, table, name, negate=False):
 P, P2, P4, P5A, P5D = "w2-ablations", "w2-methods", "w2-balancer", "w2-normalisation", "w2-margin"
 P2_FULL = "full multiscale (DSMD)"
 
+README_CHECKS += [
+    ("distillation beats the pairs alone by {} RSUM per seed (holds); the dynamic balancer beats equal fixed weights "
+     "by {} (holds); normalised teacher targets beat un-normalised ones by {} (holds); the four losses beat the L1 "
+     "feature distance alone by {} but not the MSE one ({} against {}: inside the spread); and margin 0 is not the "
+     "best here: 0.5 scores {} above it (contradicted)",
+     [signed_diff(P, P2, f"no distillation (pairs only) - {P2_FULL}", negate=True),
+      signed_diff(P, P4, "fixed equal weights - dynamic (default)", negate=True),
+      signed_diff(P, P5A, "not normalised - normalised (default)", negate=True),
+      signed_diff(P, P2, f"feature only (L1) - {P2_FULL}", negate=True),
+      pm(*row(P, P2, "feature only (MSE)", "rsum")), pm(*row(P, P2, P2_FULL, "rsum")),
+      signed_diff(P, P5D, "0.5 - 0 (default)")]),
+]
+
 # RESULTS findings that issue 34 found out of step with their tables, and the findings of Tables P2-P5d
 RESULTS_CHECKS = [
     ("the default config **{}** (277.6, 277.0, 278.3), **{} % of the teacher**",
