@@ -208,19 +208,21 @@ def signed_diff(sweep, table, name, negate=False):
     return spec
 
 
-P, P2, P4, P5A, P5D = "w2-ablations", "w2-methods", "w2-balancer", "w2-normalisation", "w2-margin"
+P, P2, P4, P5A, P5C, P5D = "w2-ablations", "w2-methods", "w2-balancer", "w2-normalisation", "w2-tau", "w2-margin"
 P2_FULL = "full multiscale (DSMD)"
 
 README_CHECKS += [
     ("distillation beats the pairs alone by {} RSUM per seed (holds); the dynamic balancer beats equal fixed weights "
      "by {} (holds); normalised teacher targets beat un-normalised ones by {} (holds); the four losses beat the L1 "
-     "feature distance alone by {} but not the MSE one ({} against {}: inside the spread); and margin 0 is not the "
+     "feature distance alone by {} but not the MSE one ({} against {}: inside the spread); the lowest temperature, "
+     "0.05, beats 0.5 and 1.0 by {} and {} but not 0.1 or 0.2 (holds against 2 of 4); and margin 0 is not the "
      "best here: 0.5 scores {} above it (contradicted)",
      [signed_diff(P, P2, f"no distillation (pairs only) - {P2_FULL}", negate=True),
       signed_diff(P, P4, "fixed equal weights - dynamic (default)", negate=True),
       signed_diff(P, P5A, "not normalised - normalised (default)", negate=True),
       signed_diff(P, P2, f"feature only (L1) - {P2_FULL}", negate=True),
       pm(*row(P, P2, "feature only (MSE)", "rsum")), pm(*row(P, P2, P2_FULL, "rsum")),
+      signed_diff(P, P5C, "0.5 - 0.05 (default)", negate=True), signed_diff(P, P5C, "1.0 - 0.05 (default)", negate=True),
       signed_diff(P, P5D, "0.5 - 0 (default)")]),
 ]
 
@@ -273,6 +275,10 @@ RESULTS_CHECKS = [
     ("0.5 reaches {} ({} per seed) and 1.0 {} ({}), both clearing the spread; 0.2 ({}) stays inside it",
      [pm(*row(P, P5D, "0.5", "rsum")), signed_diff(P, P5D, "0.5 - 0 (default)"), pm(*row(P, P5D, "1.0", "rsum")),
       signed_diff(P, P5D, "1.0 - 0 (default)"), signed_diff(P, P5D, "0.2 - 0 (default)")]),
+    ("RSUM falls as tau rises ({} at 0.05, {}, {}, {}, {} at 1.0), and 0.05 beats 0.5 and 1.0 by more than the spread "
+     "({} and {} per seed), but not 0.1 ({}) or 0.2 ({})",
+     [mean(*row(P, P5C, t, "rsum")) for t in ("0.05 (default)", "0.1", "0.2", "0.5", "1.0")]
+     + [signed_diff(P, P5C, f"{t} - 0.05 (default)", negate=True) for t in ("0.5", "1.0", "0.1", "0.2")]),
 ]
 
 
