@@ -222,7 +222,7 @@ README_CHECKS += [
       signed_diff(P, P5A, "not normalised - normalised (default)", negate=True),
       signed_diff(P, P2, f"feature only (L1) - {P2_FULL}", negate=True),
       pm(*row(P, P2, "feature only (MSE)", "rsum")), pm(*row(P, P2, P2_FULL, "rsum")),
-      signed_diff(P, P5C, "0.5 - 0.05 (default)", negate=True), signed_diff(P, P5C, "1.0 - 0.05 (default)", negate=True),
+      *(signed_diff(P, P5C, f"{t} - 0.05 (default)", negate=True) for t in ("0.5", "1.0")),
       signed_diff(P, P5D, "0.5 - 0 (default)")]),
 ]
 
