@@ -39,14 +39,14 @@ $(STAMP): pyproject.toml $(LOCK)
 install: $(STAMP)  ## create .venv and install the locked versions (+ test, Ray and FAISS-CPU extras; EXTRAS=dev,cluster,gpu for GPUs)
 
 # Needs only a venv with pip (not a passing install: a changed pyproject is what makes the old lock fail).
-lock:  ## re-resolve constraints.txt (+ pylock.toml, PEP 751 with hashes; requirements.lock, the default install) from pyproject.toml, then reinstall (KEEP=constraints.txt: add pins, move none)
+lock:  ## re-resolve constraints.txt (+ pylock.toml, PEP 751 with hashes; requirements.txt, the default install) from pyproject.toml, then reinstall (KEEP=constraints.txt: add pins, move none)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) tools/lock.py --out constraints.txt --extras dev,gpu,deploy,cluster,cpu $(if $(KEEP),--keep $(KEEP))
 	$(PY) -m pip lock -q -e '.[dev,gpu,deploy,cluster,cpu]' -c constraints.txt -o pylock.toml
 	$(PY) tools/lock.py --portable-pylock pylock.toml  # this machine's mirror URLs -> PyPI's
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c constraints.txt
 	$(PY) tools/lock.py --check --out constraints.txt --check-extras $(EXTRAS)
-	$(PY) tools/lock.py --out constraints.txt --check-extras dev,cluster,cpu --requirements requirements.lock
+	$(PY) tools/lock.py --out constraints.txt --check-extras dev,cluster,cpu --requirements requirements.txt
 	touch $(STAMP)
 
 # Tests run in TEST_WORKERS processes (pytest-xdist), one thread each; --dist loadscope keeps a module's tests on one

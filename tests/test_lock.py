@@ -58,14 +58,14 @@ def test_pylock_has_the_same_versions_as_constraints_txt_with_hashes():
     assert all(w["hashes"]["sha256"] for p in packages for w in p.get("wheels", []))
 
 
-def test_requirements_lock_is_the_default_install_pinned_from_the_lock():
-    # requirements.lock: the closure `make install` builds (extras dev,cluster,cpu) at constraints.txt's versions,
+def test_requirements_txt_is_the_default_install_pinned_from_the_lock():
+    # requirements.txt: the closure `make install` builds (extras dev,cluster,cpu) at constraints.txt's versions,
     # for tools that read a flat lock; `make lock` rewrites it, and it must never drift from constraints.txt.
     try:
         metadata.version(lock_tool.PROJECT)
     except metadata.PackageNotFoundError:
         pytest.skip("the project is not installed (make install does that)")
-    lines = [ln for ln in (ROOT / "requirements.lock").read_text().splitlines() if ln and not ln.startswith("#")]
+    lines = [ln for ln in (ROOT / "requirements.txt").read_text().splitlines() if ln and not ln.startswith("#")]
     assert lines == lock_tool.requirements_lines(LOCK, ["dev", "cluster", "cpu"]), "run `make lock`"
     pins = lock_tool.read_lock(LOCK)
     assert all(pins[lock_tool.canonical(ln.split("==")[0])] == ln.split("==")[1] for ln in lines)

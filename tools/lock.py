@@ -150,15 +150,15 @@ def check(lock: Path, extras: list[str]) -> list[str]:
 
 def requirements_lines(lock: Path, extras: list[str]) -> list[str]:
     """The exact environment `make install` builds with ``extras`` (the project's closure, pinned from ``lock``):
-    what ``requirements.lock`` holds, for ``pip install -r requirements.lock`` then ``pip install --no-deps -e .``."""
+    what ``requirements.txt`` holds, for ``pip install -r requirements.txt`` then ``pip install --no-deps -e .``."""
     pins = read_lock(lock)
     return [f"{key}=={pins[key]}" for key in sorted(required_closure(extras)) if key in pins]
 
 
 def write_requirements(out: Path, lock: Path, extras: list[str]) -> None:
-    header = [f"# requirements.lock: the packages `make install` (extras [{','.join(extras)}]) installs, at the versions",
+    header = [f"# requirements.txt: the packages `make install` (extras [{','.join(extras)}]) installs, at the versions",
               f"# of {lock.name}, the ones CI tests. Written by `make lock` (tools/lock.py --requirements); do not edit.",
-              "#   pip install -r requirements.lock && pip install --no-deps -e ."]
+              "#   pip install -r requirements.txt && pip install --no-deps -e ."]
     lines = requirements_lines(lock, extras)
     out.write_text("\n".join(header + lines) + "\n")
     print(f"{out}: {len(lines)} packages")
@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="compare the installed packages with the lock")
     ap.add_argument("--check-extras", default="dev", help="extras whose packages --check compares")
     ap.add_argument("--requirements", type=Path, metavar="OUT",
-                    help="write OUT: the installed closure of --check-extras pinned from --out (requirements.lock)")
+                    help="write OUT: the installed closure of --check-extras pinned from --out (requirements.txt)")
     ap.add_argument("--portable-pylock", type=Path, metavar="PYLOCK",
                     help="rewrite PYLOCK's local-mirror file:// wheel URLs into PyPI's URLs of the same files")
     args = ap.parse_args()
