@@ -43,6 +43,9 @@ def experiments(
     prune: bool = typer.Option(False, "--prune-checkpoints", help="At the end, delete the checkpoints of every "
                                "finished run of the sweep (they only serve to resume training; about 0.3 GB "
                                "a run). The export, metrics and results stay; unfinished runs keep theirs."),
+    archive: Optional[Path] = typer.Option(None, "--archive", help="Results archive (default: the sweep's "
+                                           "archive:): finished runs are restored from it instead of trained "
+                                           "again, and copied into it once evaluated (a few KB a run)."),
     trust_unchecked: bool = TRUST_UNCHECKED,
 ) -> None:
     """Train every (row, seed) of a sweep once (identical configs shared across tables; finished runs are
@@ -53,5 +56,5 @@ def experiments(
     fig_dir = (figures_dir or results.parent / "results") if figures else None
     run_sweep(load_sweep(sweep), runs_dir, results, fig_dir, only=only, global_sets=overrides, jobs=jobs,
               max_runs=max_runs, skip_failed=skip_failed, dry_run=dry_run, tables_only=tables_only,
-              train=not no_train, prune=prune, reevaluate=reevaluate, log=typer.echo,
+              train=not no_train, prune=prune, archive=archive, reevaluate=reevaluate, log=typer.echo,
               defaults=(RUNS_DIR, RESULTS))

@@ -210,6 +210,47 @@ def test_prune_deletes_only_finished_runs_checkpoints(swept, data, tmp_path, mon
     assert "checkpoints_pruned" not in json.loads((runs / unevaluated / "experiment.json").read_text())
 
 
+def test_an_archive_keeps_finished_results_and_a_fresh_runs_folder_restores_them_without_training(
+        swept, data, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    archive, runs = tmp_path / "archive", tmp_path / "runs"
+    shutil.copytree(swept.runs, runs)
+    args = sweep_args(data, "--tables-only", "--no-figures", "--archive", archive)
+    args[args.index("--runs-dir") + 1] = runs
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    done = sorted(r["name"] for r in swept.records.values() if r["status"] == "done")
+    assert "archived the results of 2 run(s)" in result.output
+    assert sorted(p.name for p in archive.iterdir()) == done  # the failed run is not archived
+    for name in done:  # the record (with the full run key) and the stage-3 result, nothing heavy
+        assert sorted(str(p.relative_to(archive / name)) for p in (archive / name).rglob("*") if p.is_file()) \
+            == ["eval/result.json", "experiment.json"]
+        assert json.loads((archive / name / "experiment.json").read_text())["key"].startswith(name[1:])
+        assert (archive / name / "eval" / "result.json").read_bytes() == \
+            (swept.runs / name / "eval" / "result.json").read_bytes()
+    # another machine: no runs folder, the archive only; the methods table is rebuilt without training
+    fresh, doc = tmp_path / "fresh", tmp_path / "R.md"
+    args = sweep_args(data, "--only", "methods", "--no-figures", "--archive", archive)
+    args[args.index("--runs-dir") + 1], args[args.index("--results") + 1] = fresh, doc
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "restored the results of 2 finished run(s)" in result.output and "] train " not in result.output
+    assert "2 of 2 trained runs already evaluated: skipped" in result.output
+    assert "archived the results" not in result.output  # restored runs are already there
+    assert table_rows(doc.read_text(), "methods") == table_rows(swept.doc.read_text(), "methods")
+    for name in done:
+        assert json.loads((fresh / name / "experiment.json").read_text())["results_from"] == str(archive)
+        assert not (fresh / name / "export").exists()
+    # an entry whose key is not the planned run's is refused, not used
+    name = done[0]
+    record = json.loads((archive / name / "experiment.json").read_text())
+    (archive / name / "experiment.json").write_text(json.dumps({**record, "key": "f" * 64}))
+    args[args.index("--runs-dir") + 1] = tmp_path / "fresh2"
+    bad = cli(*args)
+    assert bad.exit_code != 0 and "archived for run key ffffffffffffffff" in str(bad.exception)
+
+
 def test_a_teacher_only_table_trains_nothing_and_reports_the_teacher(data, tmp_path, monkeypatch):
     sweep = tmp_path / "teacher.yaml"
     sweep.write_text((SWEEP.read_text().split("tables:")[0]) + (
@@ -327,6 +368,13 @@ def test_every_shipped_sweep_plans_without_invalid_cells(path, tmp_path, monkeyp
     for run in plan.runs.values():
         if isinstance(run.config, DistillConfig):
             student_config(run.config, 512)  # the student overrides resolve (unknown keys are a PipelineError)
+    sweep = load_sweep(path)
+    if sweep.archive is not None and sweep.archive.is_dir():  # every archived run is one this sweep plans
+        planned = {run.name: key for key, run in plan.runs.items()}
+        for entry in sorted(sweep.archive.iterdir()):
+            record = json.loads((entry / "experiment.json").read_text())
+            assert planned.get(entry.name) == record["key"], f"{entry}: not a run of {path.name}"
+            assert record["status"] == "done" and (entry / "eval" / "result.json").is_file()
 
 
 def test_row_stats_counts_each_run_once(tmp_path, monkeypatch):

@@ -42,14 +42,24 @@ def classification_results(run_dir: Path) -> Optional[dict]:
     return results if results.get("complete") else None
 
 
+def is_results_only(run_dir: Path) -> bool:
+    """A finished run restored from a results archive (pipeline.experiments.archive): its record and stage-3
+    result without the export, which stayed on the machine that trained it."""
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    return (bool(record.get("results_from")) and record.get("status") == "done"
+            and (run_dir / EVAL_DIR / "result.json").is_file() and not (run_dir / EXPORT).is_file())
+
+
 def is_trained(run_dir: Path) -> bool:
-    return (Path(run_dir) / EXPORT).is_file() or classification_results(run_dir) is not None
+    return ((Path(run_dir) / EXPORT).is_file() or classification_results(run_dir) is not None
+            or is_results_only(run_dir))
 
 
 def is_evaluated(run_dir: Path) -> bool:
     """The export and an evaluation result newer than it exist (what a rerun skips); a classification run
-    evaluates itself, so a complete one is evaluated."""
-    if classification_results(run_dir) is not None:
+    evaluates itself, so a complete one is evaluated; a run restored from an archive has only its result."""
+    if classification_results(run_dir) is not None or is_results_only(run_dir):
         return True
     export, result = Path(run_dir) / EXPORT, Path(run_dir) / EVAL_DIR / "result.json"
     return export.is_file() and result.is_file() and result.stat().st_mtime > export.stat().st_mtime

@@ -13,7 +13,7 @@ from pipeline.common import paths
 from pipeline.common.errors import PipelineError
 from pipeline.experiments import tables
 from pipeline.experiments.adapters import CommandAdapter, Log
-from pipeline.experiments.records import EXPORT, fmt_time, is_trained, read_record, write_record
+from pipeline.experiments.records import EXPORT, fmt_time, is_results_only, is_trained, read_record, write_record
 from pipeline.experiments.sweep import EVAL_DIR, EvalSection, Plan, SweepTable
 
 TEACHER_DIR = "_teacher"
@@ -130,6 +130,9 @@ def evaluate_all(plan: Plan, ctx: EvalContext, log: Log = print) -> dict[str, di
     trained = [k for k in plan.runs if is_trained(plan.run_dir(k))]
     skipped = 0
     for key in trained:
+        if is_results_only(plan.run_dir(key)):  # restored from an archive: no export to evaluate
+            skipped += 1
+            continue
         rec, now = evaluate_run(plan, key, ctx)
         name = plan.runs[key].name
         if not now:

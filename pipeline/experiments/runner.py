@@ -9,7 +9,8 @@ and evaluation and the device (pipeline.experiments.records); ``<command>.log`` 
 tables are written by pipeline.experiments.tables.
 
 A run counts as finished when its export and a stage-3 result newer than it exist (a classification run: when its
-results.json says both steps are complete): reruns skip it.
+results.json says both steps are complete), or when it was restored from the sweep's results archive: reruns skip
+it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Optional, Sequence
 
 from pipeline.experiments import tables
 from pipeline.experiments.adapters import adapter
+from pipeline.experiments.archive import archive_results, restore_results
 from pipeline.experiments.records import Log, is_evaluated, is_trained, prune_checkpoints, read_record
 from pipeline.experiments.sweep import Plan, Sweep, plan_sweep
 from pipeline.experiments.training import train_all
@@ -84,7 +86,7 @@ def run_sweep(
     sweep: Sweep, runs_dir: str | Path, results: str | Path, figures_dir: str | Path | None, *,
     only: Sequence[str] = (), global_sets: Sequence[str] = (), jobs: int = 1, max_runs: int = 0,
     skip_failed: bool = False, dry_run: bool = False, tables_only: bool = False, train: bool = True,
-    prune: bool = False,
+    prune: bool = False, archive: str | Path | None = None,
     reevaluate: bool = False, log: Log = print,
     defaults: tuple[Path, Path] = (Path("runs/experiments"), Path("docs/RESULTS.md")),
 ) -> SweepOutcome:
@@ -100,9 +102,14 @@ def run_sweep(
             (e.g. runs trained and evaluated on another machine, copied without their exports).
         train: False: train nothing, evaluate what is trained (a sweep in progress, another runner training).
         prune: at the end, delete the checkpoints of every finished run of the plan (prune_checkpoints).
+        archive: the results archive (default: the sweep's ``archive:``): finished runs are restored from it
+            before training and copied into it after evaluation (pipeline.experiments.archive).
         defaults: the CLI's default runs folder and results file (left out of the printed commands).
     """
     plan = plan_sweep(sweep, runs_dir, global_sets, only)
+    archive = Path(archive) if archive else sweep.archive
+    if archive is not None and not dry_run:
+        restore_results(plan, archive, log)
     summary = describe_plan(plan)
     if dry_run:
         for line in summary:
@@ -113,6 +120,8 @@ def run_sweep(
     if train and not tables_only:
         train_all(plan, jobs=jobs, max_runs=max_runs, skip_failed=skip_failed, log=log)
     teacher, records = runs.evaluate(plan, tables_only=tables_only, reevaluate=reevaluate, log=log)
+    if archive is not None:
+        archive_results(plan, archive, log)
 
     results = Path(results)
     blocks, figures, failed, rows_by_table = {}, [], [], {}

@@ -17,6 +17,9 @@ table has rows ``{label, set: {dotted.key: value}}`` and seeds::
         rows:
           - {label: dynamic, set: {balancer.kind: dynamic}}
 
+``archive: DIR`` keeps every finished run's record and stage-3 result in DIR (a few KB a run, meant to be
+committed) and restores runs from it instead of training them again (pipeline.experiments.archive).
+
 ``command: adapt`` makes the runs adaptations (``clipdistill adapt``, AdaptConfig; ``eval.cache_dir`` then names
 the teacher cache, as adapt configs have none), and a row ``{label, export: PATH}`` evaluates an existing model
 as it is (an adaptation's start point) instead of training one. ``command: classify`` makes them classification
@@ -173,6 +176,7 @@ class Sweep:
     eval: EvalSection
     tables: tuple[SweepTable, ...]
     command: str = "distill"  # what trains a run: clipdistill distill (DistillConfig) or adapt (AdaptConfig)
+    archive: Optional[Path] = None  # where finished runs' results are kept (pipeline.experiments.archive)
 
     def table(self, table_id: str) -> SweepTable:
         for t in self.tables:
@@ -214,7 +218,7 @@ def load_sweep(path: str | Path) -> Sweep:
     except yaml.YAMLError as exc:
         raise PipelineError(f"cannot parse {path}: {exc}".splitlines()[0]) from None
     data = _mapping(data, str(path))
-    _only_keys(data, {"name", "base_config", "set", "eval", "tables", "command"}, str(path))
+    _only_keys(data, {"name", "base_config", "set", "eval", "tables", "command", "archive"}, str(path))
     command = str(data.get("command") or "distill")
     if command not in COMMANDS:
         raise PipelineError(f"{path}: command must be one of {', '.join(COMMANDS)}, not {command!r}")
@@ -264,7 +268,8 @@ def load_sweep(path: str | Path) -> Sweep:
         if command == "classify" and any(getattr(t, key) for t in tables):
             raise PipelineError(f"{path}: {key}: is for retrieval tables (distill, adapt), not classify sweeps")
     return Sweep(path, str(data.get("name") or path.stem), Path(data["base_config"]),
-                 _sets(data.get("set"), f"{path}: set"), eval_section, tuple(tables), command)
+                 _sets(data.get("set"), f"{path}: set"), eval_section, tuple(tables), command,
+                 Path(data["archive"]) if data.get("archive") else None)
 
 
 def override_strings(sets: dict[str, Any]) -> list[str]:
