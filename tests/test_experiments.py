@@ -242,8 +242,21 @@ def test_an_archive_keeps_finished_results_and_a_fresh_runs_folder_restores_them
     for name in done:
         assert json.loads((fresh / name / "experiment.json").read_text())["results_from"] == str(archive)
         assert not (fresh / name / "export").exists()
-    # an entry whose key is not the planned run's is refused, not used
+    # a result measured under another teacher cache is not restored: that run trains again (not here: --no-train)
     name = done[0]
+    result_file = archive / name / "eval" / "result.json"
+    original = result_file.read_text()
+    stored = json.loads(original)
+    result_file.write_text(json.dumps({**stored, "settings": {**stored["settings"], "teacher_cache": "other"}}))
+    args[args.index("--runs-dir") + 1] = tmp_path / "fresh1"
+    result = cli(*args, "--no-train")
+    assert result.exit_code == 0, result.output
+    assert "restored the results of 1 finished run(s)" in result.output
+    assert f"1 archived run(s) measured with another teacher cache, manifest or split: not restored " \
+           f"(they train again): {name}" in result.output
+    assert table_rows(doc.read_text(), "methods")["no distillation"]["Seeds"] == "1 of 2"
+    result_file.write_text(original)
+    # an entry whose key is not the planned run's is refused, not used
     record = json.loads((archive / name / "experiment.json").read_text())
     (archive / name / "experiment.json").write_text(json.dumps({**record, "key": "f" * 64}))
     args[args.index("--runs-dir") + 1] = tmp_path / "fresh2"

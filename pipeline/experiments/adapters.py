@@ -40,6 +40,11 @@ class CommandAdapter(ABC):
                  log: Log) -> tuple[Optional[dict], dict[str, dict]]:
         """(the teacher's record or None, every planned run's record) once the runs are evaluated."""
 
+    def result_settings(self, plan: Plan) -> Optional[dict]:
+        """The settings a run's stored stage-3 result must have been measured with to count for this plan (split,
+        manifest, teacher cache); an archived result with others is not restored. None: no check."""
+        return None
+
     def read_result(self, plan: Plan) -> Optional[Callable[[str], Optional[dict]]]:
         """How a table reads a run's numbers (None: from its stage-3 result)."""
         return None

@@ -8,7 +8,9 @@ the runs folder (or not finished there) is restored from it: its record is marke
 finished without an export (records.is_results_only), so it is neither trained nor evaluated again.
 
 An archived run is found by its folder name (``x`` + the first 12 hex digits of its run key); the record's full
-key must match the planned run's, so a stale or foreign entry is refused, not used.
+key must match the planned run's, so a stale or foreign entry is refused, not used; and its result must have been
+measured with the plan's settings (the same teacher cache, manifest and split), else the run trains again: the run
+key names the config, not the teacher it was distilled from.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from pipeline.common.errors import PipelineError
 from pipeline.experiments.records import (
@@ -60,11 +63,13 @@ def archive_results(plan: Plan, archive: Path, log: Log = print) -> int:
     return changed
 
 
-def restore_results(plan: Plan, archive: Path, log: Log = print) -> int:
+def restore_results(plan: Plan, archive: Path, log: Log = print, settings: Optional[dict] = None) -> int:
     """Restore every planned run that is not finished in the runs folder but is in ``archive``; returns how many.
 
+    ``settings``: what a stage-3 result must have been measured with (split, manifest hash, teacher fingerprint;
+    the adapter's result_settings): a run archived under another teacher or data is left to train again.
     Raises PipelineError when an archived record's key is not the planned run's (same name, other config)."""
-    archive, restored = Path(archive), 0
+    archive, restored, other = Path(archive), 0, []
     for key, run in plan.runs.items():
         src = archive / run.name
         run_dir = plan.run_dir(key)
@@ -76,6 +81,11 @@ def restore_results(plan: Plan, archive: Path, log: Log = print) -> int:
                                 f"but this sweep plans {key[:16]}... under that name; remove the entry")
         if record.get("status") != "done" and not (src / CLASSIFY_RESULTS).is_file():
             continue
+        if settings is not None and (src / RESULT_FILE).is_file():
+            stored = json.loads((src / RESULT_FILE).read_text()).get("settings")
+            if stored != settings:
+                other.append(run.name)
+                continue
         if run_dir.exists():  # an unfinished attempt (partial training, checkpoints): the archive supersedes it
             shutil.rmtree(run_dir)
         for name in ARCHIVED_FILES:
@@ -86,4 +96,7 @@ def restore_results(plan: Plan, archive: Path, log: Log = print) -> int:
         restored += 1
     if restored:
         log(f"restored the results of {restored} finished run(s) from {archive} (not trained again)")
+    if other:
+        log(f"{len(other)} archived run(s) measured with another teacher cache, manifest or split: not restored "
+            f"(they train again): {', '.join(other[:5])}{' ...' if len(other) > 5 else ''}")
     return restored

@@ -161,6 +161,13 @@ class RetrievalRuns(CommandAdapter):
         ctx = open_eval(plan)
         return evaluate_teacher(plan, ctx, log), evaluate_all(plan, ctx, log)
 
+    def result_settings(self, plan: Plan) -> Optional[dict]:
+        from pipeline.retrieval.evaluate import student_settings
+
+        ctx = open_eval(plan)
+        return student_settings(ctx.settings.split, ctx.settings.index, ctx.settings.max_captions_per_image,
+                                ctx.manifest, ctx.cache)
+
     def section(self, plan: Plan, table: SweepTable, rows: list, teacher: Optional[dict], command: str,
                 wall: str, figures_dir: Optional[Path], results: Path) -> tuple[str, Optional[Path]]:
         fig = link = None

@@ -108,15 +108,15 @@ def run_sweep(
     """
     plan = plan_sweep(sweep, runs_dir, global_sets, only)
     archive = Path(archive) if archive else sweep.archive
+    runs = adapter(sweep.command)
     if archive is not None and not dry_run:
-        restore_results(plan, archive, log)
+        restore_results(plan, archive, log, runs.result_settings(plan))
     summary = describe_plan(plan)
     if dry_run:
         for line in summary:
             log(line)
         return SweepOutcome(plan, {k: read_record(plan.run_dir(k)) for k in plan.runs}, None, None, [], [])
     log(f"sweep {sweep.path}: {summary[-1]}")
-    runs = adapter(sweep.command)
     if train and not tables_only:
         train_all(plan, jobs=jobs, max_runs=max_runs, skip_failed=skip_failed, log=log)
     teacher, records = runs.evaluate(plan, tables_only=tables_only, reevaluate=reevaluate, log=log)
