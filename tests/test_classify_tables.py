@@ -108,6 +108,19 @@ def test_a_sweep_run_with_only_one_table_keeps_the_other_tables_differences(tmp_
     assert json.loads(path.read_text())["sweeps"]["s"]["paired_differences"] == {"b": [4]}
 
 
+def test_a_table_written_alone_replaces_all_of_its_old_parts_and_kept_tables_keep_their_teacher(tmp_path):
+    path, old_teacher, new_teacher = tmp_path / "summary.json", {"name": "t", "rsum": 423.5}, {"name": "t", "rsum": 415}
+    update_summary(path, "s", {"teacher": old_teacher, "tables": {"a": {}, "b": {}},
+                               "paired_differences": {"a": [1], "b": [2]}, "claims": {"b": ["holds"]}})
+    # the teacher was rebuilt, then b written alone: its differences are pending now (none), its claims too
+    update_summary(path, "s", {"teacher": new_teacher, "tables": {"b": {"r": 1}},
+                               "teacher_of_table": {"b": new_teacher}})
+    entry = json.loads(path.read_text())["sweeps"]["s"]
+    assert entry["paired_differences"] == {"a": [1]} and "claims" not in entry
+    assert entry["teacher"] == new_teacher
+    assert entry["teacher_of_table"] == {"a": old_teacher, "b": new_teacher}
+
+
 def test_balanced_top1_is_tabled_only_for_rows_whose_every_seed_measured_it():
     rng = random.Random(4)
     measured = _row("new runs", [0, 1, 2], gens=1, seed=5)

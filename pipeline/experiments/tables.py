@@ -399,10 +399,13 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]], teacher:
         "sweep": str(plan.sweep.path), "eval_split": plan.sweep.eval.split,
         "manifest_dir": plan.base.data.manifest_dir, "cache_dir": plan.teacher_cache_dir,
         "teacher": None if teacher is None else {
-            "name": teacher.get("name"), "metrics": {m: round(teacher["metrics"][m], 3) for m in METRICS},
+            "name": teacher.get("name"), "fingerprint": teacher.get("model_fingerprint"),
+            "metrics": {m: round(teacher["metrics"][m], 3) for m in METRICS},
             "params": (teacher.get("params") or {}).get("total"), "flops": t_flops or None},
         "tables": {},
     }
+    if entry["teacher"] is not None:  # the teacher each table's % column was computed against
+        entry["teacher_of_table"] = {table_id: entry["teacher"] for table_id in rows_by_table}
     if dataset_summary:
         entry["data"] = dataset_summary
     specs = {t.id: t for t in plan.sweep.tables}
@@ -428,13 +431,15 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]], teacher:
 
 
 # an entry's parts keyed by table
-PER_TABLE = ("tables", "paired_differences", "paired_differences_balanced_top1", "claims")
+PER_TABLE = ("tables", "paired_differences", "paired_differences_balanced_top1", "claims", "teacher_of_table")
 
 
 def update_summary(path: Path, sweep_name: str, entry: dict, table_ids: set[str] | None = None) -> Path:
     """Update this sweep's entry in the summary file: its tables written now replace their old versions, its
     other tables (a run with --only) and the other sweeps' entries are kept. ``table_ids``: the tables the sweep
-    file has now; an old entry of a table it no longer has is dropped (the summary never reports a removed table)."""
+    file has now; an old entry of a table it no longer has is dropped (the summary never reports a removed table).
+    ``teacher_of_table`` names the teacher each table was computed against: a kept table keeps its own when the
+    sweep's ``teacher`` (the latest write's) changes, e.g. after the teacher was rebuilt."""
     import json
 
     data: dict = {}
@@ -445,12 +450,16 @@ def update_summary(path: Path, sweep_name: str, entry: dict, table_ids: set[str]
             raise PipelineError(f"{path} is not valid JSON ({exc}); fix or delete it") from None
     sweeps = data.setdefault("sweeps", {})
     merged = dict(entry)
-    for key in PER_TABLE:
-        if key not in entry:
-            continue
-        old = (sweeps.get(sweep_name) or {}).get(key, {})
+    previous = sweeps.get(sweep_name) or {}
+    if previous.get("teacher") and previous.get("tables"):  # kept tables keep the teacher they were written with
+        previous["teacher_of_table"] = {**{t: previous["teacher"] for t in previous["tables"]},
+                                        **(previous.get("teacher_of_table") or {})}
+    written = set(entry.get("tables") or {})
+    for key in PER_TABLE:  # a table written now replaces every part of its old version; the others are kept
+        old = {k: v for k, v in (previous.get(key) or {}).items() if k not in written}
         if table_ids is not None:
             old = {k: v for k, v in old.items() if k in table_ids}
-        merged[key] = {**old, **entry[key]}
+        if key in entry or old:
+            merged[key] = {**old, **(entry.get(key) or {})}
     sweeps[sweep_name] = merged
     return io.write_json(path, data)
