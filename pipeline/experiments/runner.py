@@ -120,8 +120,6 @@ def run_sweep(
     if train and not tables_only:
         train_all(plan, jobs=jobs, max_runs=max_runs, skip_failed=skip_failed, log=log)
     teacher, records = runs.evaluate(plan, tables_only=tables_only, reevaluate=reevaluate, log=log)
-    if archive is not None:
-        archive_results(plan, archive, log)
 
     results = Path(results)
     blocks, figures, failed, rows_by_table = {}, [], [], {}
@@ -146,4 +144,6 @@ def run_sweep(
         log("claims: " + ", ".join(f"{n} {v}" for v, n in sorted(verdicts.items())))
     if prune:
         prune_checkpoints(plan, log)
+    if archive is not None:  # last: the records are final (pruning notes itself in them)
+        archive_results(plan, archive, log)
     return SweepOutcome(plan, records, teacher, results, figures, failed)
