@@ -11,14 +11,12 @@ DATA_DIR    ?= data/$(DATASET)
 ARTIFACTS   ?= artifacts
 CACHE_DIR   ?= $(ARTIFACTS)/cache
 STAMP       := $(VENV)/.installed
-# Exact versions CI tested (tools/lock.py), for the packages and for the isolated build of this project (setuptools);
-# LOCK= installs from pyproject's ranges instead. EXTRAS=dev,cluster,gpu on GPUs (cluster: Ray, which the tests use;
+# `make install` takes the exact versions CI tested from constraints.txt (tools/lock.py), for the packages and for the
+# isolated build of this project (setuptools). EXTRAS=dev,cluster,gpu on GPUs (cluster: Ray, which the tests use;
 # cpu/gpu: one FAISS build, never both).
-LOCK        ?= constraints.txt
 EXTRAS      ?= dev,cluster,cpu
 # make lock KEEP=constraints.txt: resolve with the old pins as constraints, so only new packages get pins
 KEEP        ?=
-PIP_LOCK    := $(if $(LOCK),-c $(LOCK))
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -29,17 +27,17 @@ export OMP_WAIT_POLICY ?= PASSIVE
 help:  ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip $(PIP_LOCK)
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]' $(PIP_LOCK) $(if $(LOCK),--build-constraint $(LOCK))
-	$(if $(LOCK),$(PY) tools/lock.py --check --out $(LOCK) --check-extras $(EXTRAS))
+	$(PY) -m pip install -q --upgrade pip -c constraints.txt
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c constraints.txt --build-constraint constraints.txt
+	$(PY) tools/lock.py --check --out constraints.txt --check-extras $(EXTRAS)
 	touch $@
 
 install: $(STAMP)  ## create .venv and install the locked versions (+ test, Ray and FAISS-CPU extras; EXTRAS=dev,cluster,gpu for GPUs)
 
 # Needs only a venv with pip (not a passing install: a changed pyproject is what makes the old lock fail).
-lock:  ## re-resolve constraints.txt (+ pylock.toml, PEP 751 with hashes; requirements.txt, the default install) from pyproject.toml, then reinstall (KEEP=constraints.txt: add pins, move none)
+lock:  ## re-resolve constraints.txt (+ pylock.toml, PEP 751 with hashes; requirements.txt, the flat list of what `make install` installs) from pyproject.toml, then reinstall (KEEP=constraints.txt: add pins, move none)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) tools/lock.py --out constraints.txt --extras dev,gpu,deploy,cluster,cpu $(if $(KEEP),--keep $(KEEP))
 	$(PY) -m pip lock -q -e '.[dev,gpu,deploy,cluster,cpu]' -c constraints.txt -o pylock.toml
