@@ -209,7 +209,8 @@ def signed_diff(sweep, table, name, negate=False):
 
 
 P, P2, P4, P5A, P5C, P5D = "w2-ablations", "w2-methods", "w2-balancer", "w2-normalisation", "w2-tau", "w2-margin"
-P5B = "w2-queue"
+P5B, P3 = "w2-queue", "w2-losses"
+P3_FULL = "cd+fd+sd+hnd (default)"
 
 
 def claim_diff(sweep, table, than, claim=0):
@@ -236,6 +237,8 @@ README_CHECKS += [
       signed_diff(P, P5D, "0.5 - 0 (default)")]),
     ("the queue size that scores highest is 8192, {}, ahead of 4096 by {} but inside the spread of the other sizes",
      [pm(*row(P, P5B, "8192", "rsum")), claim_diff(P, P5B, "4096")]),
+    ("the four losses together beat each loss alone except the cosine term SD, which alone scores {}",
+     [pm(*row(P, P3, "sd", "rsum"))]),
 ]
 
 # RESULTS findings that issue 34 found out of step with their tables, and the findings of Tables P2-P5d
@@ -296,6 +299,11 @@ RESULTS_CHECKS = [
      "default ({})",
      [pm(*row(P, P5B, "8192", "rsum")), claim_diff(P, P5B, "4096"), claim_diff(P, P5B, "2048 (default)"),
       claim_diff(P, P5B, "1024"), claim_diff(P, P5B, "16384"), pm(*row(P, P5B, "2048 (default)", "rsum"))]),
+    ("The full method ({}) beats CD alone by {}, FD alone by {} and HND alone by {} per seed, but not SD alone: the "
+     "cosine term by itself scores {}, above the full method in every seed ({} for the full method: just inside the "
+     "spread). HND alone leaves the student near zero ({}",
+     [pm(*row(P, P3, P3_FULL, "rsum")), *(claim_diff(P, P3, loss, claim=1) for loss in ("cd", "fd", "hnd")),
+      pm(*row(P, P3, "sd", "rsum")), claim_diff(P, P3, "sd", claim=1), pm(*row(P, P3, "hnd", "rsum"))]),
 ]
 
 
