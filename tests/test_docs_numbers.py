@@ -239,6 +239,8 @@ README_CHECKS += [
      [pm(*row(P, P5B, "8192", "rsum")), claim_diff(P, P5B, "4096")]),
     ("the four losses together beat each loss alone except the cosine term SD, which alone scores {}",
      [pm(*row(P, P3, "sd", "rsum"))]),
+    ("without it the other three losses score {}, {} per seed above all four",
+     [pm(*row(P, P3, "cd+fd+sd", "rsum")), signed_diff(P, P3, f"cd+fd+sd - {P3_FULL}")]),
 ]
 
 # RESULTS findings that issue 34 found out of step with their tables, and the findings of Tables P2-P5d
@@ -304,6 +306,15 @@ RESULTS_CHECKS = [
      "spread). HND alone leaves the student near zero ({}",
      [pm(*row(P, P3, P3_FULL, "rsum")), *(claim_diff(P, P3, loss, claim=1) for loss in ("cd", "fd", "hnd")),
       pm(*row(P, P3, "sd", "rsum")), claim_diff(P, P3, "sd", claim=1), pm(*row(P, P3, "hnd", "rsum"))]),
+    ("without HND the other three score {}, {} per seed above the full method (clears the spread). So in this setting "
+     "HND at margin 0 does not contribute, it costs: every set with HND that has 3 seeds scores below the same set without it (means: "
+     "CD {} -> {} with HND, FD {} -> {}, SD {} -> {}, CD+FD {} -> {}), and the best rows are the sets of SD without "
+     "HND (SD, FD+SD {}, CD+FD+SD)",
+     [pm(*row(P, P3, "cd+fd+sd", "rsum")), signed_diff(P, P3, f"cd+fd+sd - {P3_FULL}"),
+      *(mean(*row(P, P3, r, "rsum")) for r in ("cd", "cd+hnd", "fd", "fd+hnd", "sd", "sd+hnd", "cd+fd", "cd+fd+hnd")),
+      pm(*row(P, P3, "fd+sd", "rsum"))]),
+    ("This agrees with Table P5d, where a margin of 0.5 adds {} to the full method",
+     [signed_diff(P, P5D, "0.5 - 0 (default)")]),
 ]
 
 
