@@ -308,10 +308,11 @@ RESULTS_CHECKS = [
       pm(*row(P, P3, "sd", "rsum")), claim_diff(P, P3, "sd", claim=1), pm(*row(P, P3, "hnd", "rsum"))]),
     ("without HND the other three score {}, {} per seed above the full method (clears the spread). So in this setting "
      "HND at margin 0 does not contribute, it costs: every set with HND that has 3 seeds scores below the same set without it (means: "
-     "CD {} -> {} with HND, FD {} -> {}, SD {} -> {}, CD+FD {} -> {}), and the best rows are the sets of SD without "
+     "CD {} -> {} with HND, FD {} -> {}, SD {} -> {}, CD+FD {} -> {}, CD+SD {} -> {}), and the best rows are the sets of SD without "
      "HND (SD, FD+SD {}, CD+FD+SD)",
      [pm(*row(P, P3, "cd+fd+sd", "rsum")), signed_diff(P, P3, f"cd+fd+sd - {P3_FULL}"),
-      *(mean(*row(P, P3, r, "rsum")) for r in ("cd", "cd+hnd", "fd", "fd+hnd", "sd", "sd+hnd", "cd+fd", "cd+fd+hnd")),
+      *(mean(*row(P, P3, r, "rsum")) for r in ("cd", "cd+hnd", "fd", "fd+hnd", "sd", "sd+hnd", "cd+fd", "cd+fd+hnd",
+                                                "cd+sd", "cd+sd+hnd")),
       pm(*row(P, P3, "fd+sd", "rsum"))]),
     ("This agrees with Table P5d, where a margin of 0.5 adds {} to the full method",
      [signed_diff(P, P5D, "0.5 - 0 (default)")]),
