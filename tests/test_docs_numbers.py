@@ -199,10 +199,11 @@ README_CHECKS = [
       pm(*cls("subgroups-targets", "out-of-fold targets (5 folds)", "with text: gen 1", "balanced_top1"))]),
 ]
 
-def signed_diff(sweep, table, name, negate=False):
-    """A paired difference as ``+m ± s`` (``negate``: the document states ``b - a`` of the stored ``a - b``)."""
+def signed_diff(sweep, table, name, negate=False, key="paired_differences"):
+    """A paired difference as ``+m ± s`` (``negate``: the document states ``b - a`` of the stored ``a - b``;
+    ``key``: paired_differences_val for the val split's)."""
     def spec(s):
-        values = [-v if negate else v for v in get(s, (sweep, "paired_differences", table, name))["values"]]
+        values = [-v if negate else v for v in get(s, (sweep, key, table, name))["values"]]
         m, sd = _stats({"values": values})
         return {f"{a} ± {b}" for a in _roundings(m, 1, sign=True) for b in _roundings(sd, 1)}
     return spec
@@ -239,8 +240,12 @@ README_CHECKS += [
      [pm(*row(P, P5B, "8192", "rsum")), claim_diff(P, P5B, "4096")]),
     ("the four losses together beat each loss alone except the cosine term SD, which alone scores {}",
      [pm(*row(P, P3, "sd", "rsum"))]),
-    ("without it the other three losses score {}, {} per seed above all four",
-     [pm(*row(P, P3, "cd+fd+sd", "rsum")), signed_diff(P, P3, f"cd+fd+sd - {P3_FULL}")]),
+    ("without CD the other three lose {} per seed, but HND at margin 0 costs rather than contributes: without it "
+     "the other three losses score {}, {} per seed above all four. On val (the split epochs are chosen by) the full "
+     "method stays the highest row and dropping HND scores {} (inside the spread)",
+     [lambda s: {x.lstrip("-") for x in signed_diff(P, P3, f"fd+sd+hnd - {P3_FULL}")(s)},
+      pm(*row(P, P3, "cd+fd+sd", "rsum")), signed_diff(P, P3, f"cd+fd+sd - {P3_FULL}"),
+      signed_diff(P, P3, f"cd+fd+sd - {P3_FULL}", key="paired_differences_val")]),
 ]
 
 # RESULTS findings that issue 34 found out of step with their tables, and the findings of Tables P2-P5d
@@ -306,14 +311,23 @@ RESULTS_CHECKS = [
      "spread). HND alone leaves the student near zero ({}",
      [pm(*row(P, P3, P3_FULL, "rsum")), *(claim_diff(P, P3, loss, claim=1) for loss in ("cd", "fd", "hnd")),
       pm(*row(P, P3, "sd", "rsum")), claim_diff(P, P3, "sd", claim=1), pm(*row(P, P3, "hnd", "rsum"))]),
+    ("Dropping CD costs: FD+SD+HND scores {}, the full method {} per seed above it (clears the spread). Dropping SD "
+     "(CD+FD+HND, {}, {}) or FD (CD+SD+HND, {}, {}) stays inside the spread.",
+     [pm(*row(P, P3, "fd+sd+hnd", "rsum")), claim_diff(P, P3, "fd+sd+hnd"),
+      pm(*row(P, P3, "cd+fd+hnd", "rsum")), claim_diff(P, P3, "cd+fd+hnd"),
+      pm(*row(P, P3, "cd+sd+hnd", "rsum")), claim_diff(P, P3, "cd+sd+hnd")]),
     ("without HND the other three score {}, {} per seed above the full method (clears the spread). So in this setting "
-     "HND at margin 0 does not contribute, it costs: every set with HND that has 3 seeds scores below the same set without it (means: "
-     "CD {} -> {} with HND, FD {} -> {}, SD {} -> {}, CD+FD {} -> {}, CD+SD {} -> {}), and the best rows are the sets of SD without "
-     "HND (SD, FD+SD {}, CD+FD+SD)",
+     "HND at margin 0 does not contribute, it costs: every set with HND scores below the same set without it (means: "
+     "CD {} -> {} with HND, FD {} -> {}, SD {} -> {}, CD+FD {} -> {}, CD+SD {} -> {}, FD+SD {} -> {}), and the best "
+     "rows are the sets of SD without HND (SD, FD+SD {}, CD+FD+SD)",
      [pm(*row(P, P3, "cd+fd+sd", "rsum")), signed_diff(P, P3, f"cd+fd+sd - {P3_FULL}"),
       *(mean(*row(P, P3, r, "rsum")) for r in ("cd", "cd+hnd", "fd", "fd+hnd", "sd", "sd+hnd", "cd+fd", "cd+fd+hnd",
-                                                "cd+sd", "cd+sd+hnd")),
+                                                "cd+sd", "cd+sd+hnd", "fd+sd", "fd+sd+hnd")),
       pm(*row(P, P3, "fd+sd", "rsum"))]),
+    ("the full method is the highest of the fifteen rows ({}), and without HND the other three score {} per seed "
+     "against it (inside the spread, the other way from test); SD alone is {} (inside)",
+     [pm(*row(P, P3, P3_FULL, "best_val_rsum")),
+      *(signed_diff(P, P3, f"{r} - {P3_FULL}", key="paired_differences_val") for r in ("cd+fd+sd", "sd"))]),
     ("This agrees with Table P5d, where a margin of 0.5 adds {} to the full method",
      [signed_diff(P, P5D, "0.5 - 0 (default)")]),
 ]
@@ -381,3 +395,14 @@ def test_results_states_each_decided_claim_with_its_verdict(summary):
     assert decided, "no decided claim in summary.json"
     for claim, verdict in decided:
         assert f"{claim}: {verdict}." in text, f"RESULTS does not state {claim!r} as {verdict!r}"
+
+
+def test_the_p3_val_finding_is_what_summary_json_says(summary):
+    """RESULTS/README: on val the full method is Table P3's highest row and dropping HND (or SD alone) stays inside
+    the spread; a rerun that changes either makes the words false, so they are checked, not only the numbers."""
+    rows = get(summary, (P, "tables", P3))
+    assert len(rows) == 15 and all(r["best_val_rsum"]["n"] == 3 for r in rows.values())
+    assert max(rows, key=lambda label: rows[label]["best_val_rsum"]["mean"]) == P3_FULL
+    for other in ("cd+fd+sd", "sd"):
+        diff = get(summary, (P, "paired_differences_val", P3, f"{other} - {P3_FULL}"))
+        assert diff["verdict"] == "inside the spread" and diff["mean"] < 0

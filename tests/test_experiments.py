@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from pipeline.common import config as cfgio
 from pipeline.common.errors import PipelineError
+from pipeline.common.runlog import read_metrics
 from pipeline.retrieval.evaluate import RESULT_FORMAT
 from pipeline.experiments.tables import end_marker, mean_std, row_stats, start_marker, update_document
 from pipeline.experiments.sweep import load_sweep, override_strings, plan_sweep, run_key
@@ -229,6 +230,10 @@ def test_an_archive_keeps_finished_results_and_a_fresh_runs_folder_restores_them
         assert json.loads((archive / name / "experiment.json").read_text())["key"].startswith(name[1:])
         assert (archive / name / "eval" / "result.json").read_bytes() == \
             (swept.runs / name / "eval" / "result.json").read_bytes()
+        # the best-epoch val RSUM travels in the record: the metrics log stays behind
+        val = [r["rsum"] for r in read_metrics(swept.runs / name, "val")]
+        assert val and json.loads((archive / name / "experiment.json").read_text())["best_val_rsum"] == \
+            round(max(val), 3)
     # another machine: no runs folder, the archive only; the methods table is rebuilt without training
     fresh, doc = tmp_path / "fresh", tmp_path / "R.md"
     args = sweep_args(data, "--only", "methods", "--no-figures", "--archive", archive)
@@ -239,6 +244,8 @@ def test_an_archive_keeps_finished_results_and_a_fresh_runs_folder_restores_them
     assert "2 of 2 trained runs already evaluated: skipped" in result.output
     assert "archived the results" not in result.output  # restored runs are already there
     assert table_rows(doc.read_text(), "methods") == table_rows(swept.doc.read_text(), "methods")
+    row = json.loads((tmp_path / "results" / "summary.json").read_text())["sweeps"]["tiny"]["tables"]["methods"]
+    assert row["no distillation"]["best_val_rsum"]["n"] == 2  # restored runs still compare on val
     for name in done:
         assert json.loads((fresh / name / "experiment.json").read_text())["results_from"] == str(archive)
         assert not (fresh / name / "export").exists()
@@ -470,6 +477,38 @@ def test_a_claim_holds_only_when_each_of_its_paired_differences_clears_the_sprea
     assert checks[0].as_dict()["comparisons"][0]["values"] == [10.0, 9.0, 11.0]
     text = render_claims(checks)
     assert "| holds against 1 of 2 |" in text and "vs short: +10.0 ± 0.0 (2 seeds, pending)" in text
+
+
+def test_a_runs_best_val_rsum_is_read_from_its_metrics_log_and_rows_compare_on_val_where_they_have_it(tmp_path):
+    from pipeline.experiments.records import best_val_rsum, read_record, record_val_rsum, write_record
+    from pipeline.experiments.tables import VAL_RSUM, RowStats, row_differences
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"kind": "train", "step": 1, "loss": 1.0}] + [{"kind": "val", "step": s, "rsum": v}
+                                                           for s, v in ((2, 50.0), (4, 70.25), (6, 60.0))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    write_record(run, {"status": "training"})
+    record_val_rsum(run)
+    assert "best_val_rsum" not in read_record(run)  # not finished: nothing to keep yet
+    write_record(run, {"status": "done"})
+    record_val_rsum(run)
+    assert best_val_rsum(run) == 70.25 and read_record(run)["best_val_rsum"] == 70.25
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "val", "step": 8, "rs')  # a torn line: the log is not used
+    assert best_val_rsum(run) is None
+    assert best_val_rsum(tmp_path / "no-run") is None
+
+    def row(label, test, val):
+        return RowStats(label, 3, [{"metrics": {"rsum": t, **({} if v is None else {VAL_RSUM: v})}}
+                                   for t, v in zip(test, val)], [0, 1, 2])
+
+    rows = [row("base", [10, 20, 30], [100, 110, 120]), row("a", [12, 21, 33], [90, None, 118])]
+    (test_diff,) = row_differences(rows)
+    (val_diff,) = row_differences(rows, VAL_RSUM)
+    assert test_diff.values == [2.0, 1.0, 3.0]
+    assert (val_diff.seeds, val_diff.values) == ([0, 2], [-10.0, -2.0])  # seed 1 has no val score
+    assert rows[1].by_seed(VAL_RSUM) == {0: 90.0, 2: 118.0}
 
 
 def test_update_document_markers(tmp_path):

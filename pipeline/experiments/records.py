@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from pipeline.common import io, paths
+from pipeline.common.runlog import read_metrics
 from pipeline.experiments.sweep import EVAL_DIR, Plan
 
 EXPERIMENT_FORMAT = "clipdistill-experiment/1"
@@ -63,6 +64,26 @@ def is_evaluated(run_dir: Path) -> bool:
         return True
     export, result = Path(run_dir) / EXPORT, Path(run_dir) / EVAL_DIR / "result.json"
     return export.is_file() and result.is_file() and result.stat().st_mtime > export.stat().st_mtime
+
+
+def best_val_rsum(run_dir: Path) -> Optional[float]:
+    """The run's best-epoch RSUM on its val split: the score its trainer chose the exported epoch by (from its
+    metrics log); None for a run without val records or with an unreadable log."""
+    try:
+        scores = [float(r["rsum"]) for r in read_metrics(run_dir, "val")]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return max(scores) if scores else None
+
+
+def record_val_rsum(run_dir: Path) -> None:
+    """Keep a finished run's best-epoch val RSUM in its record, which the results archive carries (the metrics log
+    stays on the machine that trained it): tables can then compare rows on the selection split too."""
+    record = read_record(run_dir)
+    score = best_val_rsum(run_dir) if record.get("status") == "done" else None
+    if score is not None and record.get("best_val_rsum") != round(score, 3):
+        record["best_val_rsum"] = round(score, 3)
+        write_record(run_dir, record)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

@@ -13,7 +13,9 @@ from pipeline.common import paths
 from pipeline.common.errors import PipelineError
 from pipeline.experiments import tables
 from pipeline.experiments.adapters import CommandAdapter, Log
-from pipeline.experiments.records import EXPORT, fmt_time, is_results_only, is_trained, read_record, write_record
+from pipeline.experiments.records import (
+    EXPORT, fmt_time, is_results_only, is_trained, read_record, record_val_rsum, write_record,
+)
 from pipeline.experiments.sweep import EVAL_DIR, EvalSection, Plan, SweepTable
 
 TEACHER_DIR = "_teacher"
@@ -134,6 +136,7 @@ def evaluate_all(plan: Plan, ctx: EvalContext, log: Log = print) -> dict[str, di
             skipped += 1
             continue
         rec, now = evaluate_run(plan, key, ctx)
+        record_val_rsum(plan.run_dir(key))
         name = plan.runs[key].name
         if not now:
             skipped += 1

@@ -26,6 +26,8 @@ from pipeline.retrieval.evaluate import read_result
 from pipeline.experiments.sweep import Claim, Plan, SweepTable
 from pipeline.common import io
 
+VAL_RSUM = "best_val_rsum"  # a run's best-epoch val RSUM, the score it was selected by (records.record_val_rsum)
+
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 METRIC_LABELS = ("i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "RSUM")
 
@@ -53,6 +55,10 @@ class RowStats:
 
     def values(self, metric: str) -> list[float]:
         return [float(r["metrics"][metric]) for r in self.results]
+
+    def by_seed(self, metric: str) -> dict[int, float]:
+        """Seed -> value for the results that have ``metric`` (e.g. VAL_RSUM, which older records lack)."""
+        return {s: float(r["metrics"][metric]) for s, r in zip(self.seeds, self.results) if metric in r["metrics"]}
 
 
 def mean_std(values: Sequence[float], digits: int = 1) -> str:
@@ -87,7 +93,11 @@ def row_stats(plan: Plan, table: SweepTable, records: dict[str, dict],
             seen.add(cell.key)
             rec = records.get(cell.key) or {}
             if rec.get("status") == "done":
-                out.results.append(read(cell.key))
+                result = read(cell.key)
+                if rec.get("best_val_rsum") is not None and isinstance(result.get("metrics"), dict):
+                    # the selection split's score beside the test metrics (records.record_val_rsum)
+                    result = {**result, "metrics": {**result["metrics"], VAL_RSUM: float(rec["best_val_rsum"])}}
+                out.results.append(result)
                 out.seeds.append(cell.seed)
                 out.flops = out.flops or rec.get("flops")
             elif rec.get("status") == "failed":
@@ -291,13 +301,10 @@ def row_differences(rows: list[RowStats], metric: str = "rsum",
                     extra: Sequence[tuple[str, str]] = ()) -> list[Difference]:
     """Each row - the first row, then each ``extra`` (row a, row b) as a - b; seed by seed (the rows of a table
     run the same seeds)."""
-    def by_seed(row: RowStats) -> dict[int, float]:
-        return dict(zip(row.seeds, row.values(metric)))
-
     by_label = {row.label: row for row in rows}
     pairs = [(row, rows[0]) for row in rows[1:]]
     pairs += [(by_label[a], by_label[b]) for a, b in extra if a in by_label and b in by_label]
-    out = [paired(f"{a.label} - {b.label}", by_seed(a), by_seed(b)) for a, b in pairs]
+    out = [paired(f"{a.label} - {b.label}", a.by_seed(metric), b.by_seed(metric)) for a, b in pairs]
     return [d for d in out if d is not None and len(d.values) > 1]
 
 
@@ -351,7 +358,7 @@ class ClaimCheck:
 
 
 def check_claims(table: SweepTable, rows: list[RowStats], metric: str = "rsum") -> list[ClaimCheck]:
-    by_label = {row.label: dict(zip(row.seeds, row.values(metric))) for row in rows}
+    by_label = {row.label: row.by_seed(metric) for row in rows}
     return [ClaimCheck(c, [(other, paired(f"{c.better} - {other}", by_label.get(c.better, {}),
                                           by_label.get(other, {}))) for other in c.than])
             for c in table.claims]
@@ -419,19 +426,27 @@ def summary_entry(plan: Plan, rows_by_table: dict[str, list[RowStats]], teacher:
                 row["pct_of_teacher_rsum"] = stats([100.0 * v / t_rsum for v in rsum])
             if t_flops.get("total") and r.flops and r.flops.get("total"):
                 row["teacher_flops_ratio"] = round(t_flops["total"] / r.flops["total"], 3)
+            val = r.by_seed(VAL_RSUM)
+            if val:
+                row[VAL_RSUM] = stats([val[s] for s in sorted(val)])
             table[r.label] = row
         entry["tables"][table_id] = table
-        diffs = row_differences(rows, extra=specs[table_id].differences if table_id in specs else ())
-        if diffs:
-            entry.setdefault("paired_differences", {})[table_id] = [d.as_dict() for d in diffs]
-        claims = check_claims(specs[table_id], rows) if table_id in specs else []
-        if claims:
-            entry.setdefault("claims", {})[table_id] = [c.as_dict() for c in claims]
+        extra = specs[table_id].differences if table_id in specs else ()
+        # test first; then the same comparisons on val, the split runs are selected by (where records carry it)
+        for metric, diffs_key, claims_key in (("rsum", "paired_differences", "claims"),
+                                              (VAL_RSUM, "paired_differences_val", "claims_val")):
+            diffs = row_differences(rows, metric, extra=extra)
+            if diffs:
+                entry.setdefault(diffs_key, {})[table_id] = [d.as_dict() for d in diffs]
+            claims = check_claims(specs[table_id], rows, metric) if table_id in specs else []
+            if claims and (metric == "rsum" or any(d is not None for c in claims for _, d in c.comparisons)):
+                entry.setdefault(claims_key, {})[table_id] = [c.as_dict() for c in claims]
     return entry
 
 
 # an entry's parts keyed by table
-PER_TABLE = ("tables", "paired_differences", "paired_differences_balanced_top1", "claims", "teacher_of_table")
+PER_TABLE = ("tables", "paired_differences", "paired_differences_balanced_top1", "paired_differences_val", "claims",
+             "claims_val", "teacher_of_table")
 
 
 def update_summary(path: Path, sweep_name: str, entry: dict, table_ids: set[str] | None = None) -> Path:
