@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help install lock test demo dataset teacher teacher-features distill eval bench clean
+.PHONY: help install lock npm-lock test demo dataset teacher teacher-features distill eval bench clean
 
 help:  ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -46,6 +46,10 @@ lock:  ## re-resolve constraints.txt (+ pylock.toml, PEP 751 with hashes; requir
 	$(PY) tools/lock.py --check --out constraints.txt --check-extras $(EXTRAS)
 	$(PY) tools/lock.py --out constraints.txt --check-extras dev,cluster,cpu --requirements requirements.txt
 	touch $(STAMP)
+
+# The npm packages the built-in datasets render, pinned (version + sha512) in pipeline/data/datasets/npm-lock.json.
+npm-lock:  ## pin every npm package the datasets use (new ones at their newest release; UPGRADE=1 moves all of them)
+	$(PY) tools/npm_lock.py $(if $(UPGRADE),--upgrade)
 
 # Tests run in TEST_WORKERS processes (pytest-xdist), one thread each; --dist loadscope keeps a module's tests on one
 # worker, so a module-scoped fixture (a trained tiny run, a cache) is built once, not once per worker.

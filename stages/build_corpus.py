@@ -16,6 +16,9 @@ def build_corpus(
                                help="Comma-separated styles (npm Iconify packages; see `--styles help`)."),
     size: int = typer.Option(224, help="Rendered PNG width and height in pixels (openmoji's is 224)."),
     npm_cache: Path = typer.Option(Path("artifacts/npm"), help="Where npm tarballs are fetched to and unpacked."),
+    npm_lock: Optional[Path] = typer.Option(
+        None, help="The npm packages' pinned versions and sha512s (default: the project's, "
+                   "pipeline/data/datasets/npm-lock.json; `make npm-lock` rewrites it)."),
     exclude_concepts: Optional[Path] = typer.Option(
         None, help="A manifest whose concepts (emoji, all their variants) are left out, e.g. "
                    "data/openmoji/test.parquet for the zero-shot-concept teacher."),
@@ -39,7 +42,7 @@ def build_corpus(
         raise PipelineError("--styles names no style")
     exclude = Manifest.read(exclude_concepts) if exclude_concepts else None
     result = build(out, wanted, npm_cache, size=size, limit=limit, exclude=exclude, benchmark=benchmark,
-                   captions=tuple(c.strip() for c in captions.split(",") if c.strip()))
+                   captions=tuple(c.strip() for c in captions.split(",") if c.strip()), npm_lock=npm_lock)
     s = result.summary
     for style, c in s["styles"].items():
         typer.echo(f"  {style:<12} {c['icons']:>5} icons, {c['emoji']:>5} emoji, {c['excluded']:>4} excluded, "

@@ -15,6 +15,9 @@ def build_icons(
     sets: str = typer.Option("mdi,tabler,lucide", help="Comma-separated icon sets (npm Iconify packages)."),
     size: int = typer.Option(224, help="Rendered PNG width and height in pixels."),
     npm_cache: Path = typer.Option(Path("artifacts/npm"), help="Where npm tarballs are fetched to and unpacked."),
+    npm_lock: Optional[Path] = typer.Option(
+        None, help="The npm packages' pinned versions and sha512s (default: the project's, "
+                   "pipeline/data/datasets/npm-lock.json; `make npm-lock` rewrites it)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N icons per set (quick trials)."),
 ) -> None:
     """Render named line icons (captions = their names) into train/val/test manifests, variants of one concept
@@ -24,7 +27,7 @@ def build_icons(
     wanted = [s.strip() for s in sets.split(",") if s.strip()]
     if not wanted:
         raise PipelineError("--sets names no icon set")
-    s = build(out, wanted, npm_cache, size=size, limit=limit)
+    s = build(out, wanted, npm_cache, size=size, limit=limit, npm_lock=npm_lock)
     typer.echo(f"  {s['images']} images of {s['concepts']} concepts, {s['rejects']} rejects -> {out}")
     for split, per_set in s["splits"].items():
         seen = ", ".join(f"{name} {c['images']}" for name, c in per_set.items())

@@ -6,7 +6,7 @@ import json
 
 from pipeline.data.datasets.icons import caption_of, concept_of
 from pipeline.data.manifest import Manifest
-from tests.test_corpus import SQUARE, cli, npm_tarball
+from tests.test_corpus import SQUARE, cli, lock_for, npm_tarball
 
 NAMES = [f"{base}{suffix}" for base in ("home", "account-circle", "bell", "camera", "car", "cloud", "heart",
                                          "lock-open", "map", "star", "sun", "tree", "user", "wifi", "zoom")
@@ -27,7 +27,8 @@ def test_build_icons_keeps_every_concept_in_one_split(tmp_path):
     npm_tarball(cache, "@iconify-json/mdi", "1.0.0", "Apache-2.0", {n: SQUARE for n in NAMES})
     npm_tarball(cache, "@iconify-json/lucide", "1.0.0", "ISC", {n: SQUARE for n in NAMES[:24]})
     out = tmp_path / "icons"
-    result = cli("build-icons", "--sets", "mdi,lucide", "--npm-cache", cache, "--out", out, "--size", 24)
+    result = cli("build-icons", "--sets", "mdi,lucide", "--npm-cache", cache, "--npm-lock", lock_for(cache),
+                 "--out", out, "--size", 24)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [r for split in ("train", "val", "test") if (out / f"{split}.parquet").is_file()
             for r in Manifest.read(out / f"{split}.parquet").table.to_pylist()]
@@ -40,5 +41,5 @@ def test_build_icons_keeps_every_concept_in_one_split(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["concepts"] == 15 and set(summary["splits"]["train"]) == {"mdi", "lucide"}
     assert "`@iconify-json/lucide` 1.0.0: ISC" in (out / "ATTRIBUTION.md").read_text()
-    bad = cli("build-icons", "--sets", "nosuch", "--npm-cache", cache, "--out", out)
+    bad = cli("build-icons", "--sets", "nosuch", "--npm-cache", cache, "--npm-lock", lock_for(cache), "--out", out)
     assert bad.returncode == 2 and "unknown icon sets ['nosuch']" in bad.stderr

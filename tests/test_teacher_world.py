@@ -16,7 +16,7 @@ from pipeline.features.cache import FeatureCache
 from pipeline.students.export import export_meta, load_student_model
 from tests.clirun import clipdistill
 from tests.gen_cache import make_dataset
-from tests.test_corpus import SQUARE, npm_tarball
+from tests.test_corpus import SQUARE, lock_for, npm_tarball
 from tests.test_distill import ROOT
 
 torch.set_num_threads(1)
@@ -44,7 +44,8 @@ def world(tmp_path_factory):
     npm_tarball(cache, "@iconify-json/noto", "2.0.0", "Apache-2.0", {n: SQUARE for n in names})
     npm_tarball(cache, "@iconify-json/twemoji", "1.0.0", "CC-BY-4.0", {n: SQUARE for n in names[:25]})
     out = root / "corpus"
-    result = run("build-corpus", "--styles", "noto,twemoji", "--npm-cache", cache, "--out", out, "--size", 24,
+    result = run("build-corpus", "--styles", "noto,twemoji", "--npm-cache", cache, "--npm-lock", lock_for(cache),
+                 "--out", out, "--size", 24,
                  "--benchmark", bench)
     assert result.returncode == 0, result.stderr[-2000:]
     return bench, out, result.stdout

@@ -27,9 +27,6 @@ data, and its val split is not used at all (model selection happens on the corpu
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import tarfile
 from dataclasses import dataclass, field
 import hashlib
 import os
@@ -41,6 +38,7 @@ from pipeline.common.paths import REJECTS, manifest_path
 from pipeline.data.datasets.openmoji import (
     RenderError, base_key, captions_for, image_id_for, lookup_entry, render_many, render_svg, sample_id_for,
 )
+from pipeline.data.datasets.npm import fetch_package
 from pipeline.data.manifest import Manifest, Reject
 
 # style -> npm package (licences as published; checked again from each package's info.json)
@@ -71,32 +69,6 @@ class IconSet:
     height: int
     icons: dict[str, dict]  # name -> {"body", optional "width"/"height"}
     by_name: dict[str, str] = field(default_factory=dict)  # icon name -> code point stem ("1f600")
-
-
-def fetch_package(package: str, cache_dir: Path, marker: str = "icons.json") -> Path:
-    """The unpacked npm package (``npm pack`` into ``cache_dir`` once; reused afterwards while ``marker`` is there)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    slug = package.lstrip("@").replace("/", "-")
-    unpacked = cache_dir / slug
-    if (unpacked / "package" / marker).is_file():
-        return unpacked / "package"
-    tarballs = sorted(cache_dir.glob(f"{slug}-*.tgz"))
-    if not tarballs:
-        if shutil.which("npm") is None:
-            raise PipelineError(f"npm is needed to fetch {package} (or put {slug}-VERSION.tgz in {cache_dir})")
-        proc = subprocess.run(["npm", "pack", package, "--pack-destination", str(cache_dir), "--silent"],
-                              capture_output=True, text=True, timeout=600)
-        tarballs = sorted(cache_dir.glob(f"{slug}-*.tgz"))
-        if proc.returncode != 0 or not tarballs:
-            detail = (proc.stderr.strip().splitlines() or ["no tarball written"])[-1]
-            raise PipelineError(f"npm pack {package} failed: {detail}")
-    tmp = unpacked.with_name(unpacked.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with tarfile.open(tarballs[-1]) as tf:
-        tf.extractall(tmp, filter="data")
-    shutil.rmtree(unpacked, ignore_errors=True)
-    tmp.replace(unpacked)
-    return unpacked / "package"
 
 
 def read_icon_set(style: str, package: str, root: Path) -> IconSet:
@@ -132,12 +104,12 @@ def _svg(icon: dict, width: int, height: int) -> str:
             f'width="{w}" height="{h}">{icon["body"]}</svg>')
 
 
-def read_keywords(cache_dir: Path) -> tuple[dict[str, str], list[str]]:
+def read_keywords(cache_dir: Path, npm_lock: Path | None = None) -> tuple[dict[str, str], list[str]]:
     """Emoji sequence (without VS16) -> its English CLDR keywords as one caption; and the attribution lines."""
     keywords: dict[str, str] = {}
     credits = []
     for package, folder in zip(ANNOTATIONS, ("annotations", "annotationsDerived")):
-        root = fetch_package(package, cache_dir, marker=f"{folder}/en/annotations.json")
+        root = fetch_package(package, cache_dir, marker=f"{folder}/en/annotations.json", lock=npm_lock)
         try:
             data = json.loads((root / folder / "en" / "annotations.json").read_text())
             pkg = json.loads((root / "package.json").read_text())
@@ -175,7 +147,7 @@ class CorpusBuild:
 
 def build_corpus(out_dir: Path, styles: list[str], cache_dir: Path, size: int = 224, limit: int | None = None,
                  exclude: Manifest | None = None, benchmark: Path | None = None,
-                 captions: tuple[str, ...] = ("name",)) -> CorpusBuild:
+                 captions: tuple[str, ...] = ("name",), npm_lock: Path | None = None) -> CorpusBuild:
     """Render every style's emoji icons and write the corpus manifest (module docstring)."""
     import emoji
 
@@ -185,7 +157,7 @@ def build_corpus(out_dir: Path, styles: list[str], cache_dir: Path, size: int = 
     bad = [c for c in captions if c not in CAPTION_KINDS] or ([] if "name" in captions else ["(name is required)"])
     if bad:
         raise PipelineError(f"caption kinds {bad}: choose from {list(CAPTION_KINDS)}, name included")
-    keywords, keyword_credits = read_keywords(cache_dir) if "keywords" in captions else ({}, [])
+    keywords, keyword_credits = read_keywords(cache_dir, npm_lock) if "keywords" in captions else ({}, [])
     by_kebab = _names_to_stems(emoji.EMOJI_DATA)
     excluded = {base_key(Path(p).stem) for p in exclude.table.column("image_path").to_pylist()} if exclude else set()
     rows: list[dict] = []
@@ -194,7 +166,7 @@ def build_corpus(out_dir: Path, styles: list[str], cache_dir: Path, size: int = 
     summary: dict = {"size": size, "captions": list(captions), "excluded_concepts": len(excluded), "styles": {}}
     sets = []
     for style in styles:
-        icon_set = read_icon_set(style, STYLES[style], fetch_package(STYLES[style], cache_dir))
+        icon_set = read_icon_set(style, STYLES[style], fetch_package(STYLES[style], cache_dir, lock=npm_lock))
         sets.append(icon_set)
         counts = {"icons": len(icon_set.icons), "emoji": 0, "excluded": 0, "images": 0, "captions": 0}
         for name in sorted(icon_set.icons)[:limit]:
@@ -292,4 +264,4 @@ def split_counts(by_split: dict[str, list[dict]]) -> dict:
     return counts
 
 
-__all__ = ["STYLES", "ALLOWED_LICENCES", "build_corpus", "world_splits", "split_counts", "render_icon", "write_icon_svg", "fetch_package", "read_icon_set", "CorpusBuild"]
+__all__ = ["STYLES", "ALLOWED_LICENCES", "build_corpus", "world_splits", "split_counts", "render_icon", "write_icon_svg", "read_icon_set", "CorpusBuild"]

@@ -15,7 +15,8 @@ from pathlib import Path
 from pipeline.common import io
 from pipeline.common.errors import PipelineError
 from pipeline.common.paths import REJECTS, manifest_path
-from pipeline.data.datasets.corpus import fetch_package, read_icon_set, render_icon, split_counts
+from pipeline.data.datasets.corpus import read_icon_set, render_icon, split_counts
+from pipeline.data.datasets.npm import fetch_package
 from pipeline.data.datasets.openmoji import RenderError, assign_splits, int63
 from pipeline.data.manifest import Manifest, Reject, write_rejects
 
@@ -38,7 +39,8 @@ def concept_of(name: str) -> str:
     return " ".join(core)
 
 
-def build_icons(out_dir: Path, sets: list[str], cache_dir: Path, size: int = 224, limit: int | None = None) -> dict:
+def build_icons(out_dir: Path, sets: list[str], cache_dir: Path, size: int = 224, limit: int | None = None,
+                npm_lock: Path | None = None) -> dict:
     """Render every icon of the named sets and write split manifests (module docstring); returns the summary."""
     unknown = [s for s in sets if s not in ICON_SETS]
     if unknown:
@@ -47,7 +49,7 @@ def build_icons(out_dir: Path, sets: list[str], cache_dir: Path, size: int = 224
     rejects: list[Reject] = []
     loaded = []
     for name in sets:
-        icon_set = read_icon_set(name, ICON_SETS[name], fetch_package(ICON_SETS[name], cache_dir))
+        icon_set = read_icon_set(name, ICON_SETS[name], fetch_package(ICON_SETS[name], cache_dir, lock=npm_lock))
         loaded.append(icon_set)
         for icon in sorted(icon_set.icons)[:limit]:
             caption = caption_of(icon)
