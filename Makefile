@@ -42,7 +42,7 @@ lock:  ## re-resolve constraints.txt (+ pylock.toml, PEP 751 with hashes; requir
 	$(PY) tools/lock.py --out constraints.txt --extras dev,gpu,deploy,cluster,cpu $(if $(KEEP),--keep $(KEEP))
 	$(PY) -m pip lock -q -e '.[dev,gpu,deploy,cluster,cpu]' -c constraints.txt -o pylock.toml
 	$(PY) tools/lock.py --portable-pylock pylock.toml  # this machine's mirror URLs -> PyPI's
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c constraints.txt
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -c constraints.txt --build-constraint constraints.txt
 	$(PY) tools/lock.py --check --out constraints.txt --check-extras $(EXTRAS)
 	$(PY) tools/lock.py --out constraints.txt --check-extras dev,cluster,cpu --requirements requirements.txt
 	touch $(STAMP)

@@ -108,12 +108,16 @@ def remove_stale_tmps(path: str | Path) -> None:
 CHECKSUM_SUFFIX = ".blake2b"
 
 
-def file_checksum(path: str | Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
+def hash_file(path: str | Path, h):
+    """``h`` (a hashlib object) updated with the file's bytes, read in blocks."""
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
-    return h.hexdigest()
+    return h
+
+
+def file_checksum(path: str | Path) -> str:
+    return hash_file(path, hashlib.blake2b(digest_size=16)).hexdigest()
 
 
 def checksum_path(path: str | Path) -> Path:

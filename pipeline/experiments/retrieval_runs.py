@@ -136,7 +136,8 @@ def evaluate_all(plan: Plan, ctx: EvalContext, log: Log = print) -> dict[str, di
             skipped += 1
             continue
         rec, now = evaluate_run(plan, key, ctx)
-        record_val_rsum(plan.run_dir(key))
+        if now or "best_val_rsum" not in rec:  # a new export, or a record from before records kept it
+            record_val_rsum(plan.run_dir(key))
         name = plan.runs[key].name
         if not now:
             skipped += 1

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from pipeline.common import io
 from pipeline.common.errors import PipelineError
 
 LOCK_FILE = Path(__file__).with_name("npm-lock.json")
@@ -55,11 +56,8 @@ def read_lock(path: Optional[Path] = None) -> dict[str, PinnedPackage]:
 
 
 def integrity_of(path: Path) -> str:
-    digest = hashlib.sha512()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return "sha512-" + base64.b64encode(digest.digest()).decode()
+    """A file's hash in npm's ``dist.integrity`` form (subresource integrity: sha512, base64)."""
+    return "sha512-" + base64.b64encode(io.hash_file(path, hashlib.sha512()).digest()).decode()
 
 
 def fetch_package(package: str, cache_dir: Path, marker: str = "icons.json", lock: Optional[Path] = None) -> Path:
